@@ -1,0 +1,15 @@
+//! Myelin: a peer-to-peer VPN for robot fleets, with supervised plugins.
+
+pub mod api;
+pub mod build_info;
+pub mod cli;
+pub mod config;
+pub mod host;
+pub mod keys;
+pub mod logging;
+pub mod node;
+
+// Each compiled-in plugin is referenced here, in one place, so the linker keeps its
+// inventory registration (inventory issue #7).
+#[cfg(feature = "chaos")]
+use myelin_plugin_chaos as _;

@@ -1,1 +1,42 @@
-fn main(){}
+//! The `myelin` binary: parses the command line and calls one function per subcommand.
+
+use myelin::cli::{self, Args, Command};
+
+fn main() -> std::process::ExitCode {
+    let args: Args = argh::from_env();
+    if let Command::PluginRun(run) = &args.command {
+        myelin::logging::init_plugin_child(&args.log_level);
+        return match myelin::host::child::plugin_run(&run.instance) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    myelin::logging::init(&args.log_level, args.log_json);
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = || -> anyhow::Result<tokio::runtime::Runtime> {
+        Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    };
+    match &args.command {
+        Command::Keygen(_) => cli::keygen(),
+        Command::Pubkey(_) => cli::pubkey(),
+        Command::Init(a) => cli::init(a),
+        Command::Version(a) => cli::version(a),
+        Command::Up(a) => runtime()?.block_on(myelin::node::up(&a.config)),
+        Command::Status(a) => runtime()?.block_on(cli::status(a)),
+        Command::Peers(a) => runtime()?.block_on(cli::peers(a)),
+        Command::Plugins(a) => runtime()?.block_on(cli::plugins(a)),
+        Command::PluginRun(_) => Ok(()),
+    }
+}

@@ -1,0 +1,177 @@
+//! The local HTTP control API: node status, peers, plugins and their toggles, Prometheus
+//! metrics, and a proxy of `/plugins/<name>/...` to each plugin's own socket.
+
+pub mod client;
+
+use crate::host::{Action, HostError, PluginHost};
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use myelin_sdk::{MeshView, NodeIdentity};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
+
+pub struct ApiState {
+    pub host: Arc<PluginHost>,
+    pub node: NodeIdentity,
+    pub mesh: watch::Receiver<MeshView>,
+    pub started: Instant,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+/// A JSON error `{error, hint}` with a status code.
+pub struct ApiError {
+    status: StatusCode,
+    error: String,
+    hint: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, error: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            status,
+            error: error.into(),
+            hint: hint.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": self.error, "hint": self.hint}))).into_response()
+    }
+}
+
+impl From<HostError> for ApiError {
+    fn from(e: HostError) -> Self {
+        match e {
+            HostError::UnknownPlugin(name) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no plugin instance `{name}`"),
+                "GET /api/v1/plugins lists the configured instances",
+            ),
+            HostError::ShuttingDown(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), "the node is stopping"),
+            other => {
+                let text = other.to_string();
+                let (error, hint) = text.split_once("\n  fix: ").unwrap_or((&text, ""));
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error, hint)
+            }
+        }
+    }
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/peers", get(peers))
+        .route("/api/v1/plugins", get(plugins))
+        .route("/api/v1/plugins/{name}", get(plugin))
+        .route("/api/v1/plugins/{name}/{action}", post(plugin_action))
+        .route("/metrics", get(prometheus))
+        .route("/plugins/{name}", any(proxy_root))
+        .route("/plugins/{name}/", any(proxy_root))
+        .route("/plugins/{name}/{*rest}", any(proxy))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", "the API lives under /api/v1/ (status, peers, plugins)")
+        })
+        .with_state(state)
+}
+
+async fn status(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {
+    let info = crate::build_info::build_info();
+    let plugins = s.host.statuses();
+    Json(json!({
+        "node": s.node,
+        "version": info.version,
+        "git": info.git,
+        "features": info.features,
+        "uptime_s": s.started.elapsed().as_secs_f64(),
+        "peers": s.mesh.borrow().peers.len(),
+        "peers_up": s.mesh.borrow().peers.iter().filter(|p| p.up).count(),
+        "plugins": plugins.iter().map(|p| json!({"name": p.name, "state": p.state})).collect::<Vec<_>>(),
+    }))
+}
+
+async fn peers(State(s): State<Arc<ApiState>>) -> Json<MeshView> {
+    Json(s.mesh.borrow().clone())
+}
+
+async fn plugins(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {
+    Json(json!({ "plugins": s.host.statuses() }))
+}
+
+async fn plugin(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    s.host
+        .status(&name)
+        .map(|p| Json(p).into_response())
+        .ok_or_else(|| HostError::UnknownPlugin(name).into())
+}
+
+async fn plugin_action(
+    State(s): State<Arc<ApiState>>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let action = match action.as_str() {
+        "enable" => Action::Enable,
+        "disable" => Action::Disable,
+        "restart" => Action::Restart,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("unknown plugin action `{other}`"),
+                "use enable, disable or restart",
+            ))
+        }
+    };
+    let status = s.host.act(&name, action).await?;
+    Ok(Json(status).into_response())
+}
+
+async fn prometheus(State(s): State<Arc<ApiState>>) -> Response {
+    match &s.metrics {
+        Some(handle) => (
+            [("content-type", "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::new(StatusCode::NOT_FOUND, "metrics are not recorded in this process", "").into_response(),
+    }
+}
+
+async fn proxy_root(state: State<Arc<ApiState>>, Path(name): Path<String>, req: Request) -> Result<Response, ApiError> {
+    forward(state, name, String::new(), req).await
+}
+
+async fn proxy(state: State<Arc<ApiState>>, Path((name, rest)): Path<(String, String)>, req: Request) -> Result<Response, ApiError> {
+    forward(state, name, rest, req).await
+}
+
+async fn forward(State(s): State<Arc<ApiState>>, name: String, rest: String, req: Request) -> Result<Response, ApiError> {
+    let status = s.host.status(&name).ok_or_else(|| ApiError::from(HostError::UnknownPlugin(name.clone())))?;
+    if !status.serves_http {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("plugin `{name}` is {} and serves no routes now", status.state.as_str()),
+            "check GET /api/v1/plugins; enable or restart the plugin",
+        ));
+    }
+    let (mut parts, body) = req.into_parts();
+    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    parts.uri = format!("/{rest}{query}")
+        .parse()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed path", ""))?;
+    let socket = s.host.http_socket(&name);
+    match client::unix(&socket, Request::from_parts(parts, body)).await {
+        Ok(resp) => Ok(resp.map(Body::new)),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("plugin `{name}` did not answer: {e}"),
+            "the plugin may be restarting; GET /api/v1/plugins shows its state",
+        )),
+    }
+}

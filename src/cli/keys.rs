@@ -1,0 +1,91 @@
+//! `keygen`, `pubkey` and `init`: local key and config creation.
+
+use super::InitArgs;
+use crate::keys::PrivateKey;
+use anyhow::{bail, Context};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+
+pub fn keygen() -> anyhow::Result<()> {
+    println!("{}", PrivateKey::generate()?.to_base64());
+    Ok(())
+}
+
+pub fn pubkey() -> anyhow::Result<()> {
+    let mut text = String::new();
+    std::io::stdin()
+        .take(1024)
+        .read_to_string(&mut text)
+        .context("reading the private key from stdin")?;
+    let key = PrivateKey::from_base64(&text)?;
+    println!("{}", key.public_key());
+    Ok(())
+}
+
+pub fn init(args: &InitArgs) -> anyhow::Result<()> {
+    let name = crate::config::sanitize_name(&args.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    if args.address.is_empty() {
+        bail!("--address is required, e.g. --address 10.77.0.1/16 (repeat it for an IPv6 address)");
+    }
+    for a in &args.address {
+        a.parse::<ipnet::IpNet>()
+            .map_err(|e| anyhow::anyhow!("--address {a}: {e}; use an address with prefix, e.g. 10.77.0.1/16"))?;
+    }
+    args.control
+        .parse::<std::net::SocketAddr>()
+        .map_err(|e| anyhow::anyhow!("--control {}: {e}; use ip:port, e.g. 127.0.0.1:7800", args.control))?;
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    let dir = std::fs::canonicalize(&args.dir)?;
+    let key_path = dir.join("private.key");
+    let config_path = dir.join("myelin.toml");
+    if !args.force {
+        for p in [&key_path, &config_path] {
+            if p.exists() {
+                bail!("{} already exists; pass --force to overwrite it, or choose another --dir", p.display());
+            }
+        }
+    }
+    let key = PrivateKey::generate()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&key_path)
+        .with_context(|| format!("creating {}", key_path.display()))?;
+    std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    writeln!(f, "{}", key.to_base64())?;
+    f.sync_all()?;
+    let addresses: Vec<String> = args.address.iter().map(|a| format!("{a:?}")).collect();
+    let config = format!(
+        r#"# Created by `myelin init`. config.example.toml documents every key.
+[node]
+name = "{name}"
+private_key_file = "{key}"
+listen_port = {port}
+address = [{addresses}]
+
+[control]
+listen = "{control}"
+
+# Add one [[peers]] table per peer:
+# [[peers]]
+# name = "operator"
+# public_key = "<its `myelin pubkey`>"
+# endpoint = "192.0.2.2:51820"
+# allowed_ips = ["10.77.0.2/32"]
+"#,
+        key = key_path.display(),
+        port = args.listen_port,
+        addresses = addresses.join(", "),
+        control = args.control,
+    );
+    crate::config::write_atomically(&config_path, config.as_bytes())
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    crate::config::Config::load(&config_path)?;
+    println!("node:       {name}");
+    println!("public key: {}", key.public_key());
+    println!("config:     {}", config_path.display());
+    println!("key:        {} (mode 0600)", key_path.display());
+    Ok(())
+}

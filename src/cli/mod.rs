@@ -1,0 +1,166 @@
+//! The command line (argh): one function per subcommand.
+
+mod keys;
+mod remote;
+
+use argh::FromArgs;
+use std::path::PathBuf;
+
+#[derive(FromArgs)]
+/// Myelin: a peer-to-peer VPN for robot fleets and embodied AI.
+pub struct Args {
+    /// log level when RUST_LOG is unset: error, warn, info, debug, trace (default info)
+    #[argh(option, default = "String::from(\"info\")")]
+    pub log_level: String,
+    /// log JSON lines instead of text
+    #[argh(switch)]
+    pub log_json: bool,
+    #[argh(subcommand)]
+    pub command: Command,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+pub enum Command {
+    Keygen(KeygenArgs),
+    Pubkey(PubkeyArgs),
+    Init(InitArgs),
+    Up(UpArgs),
+    Status(StatusArgs),
+    Peers(PeersArgs),
+    Plugins(PluginsArgs),
+    Version(VersionArgs),
+    PluginRun(PluginRunArgs),
+}
+
+#[derive(FromArgs)]
+/// Print a new private key (base64, like `wg genkey`).
+#[argh(subcommand, name = "keygen")]
+pub struct KeygenArgs {}
+
+#[derive(FromArgs)]
+/// Read a private key on stdin, print its public key (like `wg pubkey`).
+#[argh(subcommand, name = "pubkey")]
+pub struct PubkeyArgs {}
+
+#[derive(FromArgs)]
+/// Create a private key (mode 0600) and a config for a new node.
+#[argh(subcommand, name = "init")]
+pub struct InitArgs {
+    /// node name, e.g. robot1
+    #[argh(option)]
+    pub name: String,
+    /// overlay address with prefix, e.g. 10.77.0.1/16 (repeat for IPv6)
+    #[argh(option)]
+    pub address: Vec<String>,
+    /// directory for private.key and myelin.toml (default /etc/myelin)
+    #[argh(option, default = "PathBuf::from(\"/etc/myelin\")")]
+    pub dir: PathBuf,
+    /// wireGuard UDP port (default 51820)
+    #[argh(option, default = "51820")]
+    pub listen_port: u16,
+    /// control API address (default 127.0.0.1:7800)
+    #[argh(option, default = "String::from(\"127.0.0.1:7800\")")]
+    pub control: String,
+    /// overwrite an existing config and key
+    #[argh(switch)]
+    pub force: bool,
+}
+
+#[derive(FromArgs)]
+/// Run the node in the foreground until SIGINT or SIGTERM.
+#[argh(subcommand, name = "up")]
+pub struct UpArgs {
+    /// config file (default /etc/myelin/myelin.toml)
+    #[argh(option, default = "PathBuf::from(\"/etc/myelin/myelin.toml\")")]
+    pub config: PathBuf,
+}
+
+#[derive(FromArgs)]
+/// Show the running node: identity, peers, plugins.
+#[argh(subcommand, name = "status")]
+pub struct StatusArgs {
+    #[argh(option)]
+    /// control API address (default: $MYELIN_API, the config's [control].listen, or 127.0.0.1:7800)
+    pub api: Option<String>,
+    #[argh(option)]
+    /// read the control API address from this config file
+    pub config: Option<PathBuf>,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// List the peers with endpoint, handshake, traffic and RTT.
+#[argh(subcommand, name = "peers")]
+pub struct PeersArgs {
+    #[argh(option)]
+    /// control API address (default: $MYELIN_API, the config's [control].listen, or 127.0.0.1:7800)
+    pub api: Option<String>,
+    #[argh(option)]
+    /// read the control API address from this config file
+    pub config: Option<PathBuf>,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// List plugins, or enable, disable or restart one: plugins [list|enable|disable|restart] [NAME].
+#[argh(subcommand, name = "plugins")]
+pub struct PluginsArgs {
+    /// action (list, the default, enable, disable or restart), then the plugin instance name
+    #[argh(positional)]
+    pub words: Vec<String>,
+    #[argh(option)]
+    /// control API address (default: $MYELIN_API, the config's [control].listen, or 127.0.0.1:7800)
+    pub api: Option<String>,
+    #[argh(option)]
+    /// read the control API address from this config file
+    pub config: Option<PathBuf>,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// Print the version, build facts and compiled-in plugins.
+#[argh(subcommand, name = "version")]
+pub struct VersionArgs {
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// (internal) Run one plugin as a child of the plugin host.
+#[argh(subcommand, name = "plugin-run")]
+pub struct PluginRunArgs {
+    /// plugin instance name
+    #[argh(positional)]
+    pub instance: String,
+}
+
+pub use keys::{init, keygen, pubkey};
+pub use remote::{peers, plugins, status};
+
+pub fn version(args: &VersionArgs) -> anyhow::Result<()> {
+    let info = crate::build_info::build_info();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!("myelin {} ({})", info.version, info.git);
+    println!("target:   {} ({})", info.target, info.profile);
+    println!("rustc:    {}", info.rustc);
+    println!("features: {}", if info.features.is_empty() { "none".into() } else { info.features.join(", ") });
+    println!("plugins:");
+    if info.plugins.is_empty() {
+        println!("  (none compiled in)");
+    }
+    for p in info.plugins {
+        println!("  {:<12} {}", p.name, p.about);
+    }
+    Ok(())
+}

@@ -1,0 +1,654 @@
+//! The node's typed configuration: parsing, validation, and errors that name the file, line,
+//! key and fix. Also the atomic write-back of a plugin's `enabled` flag.
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}\n  fix: check the path, or create one with `myelin init --name <name> --address <cidr>`")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}{line}: key `{key}`: {message}\n  fix: {hint}", line = line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    Invalid {
+        path: PathBuf,
+        line: Option<usize>,
+        key: String,
+        message: String,
+        hint: String,
+    },
+    #[error("cannot save {path}: {source}\n  fix: make the file and its directory writable by the node, or edit it by hand")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The whole file, as parsed.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub control: ControlConfig,
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    #[serde(default)]
+    pub probe: ProbeConfig,
+    #[serde(default, rename = "plugins")]
+    plugins_raw: toml::Table,
+    #[serde(skip)]
+    pub plugins: PluginsConfig,
+    #[serde(skip)]
+    pub path: PathBuf,
+    #[serde(skip)]
+    text: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: NodeName,
+    pub private_key_file: PathBuf,
+    #[serde(default = "default_listen_port")]
+    pub listen_port: u16,
+    #[serde(default)]
+    pub address: Vec<IpNet>,
+    #[serde(default = "default_interface")]
+    pub interface: String,
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+}
+
+fn default_listen_port() -> u16 {
+    51820
+}
+fn default_interface() -> String {
+    "myelin0".into()
+}
+fn default_mtu() -> u16 {
+    1420
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    #[serde(default = "default_control_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_control_listen(),
+        }
+    }
+}
+
+fn default_control_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7800))
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub name: NodeName,
+    pub public_key: crate::keys::PublicKey,
+    #[serde(default)]
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    #[serde(default)]
+    pub persistent_keepalive: Option<u16>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    #[serde(default = "default_probe_interval")]
+    pub interval_ms: u64,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: default_probe_interval(),
+        }
+    }
+}
+
+fn default_probe_interval() -> u64 {
+    100
+}
+
+/// A node or peer name, sanitised to `[A-Za-z0-9_]` with no leading digit.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct NodeName(String);
+
+impl NodeName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for NodeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for NodeName {
+    type Error = String;
+    fn try_from(raw: String) -> Result<Self, String> {
+        sanitize_name(&raw).map(NodeName)
+    }
+}
+
+/// `robot-1.local` → `robot_1_local`. Names that cannot become a ROS token are refused.
+pub fn sanitize_name(raw: &str) -> Result<String, String> {
+    let clean: String = raw
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    match clean.chars().next() {
+        None => Err("name is empty; use letters, digits and `_`, e.g. \"robot1\"".into()),
+        Some(c) if c.is_ascii_digit() => Err(format!(
+            "name {raw:?} starts with a digit, which ROS names forbid; e.g. \"robot_{clean}\""
+        )),
+        Some(_) if clean.chars().all(|c| c == '_') => Err(format!(
+            "name {raw:?} has no letter or digit; e.g. \"robot1\""
+        )),
+        Some(_) => Ok(clean),
+    }
+}
+
+/// How a plugin instance is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    Process,
+    Thread,
+}
+
+/// The plugin host's own settings (plain keys of `[plugins]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostSettings {
+    pub user: Option<String>,
+    pub runtime_dir: PathBuf,
+    pub health_interval_ms: u64,
+    pub health_timeout_ms: u64,
+    pub start_timeout_ms: u64,
+    pub stop_grace_ms: u64,
+    pub restart_backoff_ms: u64,
+    pub restart_backoff_max_ms: u64,
+    pub failure_threshold: u32,
+    pub failure_window_s: u64,
+}
+
+impl Default for HostSettings {
+    fn default() -> Self {
+        Self {
+            user: None,
+            runtime_dir: PathBuf::from("/run/myelin"),
+            health_interval_ms: 1000,
+            health_timeout_ms: 3000,
+            start_timeout_ms: 30_000,
+            stop_grace_ms: 3000,
+            restart_backoff_ms: 1000,
+            restart_backoff_max_ms: 60_000,
+            failure_threshold: 5,
+            failure_window_s: 300,
+        }
+    }
+}
+
+/// One `[plugins.<name>]` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PluginInstanceConfig {
+    /// The section name: instance name, API name and HTTP prefix.
+    pub name: String,
+    /// The registration to run (`plugin = "..."`, default: the section name).
+    pub kind: String,
+    pub enabled: bool,
+    pub isolation: Isolation,
+    pub worker_threads: usize,
+    /// The rest of the section, handed to the plugin.
+    pub section: toml::Table,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PluginsConfig {
+    pub host: HostSettings,
+    pub instances: Vec<PluginInstanceConfig>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses `text`; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            let key = line
+                .map(|l| key_at_line(text, l))
+                .unwrap_or_else(|| "<file>".into());
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                key,
+                message: e.message().trim().to_string(),
+                hint: "see config.example.toml for every key and its allowed values".into(),
+            }
+        })?;
+        config.path = path.to_path_buf();
+        config.text = text.to_string();
+        let invalid = |keys: &[&str], message: String, hint: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: locate(text, keys),
+            key: keys.join("."),
+            message,
+            hint: hint.to_string(),
+        };
+        if config.node.mtu < 576 || config.node.mtu > 9000 {
+            return Err(invalid(
+                &["node", "mtu"],
+                format!("mtu {} is outside 576..=9000", config.node.mtu),
+                "use 1420 unless the underlay path needs less",
+            ));
+        }
+        if config.node.interface.is_empty() || config.node.interface.len() > 15 {
+            return Err(invalid(
+                &["node", "interface"],
+                format!(
+                    "interface name {:?} must be 1 to 15 characters",
+                    config.node.interface
+                ),
+                "e.g. interface = \"myelin0\"",
+            ));
+        }
+        if config.probe.interval_ms == 0 {
+            return Err(invalid(
+                &["probe", "interval_ms"],
+                "interval_ms must be at least 1".into(),
+                "the default is 100",
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for peer in &config.peers {
+            if !seen.insert(peer.name.as_str().to_string()) || peer.name == config.node.name {
+                return Err(invalid(
+                    &["peers", "name"],
+                    format!("peer name `{}` is used twice", peer.name),
+                    "give every peer, and this node, its own name",
+                ));
+            }
+        }
+        config.plugins = parse_plugins(&config.plugins_raw)
+            .map_err(|(keys, message, hint)| {
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                invalid(&keys, message, &hint)
+            })?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// An error about `keys` (a dotted path), located in this config's file.
+    pub fn error_at(&self, keys: &[&str], message: String, hint: &str) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            line: locate(&self.text, keys),
+            key: keys.join("."),
+            message,
+            hint: hint.to_string(),
+        }
+    }
+}
+
+type PathError = (Vec<String>, String, String);
+
+fn parse_plugins(raw: &toml::Table) -> Result<PluginsConfig, PathError> {
+    let mut host = HostSettings::default();
+    let mut instances = Vec::new();
+    let err = |keys: &[&str], message: String, hint: &str| -> PathError {
+        (
+            keys.iter().map(|k| k.to_string()).collect(),
+            message,
+            hint.to_string(),
+        )
+    };
+    for (key, value) in raw {
+        let number = |v: &toml::Value| -> Result<u64, PathError> {
+            v.as_integer()
+                .and_then(|i| u64::try_from(i).ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    err(
+                        &["plugins", key],
+                        format!("expected a positive integer, found {v}"),
+                        "see config.example.toml",
+                    )
+                })
+        };
+        match (key.as_str(), value) {
+            ("user", toml::Value::String(u)) => host.user = Some(u.clone()),
+            ("runtime_dir", toml::Value::String(d)) => host.runtime_dir = PathBuf::from(d),
+            ("health_interval_ms", v) => host.health_interval_ms = number(v)?,
+            ("health_timeout_ms", v) => host.health_timeout_ms = number(v)?,
+            ("start_timeout_ms", v) => host.start_timeout_ms = number(v)?,
+            ("stop_grace_ms", v) => host.stop_grace_ms = number(v)?,
+            ("restart_backoff_ms", v) => host.restart_backoff_ms = number(v)?,
+            ("restart_backoff_max_ms", v) => host.restart_backoff_max_ms = number(v)?,
+            ("failure_threshold", v) => {
+                host.failure_threshold = u32::try_from(number(v)?).unwrap_or(u32::MAX)
+            }
+            ("failure_window_s", v) => host.failure_window_s = number(v)?,
+            (name, toml::Value::Table(section)) => {
+                instances.push(parse_instance(name, section)?);
+            }
+            (name, _) => {
+                return Err(err(
+                    &["plugins", name],
+                    format!("unknown key `plugins.{name}` (plugin sections are tables: [plugins.{name}])"),
+                    "host keys are user, runtime_dir, health_interval_ms, health_timeout_ms, start_timeout_ms, stop_grace_ms, restart_backoff_ms, restart_backoff_max_ms, failure_threshold, failure_window_s",
+                ))
+            }
+        }
+    }
+    if host.restart_backoff_max_ms < host.restart_backoff_ms {
+        return Err(err(
+            &["plugins", "restart_backoff_max_ms"],
+            "restart_backoff_max_ms is below restart_backoff_ms".into(),
+            "make the maximum at least the initial backoff",
+        ));
+    }
+    Ok(PluginsConfig { host, instances })
+}
+
+fn parse_instance(name: &str, section: &toml::Table) -> Result<PluginInstanceConfig, PathError> {
+    let path = |k: &str| vec!["plugins".to_string(), name.to_string(), k.to_string()];
+    if sanitize_name(name).as_deref() != Ok(name) {
+        return Err((
+            vec!["plugins".into(), name.into()],
+            format!("plugin instance name `{name}` must be [A-Za-z0-9_] with no leading digit"),
+            "rename the section, e.g. [plugins.camera_front]".into(),
+        ));
+    }
+    let mut rest = section.clone();
+    let enabled = match rest.remove("enabled") {
+        None => true,
+        Some(toml::Value::Boolean(b)) => b,
+        Some(v) => {
+            return Err((
+                path("enabled"),
+                format!("expected true or false, found {v}"),
+                "enabled = true".into(),
+            ))
+        }
+    };
+    let isolation = match rest.remove("isolation") {
+        None => Isolation::Process,
+        Some(toml::Value::String(s)) if s == "process" => Isolation::Process,
+        Some(toml::Value::String(s)) if s == "thread" => Isolation::Thread,
+        Some(v) => {
+            return Err((
+                path("isolation"),
+                format!("expected \"process\" or \"thread\", found {v}"),
+                "isolation = \"process\" (the default) survives crashes of the plugin".into(),
+            ))
+        }
+    };
+    let kind = match rest.remove("plugin") {
+        None => name.to_string(),
+        Some(toml::Value::String(s)) => s,
+        Some(v) => {
+            return Err((
+                path("plugin"),
+                format!("expected a plugin name, found {v}"),
+                "plugin = \"chaos\" (see `myelin version` for the compiled-in plugins)".into(),
+            ))
+        }
+    };
+    let worker_threads = match rest.remove("worker_threads") {
+        None => 2,
+        Some(toml::Value::Integer(n)) if (1..=64).contains(&n) => n as usize,
+        Some(v) => {
+            return Err((
+                path("worker_threads"),
+                format!("expected 1..=64, found {v}"),
+                "worker_threads = 2".into(),
+            ))
+        }
+    };
+    Ok(PluginInstanceConfig {
+        name: name.to_string(),
+        kind,
+        enabled,
+        isolation,
+        worker_threads,
+        section: rest,
+    })
+}
+
+/// 1-based line of byte offset `at`.
+fn line_of(text: &str, at: usize) -> usize {
+    text[..at.min(text.len())].matches('\n').count() + 1
+}
+
+/// `section.key` for the key assigned on `line`, from the nearest `[header]` above it.
+fn key_at_line(text: &str, line: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(current) = lines.get(line.saturating_sub(1)) else {
+        return "<file>".into();
+    };
+    let key = current.split('=').next().unwrap_or("").trim();
+    let header = lines[..line.saturating_sub(1)]
+        .iter()
+        .rev()
+        .find_map(|l| header_of(l));
+    match (header, key.starts_with('[')) {
+        (_, true) => key.trim_matches(['[', ']']).to_string(),
+        (Some(h), false) => format!("{h}.{key}"),
+        (None, false) => key.to_string(),
+    }
+}
+
+fn header_of(line: &str) -> Option<String> {
+    let t = line.trim();
+    let inner = t.strip_prefix('[')?.split(']').next()?.trim_start_matches('[');
+    Some(inner.replace(['"', ' '], ""))
+}
+
+/// The line of `keys` (a dotted path) in `text`, found by its section header and key.
+fn locate(text: &str, keys: &[&str]) -> Option<usize> {
+    let (key, table) = keys.split_last()?;
+    let table = table.join(".");
+    let mut in_table = table.is_empty();
+    let mut table_line = None;
+    for (i, line) in text.lines().enumerate() {
+        if let Some(h) = header_of(line) {
+            in_table = h == table;
+            if in_table && table_line.is_none() {
+                table_line = Some(i + 1);
+            }
+            if h == format!("{table}.{key}") || (table.is_empty() && h == *key) {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        if in_table && line.split('=').next().map(str::trim) == Some(key) {
+            return Some(i + 1);
+        }
+    }
+    table_line
+}
+
+/// Sets `plugins.<instance>.enabled` in the file, keeping comments; temp file, fsync, rename.
+pub fn persist_plugin_enabled(path: &Path, instance: &str, enabled: bool) -> Result<(), ConfigError> {
+    let write_err = |source| ConfigError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(write_err)?;
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
+        write_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+    })?;
+    let plugins = doc
+        .entry("plugins")
+        .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()));
+    let Some(plugins) = plugins.as_table_mut() else {
+        return Err(write_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "`plugins` is not a table",
+        )));
+    };
+    let section = plugins
+        .entry(instance)
+        .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()));
+    let Some(section) = section.as_table_like_mut() else {
+        return Err(write_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("`plugins.{instance}` is not a table"),
+        )));
+    };
+    section.insert("enabled", toml_edit::value(enabled));
+    write_atomically(path, doc.to_string().as_bytes()).map_err(write_err)
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new file.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            f.set_permissions(meta.permissions())?;
+        }
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+
+    fn minimal(extra: &str) -> String {
+        format!("[node]\nname = \"robot1\"\nprivate_key_file = \"/tmp/k\"\n{extra}")
+    }
+
+    fn err(text: &str) -> String {
+        match Config::parse(text, Path::new("t.toml")) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn example_config_parses_with_every_section() {
+        let text = include_str!("../config.example.toml");
+        let config = Config::parse(text, Path::new("config.example.toml")).unwrap();
+        assert_eq!(config.node.name.as_str(), "robot1");
+        assert!(!config.peers.is_empty());
+        assert!(!config.plugins.instances.is_empty());
+        assert_eq!(config.node.address.len(), 2);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = err(&minimal("mtuu = 1400\n"));
+        assert!(e.contains("line 4"), "{e}");
+        assert!(e.contains("node.mtuu"), "{e}");
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_line_and_key() {
+        let e = err(&minimal("[control]\nlisten = \"localhost\"\n"));
+        assert!(e.contains("line 5") && e.contains("control.listen"), "{e}");
+        let e = err(&minimal("address = [\"10.0.0.1/40\"]\n"));
+        assert!(e.contains("line 4") && e.contains("node.address"), "{e}");
+        let e = err(&minimal(&format!(
+            "[[peers]]\nname = \"op\"\npublic_key = \"{}\"\nallowed_ips = []\n",
+            &KEY[..20]
+        )));
+        assert!(e.contains("line 6") && e.contains("peers.public_key"), "{e}");
+    }
+
+    #[test]
+    fn names_are_sanitised_or_refused() {
+        let c = Config::parse(
+            "[node]\nname = \"robot-1.lab\"\nprivate_key_file = \"k\"\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(c.node.name.as_str(), "robot_1_lab");
+        let e = err("[node]\nname = \"9lives\"\nprivate_key_file = \"k\"\n");
+        assert!(e.contains("line 2") && e.contains("digit"), "{e}");
+    }
+
+    #[test]
+    fn plugin_sections_split_host_keys() {
+        let c = Config::parse(
+            &minimal("[plugins]\nhealth_interval_ms = 50\n[plugins.steady]\nplugin = \"chaos\"\nisolation = \"thread\"\nmode = \"none\"\n"),
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(c.plugins.host.health_interval_ms, 50);
+        let i = &c.plugins.instances[0];
+        assert_eq!((i.name.as_str(), i.kind.as_str()), ("steady", "chaos"));
+        assert_eq!(i.isolation, Isolation::Thread);
+        assert!(i.enabled);
+        assert_eq!(i.section.len(), 1);
+        let e = err(&minimal("[plugins.x]\nisolation = \"fork\"\n"));
+        assert!(e.contains("line 5") && e.contains("plugins.x.isolation"), "{e}");
+        let e = err(&minimal("[plugins]\nhealth_interval_ms = -3\n"));
+        assert!(e.contains("line 5") && e.contains("plugins.health_interval_ms"), "{e}");
+    }
+
+    #[test]
+    fn persist_keeps_comments_and_flips_enabled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.toml");
+        std::fs::write(&path, minimal("# keep me\n[plugins.chaos]\nmode = \"none\"\n")).unwrap();
+        persist_plugin_enabled(&path, "chaos", false).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("# keep me"));
+        let c = Config::parse(&text, &path).unwrap();
+        assert!(!c.plugins.instances[0].enabled);
+        persist_plugin_enabled(&path, "chaos", true).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert!(c.plugins.instances[0].enabled);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left");
+    }
+}

@@ -1,0 +1,323 @@
+//! The plugin host: builds the registry from inventory, validates each `[plugins.<name>]`
+//! section, and supervises every plugin instance (start, health, kill, restart with backoff,
+//! `failed` after too many failures, enable/disable/restart on command).
+
+pub mod child;
+pub mod metrics_bridge;
+pub mod policy;
+pub mod protocol;
+pub mod runner;
+mod supervisor;
+pub mod worker;
+
+use crate::config::{Config, ConfigError, HostSettings, Isolation, PluginInstanceConfig};
+use myelin_sdk::{Health, MeshView, NodeIdentity};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("no plugin instance `{0}`\n  fix: `myelin plugins list` shows the configured instances")]
+    UnknownPlugin(String),
+    #[error("plugin `{0}` is shutting down")]
+    ShuttingDown(String),
+    #[error("cannot create plugin runtime directory {path}: {source}\n  fix: set [plugins].runtime_dir to a writable directory")]
+    RuntimeDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginState {
+    Starting,
+    Running,
+    Restarting,
+    Failed,
+    Disabled,
+    Stopped,
+}
+
+impl PluginState {
+    pub const ALL: [PluginState; 6] = [
+        PluginState::Starting,
+        PluginState::Running,
+        PluginState::Restarting,
+        PluginState::Failed,
+        PluginState::Disabled,
+        PluginState::Stopped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginState::Starting => "starting",
+            PluginState::Running => "running",
+            PluginState::Restarting => "restarting",
+            PluginState::Failed => "failed",
+            PluginState::Disabled => "disabled",
+            PluginState::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FailureRecord {
+    /// Milliseconds since the node started.
+    pub at_ms: u64,
+    pub reason: String,
+    /// The backoff chosen after this failure; `None` when the plugin was marked failed.
+    pub restart_after_ms: Option<u64>,
+}
+
+/// What the API, CLI and dashboard show for one plugin instance.
+#[derive(Clone, Debug, Serialize)]
+pub struct PluginStatus {
+    pub name: String,
+    pub plugin: String,
+    pub about: String,
+    pub isolation: Isolation,
+    pub enabled: bool,
+    pub state: PluginState,
+    pub pid: Option<u32>,
+    pub serves_http: bool,
+    pub restarts: u64,
+    pub health: Option<Health>,
+    pub health_checks_ok: u64,
+    pub health_checks_missed: u64,
+    pub last_health_rtt_ms: Option<f64>,
+    pub abandoned_threads: u64,
+    pub next_restart_in_ms: Option<u64>,
+    /// The latest failures, oldest first (at most 20).
+    pub failures: Vec<FailureRecord>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Enable,
+    Disable,
+    Restart,
+    Shutdown,
+}
+
+pub(crate) struct Command {
+    pub action: Action,
+    pub ack: oneshot::Sender<()>,
+}
+
+struct Instance {
+    name: String,
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<PluginStatus>,
+}
+
+/// Everything a supervisor needs that is the same for all instances.
+pub(crate) struct Shared {
+    pub settings: HostSettings,
+    pub node: NodeIdentity,
+    pub run_as: Option<worker::RunAs>,
+    pub epoch: Instant,
+    pub mesh: watch::Receiver<MeshView>,
+}
+
+pub struct PluginHost {
+    instances: Vec<Instance>,
+    shared: Arc<Shared>,
+    config_path: PathBuf,
+}
+
+impl PluginHost {
+    /// Validates every plugin section (compiled in, config accepted by the plugin's `build`)
+    /// and starts a supervisor per instance; enabled ones start at once.
+    pub fn start(
+        config: &Config,
+        node: NodeIdentity,
+        mesh: watch::Receiver<MeshView>,
+    ) -> Result<PluginHost, HostError> {
+        let settings = config.plugins.host.clone();
+        let run_as = match &settings.user {
+            None => None,
+            Some(user) => {
+                // SAFETY: geteuid has no preconditions.
+                if unsafe { libc::geteuid() } != 0 {
+                    return Err(config
+                        .error_at(
+                            &["plugins", "user"],
+                            format!("dropping plugins to user `{user}` needs the node to run as root"),
+                            "run the node as root (it needs CAP_NET_ADMIN anyway) or remove [plugins].user",
+                        )
+                        .into());
+                }
+                Some(worker::resolve_user(user).ok_or_else(|| {
+                    config.error_at(
+                        &["plugins", "user"],
+                        format!("no such user `{user}`"),
+                        "create it (`useradd --system myelin`) or name an existing user",
+                    )
+                })?)
+            }
+        };
+        let mut validated = Vec::new();
+        for inst in &config.plugins.instances {
+            let Some(registration) = myelin_sdk::registration(&inst.kind) else {
+                let compiled: Vec<&str> = myelin_sdk::registrations().map(|r| r.name).collect();
+                if !inst.enabled {
+                    tracing::warn!(plugin = %inst.name, "plugin `{}` is not compiled in; its disabled section is ignored", inst.kind);
+                    continue;
+                }
+                return Err(config
+                    .error_at(
+                        &["plugins", &inst.name],
+                        format!(
+                            "plugin `{}` is not compiled into this binary (compiled in: {})",
+                            inst.kind,
+                            if compiled.is_empty() { "none".to_string() } else { compiled.join(", ") }
+                        ),
+                        &format!(
+                            "build with `--features {}`, or set enabled = false in [plugins.{}]",
+                            inst.kind, inst.name
+                        ),
+                    )
+                    .into());
+            };
+            if let Err(e) = (registration.build)(&inst.section) {
+                return Err(config
+                    .error_at(
+                        &["plugins", &inst.name],
+                        format!("[plugins.{}]: {e}", inst.name),
+                        "see the plugin's documentation for its keys",
+                    )
+                    .into());
+            }
+            let dir = settings.runtime_dir.join(&inst.name);
+            prepare_dir(&dir, run_as).map_err(|source| HostError::RuntimeDir {
+                path: dir.clone(),
+                source,
+            })?;
+            validated.push((inst.clone(), registration.about));
+        }
+        let shared = Arc::new(Shared {
+            settings,
+            node,
+            run_as,
+            epoch: Instant::now(),
+            mesh,
+        });
+        let instances = validated
+            .into_iter()
+            .map(|(inst, about)| spawn_supervisor(inst, about, shared.clone()))
+            .collect();
+        Ok(PluginHost {
+            instances,
+            shared,
+            config_path: config.path.clone(),
+        })
+    }
+
+    pub fn statuses(&self) -> Vec<PluginStatus> {
+        self.instances.iter().map(|i| i.status.borrow().clone()).collect()
+    }
+
+    pub fn status(&self, name: &str) -> Option<PluginStatus> {
+        self.find(name).ok().map(|i| i.status.borrow().clone())
+    }
+
+    /// A receiver that sees every change of one instance's status.
+    pub fn watch(&self, name: &str) -> Option<watch::Receiver<PluginStatus>> {
+        self.find(name).ok().map(|i| i.status.clone())
+    }
+
+    /// The Unix socket an instance serves its routes on.
+    pub fn http_socket(&self, name: &str) -> PathBuf {
+        http_socket(&self.shared.settings, name)
+    }
+
+    fn find(&self, name: &str) -> Result<&Instance, HostError> {
+        self.instances
+            .iter()
+            .find(|i| i.name == name)
+            .ok_or_else(|| HostError::UnknownPlugin(name.to_string()))
+    }
+
+    /// Enable, disable or restart an instance. Enable and disable are persisted to the config
+    /// file first, so a failed write changes nothing.
+    pub async fn act(&self, name: &str, action: Action) -> Result<PluginStatus, HostError> {
+        let inst = self.find(name)?;
+        match action {
+            Action::Enable | Action::Disable => {
+                crate::config::persist_plugin_enabled(&self.config_path, name, action == Action::Enable)?;
+            }
+            Action::Restart | Action::Shutdown => {}
+        }
+        let (ack, done) = oneshot::channel();
+        inst.commands
+            .send(Command { action, ack })
+            .await
+            .map_err(|_| HostError::ShuttingDown(name.to_string()))?;
+        done.await.map_err(|_| HostError::ShuttingDown(name.to_string()))?;
+        Ok(inst.status.borrow().clone())
+    }
+
+    /// Stops every plugin, in reverse start order, each within its grace periods.
+    pub async fn shutdown(&self) {
+        let budget = Duration::from_millis(self.shared.settings.stop_grace_ms * 3 + 5000);
+        for inst in self.instances.iter().rev() {
+            let (ack, done) = oneshot::channel();
+            if inst.commands.send(Command { action: Action::Shutdown, ack }).await.is_ok()
+                && tokio::time::timeout(budget, done).await.is_err()
+            {
+                tracing::error!(plugin = %inst.name, "did not stop within {budget:?}");
+            }
+        }
+    }
+}
+
+pub(crate) fn http_socket(settings: &HostSettings, name: &str) -> PathBuf {
+    settings.runtime_dir.join(name).join("http.sock")
+}
+
+fn prepare_dir(dir: &std::path::Path, run_as: Option<worker::RunAs>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some(user) = run_as {
+        std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))?;
+    }
+    Ok(())
+}
+
+fn spawn_supervisor(inst: PluginInstanceConfig, about: &'static str, shared: Arc<Shared>) -> Instance {
+    let status = PluginStatus {
+        name: inst.name.clone(),
+        plugin: inst.kind.clone(),
+        about: about.to_string(),
+        isolation: inst.isolation,
+        enabled: inst.enabled,
+        state: if inst.enabled { PluginState::Starting } else { PluginState::Disabled },
+        pid: None,
+        serves_http: false,
+        restarts: 0,
+        health: None,
+        health_checks_ok: 0,
+        health_checks_missed: 0,
+        last_health_rtt_ms: None,
+        abandoned_threads: 0,
+        next_restart_in_ms: None,
+        failures: Vec::new(),
+    };
+    let (status_tx, status_rx) = watch::channel(status);
+    let (cmd_tx, cmd_rx) = mpsc::channel(16);
+    let name = inst.name.clone();
+    tokio::spawn(supervisor::Supervisor::new(inst, shared, status_tx, cmd_rx).run());
+    Instance {
+        name,
+        commands: cmd_tx,
+        status: status_rx,
+    }
+}

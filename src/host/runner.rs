@@ -1,0 +1,81 @@
+//! The plugin side of the host protocol, the same for both isolation modes: builds the plugin,
+//! runs its lifecycle, serves its routes on a Unix socket and answers the host.
+
+use crate::host::protocol::{HostMsg, Init, PluginMsg};
+use myelin_sdk::{CancellationToken, PluginContext};
+use tokio::sync::{mpsc, watch};
+
+/// Runs one plugin until the host says stop or the channel closes.
+pub async fn run_plugin(
+    init: Init,
+    mut from_host: mpsc::UnboundedReceiver<HostMsg>,
+    to_host: mpsc::UnboundedSender<PluginMsg>,
+    cancel: CancellationToken,
+) {
+    let fail = |reason: String| {
+        let _ = to_host.send(PluginMsg::Failed { reason });
+    };
+    let Some(registration) = myelin_sdk::registration(&init.kind) else {
+        return fail(format!("plugin `{}` is not compiled into this binary", init.kind));
+    };
+    let section: toml::Table = match toml::from_str(&init.config_toml) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("config section does not parse: {e}")),
+    };
+    let mut plugin = match (registration.build)(&section) {
+        Ok(p) => p,
+        Err(e) => return fail(e.to_string()),
+    };
+    let (mesh_tx, mesh_rx) = watch::channel(init.mesh.clone());
+    let ctx = PluginContext::new(init.node.clone(), &init.instance, section, mesh_rx, cancel.clone());
+    if let Err(e) = plugin.on_tunnel_up(ctx).await {
+        return fail(format!("on_tunnel_up: {e}"));
+    }
+    if let Err(e) = plugin.start().await {
+        return fail(format!("start: {e}"));
+    }
+    let http = match plugin.routes() {
+        None => false,
+        Some(router) => {
+            let _ = std::fs::remove_file(&init.http_socket);
+            let listener = match tokio::net::UnixListener::bind(&init.http_socket) {
+                Ok(l) => l,
+                Err(e) => {
+                    return fail(format!(
+                        "cannot serve routes on {}: {e}",
+                        init.http_socket.display()
+                    ))
+                }
+            };
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                let serve = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await });
+                if let Err(e) = serve.await {
+                    tracing::warn!("plugin HTTP server ended: {e}");
+                }
+            });
+            true
+        }
+    };
+    let _ = to_host.send(PluginMsg::Ready { http });
+    while let Some(msg) = from_host.recv().await {
+        match msg {
+            HostMsg::Mesh(view) => {
+                mesh_tx.send_replace(view);
+            }
+            HostMsg::Ping { seq } => {
+                let health = plugin.health().await;
+                let _ = to_host.send(PluginMsg::Pong { seq, health });
+            }
+            HostMsg::Stop => break,
+            HostMsg::Init(_) => tracing::warn!("ignoring a second init"),
+        }
+    }
+    cancel.cancel();
+    if let Err(e) = plugin.stop().await {
+        tracing::warn!("stop: {e}");
+    }
+    let _ = std::fs::remove_file(&init.http_socket);
+    let _ = to_host.send(PluginMsg::Stopped);
+}

@@ -1,0 +1,359 @@
+//! Starting and signalling one run of a plugin: a child process of this same binary, or a
+//! runtime thread inside the node. Both speak the same messages; only control differs.
+
+use crate::host::child::{CHANNEL_ENV, CHANNEL_FD};
+use crate::host::protocol::{self, HostMsg, Init, PluginMsg};
+use futures::{SinkExt, StreamExt};
+use myelin_sdk::CancellationToken;
+use std::cell::RefCell;
+use std::io::BufRead;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::sync::{Arc, Mutex, OnceLock};
+use tokio::sync::{mpsc, oneshot};
+
+pub enum WorkerEvent {
+    Msg(PluginMsg),
+    /// The process exited or the thread returned; the text says how.
+    Exited(String),
+}
+
+pub struct Worker {
+    to_plugin: mpsc::UnboundedSender<HostMsg>,
+    pub events: mpsc::UnboundedReceiver<WorkerEvent>,
+    control: Control,
+}
+
+enum Control {
+    Process { pid: i32, exited: Arc<Mutex<bool>> },
+    Thread { cancel: CancellationToken },
+}
+
+/// A Unix user the plugin children run as.
+#[derive(Clone, Copy, Debug)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Worker {
+    pub fn send(&self, msg: HostMsg) {
+        let _ = self.to_plugin.send(msg);
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        match &self.control {
+            Control::Process { pid, .. } => u32::try_from(*pid).ok(),
+            Control::Thread { .. } => None,
+        }
+    }
+
+    pub fn is_thread(&self) -> bool {
+        matches!(self.control, Control::Thread { .. })
+    }
+
+    /// Asks a process to terminate (SIGTERM) or cancels a thread's token.
+    pub fn terminate(&self) {
+        match &self.control {
+            Control::Process { pid, exited } => signal(*pid, exited, libc::SIGTERM),
+            Control::Thread { cancel } => cancel.cancel(),
+        }
+    }
+
+    /// SIGKILL; a thread cannot be killed, so this returns false for one.
+    pub fn kill(&self) -> bool {
+        match &self.control {
+            Control::Process { pid, exited } => {
+                signal(*pid, exited, libc::SIGKILL);
+                true
+            }
+            Control::Thread { .. } => false,
+        }
+    }
+}
+
+/// Signals `pid` unless it was already seen to exit. The waiter only reaps the process after
+/// setting `exited` under this lock, so the pid cannot have been reused.
+fn signal(pid: i32, exited: &Mutex<bool>, sig: i32) {
+    if let Ok(exited) = exited.lock() {
+        if !*exited {
+            // SAFETY: kill(2) on a pid we own and have not reaped.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+}
+
+type SpawnRequest = (
+    std::process::Command,
+    std::sync::mpsc::Sender<std::io::Result<std::process::Child>>,
+);
+
+/// PR_SET_PDEATHSIG fires when the *thread* that forked exits, so every child is forked from
+/// one thread that lives as long as the process.
+fn spawner() -> &'static Mutex<std::sync::mpsc::Sender<SpawnRequest>> {
+    static SPAWNER: OnceLock<Mutex<std::sync::mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+        let spawned = std::thread::Builder::new()
+            .name("plugin-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the plugin spawner thread: {e}");
+        }
+        Mutex::new(tx)
+    })
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    if let Some(sig) = status.signal() {
+        let name = match sig {
+            libc::SIGABRT => " (SIGABRT, abort)",
+            libc::SIGSEGV => " (SIGSEGV, segfault)",
+            libc::SIGKILL => " (SIGKILL)",
+            libc::SIGTERM => " (SIGTERM)",
+            libc::SIGBUS => " (SIGBUS)",
+            _ => "",
+        };
+        format!("killed by signal {sig}{name}")
+    } else {
+        match status.code() {
+            Some(101) => "exited with status 101 (panic)".into(),
+            Some(c) => format!("exited with status {c}"),
+            None => "exited".into(),
+        }
+    }
+}
+
+/// Starts `myelin plugin-run <instance>` as a child with the channel on fd 3.
+pub async fn spawn_process(init: Init, run_as: Option<RunAs>) -> std::io::Result<Worker> {
+    let (host_end, child_end) = std::os::unix::net::UnixStream::pair()?;
+    let child_fd = child_end.as_raw_fd();
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg0("myelin")
+        .arg("plugin-run")
+        .arg(&init.instance)
+        .env(CHANNEL_ENV, CHANNEL_FD.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: the closure only makes async-signal-safe system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |r: libc::c_int| {
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            if child_fd == CHANNEL_FD {
+                check(libc::fcntl(CHANNEL_FD, libc::F_SETFD, 0))?;
+            } else {
+                check(libc::dup2(child_fd, CHANNEL_FD))?;
+            }
+            // Own process group: a terminal's Ctrl-C reaches the node, which stops plugins in order.
+            check(libc::setpgid(0, 0))?;
+            if let Some(user) = run_as {
+                check(libc::setgroups(0, std::ptr::null()))?;
+                check(libc::setgid(user.gid))?;
+                check(libc::setuid(user.uid))?;
+                check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            }
+            // After setuid, which clears the parent-death signal.
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+    spawner()
+        .lock()
+        .map_err(|_| std::io::Error::other("plugin spawner lock poisoned"))?
+        .send((cmd, reply_tx))
+        .map_err(|_| std::io::Error::other("plugin spawner thread is gone"))?;
+    let mut child = tokio::task::spawn_blocking(move || reply_rx.recv())
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(|_| std::io::Error::other("plugin spawner thread is gone"))??;
+    drop(child_end);
+    let pid = child.id() as i32;
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let instance = init.instance.clone();
+    for (stream, name) in [
+        (child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), "stderr"),
+        (child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), "stdout"),
+    ] {
+        let Some(stream) = stream else { continue };
+        let instance = instance.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("plugin-{name}"))
+            .spawn(move || {
+                for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                    tracing::info!(target: "myelin::plugin", plugin = %instance, "{line}");
+                }
+            });
+    }
+    let exited = Arc::new(Mutex::new(false));
+    {
+        let exited = exited.clone();
+        let events_tx = events_tx.clone();
+        std::thread::Builder::new()
+            .name("plugin-waiter".into())
+            .spawn(move || {
+                // SAFETY: waitid with WNOWAIT on our own child only observes it; reaping
+                // happens below, after `exited` is set.
+                unsafe {
+                    let mut info: libc::siginfo_t = std::mem::zeroed();
+                    libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT);
+                }
+                if let Ok(mut e) = exited.lock() {
+                    *e = true;
+                }
+                let how = match child.wait() {
+                    Ok(status) => describe_exit(status),
+                    Err(e) => format!("could not be waited for: {e}"),
+                };
+                let _ = events_tx.send(WorkerEvent::Exited(how));
+            })?;
+    }
+    host_end.set_nonblocking(true)?;
+    let stream = tokio::net::UnixStream::from_std(host_end)?;
+    let (mut sink, mut source) = protocol::framed(stream).split();
+    let (to_plugin, mut from_host) = mpsc::unbounded_channel::<HostMsg>();
+    to_plugin
+        .send(HostMsg::Init(Box::new(init)))
+        .map_err(|_| std::io::Error::other("channel closed"))?;
+    tokio::spawn(async move {
+        while let Some(msg) = from_host.recv().await {
+            let Ok(frame) = protocol::encode(&msg) else { continue };
+            if sink.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(Ok(frame)) = source.next().await {
+            match protocol::decode::<PluginMsg>(&frame) {
+                Ok(msg) => {
+                    if events_tx.send(WorkerEvent::Msg(msg)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => tracing::warn!(plugin = %instance, "malformed message from plugin: {e}"),
+            }
+        }
+    });
+    Ok(Worker {
+        to_plugin,
+        events: events_rx,
+        control: Control::Process { pid, exited },
+    })
+}
+
+thread_local! {
+    static PANIC_REPORTER: RefCell<Option<mpsc::UnboundedSender<PluginMsg>>> = const { RefCell::new(None) };
+}
+
+/// Makes a panic on a plugin thread a reported failure of that plugin, not a silent task death.
+fn install_panic_reporter() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            let payload = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let location = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
+            PANIC_REPORTER.with(|r| {
+                if let Some(tx) = r.borrow().as_ref() {
+                    let _ = tx.send(PluginMsg::Failed {
+                        reason: format!("panicked: {payload}{location}"),
+                    });
+                }
+            });
+        }));
+    });
+}
+
+/// Runs the plugin on its own runtime thread inside the node.
+pub fn spawn_thread(init: Init) -> std::io::Result<Worker> {
+    install_panic_reporter();
+    let (to_plugin, from_host) = mpsc::unbounded_channel();
+    let (plugin_tx, mut plugin_rx) = mpsc::unbounded_channel();
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let (ready_tx, ready_rx) = oneshot::channel::<()>();
+    let thread_cancel = cancel.clone();
+    let thread_events = events_tx.clone();
+    let name = format!("plugin-{}", init.instance);
+    std::thread::Builder::new().name(name.clone()).spawn(move || {
+        let reporter = plugin_tx.clone();
+        PANIC_REPORTER.with(|r| *r.borrow_mut() = Some(reporter.clone()));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(init.worker_threads)
+            .thread_name(name)
+            .on_thread_start(move || PANIC_REPORTER.with(|r| *r.borrow_mut() = Some(reporter.clone())))
+            .enable_all()
+            .build();
+        let _ = ready_tx.send(());
+        let how = match runtime {
+            Err(e) => format!("cannot start its runtime: {e}"),
+            Ok(runtime) => {
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    runtime.block_on(crate::host::runner::run_plugin(init, from_host, plugin_tx, thread_cancel))
+                }));
+                // A blocked worker would make a waiting shutdown hang the thread forever.
+                runtime.shutdown_background();
+                match run {
+                    Ok(()) => "thread returned".to_string(),
+                    Err(_) => "thread panicked".to_string(),
+                }
+            }
+        };
+        let _ = thread_events.send(WorkerEvent::Exited(how));
+    })?;
+    let forward = events_tx;
+    tokio::spawn(async move {
+        let _ = ready_rx.await;
+        while let Some(msg) = plugin_rx.recv().await {
+            if forward.send(WorkerEvent::Msg(msg)).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Worker {
+        to_plugin,
+        events: events_rx,
+        control: Control::Thread { cancel },
+    })
+}
+
+/// Looks up a user for `[plugins].user`.
+pub fn resolve_user(name: &str) -> Option<RunAs> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: all pointers are valid for the call; buf outlives the use of pwd's strings,
+    // and only the numeric ids are read.
+    let rc = unsafe { libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    Some(RunAs {
+        uid: pwd.pw_uid,
+        gid: pwd.pw_gid,
+    })
+}

@@ -1,0 +1,99 @@
+//! `myelin up`: loads the config and key, starts the plugin host and the control API, and
+//! stops everything in order on SIGINT/SIGTERM.
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::host::PluginHost;
+use crate::keys::PrivateKey;
+use anyhow::Context;
+use myelin_sdk::{MeshView, NodeIdentity, PeerView};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// The mesh as configured, before the data plane reports live state.
+fn configured_mesh(config: &Config) -> MeshView {
+    MeshView {
+        peers: config
+            .peers
+            .iter()
+            .map(|p| PeerView {
+                name: p.name.to_string(),
+                public_key: p.public_key.to_string(),
+                overlay_ips: p.allowed_ips.clone(),
+                endpoint: p.endpoint,
+                ..PeerView::default()
+            })
+            .collect(),
+    }
+}
+
+pub async fn up(config_path: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let config = Config::load(config_path)?;
+    let key = PrivateKey::load(&config.node.private_key_file)?;
+    let node = NodeIdentity {
+        name: config.node.name.to_string(),
+        public_key: key.public_key().to_string(),
+        overlay_addresses: config.node.address.clone(),
+    };
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| tracing::warn!("metrics recorder not installed: {e}"))
+        .ok();
+    metrics::gauge!("myelin_build_info", "version" => env!("CARGO_PKG_VERSION"), "git" => env!("MYELIN_GIT")).set(1.0);
+
+    let listener = tokio::net::TcpListener::bind(config.control.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the control API; fix: stop whatever uses it or set [control].listen in {}",
+                config.control.listen,
+                config_path.display()
+            )
+        })?;
+    let api_addr = listener.local_addr()?;
+
+    let (mesh_tx, mesh_rx) = watch::channel(configured_mesh(&config));
+    let host = Arc::new(PluginHost::start(&config, node.clone(), mesh_rx.clone())?);
+    let state = Arc::new(ApiState {
+        host: host.clone(),
+        node: node.clone(),
+        mesh: mesh_rx,
+        started,
+        metrics,
+    });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let api_stop = shutdown.clone();
+    let api = tokio::spawn(async move {
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async move { api_stop.cancelled().await })
+            .await
+    });
+    tracing::info!(
+        node = %node.name,
+        public_key = %node.public_key,
+        "control API listening on http://{api_addr}"
+    );
+
+    wait_for_signal().await?;
+    tracing::info!("stopping: plugins in reverse start order, then the control API");
+    host.shutdown().await;
+    shutdown.cancel();
+    let _ = api.await;
+    drop(mesh_tx);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}
