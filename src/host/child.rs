@@ -64,6 +64,9 @@ pub fn plugin_run(instance: &str) -> Result<(), ChildError> {
     // SAFETY: the host placed our end of a socketpair on CHANNEL_FD before exec, and nothing
     // else in this process owns that descriptor.
     let mut stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(CHANNEL_FD) };
+    // Programs the plugin starts must not hold the channel open after this process dies.
+    // SAFETY: fcntl on a descriptor this process owns.
+    unsafe { libc::fcntl(CHANNEL_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
     let init = read_init(&mut stream)?;
     if init.instance != instance {
         return Err(ChildError::WrongInstance {
@@ -132,7 +135,14 @@ pub fn plugin_run(instance: &str) -> Result<(), ChildError> {
             });
         }
         drop(host_tx);
-        crate::host::runner::run_plugin(init, host_rx, plugin_tx, myelin_sdk::CancellationToken::new()).await;
+        // On a worker, so a plugin that blocks its runtime blocks its health answers too.
+        let _ = tokio::spawn(crate::host::runner::run_plugin(
+            init,
+            host_rx,
+            plugin_tx,
+            myelin_sdk::CancellationToken::new(),
+        ))
+        .await;
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
         Ok(())
     })

@@ -202,9 +202,9 @@ pub async fn spawn_process(init: Init, run_as: Option<RunAs>) -> std::io::Result
             });
     }
     let exited = Arc::new(Mutex::new(false));
+    let (exit_tx, mut exit_rx) = oneshot::channel::<String>();
     {
         let exited = exited.clone();
-        let events_tx = events_tx.clone();
         std::thread::Builder::new()
             .name("plugin-waiter".into())
             .spawn(move || {
@@ -221,7 +221,7 @@ pub async fn spawn_process(init: Init, run_as: Option<RunAs>) -> std::io::Result
                     Ok(status) => describe_exit(status),
                     Err(e) => format!("could not be waited for: {e}"),
                 };
-                let _ = events_tx.send(WorkerEvent::Exited(how));
+                let _ = exit_tx.send(how);
             })?;
     }
     host_end.set_nonblocking(true)?;
@@ -239,17 +239,41 @@ pub async fn spawn_process(init: Init, run_as: Option<RunAs>) -> std::io::Result
             }
         }
     });
+    // Messages first, then the exit: a plugin's last words (why it failed) must not be
+    // overtaken by the news of its death.
     tokio::spawn(async move {
-        while let Some(Ok(frame)) = source.next().await {
-            match protocol::decode::<PluginMsg>(&frame) {
-                Ok(msg) => {
-                    if events_tx.send(WorkerEvent::Msg(msg)).is_err() {
-                        break;
-                    }
-                }
-                Err(e) => tracing::warn!(plugin = %instance, "malformed message from plugin: {e}"),
+        let forward = |frame: bytes::BytesMut| match protocol::decode::<PluginMsg>(&frame) {
+            Ok(msg) => events_tx.send(WorkerEvent::Msg(msg)).is_ok(),
+            Err(e) => {
+                tracing::warn!(plugin = %instance, "malformed message from plugin: {e}");
+                true
             }
-        }
+        };
+        let how = loop {
+            tokio::select! {
+                biased;
+                frame = source.next() => match frame {
+                    Some(Ok(frame)) => { if !forward(frame) { return } }
+                    _ => break (&mut exit_rx).await.unwrap_or_else(|_| "exited".into()),
+                },
+                how = &mut exit_rx => {
+                    let how = how.unwrap_or_else(|_| "exited".into());
+                    let drain = tokio::time::sleep(std::time::Duration::from_millis(100));
+                    tokio::pin!(drain);
+                    loop {
+                        tokio::select! {
+                            _ = &mut drain => break,
+                            frame = source.next() => match frame {
+                                Some(Ok(frame)) => { if !forward(frame) { return } }
+                                _ => break,
+                            },
+                        }
+                    }
+                    break how;
+                }
+            }
+        };
+        let _ = events_tx.send(WorkerEvent::Exited(how));
     });
     Ok(Worker {
         to_plugin,
@@ -296,7 +320,7 @@ pub fn spawn_thread(init: Init) -> std::io::Result<Worker> {
     let cancel = CancellationToken::new();
     let (ready_tx, ready_rx) = oneshot::channel::<()>();
     let thread_cancel = cancel.clone();
-    let thread_events = events_tx.clone();
+    let (exit_tx, mut exit_rx) = oneshot::channel::<String>();
     let name = format!("plugin-{}", init.instance);
     std::thread::Builder::new().name(name.clone()).spawn(move || {
         let reporter = plugin_tx.clone();
@@ -311,27 +335,43 @@ pub fn spawn_thread(init: Init) -> std::io::Result<Worker> {
         let how = match runtime {
             Err(e) => format!("cannot start its runtime: {e}"),
             Ok(runtime) => {
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    runtime.block_on(crate::host::runner::run_plugin(init, from_host, plugin_tx, thread_cancel))
-                }));
+                // On a worker, not this thread, so a plugin that blocks its runtime blocks
+                // its health answers too.
+                let run = runtime.block_on(runtime.spawn(crate::host::runner::run_plugin(
+                    init,
+                    from_host,
+                    plugin_tx,
+                    thread_cancel,
+                )));
                 // A blocked worker would make a waiting shutdown hang the thread forever.
                 runtime.shutdown_background();
                 match run {
                     Ok(()) => "thread returned".to_string(),
-                    Err(_) => "thread panicked".to_string(),
+                    Err(e) if e.is_panic() => "thread panicked".to_string(),
+                    Err(e) => format!("thread ended: {e}"),
                 }
             }
         };
-        let _ = thread_events.send(WorkerEvent::Exited(how));
+        let _ = exit_tx.send(how);
     })?;
-    let forward = events_tx;
     tokio::spawn(async move {
         let _ = ready_rx.await;
-        while let Some(msg) = plugin_rx.recv().await {
-            if forward.send(WorkerEvent::Msg(msg)).is_err() {
-                break;
+        let how = loop {
+            tokio::select! {
+                biased;
+                msg = plugin_rx.recv() => match msg {
+                    Some(msg) => { if events_tx.send(WorkerEvent::Msg(msg)).is_err() { return } }
+                    None => break (&mut exit_rx).await.unwrap_or_else(|_| "thread ended".into()),
+                },
+                how = &mut exit_rx => {
+                    while let Ok(msg) = plugin_rx.try_recv() {
+                        let _ = events_tx.send(WorkerEvent::Msg(msg));
+                    }
+                    break how.unwrap_or_else(|_| "thread ended".into());
+                }
             }
-        }
+        };
+        let _ = events_tx.send(WorkerEvent::Exited(how));
     });
     Ok(Worker {
         to_plugin,

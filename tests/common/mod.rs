@@ -1,0 +1,202 @@
+//! Test harness: starts a real `myelin up` process with a generated key and config, and talks
+//! to its control API. Every wait is a bounded poll that fails with a message.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_myelin");
+
+/// Fast supervision settings so failures play out in seconds.
+pub const FAST_HOST: &str = r#"
+health_interval_ms = 100
+health_timeout_ms = 600
+stop_grace_ms = 400
+restart_backoff_ms = 200
+restart_backoff_max_ms = 60000
+failure_threshold = 5
+failure_window_s = 300
+start_timeout_ms = 10000
+"#;
+
+pub struct Node {
+    pub child: Child,
+    pub api: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+pub fn write_key(dir: &std::path::Path) -> PathBuf {
+    let out = Command::new(BIN).arg("keygen").output().expect("run keygen");
+    assert!(out.status.success());
+    let path = dir.join("private.key");
+    std::fs::write(&path, &out.stdout).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+impl Node {
+    /// `host` goes under `[plugins]`; `sections` follow as-is.
+    pub fn start(host: &str, sections: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let key = write_key(dir.path());
+        let config = dir.path().join("myelin.toml");
+        let text = format!(
+            "[node]\nname = \"robot1\"\nprivate_key_file = \"{}\"\naddress = [\"10.77.0.1/16\"]\n\n[control]\nlisten = \"127.0.0.1:0\"\n\n[plugins]\nruntime_dir = \"{}\"\n{host}\n{sections}\n",
+            key.display(),
+            dir.path().join("run").display()
+        );
+        std::fs::write(&config, text).unwrap();
+        Self::start_with(dir, config)
+    }
+
+    pub fn start_with(dir: tempfile::TempDir, config: PathBuf) -> Node {
+        let mut child = Command::new(BIN)
+            .args(["up", "--config"])
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start myelin up");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("control API listening on http://").nth(1) {
+                    let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                    let _ = tx.send(addr);
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let api = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a.parse().expect("API address"),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "node did not report its control API within 20 s; log:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        Node {
+            child,
+            api,
+            dir,
+            config,
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn call(&self, method: &str, path: &str) -> (u16, Value) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (status, body) = rt
+            .block_on(myelin::api::client::call(self.api, method, path, None))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\nlog:\n{}", self.log()));
+        let value = serde_json::from_slice(&body)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&body).into()));
+        (status, value)
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        let (status, v) = self.call("GET", path);
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    pub fn plugin(&self, name: &str) -> Value {
+        self.get(&format!("/api/v1/plugins/{name}"))
+    }
+
+    /// Polls the plugin's status until `pred` holds, or fails after `timeout` saying `what`.
+    pub fn wait_plugin(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.plugin(name);
+            if pred(&v) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for plugin `{name}` to be {what}; last status: {v:#}\nlog:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        let (status, v) = self.call("GET", "/metrics");
+        assert_eq!(status, 200);
+        v.as_str().unwrap_or_default().to_string()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// True once `pid` no longer runs (gone, or a zombie awaiting its reaper).
+pub fn process_gone(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+pub fn wait_gone(pid: u64, timeout: Duration, what: &str) {
+    let deadline = Instant::now() + timeout;
+    while !process_gone(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: process {pid} still runs after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn state(v: &Value) -> &str {
+    v["state"].as_str().unwrap_or("")
+}
