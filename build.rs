@@ -5,13 +5,22 @@ use std::process::Command;
 
 fn main() {
     let mut features: Vec<String> = std::env::vars()
-        .filter_map(|(k, _)| k.strip_prefix("CARGO_FEATURE_").map(|f| f.to_lowercase().replace('_', "-")))
+        .filter_map(|(k, _)| {
+            k.strip_prefix("CARGO_FEATURE_")
+                .map(|f| f.to_lowercase().replace('_', "-"))
+        })
         .filter(|f| f != "default")
         .collect();
     features.sort();
     println!("cargo:rustc-env=MYELIN_FEATURES={}", features.join(","));
-    println!("cargo:rustc-env=MYELIN_TARGET={}", std::env::var("TARGET").unwrap_or_default());
-    println!("cargo:rustc-env=MYELIN_PROFILE={}", std::env::var("PROFILE").unwrap_or_default());
+    println!(
+        "cargo:rustc-env=MYELIN_TARGET={}",
+        std::env::var("TARGET").unwrap_or_default()
+    );
+    println!(
+        "cargo:rustc-env=MYELIN_PROFILE={}",
+        std::env::var("PROFILE").unwrap_or_default()
+    );
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let rustc_version = Command::new(rustc)
         .arg("--version")
@@ -33,7 +42,10 @@ fn main() {
         .output()
         .ok()
         .is_some_and(|o| !o.stdout.is_empty());
-    println!("cargo:rustc-env=MYELIN_GIT={git}{}", if dirty { "-dirty" } else { "" });
+    println!(
+        "cargo:rustc-env=MYELIN_GIT={git}{}",
+        if dirty { "-dirty" } else { "" }
+    );
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/index");
     println!("cargo:rerun-if-changed=build.rs");

@@ -26,7 +26,10 @@ pub fn build_info() -> BuildInfo {
         target: env!("MYELIN_TARGET"),
         profile: env!("MYELIN_PROFILE"),
         rustc: env!("MYELIN_RUSTC"),
-        features: env!("MYELIN_FEATURES").split(',').filter(|f| !f.is_empty()).collect(),
+        features: env!("MYELIN_FEATURES")
+            .split(',')
+            .filter(|f| !f.is_empty())
+            .collect(),
         plugins: myelin_sdk::registrations()
             .map(|r| PluginInfo {
                 name: r.name,

@@ -9,11 +9,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}\n  fix: check the path, or create one with `myelin init --name <name> --address <cidr>`")]
+    #[error("cannot read config file {path}: {cause}\n  fix: check the path, or create one with `myelin init --name <name> --address <cidr>`")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}{line}: key `{key}`: {message}\n  fix: {hint}", line = line.map(|l| format!(", line {l}")).unwrap_or_default())]
     Invalid {
@@ -23,11 +22,10 @@ pub enum ConfigError {
         message: String,
         hint: String,
     },
-    #[error("cannot save {path}: {source}\n  fix: make the file and its directory writable by the node, or edit it by hand")]
+    #[error("cannot save {path}: {cause}\n  fix: make the file and its directory writable by the node, or edit it by hand")]
     Write {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -232,9 +230,9 @@ pub struct PluginsConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         Config::parse(&text, path)
     }
@@ -297,11 +295,10 @@ impl Config {
                 ));
             }
         }
-        config.plugins = parse_plugins(&config.plugins_raw)
-            .map_err(|(keys, message, hint)| {
-                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                invalid(&keys, message, &hint)
-            })?;
+        config.plugins = parse_plugins(&config.plugins_raw).map_err(|(keys, message, hint)| {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            invalid(&keys, message, &hint)
+        })?;
         Ok(config)
     }
 }
@@ -469,7 +466,11 @@ fn key_at_line(text: &str, line: usize) -> String {
 
 fn header_of(line: &str) -> Option<String> {
     let t = line.trim();
-    let inner = t.strip_prefix('[')?.split(']').next()?.trim_start_matches('[');
+    let inner = t
+        .strip_prefix('[')?
+        .split(']')
+        .next()?
+        .trim_start_matches('[');
     Some(inner.replace(['"', ' '], ""))
 }
 
@@ -498,14 +499,21 @@ fn locate(text: &str, keys: &[&str]) -> Option<usize> {
 }
 
 /// Sets `plugins.<instance>.enabled` in the file, keeping comments; temp file, fsync, rename.
-pub fn persist_plugin_enabled(path: &Path, instance: &str, enabled: bool) -> Result<(), ConfigError> {
-    let write_err = |source| ConfigError::Write {
+pub fn persist_plugin_enabled(
+    path: &Path,
+    instance: &str,
+    enabled: bool,
+) -> Result<(), ConfigError> {
+    let write_err = |cause| ConfigError::Write {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     let text = std::fs::read_to_string(path).map_err(write_err)?;
     let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
-        write_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+        write_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            e.to_string(),
+        ))
     })?;
     let plugins = doc
         .entry("plugins")
@@ -602,7 +610,10 @@ mod tests {
             "[[peers]]\nname = \"op\"\npublic_key = \"{}\"\nallowed_ips = []\n",
             &KEY[..20]
         )));
-        assert!(e.contains("line 6") && e.contains("peers.public_key"), "{e}");
+        assert!(
+            e.contains("line 6") && e.contains("peers.public_key"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -631,16 +642,26 @@ mod tests {
         assert!(i.enabled);
         assert_eq!(i.section.len(), 1);
         let e = err(&minimal("[plugins.x]\nisolation = \"fork\"\n"));
-        assert!(e.contains("line 5") && e.contains("plugins.x.isolation"), "{e}");
+        assert!(
+            e.contains("line 5") && e.contains("plugins.x.isolation"),
+            "{e}"
+        );
         let e = err(&minimal("[plugins]\nhealth_interval_ms = -3\n"));
-        assert!(e.contains("line 5") && e.contains("plugins.health_interval_ms"), "{e}");
+        assert!(
+            e.contains("line 5") && e.contains("plugins.health_interval_ms"),
+            "{e}"
+        );
     }
 
     #[test]
     fn persist_keeps_comments_and_flips_enabled() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.toml");
-        std::fs::write(&path, minimal("# keep me\n[plugins.chaos]\nmode = \"none\"\n")).unwrap();
+        std::fs::write(
+            &path,
+            minimal("# keep me\n[plugins.chaos]\nmode = \"none\"\n"),
+        )
+        .unwrap();
         persist_plugin_enabled(&path, "chaos", false).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("# keep me"));
@@ -649,6 +670,10 @@ mod tests {
         persist_plugin_enabled(&path, "chaos", true).unwrap();
         let c = Config::load(&path).unwrap();
         assert!(c.plugins.instances[0].enabled);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
     }
 }

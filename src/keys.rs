@@ -11,11 +11,10 @@ use std::path::{Path, PathBuf};
 pub enum KeyError {
     #[error("not a WireGuard key: {0}\n  fix: a key is 44 characters of base64 (32 bytes), as printed by `myelin keygen` or `wg genkey`")]
     Malformed(String),
-    #[error("cannot read private key file {path}: {source}\n  fix: create it with `myelin keygen > {path} && chmod 600 {path}`")]
+    #[error("cannot read private key file {path}: {cause}\n  fix: create it with `myelin keygen > {path} && chmod 600 {path}`")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("refusing to start: private key file {path} has mode {mode:04o}, readable by group or others\n  fix: chmod 600 {path}")]
     TooOpen { path: PathBuf, mode: u32 },
@@ -83,9 +82,9 @@ impl PrivateKey {
 
     /// Loads the node's key, refusing a file that group or others can read.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let read_err = |source| KeyError::Read {
+        let read_err = |cause| KeyError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         let meta = std::fs::metadata(path).map_err(read_err)?;
         let mode = meta.permissions().mode() & 0o777;

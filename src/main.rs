@@ -26,7 +26,9 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let runtime = || -> anyhow::Result<tokio::runtime::Runtime> {
-        Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+        Ok(tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?)
     };
     match &args.command {
         Command::Keygen(_) => cli::keygen(),

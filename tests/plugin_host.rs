@@ -17,22 +17,49 @@ fn section(name: &str, isolation: &str, mode: &str) -> String {
 fn assert_failed_with_backoff(node: &Node, name: &str, reason: &str) -> Value {
     let v = node.wait_plugin(name, FAIL_WAIT, "failed", |v| state(v) == "failed");
     let failures = v["failures"].as_array().expect("failures");
-    assert_eq!(failures.len(), 5, "{name}: five failures before giving up: {v:#}");
+    assert_eq!(
+        failures.len(),
+        5,
+        "{name}: five failures before giving up: {v:#}"
+    );
     for f in failures {
         let r = f["reason"].as_str().unwrap_or("");
-        assert!(r.contains(reason), "{name}: failure reason {r:?} should contain {reason:?}");
+        assert!(
+            r.contains(reason),
+            "{name}: failure reason {r:?} should contain {reason:?}"
+        );
     }
-    let backoffs: Vec<Option<u64>> = failures.iter().map(|f| f["restart_after_ms"].as_u64()).collect();
-    assert_eq!(backoffs, vec![Some(200), Some(400), Some(800), Some(1600), None], "{name}: backoff doubles");
-    let at: Vec<u64> = failures.iter().map(|f| f["at_ms"].as_u64().unwrap()).collect();
+    let backoffs: Vec<Option<u64>> = failures
+        .iter()
+        .map(|f| f["restart_after_ms"].as_u64())
+        .collect();
+    assert_eq!(
+        backoffs,
+        vec![Some(200), Some(400), Some(800), Some(1600), None],
+        "{name}: backoff doubles"
+    );
+    let at: Vec<u64> = failures
+        .iter()
+        .map(|f| f["at_ms"].as_u64().unwrap())
+        .collect();
     let gaps: Vec<u64> = at.windows(2).map(|w| w[1] - w[0]).collect();
     for (i, gap) in gaps.iter().enumerate() {
         let waited = backoffs[i].unwrap();
-        assert!(*gap >= waited, "{name}: restart {i} came after {gap} ms, before its {waited} ms backoff");
+        assert!(
+            *gap >= waited,
+            "{name}: restart {i} came after {gap} ms, before its {waited} ms backoff"
+        );
     }
-    assert!(gaps.windows(2).all(|w| w[1] > w[0]), "{name}: measured gaps between failures grow: {gaps:?}");
+    assert!(
+        gaps.windows(2).all(|w| w[1] > w[0]),
+        "{name}: measured gaps between failures grow: {gaps:?}"
+    );
     assert_eq!(v["restarts"].as_u64(), Some(4), "{name}: {v:#}");
-    assert_eq!(v["pid"], Value::Null, "{name}: a failed plugin has no process");
+    assert_eq!(
+        v["pid"],
+        Value::Null,
+        "{name}: a failed plugin has no process"
+    );
     eprintln!("{name}: failed as expected; gaps between failures {gaps:?} ms");
     v
 }
@@ -42,14 +69,25 @@ fn assert_undisturbed(node: &Node, name: &str, pid_before: &Value) {
     let v = node.plugin(name);
     assert_eq!(state(&v), "running", "{name}: {v:#}");
     assert_eq!(&v["pid"], pid_before, "{name} was never restarted");
-    assert_eq!(v["health_checks_missed"].as_u64(), Some(0), "{name} never missed a health deadline: {v:#}");
-    assert!(v["failures"].as_array().unwrap().is_empty(), "{name}: {v:#}");
+    assert_eq!(
+        v["health_checks_missed"].as_u64(),
+        Some(0),
+        "{name} never missed a health deadline: {v:#}"
+    );
+    assert!(
+        v["failures"].as_array().unwrap().is_empty(),
+        "{name}: {v:#}"
+    );
     let ok = v["health_checks_ok"].as_u64().unwrap();
     assert!(ok >= 20, "{name} kept answering health checks ({ok})");
 }
 
 fn assert_host_alive(node: &mut Node) {
-    assert!(node.child.try_wait().unwrap().is_none(), "the node process must survive; log:\n{}", node.log());
+    assert!(
+        node.child.try_wait().unwrap().is_none(),
+        "the node process must survive; log:\n{}",
+        node.log()
+    );
     let status = node.get("/api/v1/status");
     assert_eq!(status["node"]["name"], "robot1");
 }
@@ -66,7 +104,9 @@ fn process_isolation_contains_panic_abort_error_hang_and_block() {
     ]
     .concat();
     let mut node = Node::start(FAST_HOST, &sections);
-    let steady = node.wait_plugin("steady", Duration::from_secs(20), "running", |v| state(v) == "running");
+    let steady = node.wait_plugin("steady", Duration::from_secs(20), "running", |v| {
+        state(v) == "running"
+    });
     let steady_pid = steady["pid"].clone();
     assert!(steady_pid.is_u64());
 
@@ -92,7 +132,10 @@ fn process_isolation_contains_panic_abort_error_hang_and_block() {
         "myelin_plugin_state{plugin=\"aborter\",state=\"failed\"} 1",
         "myelin_plugin_health_missed_total{plugin=\"hanger\"} 5",
     ] {
-        assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle}:\n{metrics}"
+        );
     }
 
     // Re-enabling a failed plugin starts it again with a fresh backoff.
@@ -114,16 +157,27 @@ fn thread_isolation_contains_panic_error_and_block() {
     ]
     .concat();
     let mut node = Node::start(FAST_HOST, &sections);
-    let steady = node.wait_plugin("steady", Duration::from_secs(20), "running", |v| state(v) == "running");
-    assert_eq!(steady["pid"], Value::Null, "thread plugins run inside the node");
-    let proc_pid = node
-        .wait_plugin("steady_proc", Duration::from_secs(20), "running", |v| state(v) == "running")["pid"]
+    let steady = node.wait_plugin("steady", Duration::from_secs(20), "running", |v| {
+        state(v) == "running"
+    });
+    assert_eq!(
+        steady["pid"],
+        Value::Null,
+        "thread plugins run inside the node"
+    );
+    let proc_pid = node.wait_plugin("steady_proc", Duration::from_secs(20), "running", |v| {
+        state(v) == "running"
+    })["pid"]
         .clone();
 
     assert_failed_with_backoff(&node, "panicky", "panicked: chaos: panicking on purpose");
     assert_failed_with_backoff(&node, "erring", "start failed on purpose");
     let blocker = assert_failed_with_backoff(&node, "blocker", "missed its health deadline");
-    assert_eq!(blocker["abandoned_threads"].as_u64(), Some(5), "a blocked thread cannot be killed: counted");
+    assert_eq!(
+        blocker["abandoned_threads"].as_u64(),
+        Some(5),
+        "a blocked thread cannot be killed: counted"
+    );
 
     let v = node.plugin("steady");
     assert_eq!(state(&v), "running");
@@ -131,17 +185,25 @@ fn thread_isolation_contains_panic_error_and_block() {
     assert!(v["failures"].as_array().unwrap().is_empty());
     assert_undisturbed(&node, "steady_proc", &proc_pid);
     assert_host_alive(&mut node);
-    assert!(node.metrics().contains("myelin_plugin_abandoned_threads_total{plugin=\"blocker\"} 5"));
+    assert!(node
+        .metrics()
+        .contains("myelin_plugin_abandoned_threads_total{plugin=\"blocker\"} 5"));
 }
 
 #[test]
 fn no_plugin_process_outlives_a_killed_node() {
-    let sections = [section("one", "process", "none"), section("two", "process", "none")].concat();
+    let sections = [
+        section("one", "process", "none"),
+        section("two", "process", "none"),
+    ]
+    .concat();
     let mut node = Node::start(FAST_HOST, &sections);
     let pids: Vec<u64> = ["one", "two"]
         .iter()
         .map(|n| {
-            node.wait_plugin(n, Duration::from_secs(20), "running", |v| state(v) == "running")["pid"]
+            node.wait_plugin(n, Duration::from_secs(20), "running", |v| {
+                state(v) == "running"
+            })["pid"]
                 .as_u64()
                 .unwrap()
         })
@@ -150,22 +212,38 @@ fn no_plugin_process_outlives_a_killed_node() {
     unsafe { libc::kill(node.pid(), libc::SIGKILL) };
     let _ = node.child.wait();
     for pid in pids {
-        wait_gone(pid, Duration::from_secs(5), "plugin child after the node was SIGKILLed");
+        wait_gone(
+            pid,
+            Duration::from_secs(5),
+            "plugin child after the node was SIGKILLed",
+        );
     }
 }
 
 #[test]
 fn sigterm_stops_plugins_and_exits_zero() {
-    let sections = [section("one", "process", "none"), section("two", "thread", "none")].concat();
+    let sections = [
+        section("one", "process", "none"),
+        section("two", "thread", "none"),
+    ]
+    .concat();
     let mut node = Node::start(FAST_HOST, &sections);
-    let pid = node.wait_plugin("one", Duration::from_secs(20), "running", |v| state(v) == "running")["pid"]
+    let pid = node.wait_plugin("one", Duration::from_secs(20), "running", |v| {
+        state(v) == "running"
+    })["pid"]
         .as_u64()
         .unwrap();
-    node.wait_plugin("two", Duration::from_secs(20), "running", |v| state(v) == "running");
+    node.wait_plugin("two", Duration::from_secs(20), "running", |v| {
+        state(v) == "running"
+    });
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(node.pid(), libc::SIGTERM) };
     let status = node.child.wait().unwrap();
-    assert!(status.success(), "exit status {status:?}; log:\n{}", node.log());
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        node.log()
+    );
     wait_gone(pid, Duration::from_secs(5), "plugin child after SIGTERM");
     let log = node.log();
     let two = log.find("stopping: plugins in reverse").unwrap();
@@ -175,27 +253,45 @@ fn sigterm_stops_plugins_and_exits_zero() {
 #[test]
 fn enable_disable_restart_act_at_once_and_persist() {
     let mut node = Node::start(FAST_HOST, &section("cam", "process", "none"));
-    let first = node.wait_plugin("cam", Duration::from_secs(20), "running", |v| state(v) == "running");
+    let first = node.wait_plugin("cam", Duration::from_secs(20), "running", |v| {
+        state(v) == "running"
+    });
 
     let (code, v) = node.call("POST", "/api/v1/plugins/cam/disable");
     assert_eq!(code, 200, "{v}");
     assert_eq!(state(&v), "disabled");
-    wait_gone(first["pid"].as_u64().unwrap(), Duration::from_secs(5), "disabled plugin's process");
+    wait_gone(
+        first["pid"].as_u64().unwrap(),
+        Duration::from_secs(5),
+        "disabled plugin's process",
+    );
     let text = std::fs::read_to_string(&node.config).unwrap();
     let parsed: toml::Table = toml::from_str(&text).unwrap();
-    assert_eq!(parsed["plugins"]["cam"]["enabled"].as_bool(), Some(false), "{text}");
+    assert_eq!(
+        parsed["plugins"]["cam"]["enabled"].as_bool(),
+        Some(false),
+        "{text}"
+    );
 
     let (code, v) = node.call("POST", "/api/v1/plugins/cam/enable");
     assert_eq!(code, 200, "{v}");
-    let second = node.wait_plugin("cam", Duration::from_secs(20), "running", |v| state(v) == "running");
-    let parsed: toml::Table = toml::from_str(&std::fs::read_to_string(&node.config).unwrap()).unwrap();
+    let second = node.wait_plugin("cam", Duration::from_secs(20), "running", |v| {
+        state(v) == "running"
+    });
+    let parsed: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&node.config).unwrap()).unwrap();
     assert_eq!(parsed["plugins"]["cam"]["enabled"].as_bool(), Some(true));
 
     let (code, _) = node.call("POST", "/api/v1/plugins/cam/restart");
     assert_eq!(code, 200);
-    let third = node.wait_plugin("cam", Duration::from_secs(20), "running", |v| state(v) == "running");
+    let third = node.wait_plugin("cam", Duration::from_secs(20), "running", |v| {
+        state(v) == "running"
+    });
     assert_ne!(second["pid"], third["pid"], "restart gives a new process");
-    assert!(third["failures"].as_array().unwrap().is_empty(), "a manual restart is no failure");
+    assert!(
+        third["failures"].as_array().unwrap().is_empty(),
+        "a manual restart is no failure"
+    );
 
     // The plugin's own routes are proxied under /plugins/<name>/.
     let (code, v) = node.call("GET", "/plugins/cam/");
@@ -207,7 +303,10 @@ fn enable_disable_restart_act_at_once_and_persist() {
     let v = node.wait_plugin("cam", FAIL_WAIT, "restarted after a triggered panic", |v| {
         state(v) == "running" && v["failures"].as_array().is_some_and(|f| f.len() == 1)
     });
-    assert!(v["failures"][0]["reason"].as_str().unwrap().contains("panic"));
+    assert!(v["failures"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("panic"));
 
     // Bad input: JSON errors with a hint, never a 500.
     for (method, path, want) in [
@@ -221,7 +320,10 @@ fn enable_disable_restart_act_at_once_and_persist() {
         let (code, v) = node.call(method, path);
         assert_eq!(code, want, "{method} {path}: {v}");
         if code == 404 {
-            assert!(v["error"].is_string() && v["hint"].is_string(), "{method} {path}: {v}");
+            assert!(
+                v["error"].is_string() && v["hint"].is_string(),
+                "{method} {path}: {v}"
+            );
         }
     }
     assert_host_alive(&mut node);
@@ -230,23 +332,38 @@ fn enable_disable_restart_act_at_once_and_persist() {
 #[test]
 fn children_drop_to_the_configured_user_without_capabilities() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root, like the rest of the end-to-end suite");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root, like the rest of the end-to-end suite"
+    );
     let host = format!("{FAST_HOST}\nuser = \"nobody\"\n");
     let node = Node::start(&host, &section("cam", "process", "none"));
-    let v = node.wait_plugin("cam", Duration::from_secs(20), "running", |v| state(v) == "running");
+    let v = node.wait_plugin("cam", Duration::from_secs(20), "running", |v| {
+        state(v) == "running"
+    });
     let pid = v["pid"].as_u64().unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {
         status
             .lines()
             .find(|l| l.starts_with(name))
-            .map(|l| l[name.len()..].split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .map(|l| {
+                l[name.len()..]
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
             .unwrap_or_default()
     };
     assert!(field("Uid:").iter().all(|u| u == "65534"), "{status}");
     assert!(field("Gid:").iter().all(|g| g == "65534"), "{status}");
     for cap in ["CapEff:", "CapPrm:", "CapInh:", "CapAmb:"] {
-        assert_eq!(field(cap), vec!["0000000000000000".to_string()], "{cap} in {status}");
+        assert_eq!(
+            field(cap),
+            vec!["0000000000000000".to_string()],
+            "{cap} in {status}"
+        );
     }
     assert_eq!(field("NoNewPrivs:"), vec!["1".to_string()]);
     let (code, _) = node.call("GET", "/plugins/cam/");

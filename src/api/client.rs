@@ -11,44 +11,52 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target}: {cause}")]
     Connect {
         target: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("HTTP exchange with {target} failed: {source}")]
-    Http {
-        target: String,
-        #[source]
-        source: hyper::Error,
-    },
+    #[error("HTTP exchange with {target} failed: {cause}")]
+    Http { target: String, cause: hyper::Error },
     #[error("bad request: {0}")]
     Request(String),
 }
 
-async fn exchange<T>(io: T, target: String, req: Request<Body>) -> Result<Response<hyper::body::Incoming>, ClientError>
+async fn exchange<T>(
+    io: T,
+    target: String,
+    req: Request<Body>,
+) -> Result<Response<hyper::body::Incoming>, ClientError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|source| ClientError::Http { target: target.clone(), source })?;
+        .map_err(|cause| ClientError::Http {
+            target: target.clone(),
+            cause,
+        })?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
     sender
         .send_request(req)
         .await
-        .map_err(|source| ClientError::Http { target, source })
+        .map_err(|cause| ClientError::Http { target, cause })
 }
 
 /// Sends `req` over the Unix socket at `path`, streaming the response back.
-pub async fn unix(path: &Path, req: Request<Body>) -> Result<Response<hyper::body::Incoming>, ClientError> {
+pub async fn unix(
+    path: &Path,
+    req: Request<Body>,
+) -> Result<Response<hyper::body::Incoming>, ClientError> {
     let target = path.display().to_string();
     let io = tokio::net::UnixStream::connect(path)
         .await
-        .map_err(|source| ClientError::Connect { target: target.clone(), source })?;
+        .map_err(|cause| ClientError::Connect {
+            target: target.clone(),
+            cause,
+        })?;
     exchange(io, target, req).await
 }
 
@@ -62,7 +70,10 @@ pub async fn call(
     let target = format!("http://{addr}");
     let io = tokio::net::TcpStream::connect(addr)
         .await
-        .map_err(|source| ClientError::Connect { target: target.clone(), source })?;
+        .map_err(|cause| ClientError::Connect {
+            target: target.clone(),
+            cause,
+        })?;
     let mut builder = Request::builder()
         .method(method)
         .uri(path)
@@ -74,14 +85,16 @@ pub async fn call(
         }
         None => Body::empty(),
     };
-    let req = builder.body(body).map_err(|e| ClientError::Request(e.to_string()))?;
+    let req = builder
+        .body(body)
+        .map_err(|e| ClientError::Request(e.to_string()))?;
     let resp = exchange(io, target.clone(), req).await?;
     let status = resp.status().as_u16();
     let bytes = resp
         .into_body()
         .collect()
         .await
-        .map_err(|source| ClientError::Http { target, source })?
+        .map_err(|cause| ClientError::Http { target, cause })?
         .to_bytes();
     Ok((status, bytes))
 }

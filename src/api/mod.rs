@@ -43,7 +43,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": self.error, "hint": self.hint}))).into_response()
+        (
+            self.status,
+            Json(json!({"error": self.error, "hint": self.hint})),
+        )
+            .into_response()
     }
 }
 
@@ -55,7 +59,11 @@ impl From<HostError> for ApiError {
                 format!("no plugin instance `{name}`"),
                 "GET /api/v1/plugins lists the configured instances",
             ),
-            HostError::ShuttingDown(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), "the node is stopping"),
+            HostError::ShuttingDown(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                e.to_string(),
+                "the node is stopping",
+            ),
             other => {
                 let text = other.to_string();
                 let (error, hint) = text.split_once("\n  fix: ").unwrap_or((&text, ""));
@@ -77,7 +85,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/plugins/{name}/", any(proxy_root))
         .route("/plugins/{name}/{*rest}", any(proxy))
         .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", "the API lives under /api/v1/ (status, peers, plugins)")
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such endpoint",
+                "the API lives under /api/v1/ (status, peers, plugins)",
+            )
         })
         .with_state(state)
 }
@@ -105,7 +117,10 @@ async fn plugins(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {
     Json(json!({ "plugins": s.host.statuses() }))
 }
 
-async fn plugin(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn plugin(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     s.host
         .status(&name)
         .map(|p| Json(p).into_response())
@@ -139,29 +154,57 @@ async fn prometheus(State(s): State<Arc<ApiState>>) -> Response {
             handle.render(),
         )
             .into_response(),
-        None => ApiError::new(StatusCode::NOT_FOUND, "metrics are not recorded in this process", "").into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "metrics are not recorded in this process",
+            "",
+        )
+        .into_response(),
     }
 }
 
-async fn proxy_root(state: State<Arc<ApiState>>, Path(name): Path<String>, req: Request) -> Result<Response, ApiError> {
+async fn proxy_root(
+    state: State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
     forward(state, name, String::new(), req).await
 }
 
-async fn proxy(state: State<Arc<ApiState>>, Path((name, rest)): Path<(String, String)>, req: Request) -> Result<Response, ApiError> {
+async fn proxy(
+    state: State<Arc<ApiState>>,
+    Path((name, rest)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
     forward(state, name, rest, req).await
 }
 
-async fn forward(State(s): State<Arc<ApiState>>, name: String, rest: String, req: Request) -> Result<Response, ApiError> {
-    let status = s.host.status(&name).ok_or_else(|| ApiError::from(HostError::UnknownPlugin(name.clone())))?;
+async fn forward(
+    State(s): State<Arc<ApiState>>,
+    name: String,
+    rest: String,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let status = s
+        .host
+        .status(&name)
+        .ok_or_else(|| ApiError::from(HostError::UnknownPlugin(name.clone())))?;
     if !status.serves_http {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("plugin `{name}` is {} and serves no routes now", status.state.as_str()),
+            format!(
+                "plugin `{name}` is {} and serves no routes now",
+                status.state.as_str()
+            ),
             "check GET /api/v1/plugins; enable or restart the plugin",
         ));
     }
     let (mut parts, body) = req.into_parts();
-    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     parts.uri = format!("/{rest}{query}")
         .parse()
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed path", ""))?;

@@ -23,25 +23,34 @@ pub fn pubkey() -> anyhow::Result<()> {
 }
 
 pub fn init(args: &InitArgs) -> anyhow::Result<()> {
-    let name = crate::config::sanitize_name(&args.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    let name =
+        crate::config::sanitize_name(&args.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
     if args.address.is_empty() {
         bail!("--address is required, e.g. --address 10.77.0.1/16 (repeat it for an IPv6 address)");
     }
     for a in &args.address {
-        a.parse::<ipnet::IpNet>()
-            .map_err(|e| anyhow::anyhow!("--address {a}: {e}; use an address with prefix, e.g. 10.77.0.1/16"))?;
+        a.parse::<ipnet::IpNet>().map_err(|e| {
+            anyhow::anyhow!("--address {a}: {e}; use an address with prefix, e.g. 10.77.0.1/16")
+        })?;
     }
-    args.control
-        .parse::<std::net::SocketAddr>()
-        .map_err(|e| anyhow::anyhow!("--control {}: {e}; use ip:port, e.g. 127.0.0.1:7800", args.control))?;
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    args.control.parse::<std::net::SocketAddr>().map_err(|e| {
+        anyhow::anyhow!(
+            "--control {}: {e}; use ip:port, e.g. 127.0.0.1:7800",
+            args.control
+        )
+    })?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir)?;
     let key_path = dir.join("private.key");
     let config_path = dir.join("myelin.toml");
     if !args.force {
         for p in [&key_path, &config_path] {
             if p.exists() {
-                bail!("{} already exists; pass --force to overwrite it, or choose another --dir", p.display());
+                bail!(
+                    "{} already exists; pass --force to overwrite it, or choose another --dir",
+                    p.display()
+                );
             }
         }
     }
@@ -53,7 +62,10 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&key_path)
         .with_context(|| format!("creating {}", key_path.display()))?;
-    std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::fs::set_permissions(
+        &key_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     writeln!(f, "{}", key.to_base64())?;
     f.sync_all()?;
     let addresses: Vec<String> = args.address.iter().map(|a| format!("{a:?}")).collect();

@@ -154,7 +154,14 @@ pub fn version(args: &VersionArgs) -> anyhow::Result<()> {
     println!("myelin {} ({})", info.version, info.git);
     println!("target:   {} ({})", info.target, info.profile);
     println!("rustc:    {}", info.rustc);
-    println!("features: {}", if info.features.is_empty() { "none".into() } else { info.features.join(", ") });
+    println!(
+        "features: {}",
+        if info.features.is_empty() {
+            "none".into()
+        } else {
+            info.features.join(", ")
+        }
+    );
     println!("plugins:");
     if info.plugins.is_empty() {
         println!("  (none compiled in)");

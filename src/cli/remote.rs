@@ -26,7 +26,9 @@ fn api_addr(api: &Option<String>, config: &Option<PathBuf>) -> anyhow::Result<So
 
 async fn request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<Value> {
     let (status, body) = client::call(addr, method, path, None).await.map_err(|e| {
-        anyhow::anyhow!("{e}\n  fix: is the node running (`myelin up`)? Point --api or --config at it")
+        anyhow::anyhow!(
+            "{e}\n  fix: is the node running (`myelin up`)? Point --api or --config at it"
+        )
     })?;
     let value: Value = serde_json::from_slice(&body)
         .with_context(|| format!("{addr}{path} answered {status} with a body that is not JSON"))?;
@@ -44,7 +46,9 @@ fn print_json(v: &Value) -> anyhow::Result<()> {
 }
 
 fn ms(v: &Value) -> String {
-    v.as_f64().map(|f| format!("{f:.1} ms")).unwrap_or_else(|| "-".into())
+    v.as_f64()
+        .map(|f| format!("{f:.1} ms"))
+        .unwrap_or_else(|| "-".into())
 }
 
 pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
@@ -61,18 +65,38 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     println!("addresses:  {}", addrs.join(", "));
-    println!("version:    {} ({})", v["version"].as_str().unwrap_or("?"), v["git"].as_str().unwrap_or("?"));
+    println!(
+        "version:    {} ({})",
+        v["version"].as_str().unwrap_or("?"),
+        v["git"].as_str().unwrap_or("?")
+    );
     println!("uptime:     {:.0} s", v["uptime_s"].as_f64().unwrap_or(0.0));
-    println!("peers:      {} configured, {} up", v["peers"], v["peers_up"]);
+    println!(
+        "peers:      {} configured, {} up",
+        v["peers"], v["peers_up"]
+    );
     let plugins: Vec<String> = v["plugins"]
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|p| format!("{} ({})", p["name"].as_str().unwrap_or("?"), p["state"].as_str().unwrap_or("?")))
+                .map(|p| {
+                    format!(
+                        "{} ({})",
+                        p["name"].as_str().unwrap_or("?"),
+                        p["state"].as_str().unwrap_or("?")
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();
-    println!("plugins:    {}", if plugins.is_empty() { "none".into() } else { plugins.join(", ") });
+    println!(
+        "plugins:    {}",
+        if plugins.is_empty() {
+            "none".into()
+        } else {
+            plugins.join(", ")
+        }
+    );
     Ok(())
 }
 
@@ -87,16 +111,39 @@ pub async fn peers(args: &PeersArgs) -> anyhow::Result<()> {
         println!("no peers configured");
     }
     for p in peers {
-        println!("peer: {}  ({})", p["name"].as_str().unwrap_or("?"), p["public_key"].as_str().unwrap_or("?"));
-        println!("  endpoint:         {}", p["endpoint"].as_str().unwrap_or("(none)"));
-        let ips: Vec<&str> = p["overlay_ips"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        println!(
+            "peer: {}  ({})",
+            p["name"].as_str().unwrap_or("?"),
+            p["public_key"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  endpoint:         {}",
+            p["endpoint"].as_str().unwrap_or("(none)")
+        );
+        let ips: Vec<&str> = p["overlay_ips"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
         println!("  allowed ips:      {}", ips.join(", "));
         println!(
             "  latest handshake: {}",
-            p["last_handshake_age_ms"].as_u64().map(|m| format!("{:.1} s ago", m as f64 / 1000.0)).unwrap_or_else(|| "never".into())
+            p["last_handshake_age_ms"]
+                .as_u64()
+                .map(|m| format!("{:.1} s ago", m as f64 / 1000.0))
+                .unwrap_or_else(|| "never".into())
         );
-        println!("  transfer:         {} B received, {} B sent", p["rx_bytes"], p["tx_bytes"]);
-        println!("  rtt:              {}  loss: {}", ms(&p["rtt_ms"]), p["loss"].as_f64().map(|l| format!("{:.1}%", l * 100.0)).unwrap_or_else(|| "-".into()));
+        println!(
+            "  transfer:         {} B received, {} B sent",
+            p["rx_bytes"], p["tx_bytes"]
+        );
+        println!(
+            "  rtt:              {}  loss: {}",
+            ms(&p["rtt_ms"]),
+            p["loss"]
+                .as_f64()
+                .map(|l| format!("{:.1}%", l * 100.0))
+                .unwrap_or_else(|| "-".into())
+        );
     }
     Ok(())
 }
@@ -110,19 +157,31 @@ pub async fn plugins(args: &PluginsArgs) -> anyhow::Result<()> {
     let name = args.words.get(1);
     let v = match (action, name) {
         ("list", None) => request(addr, "GET", "/api/v1/plugins").await?,
-        ("list", Some(name)) => serde_json::json!({ "plugins": [request(addr, "GET", &format!("/api/v1/plugins/{name}")).await?] }),
+        ("list", Some(name)) => {
+            serde_json::json!({ "plugins": [request(addr, "GET", &format!("/api/v1/plugins/{name}")).await?] })
+        }
         ("enable" | "disable" | "restart", Some(name)) => {
             serde_json::json!({ "plugins": [request(addr, "POST", &format!("/api/v1/plugins/{name}/{action}")).await?] })
         }
-        ("enable" | "disable" | "restart", None) => bail!("`myelin plugins {action}` needs a plugin name, e.g. `myelin plugins {action} zenoh`"),
+        ("enable" | "disable" | "restart", None) => bail!(
+            "`myelin plugins {action}` needs a plugin name, e.g. `myelin plugins {action} zenoh`"
+        ),
         (other, _) => bail!("unknown action `{other}`: use list, enable, disable or restart"),
     };
     if args.json {
         return print_json(&v);
     }
-    println!("{:<14} {:<10} {:<9} {:<11} {:>8} {:>8}  last failure", "NAME", "PLUGIN", "ISOLATION", "STATE", "RESTARTS", "PID");
+    println!(
+        "{:<14} {:<10} {:<9} {:<11} {:>8} {:>8}  last failure",
+        "NAME", "PLUGIN", "ISOLATION", "STATE", "RESTARTS", "PID"
+    );
     for p in v["plugins"].as_array().cloned().unwrap_or_default() {
-        let last = p["failures"].as_array().and_then(|f| f.last()).and_then(|f| f["reason"].as_str()).unwrap_or("-").to_string();
+        let last = p["failures"]
+            .as_array()
+            .and_then(|f| f.last())
+            .and_then(|f| f["reason"].as_str())
+            .unwrap_or("-")
+            .to_string();
         println!(
             "{:<14} {:<10} {:<9} {:<11} {:>8} {:>8}  {}",
             p["name"].as_str().unwrap_or("?"),
@@ -130,7 +189,10 @@ pub async fn plugins(args: &PluginsArgs) -> anyhow::Result<()> {
             p["isolation"].as_str().unwrap_or("?"),
             p["state"].as_str().unwrap_or("?"),
             p["restarts"],
-            p["pid"].as_u64().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            p["pid"]
+                .as_u64()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
             last
         );
     }

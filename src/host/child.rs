@@ -127,7 +127,9 @@ pub fn plugin_run(instance: &str) -> Result<(), ChildError> {
                 }
             }
         });
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             let stop_tx = host_tx.clone();
             tokio::spawn(async move {
                 term.recv().await;

@@ -161,9 +161,15 @@ mod tests {
         });
         let s = rec.snapshot();
         assert_eq!(s.counters[0].1, 3);
-        assert_eq!(s.counters[0].0.labels, vec![("plugin".to_string(), "x".to_string())]);
+        assert_eq!(
+            s.counters[0].0.labels,
+            vec![("plugin".to_string(), "x".to_string())]
+        );
         assert_eq!(s.gauges[0].1, 2.5);
         assert_eq!(s.histograms[0].1, vec![0.25]);
-        assert!(rec.snapshot().histograms.is_empty(), "samples are sent once");
+        assert!(
+            rec.snapshot().histograms.is_empty(),
+            "samples are sent once"
+        );
     }
 }

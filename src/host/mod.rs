@@ -22,15 +22,16 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub enum HostError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("no plugin instance `{0}`\n  fix: `myelin plugins list` shows the configured instances")]
+    #[error(
+        "no plugin instance `{0}`\n  fix: `myelin plugins list` shows the configured instances"
+    )]
     UnknownPlugin(String),
     #[error("plugin `{0}` is shutting down")]
     ShuttingDown(String),
-    #[error("cannot create plugin runtime directory {path}: {source}\n  fix: set [plugins].runtime_dir to a writable directory")]
+    #[error("cannot create plugin runtime directory {path}: {cause}\n  fix: set [plugins].runtime_dir to a writable directory")]
     RuntimeDir {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -177,7 +178,11 @@ impl PluginHost {
                         format!(
                             "plugin `{}` is not compiled into this binary (compiled in: {})",
                             inst.kind,
-                            if compiled.is_empty() { "none".to_string() } else { compiled.join(", ") }
+                            if compiled.is_empty() {
+                                "none".to_string()
+                            } else {
+                                compiled.join(", ")
+                            }
                         ),
                         &format!(
                             "build with `--features {}`, or set enabled = false in [plugins.{}]",
@@ -196,9 +201,9 @@ impl PluginHost {
                     .into());
             }
             let dir = settings.runtime_dir.join(&inst.name);
-            prepare_dir(&dir, run_as).map_err(|source| HostError::RuntimeDir {
+            prepare_dir(&dir, run_as).map_err(|cause| HostError::RuntimeDir {
                 path: dir.clone(),
-                source,
+                cause,
             })?;
             validated.push((inst.clone(), registration.about));
         }
@@ -221,7 +226,10 @@ impl PluginHost {
     }
 
     pub fn statuses(&self) -> Vec<PluginStatus> {
-        self.instances.iter().map(|i| i.status.borrow().clone()).collect()
+        self.instances
+            .iter()
+            .map(|i| i.status.borrow().clone())
+            .collect()
     }
 
     pub fn status(&self, name: &str) -> Option<PluginStatus> {
@@ -251,7 +259,11 @@ impl PluginHost {
         let inst = self.find(name)?;
         match action {
             Action::Enable | Action::Disable => {
-                crate::config::persist_plugin_enabled(&self.config_path, name, action == Action::Enable)?;
+                crate::config::persist_plugin_enabled(
+                    &self.config_path,
+                    name,
+                    action == Action::Enable,
+                )?;
             }
             Action::Restart | Action::Shutdown => {}
         }
@@ -260,7 +272,8 @@ impl PluginHost {
             .send(Command { action, ack })
             .await
             .map_err(|_| HostError::ShuttingDown(name.to_string()))?;
-        done.await.map_err(|_| HostError::ShuttingDown(name.to_string()))?;
+        done.await
+            .map_err(|_| HostError::ShuttingDown(name.to_string()))?;
         Ok(inst.status.borrow().clone())
     }
 
@@ -269,7 +282,14 @@ impl PluginHost {
         let budget = Duration::from_millis(self.shared.settings.stop_grace_ms * 3 + 5000);
         for inst in self.instances.iter().rev() {
             let (ack, done) = oneshot::channel();
-            if inst.commands.send(Command { action: Action::Shutdown, ack }).await.is_ok()
+            if inst
+                .commands
+                .send(Command {
+                    action: Action::Shutdown,
+                    ack,
+                })
+                .await
+                .is_ok()
                 && tokio::time::timeout(budget, done).await.is_err()
             {
                 tracing::error!(plugin = %inst.name, "did not stop within {budget:?}");
@@ -292,14 +312,22 @@ fn prepare_dir(dir: &std::path::Path, run_as: Option<worker::RunAs>) -> std::io:
     Ok(())
 }
 
-fn spawn_supervisor(inst: PluginInstanceConfig, about: &'static str, shared: Arc<Shared>) -> Instance {
+fn spawn_supervisor(
+    inst: PluginInstanceConfig,
+    about: &'static str,
+    shared: Arc<Shared>,
+) -> Instance {
     let status = PluginStatus {
         name: inst.name.clone(),
         plugin: inst.kind.clone(),
         about: about.to_string(),
         isolation: inst.isolation,
         enabled: inst.enabled,
-        state: if inst.enabled { PluginState::Starting } else { PluginState::Disabled },
+        state: if inst.enabled {
+            PluginState::Starting
+        } else {
+            PluginState::Disabled
+        },
         pid: None,
         serves_http: false,
         restarts: 0,

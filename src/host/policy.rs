@@ -73,7 +73,9 @@ mod tests {
     fn backoff_doubles_then_gives_up_at_threshold() {
         let mut p = policy();
         let t = Instant::now();
-        let got: Vec<Decision> = (0..5).map(|i| p.on_failure(t + Duration::from_secs(i))).collect();
+        let got: Vec<Decision> = (0..5)
+            .map(|i| p.on_failure(t + Duration::from_secs(i)))
+            .collect();
         let s = Duration::from_secs;
         assert_eq!(
             got,
@@ -89,9 +91,16 @@ mod tests {
 
     #[test]
     fn backoff_is_capped() {
-        let mut p = RestartPolicy::new(Duration::from_secs(1), Duration::from_secs(60), 100, Duration::from_secs(3600));
+        let mut p = RestartPolicy::new(
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            100,
+            Duration::from_secs(3600),
+        );
         let t = Instant::now();
-        let last = (0..40).map(|i| p.on_failure(t + Duration::from_secs(i))).last();
+        let last = (0..40)
+            .map(|i| p.on_failure(t + Duration::from_secs(i)))
+            .last();
         assert_eq!(last, Some(Decision::RestartAfter(Duration::from_secs(60))));
     }
 
@@ -103,7 +112,10 @@ mod tests {
             p.on_failure(t + Duration::from_secs(i));
         }
         let later = t + Duration::from_secs(10_000);
-        assert_eq!(p.on_failure(later), Decision::RestartAfter(Duration::from_secs(1)));
+        assert_eq!(
+            p.on_failure(later),
+            Decision::RestartAfter(Duration::from_secs(1))
+        );
     }
 
     #[test]
@@ -114,6 +126,9 @@ mod tests {
             p.on_failure(t);
         }
         p.reset();
-        assert_eq!(p.on_failure(t), Decision::RestartAfter(Duration::from_secs(1)));
+        assert_eq!(
+            p.on_failure(t),
+            Decision::RestartAfter(Duration::from_secs(1))
+        );
     }
 }

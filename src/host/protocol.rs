@@ -33,10 +33,17 @@ pub enum HostMsg {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PluginMsg {
     /// Started; `http` tells whether it serves routes.
-    Ready { http: bool },
-    Pong { seq: u64, health: Health },
+    Ready {
+        http: bool,
+    },
+    Pong {
+        seq: u64,
+        health: Health,
+    },
     /// Start failed or the plugin panicked; it will be killed.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
     Metrics(MetricsSnapshot),
     Stopped,
 }
@@ -49,7 +56,8 @@ pub enum FrameError {
     Decode(#[from] serde_json::Error),
 }
 
-pub type Framed = tokio_util::codec::Framed<tokio::net::UnixStream, tokio_util::codec::LengthDelimitedCodec>;
+pub type Framed =
+    tokio_util::codec::Framed<tokio::net::UnixStream, tokio_util::codec::LengthDelimitedCodec>;
 
 pub fn framed(stream: tokio::net::UnixStream) -> Framed {
     tokio_util::codec::LengthDelimitedCodec::builder()
@@ -74,10 +82,17 @@ mod tests {
     async fn frames_round_trip_and_reject_garbage() {
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
         let (mut a, mut b) = (framed(a), framed(b));
-        a.send(encode(&HostMsg::Ping { seq: 7 }).unwrap()).await.unwrap();
+        a.send(encode(&HostMsg::Ping { seq: 7 }).unwrap())
+            .await
+            .unwrap();
         let frame = b.next().await.unwrap().unwrap();
-        assert!(matches!(decode::<HostMsg>(&frame).unwrap(), HostMsg::Ping { seq: 7 }));
-        a.send(bytes::Bytes::from_static(b"{not json")).await.unwrap();
+        assert!(matches!(
+            decode::<HostMsg>(&frame).unwrap(),
+            HostMsg::Ping { seq: 7 }
+        ));
+        a.send(bytes::Bytes::from_static(b"{not json"))
+            .await
+            .unwrap();
         let frame = b.next().await.unwrap().unwrap();
         assert!(decode::<HostMsg>(&frame).is_err());
     }

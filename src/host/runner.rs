@@ -16,7 +16,10 @@ pub async fn run_plugin(
         let _ = to_host.send(PluginMsg::Failed { reason });
     };
     let Some(registration) = myelin_sdk::registration(&init.kind) else {
-        return fail(format!("plugin `{}` is not compiled into this binary", init.kind));
+        return fail(format!(
+            "plugin `{}` is not compiled into this binary",
+            init.kind
+        ));
     };
     let section: toml::Table = match toml::from_str(&init.config_toml) {
         Ok(t) => t,
@@ -27,7 +30,13 @@ pub async fn run_plugin(
         Err(e) => return fail(e.to_string()),
     };
     let (mesh_tx, mesh_rx) = watch::channel(init.mesh.clone());
-    let ctx = PluginContext::new(init.node.clone(), &init.instance, section, mesh_rx, cancel.clone());
+    let ctx = PluginContext::new(
+        init.node.clone(),
+        &init.instance,
+        section,
+        mesh_rx,
+        cancel.clone(),
+    );
     if let Err(e) = plugin.on_tunnel_up(ctx).await {
         return fail(format!("on_tunnel_up: {e}"));
     }

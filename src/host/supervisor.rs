@@ -70,8 +70,13 @@ impl Supervisor {
             }
         });
         let plugin = self.inst.name.clone();
-        metrics::gauge!("myelin_plugin_up", "plugin" => plugin.clone())
-            .set(if state == PluginState::Running { 1.0 } else { 0.0 });
+        metrics::gauge!("myelin_plugin_up", "plugin" => plugin.clone()).set(
+            if state == PluginState::Running {
+                1.0
+            } else {
+                0.0
+            },
+        );
         for st in PluginState::ALL {
             metrics::gauge!("myelin_plugin_state", "plugin" => plugin.clone(), "state" => st.as_str())
                 .set(if st == state { 1.0 } else { 0.0 });
@@ -202,7 +207,8 @@ impl Supervisor {
             }
         };
         self.update(|s| s.pid = worker.pid());
-        let start_deadline = tokio::time::Instant::now() + Duration::from_millis(settings.start_timeout_ms);
+        let start_deadline =
+            tokio::time::Instant::now() + Duration::from_millis(settings.start_timeout_ms);
         let ready = loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(start_deadline) => {
@@ -308,7 +314,9 @@ impl Supervisor {
             match tokio::time::timeout_at(deadline, worker.events.recv()).await {
                 Err(_) => return false,
                 Ok(None) | Ok(Some(WorkerEvent::Exited(_))) => return true,
-                Ok(Some(WorkerEvent::Msg(PluginMsg::Metrics(m)))) => super::metrics_bridge::apply(&m),
+                Ok(Some(WorkerEvent::Msg(PluginMsg::Metrics(m)))) => {
+                    super::metrics_bridge::apply(&m)
+                }
                 Ok(Some(WorkerEvent::Msg(_))) => {}
             }
         }

@@ -188,15 +188,30 @@ pub async fn spawn_process(init: Init, run_as: Option<RunAs>) -> std::io::Result
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let instance = init.instance.clone();
     for (stream, name) in [
-        (child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), "stderr"),
-        (child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), "stdout"),
+        (
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            "stderr",
+        ),
+        (
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            "stdout",
+        ),
     ] {
         let Some(stream) = stream else { continue };
         let instance = instance.clone();
         let _ = std::thread::Builder::new()
             .name(format!("plugin-{name}"))
             .spawn(move || {
-                for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                for line in std::io::BufReader::new(stream)
+                    .lines()
+                    .map_while(Result::ok)
+                {
                     tracing::info!(target: "myelin::plugin", plugin = %instance, "{line}");
                 }
             });
@@ -212,7 +227,12 @@ pub async fn spawn_process(init: Init, run_as: Option<RunAs>) -> std::io::Result
                 // happens below, after `exited` is set.
                 unsafe {
                     let mut info: libc::siginfo_t = std::mem::zeroed();
-                    libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT);
+                    libc::waitid(
+                        libc::P_PID,
+                        pid as libc::id_t,
+                        &mut info,
+                        libc::WEXITED | libc::WNOWAIT,
+                    );
                 }
                 if let Ok(mut e) = exited.lock() {
                     *e = true;
@@ -233,7 +253,9 @@ pub async fn spawn_process(init: Init, run_as: Option<RunAs>) -> std::io::Result
         .map_err(|_| std::io::Error::other("channel closed"))?;
     tokio::spawn(async move {
         while let Some(msg) = from_host.recv().await {
-            let Ok(frame) = protocol::encode(&msg) else { continue };
+            let Ok(frame) = protocol::encode(&msg) else {
+                continue;
+            };
             if sink.send(frame).await.is_err() {
                 break;
             }
@@ -299,7 +321,10 @@ fn install_panic_reporter() {
                 .map(|s| s.to_string())
                 .or_else(|| info.payload().downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            let location = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
+            let location = info
+                .location()
+                .map(|l| format!(" at {l}"))
+                .unwrap_or_default();
             PANIC_REPORTER.with(|r| {
                 if let Some(tx) = r.borrow().as_ref() {
                     let _ = tx.send(PluginMsg::Failed {
@@ -322,38 +347,42 @@ pub fn spawn_thread(init: Init) -> std::io::Result<Worker> {
     let thread_cancel = cancel.clone();
     let (exit_tx, mut exit_rx) = oneshot::channel::<String>();
     let name = format!("plugin-{}", init.instance);
-    std::thread::Builder::new().name(name.clone()).spawn(move || {
-        let reporter = plugin_tx.clone();
-        PANIC_REPORTER.with(|r| *r.borrow_mut() = Some(reporter.clone()));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(init.worker_threads)
-            .thread_name(name)
-            .on_thread_start(move || PANIC_REPORTER.with(|r| *r.borrow_mut() = Some(reporter.clone())))
-            .enable_all()
-            .build();
-        let _ = ready_tx.send(());
-        let how = match runtime {
-            Err(e) => format!("cannot start its runtime: {e}"),
-            Ok(runtime) => {
-                // On a worker, not this thread, so a plugin that blocks its runtime blocks
-                // its health answers too.
-                let run = runtime.block_on(runtime.spawn(crate::host::runner::run_plugin(
-                    init,
-                    from_host,
-                    plugin_tx,
-                    thread_cancel,
-                )));
-                // A blocked worker would make a waiting shutdown hang the thread forever.
-                runtime.shutdown_background();
-                match run {
-                    Ok(()) => "thread returned".to_string(),
-                    Err(e) if e.is_panic() => "thread panicked".to_string(),
-                    Err(e) => format!("thread ended: {e}"),
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            let reporter = plugin_tx.clone();
+            PANIC_REPORTER.with(|r| *r.borrow_mut() = Some(reporter.clone()));
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(init.worker_threads)
+                .thread_name(name)
+                .on_thread_start(move || {
+                    PANIC_REPORTER.with(|r| *r.borrow_mut() = Some(reporter.clone()))
+                })
+                .enable_all()
+                .build();
+            let _ = ready_tx.send(());
+            let how = match runtime {
+                Err(e) => format!("cannot start its runtime: {e}"),
+                Ok(runtime) => {
+                    // On a worker, not this thread, so a plugin that blocks its runtime blocks
+                    // its health answers too.
+                    let run = runtime.block_on(runtime.spawn(crate::host::runner::run_plugin(
+                        init,
+                        from_host,
+                        plugin_tx,
+                        thread_cancel,
+                    )));
+                    // A blocked worker would make a waiting shutdown hang the thread forever.
+                    runtime.shutdown_background();
+                    match run {
+                        Ok(()) => "thread returned".to_string(),
+                        Err(e) if e.is_panic() => "thread panicked".to_string(),
+                        Err(e) => format!("thread ended: {e}"),
+                    }
                 }
-            }
-        };
-        let _ = exit_tx.send(how);
-    })?;
+            };
+            let _ = exit_tx.send(how);
+        })?;
     tokio::spawn(async move {
         let _ = ready_rx.await;
         let how = loop {
@@ -388,7 +417,15 @@ pub fn resolve_user(name: &str) -> Option<RunAs> {
     let mut result: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: all pointers are valid for the call; buf outlives the use of pwd's strings,
     // and only the numeric ids are read.
-    let rc = unsafe { libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    let rc = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
     if rc != 0 || result.is_null() {
         return None;
     }

@@ -35,7 +35,10 @@ pub struct Node {
 }
 
 pub fn write_key(dir: &std::path::Path) -> PathBuf {
-    let out = Command::new(BIN).arg("keygen").output().expect("run keygen");
+    let out = Command::new(BIN)
+        .arg("keygen")
+        .output()
+        .expect("run keygen");
     assert!(out.status.success());
     let path = dir.join("private.key");
     std::fs::write(&path, &out.stdout).unwrap();
@@ -75,7 +78,10 @@ impl Node {
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = log.clone();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if let Some(rest) = line.split("control API listening on http://").nth(1) {
                     let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
                     let _ = tx.send(addr);

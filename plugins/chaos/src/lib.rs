@@ -11,7 +11,9 @@
 //!
 //! `after_ms` delays the failure after start.
 
-use myelin_sdk::axum::{extract::Path, http::StatusCode, routing::get, routing::post, Json, Router};
+use myelin_sdk::axum::{
+    extract::Path, http::StatusCode, routing::get, routing::post, Json, Router,
+};
 use myelin_sdk::{async_trait, Health, Plugin, PluginContext, PluginError, Registration};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};

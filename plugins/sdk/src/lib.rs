@@ -128,11 +128,10 @@ pub enum PluginError {
     #[error("plugin not ready: {0}")]
     NotReady(&'static str),
     /// An I/O operation failed; `context` says which.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Anything else, described for the operator.
     #[error("{0}")]
