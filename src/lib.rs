@@ -7,7 +7,9 @@ pub mod config;
 pub mod host;
 pub mod keys;
 pub mod logging;
+pub mod mesh;
 pub mod node;
+pub mod tunnel;
 
 // Each compiled-in plugin is referenced here, in one place, so the linker keeps its
 // inventory registration (inventory issue #7).

@@ -1,10 +1,11 @@
-//! `myelin up`: loads the config and key, starts the plugin host and the control API, and
-//! stops everything in order on SIGINT/SIGTERM.
+//! `myelin up`: loads the config and key, brings the tunnel up, starts the plugin host and the
+//! control API, and stops everything in order (plugins, API, tunnel) on SIGINT/SIGTERM.
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::host::PluginHost;
 use crate::keys::PrivateKey;
+use crate::tunnel::Tunnel;
 use anyhow::Context;
 use myelin_sdk::{MeshView, NodeIdentity, PeerView};
 use std::path::Path;
@@ -33,6 +34,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     let config = Config::load(config_path)?;
     let key = PrivateKey::load(&config.node.private_key_file)?;
+    PluginHost::check(&config)?;
     let node = NodeIdentity {
         name: config.node.name.to_string(),
         public_key: key.public_key().to_string(),
@@ -56,6 +58,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
     let api_addr = listener.local_addr()?;
 
     let (mesh_tx, mesh_rx) = watch::channel(configured_mesh(&config));
+    let tunnel = Tunnel::start(&config, &key, mesh_tx).await?;
     let host = Arc::new(PluginHost::start(&config, node.clone(), mesh_rx.clone())?);
     let state = Arc::new(ApiState {
         host: host.clone(),
@@ -78,11 +81,11 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
     );
 
     wait_for_signal().await?;
-    tracing::info!("stopping: plugins in reverse start order, then the control API");
+    tracing::info!("stopping: plugins in reverse start order, then the control API and the tunnel");
     host.shutdown().await;
     shutdown.cancel();
     let _ = api.await;
-    drop(mesh_tx);
+    tunnel.stop().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -3,10 +3,11 @@
 
 mod common;
 
-use common::{state, Node, BIN, FAST_HOST};
+use common::{state, Netns, Node, BIN, FAST_HOST};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 fn run(args: &[&str]) -> Output {
@@ -180,7 +181,7 @@ fn init_writes_a_private_key_and_a_config_that_starts() {
     assert!(stderr(&again).contains("--force"), "{}", stderr(&again));
 
     // The generated config starts a node.
-    let node = Node::start_with(dir, d.join("myelin.toml"));
+    let node = Node::start_with(Arc::new(Netns::new("init")), dir, d.join("myelin.toml"));
     let status = node.get("/api/v1/status");
     assert_eq!(status["node"]["name"], "robot_7");
     assert_eq!(status["node"]["public_key"], public.as_str());
@@ -203,7 +204,12 @@ fn a_group_readable_key_is_refused_with_the_fix() {
     .success());
     let key = d.join("private.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = run(&["up", "--config", d.join("myelin.toml").to_str().unwrap()]);
+    let ns = Netns::new("key");
+    let out = ns
+        .command(BIN)
+        .args(["up", "--config", d.join("myelin.toml").to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
@@ -224,10 +230,15 @@ fn config_errors_name_file_line_and_key() {
         ("plugin_key", "[node]\nname = \"r\"\nprivate_key_file = \"KEY\"\n[control]\nlisten = \"127.0.0.1:0\"\n[plugins.chaos]\nmode = \"explode\"\n", "line 6", "plugins.chaos"),
         ("not_compiled", "[node]\nname = \"r\"\nprivate_key_file = \"KEY\"\n[control]\nlisten = \"127.0.0.1:0\"\n[plugins.warp]\n", "line 6", "--features warp"),
     ];
+    let ns = Netns::new("cfg");
     for (name, text, line, key_name) in cases {
         let path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, text.replace("KEY", key.to_str().unwrap())).unwrap();
-        let out = run(&["up", "--config", path.to_str().unwrap()]);
+        let out = ns
+            .command(BIN)
+            .args(["up", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
         let err = stderr(&out);
         assert!(!out.status.success(), "{name} must fail");
         assert!(
@@ -248,6 +259,8 @@ fn status_peers_and_plugins_talk_to_the_running_node() {
         state(v) == "running"
     });
     let api = node.api.to_string();
+    // The node's API listens on loopback inside its namespace.
+    let run = |args: &[&str]| node.ns.command(BIN).args(args).output().unwrap();
     let status = run(&["status", "--api", &api]);
     assert!(status.status.success(), "{}", stderr(&status));
     assert!(

@@ -136,76 +136,26 @@ pub struct PluginHost {
 impl PluginHost {
     /// Validates every plugin section (compiled in, config accepted by the plugin's `build`)
     /// and starts a supervisor per instance; enabled ones start at once.
+    /// Checks every plugin section (compiled in, config accepted by the plugin's `build`) and
+    /// `[plugins].user`, without starting anything.
+    pub fn check(config: &Config) -> Result<(), HostError> {
+        validate(config).map(|_| ())
+    }
+
+    /// Validates the plugin sections and starts a supervisor per instance; enabled ones start
+    /// at once.
     pub fn start(
         config: &Config,
         node: NodeIdentity,
         mesh: watch::Receiver<MeshView>,
     ) -> Result<PluginHost, HostError> {
-        let settings = config.plugins.host.clone();
-        let run_as = match &settings.user {
-            None => None,
-            Some(user) => {
-                // SAFETY: geteuid has no preconditions.
-                if unsafe { libc::geteuid() } != 0 {
-                    return Err(config
-                        .error_at(
-                            &["plugins", "user"],
-                            format!("dropping plugins to user `{user}` needs the node to run as root"),
-                            "run the node as root (it needs CAP_NET_ADMIN anyway) or remove [plugins].user",
-                        )
-                        .into());
-                }
-                Some(worker::resolve_user(user).ok_or_else(|| {
-                    config.error_at(
-                        &["plugins", "user"],
-                        format!("no such user `{user}`"),
-                        "create it (`useradd --system myelin`) or name an existing user",
-                    )
-                })?)
-            }
-        };
-        let mut validated = Vec::new();
-        for inst in &config.plugins.instances {
-            let Some(registration) = myelin_sdk::registration(&inst.kind) else {
-                let compiled: Vec<&str> = myelin_sdk::registrations().map(|r| r.name).collect();
-                if !inst.enabled {
-                    tracing::warn!(plugin = %inst.name, "plugin `{}` is not compiled in; its disabled section is ignored", inst.kind);
-                    continue;
-                }
-                return Err(config
-                    .error_at(
-                        &["plugins", &inst.name],
-                        format!(
-                            "plugin `{}` is not compiled into this binary (compiled in: {})",
-                            inst.kind,
-                            if compiled.is_empty() {
-                                "none".to_string()
-                            } else {
-                                compiled.join(", ")
-                            }
-                        ),
-                        &format!(
-                            "build with `--features {}`, or set enabled = false in [plugins.{}]",
-                            inst.kind, inst.name
-                        ),
-                    )
-                    .into());
-            };
-            if let Err(e) = (registration.build)(&inst.section) {
-                return Err(config
-                    .error_at(
-                        &["plugins", &inst.name],
-                        format!("[plugins.{}]: {e}", inst.name),
-                        "see the plugin's documentation for its keys",
-                    )
-                    .into());
-            }
+        let (settings, run_as, validated) = validate(config)?;
+        for (inst, _) in &validated {
             let dir = settings.runtime_dir.join(&inst.name);
             prepare_dir(&dir, run_as).map_err(|cause| HostError::RuntimeDir {
                 path: dir.clone(),
                 cause,
             })?;
-            validated.push((inst.clone(), registration.about));
         }
         let shared = Arc::new(Shared {
             settings,
@@ -296,6 +246,77 @@ impl PluginHost {
             }
         }
     }
+}
+
+type Validated = (
+    HostSettings,
+    Option<worker::RunAs>,
+    Vec<(PluginInstanceConfig, &'static str)>,
+);
+
+fn validate(config: &Config) -> Result<Validated, HostError> {
+    let settings = config.plugins.host.clone();
+    let run_as = match &settings.user {
+        None => None,
+        Some(user) => {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                return Err(config
+                    .error_at(
+                        &["plugins", "user"],
+                        format!("dropping plugins to user `{user}` needs the node to run as root"),
+                        "run the node as root (it needs CAP_NET_ADMIN anyway) or remove [plugins].user",
+                    )
+                    .into());
+            }
+            Some(worker::resolve_user(user).ok_or_else(|| {
+                config.error_at(
+                    &["plugins", "user"],
+                    format!("no such user `{user}`"),
+                    "create it (`useradd --system myelin`) or name an existing user",
+                )
+            })?)
+        }
+    };
+    let mut validated = Vec::new();
+    for inst in &config.plugins.instances {
+        let Some(registration) = myelin_sdk::registration(&inst.kind) else {
+            let compiled: Vec<&str> = myelin_sdk::registrations().map(|r| r.name).collect();
+            if !inst.enabled {
+                tracing::warn!(plugin = %inst.name, "plugin `{}` is not compiled in; its disabled section is ignored", inst.kind);
+                continue;
+            }
+            return Err(config
+                .error_at(
+                    &["plugins", &inst.name],
+                    format!(
+                        "plugin `{}` is not compiled into this binary (compiled in: {})",
+                        inst.kind,
+                        if compiled.is_empty() {
+                            "none".to_string()
+                        } else {
+                            compiled.join(", ")
+                        }
+                    ),
+                    &format!(
+                        "build with `--features {}`, or set enabled = false in [plugins.{}]",
+                        inst.kind, inst.name
+                    ),
+                )
+                .into());
+        };
+        if let Err(e) = (registration.build)(&inst.section) {
+            return Err(config
+                .error_at(
+                    &["plugins", &inst.name],
+                    format!("[plugins.{}]: {e}", inst.name),
+                    "see the plugin's documentation for its keys",
+                )
+                .into());
+        }
+        validated.push((inst.clone(), registration.about));
+    }
+    Ok((settings, run_as, validated))
 }
 
 pub(crate) fn http_socket(settings: &HostSettings, name: &str) -> PathBuf {

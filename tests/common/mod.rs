@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
+pub use netns::Netns;
+
 use serde_json::Value;
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -28,6 +32,7 @@ start_timeout_ms = 10000
 
 pub struct Node {
     pub child: Child,
+    pub ns: Arc<Netns>,
     pub api: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
@@ -49,6 +54,11 @@ pub fn write_key(dir: &std::path::Path) -> PathBuf {
 impl Node {
     /// `host` goes under `[plugins]`; `sections` follow as-is.
     pub fn start(host: &str, sections: &str) -> Node {
+        Self::start_in(Arc::new(Netns::new("node")), host, sections)
+    }
+
+    /// A node alone in network namespace `ns`.
+    pub fn start_in(ns: Arc<Netns>, host: &str, sections: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let key = write_key(dir.path());
@@ -59,11 +69,12 @@ impl Node {
             dir.path().join("run").display()
         );
         std::fs::write(&config, text).unwrap();
-        Self::start_with(dir, config)
+        Self::start_with(ns, dir, config)
     }
 
-    pub fn start_with(dir: tempfile::TempDir, config: PathBuf) -> Node {
-        let mut child = Command::new(BIN)
+    pub fn start_with(ns: Arc<Netns>, dir: tempfile::TempDir, config: PathBuf) -> Node {
+        let mut child = ns
+            .command(BIN)
             .args(["up", "--config"])
             .arg(&config)
             .env("NO_COLOR", "1")
@@ -105,6 +116,7 @@ impl Node {
         };
         Node {
             child,
+            ns,
             api,
             dir,
             config,
@@ -117,12 +129,16 @@ impl Node {
     }
 
     pub fn call(&self, method: &str, path: &str) -> (u16, Value) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let (status, body) = rt
-            .block_on(myelin::api::client::call(self.api, method, path, None))
+        let (api, m, p) = (self.api, method.to_string(), path.to_string());
+        let (status, body) = self
+            .ns
+            .enter(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(myelin::api::client::call(api, &m, &p, None))
+            })
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\nlog:\n{}", self.log()));
         let value = serde_json::from_slice(&body)
             .unwrap_or(Value::String(String::from_utf8_lossy(&body).into()));

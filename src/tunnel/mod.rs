@@ -1,0 +1,432 @@
+//! The data plane I/O shell: the TUN device, the WireGuard UDP socket, one boringtun `Tunn` per
+//! peer, allowed-IPs routing, timers, and the probe socket. Protocol logic lives in boringtun
+//! and in `crate::mesh`; this module only moves bytes and publishes the `MeshView`.
+
+mod dataplane;
+pub mod routes;
+
+use crate::config::Config;
+use crate::keys::PrivateKey;
+use crate::mesh::probe::{ProbeStats, Prober, PROBE_LEN};
+use boringtun::noise::Tunn;
+use boringtun::x25519;
+use ipnet::IpNet;
+use myelin_sdk::{CancellationToken, MeshView, PeerView};
+use routes::RouteTable;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// UDP port of the probe responder on every node's overlay address.
+pub const PROBE_PORT: u16 = 51821;
+/// A session older than this is expired in WireGuard (REJECT_AFTER_TIME).
+const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("cannot create TUN device `{name}`: {cause}\n  fix: {hint}")]
+    Tun {
+        name: String,
+        cause: std::io::Error,
+        hint: String,
+    },
+    #[error("cannot open the WireGuard UDP socket on port {port}: {cause}\n  fix: {hint}")]
+    Udp {
+        port: u16,
+        cause: std::io::Error,
+        hint: String,
+    },
+    #[error("cannot open the probe socket on {addr}: {cause}\n  fix: another program holds the probe port {PROBE_PORT} on the overlay address")]
+    Probe {
+        addr: SocketAddr,
+        cause: std::io::Error,
+    },
+}
+
+fn tun_hint(e: &std::io::Error, name: &str) -> String {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            "creating a TUN device needs CAP_NET_ADMIN: run `myelin up` as root (or give the binary `setcap cap_net_admin+ep`)".into()
+        }
+        Some(libc::ENOENT) | Some(libc::ENODEV) => {
+            "/dev/net/tun is missing: load the module (`modprobe tun`) or, in a container, pass --device /dev/net/tun".into()
+        }
+        Some(libc::EBUSY) | Some(libc::EEXIST) => {
+            format!("an interface called `{name}` exists already: stop the other node or set [node].interface")
+        }
+        _ => "check that this kernel supports TUN devices and that [node].interface and [node].address are valid".into(),
+    }
+}
+
+/// One configured peer and its live state.
+pub struct Peer {
+    pub name: String,
+    pub public_key: String,
+    pub public_key_bytes: [u8; 32],
+    pub allowed_ips: Vec<IpNet>,
+    pub tunn: Mutex<Tunn>,
+    pub endpoint: Mutex<Option<SocketAddr>>,
+    pub endpoint_changes: AtomicU64,
+    /// The peer's own overlay address (its first host-length allowed IP), for probes.
+    pub probe_addr: Option<IpAddr>,
+}
+
+impl Peer {
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.endpoint.lock().ok().and_then(|e| *e)
+    }
+
+    /// Roaming: an authenticated packet came from `from`.
+    fn saw(&self, from: SocketAddr) {
+        if let Ok(mut e) = self.endpoint.lock() {
+            if *e != Some(from) {
+                if e.is_some() {
+                    tracing::info!(peer = %self.name, "endpoint moved to {from}");
+                }
+                *e = Some(from);
+                self.endpoint_changes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// State shared by the data-plane tasks.
+pub(crate) struct Shared {
+    pub peers: Vec<Peer>,
+    pub routes: RouteTable,
+    pub static_private: x25519::StaticSecret,
+    pub static_public: x25519::PublicKey,
+    pub udp: tokio::net::UdpSocket,
+    pub udp_state: quinn_udp::UdpSocketState,
+    pub udp_is_v6: bool,
+    pub tun: tun_rs::AsyncDevice,
+    pub offload: bool,
+    pub mtu: usize,
+}
+
+/// A running tunnel; dropping it does not stop it, `stop` does.
+pub struct Tunnel {
+    cancel: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub interface: String,
+    pub offload: bool,
+}
+
+fn build_tun(config: &Config, offload: bool) -> std::io::Result<tun_rs::AsyncDevice> {
+    let mut builder = tun_rs::DeviceBuilder::new()
+        .name(config.node.interface.clone())
+        .mtu(config.node.mtu)
+        .offload(offload);
+    let mut v4 = config.node.address.iter().filter_map(|a| match a {
+        IpNet::V4(n) => Some(*n),
+        IpNet::V6(_) => None,
+    });
+    if let Some(first) = v4.next() {
+        builder = builder.ipv4(first.addr(), first.prefix_len(), None);
+    }
+    for a in &config.node.address {
+        if let IpNet::V6(n) = a {
+            builder = builder.ipv6(n.addr(), n.prefix_len());
+        }
+    }
+    let dev = builder.build_async()?;
+    for extra in v4 {
+        dev.add_address_v4(extra.addr(), extra.prefix_len())?;
+    }
+    Ok(dev)
+}
+
+fn bind_udp(port: u16) -> Result<(tokio::net::UdpSocket, bool), TunnelError> {
+    let err = |cause: std::io::Error| {
+        let hint = match cause.raw_os_error() {
+            Some(libc::EADDRINUSE) => format!(
+                "port {port} is in use (another node or WireGuard?): stop it or set [node].listen_port"
+            ),
+            Some(libc::EACCES) => "binding this port needs privileges: use a port above 1023".into(),
+            _ => "check [node].listen_port".into(),
+        };
+        TunnelError::Udp { port, cause, hint }
+    };
+    let v6 = (|| {
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        s.set_only_v6(false)?;
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        Ok::<_, std::io::Error>(s)
+    })();
+    let (socket, is_v6) = match v6 {
+        Ok(s) => (s, true),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => return Err(err(e)),
+        Err(_) => {
+            // No IPv6 in this kernel or namespace: IPv4 only.
+            let s = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::DGRAM,
+                Some(socket2::Protocol::UDP),
+            )
+            .map_err(err)?;
+            s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
+                .map_err(err)?;
+            (s, false)
+        }
+    };
+    for size in [8 << 20, 4 << 20, 1 << 20] {
+        if socket.set_send_buffer_size(size).is_ok() && socket.set_recv_buffer_size(size).is_ok() {
+            break;
+        }
+    }
+    socket.set_nonblocking(true).map_err(err)?;
+    let socket = tokio::net::UdpSocket::from_std(socket.into()).map_err(err)?;
+    Ok((socket, is_v6))
+}
+
+impl Tunnel {
+    /// Creates the TUN device and sockets and starts the data plane.
+    pub async fn start(
+        config: &Config,
+        key: &PrivateKey,
+        mesh_tx: watch::Sender<MeshView>,
+    ) -> Result<Tunnel, TunnelError> {
+        let name = config.node.interface.clone();
+        let (tun, offload) = match build_tun(config, true) {
+            Ok(dev) => (dev, true),
+            Err(first) => {
+                tracing::debug!("TUN offload unavailable ({first}); trying without");
+                match build_tun(config, false) {
+                    Ok(dev) => {
+                        tracing::warn!("TUN offload (virtio-net header) unavailable here: {first}; running without it, slower");
+                        (dev, false)
+                    }
+                    Err(cause) => {
+                        let hint = tun_hint(&cause, &name);
+                        return Err(TunnelError::Tun { name, cause, hint });
+                    }
+                }
+            }
+        };
+        let (udp, udp_is_v6) = bind_udp(config.node.listen_port)?;
+        let udp_state =
+            quinn_udp::UdpSocketState::new((&udp).into()).map_err(|cause| TunnelError::Udp {
+                port: config.node.listen_port,
+                cause,
+                hint: "the UDP socket could not be set up for batched I/O".into(),
+            })?;
+        let static_private = key.secret().clone();
+        let static_public = x25519::PublicKey::from(&static_private);
+        let mut peers = Vec::new();
+        for (i, p) in config.peers.iter().enumerate() {
+            let tunn = Tunn::new(
+                static_private.clone(),
+                x25519::PublicKey::from(p.public_key.0),
+                None,
+                p.persistent_keepalive.filter(|k| *k > 0),
+                // The low 8 bits are boringtun's session counter; the rest finds the peer.
+                (i as u32) << 8,
+                None,
+            );
+            let probe_addr = p.allowed_ips.iter().find_map(|n| match n {
+                IpNet::V4(v) if v.prefix_len() == 32 => Some(IpAddr::V4(v.addr())),
+                IpNet::V6(v) if v.prefix_len() == 128 => Some(IpAddr::V6(v.addr())),
+                _ => None,
+            });
+            peers.push(Peer {
+                name: p.name.to_string(),
+                public_key: p.public_key.to_string(),
+                public_key_bytes: p.public_key.0,
+                allowed_ips: p.allowed_ips.clone(),
+                tunn: Mutex::new(tunn),
+                endpoint: Mutex::new(p.endpoint),
+                endpoint_changes: AtomicU64::new(0),
+                probe_addr,
+            });
+        }
+        let routes = RouteTable::new(
+            peers
+                .iter()
+                .enumerate()
+                .flat_map(|(i, p)| p.allowed_ips.iter().map(move |n| (n, i))),
+        );
+        let probe_socket = match config
+            .node
+            .address
+            .iter()
+            .find(|a| a.addr().is_ipv4())
+            .or(config.node.address.first())
+        {
+            None => None,
+            Some(a) => {
+                let addr = SocketAddr::new(a.addr(), PROBE_PORT);
+                Some(
+                    tokio::net::UdpSocket::bind(addr)
+                        .await
+                        .map_err(|cause| TunnelError::Probe { addr, cause })?,
+                )
+            }
+        };
+        let shared = Arc::new(Shared {
+            peers,
+            routes,
+            static_private,
+            static_public,
+            udp,
+            udp_state,
+            udp_is_v6,
+            tun,
+            offload,
+            mtu: usize::from(config.node.mtu),
+        });
+        let cancel = CancellationToken::new();
+        let interval = Duration::from_millis(config.probe.interval_ms);
+        let mut tasks = vec![
+            spawn_until(cancel.clone(), dataplane::outbound(shared.clone())),
+            spawn_until(cancel.clone(), dataplane::inbound(shared.clone())),
+            spawn_until(cancel.clone(), dataplane::timers(shared.clone())),
+        ];
+        tasks.push(spawn_until(
+            cancel.clone(),
+            control(shared, probe_socket, interval, mesh_tx),
+        ));
+        tracing::info!(
+            interface = %name,
+            port = config.node.listen_port,
+            offload,
+            "tunnel up"
+        );
+        Ok(Tunnel {
+            cancel,
+            tasks,
+            interface: name,
+            offload,
+        })
+    }
+
+    /// Stops the data plane; the TUN device goes away with the last task.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn spawn_until(
+    cancel: CancellationToken,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = task => {}
+        }
+    })
+}
+
+fn peer_view(peer: &Peer, probe: ProbeStats) -> PeerView {
+    let (handshake, tx, rx, _, _) = peer
+        .tunn
+        .lock()
+        .map(|t| t.stats())
+        .unwrap_or((None, 0, 0, 0.0, None));
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    PeerView {
+        name: peer.name.clone(),
+        public_key: peer.public_key.clone(),
+        overlay_ips: peer.allowed_ips.clone(),
+        endpoint: peer.endpoint(),
+        last_handshake_age_ms: handshake.map(|d| d.as_millis() as u64),
+        rtt_ms: probe.rtt.map(ms),
+        jitter_ms: probe.jitter.map(ms),
+        loss: probe.loss,
+        last_seen_ms: probe.last_seen.map(|d| d.as_millis() as u64),
+        rx_bytes: rx as u64,
+        tx_bytes: tx as u64,
+        up: handshake.is_some_and(|d| d < SESSION_LIFETIME),
+    }
+}
+
+fn record_metrics(view: &PeerView, endpoint_changes: u64) {
+    let peer = view.name.clone();
+    metrics::counter!("myelin_peer_rx_bytes_total", "peer" => peer.clone()).absolute(view.rx_bytes);
+    metrics::counter!("myelin_peer_tx_bytes_total", "peer" => peer.clone()).absolute(view.tx_bytes);
+    metrics::counter!("myelin_peer_endpoint_changes_total", "peer" => peer.clone())
+        .absolute(endpoint_changes);
+    metrics::gauge!("myelin_peer_up", "peer" => peer.clone()).set(if view.up { 1.0 } else { 0.0 });
+    if let Some(age) = view.last_handshake_age_ms {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        metrics::gauge!("myelin_peer_last_handshake_timestamp_seconds", "peer" => peer.clone())
+            .set(now - age as f64 / 1000.0);
+    }
+    if let Some(loss) = view.loss {
+        metrics::gauge!("myelin_peer_loss_ratio", "peer" => peer).set(loss);
+    }
+}
+
+/// Probes every peer each interval, answers their probes, and publishes the `MeshView`.
+async fn control(
+    shared: Arc<Shared>,
+    probe_socket: Option<tokio::net::UdpSocket>,
+    interval: Duration,
+    mesh_tx: watch::Sender<MeshView>,
+) {
+    let mut prober = Prober::new(shared.peers.len(), interval, Instant::now());
+    let mut publish = tokio::time::interval(interval.max(Duration::from_millis(100)));
+    publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = [0u8; 64];
+    let mut answered = vec![0u64; shared.peers.len()];
+    loop {
+        let wake = prober
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + interval);
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                while let Some((idx, ping)) = prober.poll_transmit(now) {
+                    let (Some(sock), Some(to)) = (&probe_socket, shared.peers[idx].probe_addr) else { continue };
+                    let _ = sock.try_send_to(&ping, SocketAddr::new(to, PROBE_PORT));
+                }
+            }
+            received = async {
+                match &probe_socket {
+                    Some(s) => s.recv_from(&mut buf).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Ok((n, from)) = received else { continue };
+                let Some(idx) = shared.routes.lookup(from.ip()) else { continue };
+                let now = Instant::now();
+                if let Some(pong) = prober.handle_input(idx, &buf[..n.min(PROBE_LEN + 1)], now) {
+                    if let Some(sock) = &probe_socket {
+                        let _ = sock.try_send_to(&pong, from);
+                    }
+                }
+                let stats = prober.stats(idx, now);
+                if stats.answered > answered[idx] {
+                    answered[idx] = stats.answered;
+                    if let Some(rtt) = stats.rtt {
+                        metrics::histogram!("myelin_peer_rtt_seconds", "peer" => shared.peers[idx].name.clone()).record(rtt.as_secs_f64());
+                    }
+                }
+            }
+            _ = publish.tick() => {
+                let now = Instant::now();
+                let view = MeshView {
+                    peers: shared.peers.iter().enumerate().map(|(i, p)| {
+                        let v = peer_view(p, prober.stats(i, now));
+                        record_metrics(&v, p.endpoint_changes.load(Ordering::Relaxed));
+                        v
+                    }).collect(),
+                };
+                mesh_tx.send_replace(view);
+            }
+        }
+    }
+}
