@@ -15,6 +15,7 @@ use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// WireGuard data overhead: 16-byte header, 16-byte tag, plaintext padded to 16.
 const OVERHEAD: usize = 32 + 16;
+const HANDSHAKE_INIT_LEN: usize = 148;
 /// Room for one UDP datagram (a GRO train or a single packet).
 const RX_SLOT: usize = 65536;
 const RX_BATCH: usize = 8;
@@ -97,7 +98,8 @@ pub(super) async fn outbound(shared: Arc<Shared>) {
             };
             let Some(to) = peer.endpoint() else { continue };
             let start = batch.as_ref().map_or(0, |b| b.end);
-            let needed = packet.len() + OVERHEAD;
+            // Without a session, the packet is queued and a handshake initiation comes out.
+            let needed = (packet.len() + OVERHEAD).max(HANDSHAKE_INIT_LEN);
             if start + needed > out.len() {
                 flush(&shared, &out, &mut batch).await;
             }

@@ -222,3 +222,134 @@ pub fn wait_gone(pid: u64, timeout: Duration, what: &str) {
 pub fn state(v: &Value) -> &str {
     v["state"].as_str().unwrap_or("")
 }
+
+/// A fresh key pair as (private, public), both base64.
+pub fn keypair() -> (String, String) {
+    let private =
+        String::from_utf8(Command::new(BIN).arg("keygen").output().unwrap().stdout).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), private.as_bytes()).unwrap();
+    let public = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
+    (private.trim().to_string(), public.trim().to_string())
+}
+
+/// One node of a test mesh.
+pub struct Spec {
+    pub name: String,
+    pub private: String,
+    pub public: String,
+    pub addresses: Vec<String>,
+    /// `[[peers]]` tables, `[plugins...]` sections and anything else, appended as-is.
+    pub rest: String,
+}
+
+impl Spec {
+    pub fn new(name: &str, addresses: &[&str]) -> Spec {
+        let (private, public) = keypair();
+        Spec {
+            name: name.into(),
+            private,
+            public,
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            rest: String::new(),
+        }
+    }
+
+    /// Adds `other` as a peer, reachable at `endpoint` if given.
+    pub fn peer(&mut self, other: &Spec, endpoint: Option<&str>, extra: &str) {
+        let allowed: Vec<String> = other
+            .addresses
+            .iter()
+            .map(|a| {
+                let ip = a.split('/').next().unwrap();
+                format!("\"{ip}/{}\"", if ip.contains(':') { 128 } else { 32 })
+            })
+            .collect();
+        self.rest.push_str(&format!(
+            "[[peers]]\nname = \"{}\"\npublic_key = \"{}\"\nallowed_ips = [{}]\n{}{extra}\n",
+            other.name,
+            other.public,
+            allowed.join(", "),
+            endpoint
+                .map(|e| format!("endpoint = \"{e}\"\n"))
+                .unwrap_or_default()
+        ));
+    }
+}
+
+impl Node {
+    pub fn start_spec(ns: Arc<Netns>, spec: &Spec, plugins: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let key = dir.path().join("private.key");
+        std::fs::write(&key, &spec.private).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let addresses: Vec<String> = spec.addresses.iter().map(|a| format!("\"{a}\"")).collect();
+        let text = format!(
+            "[node]\nname = \"{}\"\nprivate_key_file = \"{}\"\nlisten_port = 51820\naddress = [{}]\n\n[control]\nlisten = \"127.0.0.1:0\"\n\n[probe]\ninterval_ms = 100\n\n{}\n[plugins]\nruntime_dir = \"{}\"\n{plugins}\n",
+            spec.name,
+            key.display(),
+            addresses.join(", "),
+            spec.rest,
+            dir.path().join("run").display()
+        );
+        let config = dir.path().join("myelin.toml");
+        std::fs::write(&config, text).unwrap();
+        Self::start_with(ns, dir, config)
+    }
+
+    pub fn peer(&self, name: &str) -> Value {
+        let peers = self.get("/api/v1/peers");
+        peers["peers"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Polls the peer's view until `pred` holds, or fails after `timeout` saying `what`.
+    pub fn wait_peer(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.peer(name);
+            if pred(&v) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out after {timeout:?} waiting for peer `{name}` to be {what}; last view: {v:#}\nlog:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Pings `addr` from `ns` once a `wait` deadline: retries single pings until one answers.
+pub fn ping_until(ns: &Netns, addr: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let ok = ns
+            .command("ping")
+            .args(["-c", "1", "-W", "0.3", addr])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if ok {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "no ping answer from {addr} within {timeout:?} (from {})",
+            ns.name
+        );
+    }
+}

@@ -31,6 +31,7 @@ impl Netns {
             0,
             "end-to-end tests create network namespaces: run them as root"
         );
+        remove_stale();
         let name = format!(
             "my-{tag}-{}-{}",
             std::process::id(),
@@ -76,6 +77,26 @@ impl Netns {
         })
         .join()
         .expect("namespace thread panicked")
+    }
+}
+
+/// Namespaces left by a test run that was killed (its pid is in the name) are removed.
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name.strip_prefix("my-").and_then(|r| r.split('-').nth(1)) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            drop(Netns {
+                name: name.to_string(),
+            });
+        }
     }
 }
 

@@ -1,0 +1,342 @@
+//! The tunnel end to end, in network namespaces: two Myelin nodes, Myelin against
+//! wireguard-go, roaming, restarts, and throughput while plugins crash.
+
+mod common;
+
+use common::netns::Link;
+use common::{ping_until, state, Node, Spec};
+use std::io::{BufRead, Read};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+const HANDSHAKE: Duration = Duration::from_secs(15);
+
+/// alpha (10.77.0.1, fd77::1) in link.a and beta (10.77.0.2, fd77::2) in link.b.
+fn pair(link: &Link, alpha_plugins: &str) -> (Node, Node, Spec, Spec) {
+    let mut alpha = Spec::new("alpha", &["10.77.0.1/16", "fd77::1/64"]);
+    let mut beta = Spec::new("beta", &["10.77.0.2/16", "fd77::2/64"]);
+    alpha.peer(&beta, Some(&format!("{}:51820", link.b_addr)), "");
+    beta.peer(&alpha, Some(&format!("{}:51820", link.a_addr)), "");
+    let a = Node::start_spec(link.a.clone(), &alpha, alpha_plugins);
+    let b = Node::start_spec(link.b.clone(), &beta, "");
+    (a, b, alpha, beta)
+}
+
+/// iperf3 TCP from `client` to `server_addr` for `secs`; returns Mbit/s received.
+fn iperf(link: &Link, server_addr: &str, secs: u32) -> f64 {
+    let mut server = link
+        .b
+        .command("iperf3")
+        .args(["-s", "-1", "--forceflush", "-B", server_addr])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("iperf3 (the test script installs it)");
+    let mut out = server.stdout.take().unwrap();
+    let mut line = String::new();
+    let mut reader = std::io::BufReader::new(&mut out);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !line.contains("Server listening") {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0 && Instant::now() < deadline,
+            "iperf3 server did not start"
+        );
+    }
+    let client = link.a.run(
+        "iperf3",
+        &["-c", server_addr, "-t", &secs.to_string(), "-J"],
+    );
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_str(&client).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("bits_per_second")
+        / 1e6
+}
+
+#[test]
+fn two_nodes_carry_ipv4_ipv6_and_tcp_encrypted_on_the_wire() {
+    let link = Link::new("t2");
+    let (a, _b, _, _) = pair(&link, "");
+    // Capture the underlay at beta while traffic flows.
+    let pcap = tempfile::NamedTempFile::new().unwrap();
+    let mut dump = link
+        .b
+        .command("tcpdump")
+        .args([
+            "-i",
+            &link.b_if,
+            "-n",
+            "-U",
+            "-w",
+            pcap.path().to_str().unwrap(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpdump (the test script installs it)");
+    let mut err = std::io::BufReader::new(dump.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("listening on"), "tcpdump: {line}");
+
+    let first = ping_until(&link.a, "10.77.0.2", HANDSHAKE);
+    eprintln!("first IPv4 ping answered after {first:?} (handshake included)");
+    ping_until(&link.a, "fd77::2", HANDSHAKE);
+    let marker = "4d59454c494e2d534543524554"; // "MYELIN-SECRET"
+    link.a
+        .run("ping", &["-c", "3", "-i", "0.2", "-p", marker, "10.77.0.2"]);
+    link.a
+        .run("ping", &["-c", "3", "-i", "0.2", "-p", marker, "fd77::2"]);
+    let mbits = iperf(&link, "10.77.0.2", 3);
+    eprintln!("iperf3 through the tunnel: {mbits:.0} Mbit/s");
+    assert!(mbits > 10.0, "TCP crosses the tunnel: {mbits} Mbit/s");
+
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(dump.id() as i32, libc::SIGINT) };
+    let _ = dump.wait();
+    let mut bytes = Vec::new();
+    std::fs::File::open(pcap.path())
+        .unwrap()
+        .read_to_end(&mut bytes)
+        .unwrap();
+    assert!(
+        bytes.len() > 100_000,
+        "the capture saw the traffic ({} bytes)",
+        bytes.len()
+    );
+    assert!(
+        !bytes.windows(13).any(|w| w == b"MYELIN-SECRET"),
+        "the payload marker must never appear on the wire"
+    );
+    let summary = link.b.run(
+        "tcpdump",
+        &["-r", pcap.path().to_str().unwrap(), "-n", "-q"],
+    );
+    let lines: Vec<&str> = summary.lines().collect();
+    assert!(lines.len() > 100, "{} packets captured", lines.len());
+    for l in &lines {
+        let wireguard = l.contains("UDP") && l.contains(".51820");
+        let neighbour = l.contains("ARP") || l.contains("ICMP6") || l.contains("ip6-allnodes");
+        assert!(
+            wireguard || neighbour,
+            "only WireGuard UDP on the underlay, found: {l}"
+        );
+    }
+
+    // Probes give RTT and loss; the API shows the peer up with traffic counters.
+    let beta = a.wait_peer("beta", Duration::from_secs(10), "up with an RTT", |p| {
+        p["up"] == true && p["rtt_ms"].as_f64().is_some() && p["loss"].as_f64().is_some()
+    });
+    assert!(beta["rtt_ms"].as_f64().unwrap() < 50.0, "{beta:#}");
+    assert!(
+        beta["tx_bytes"].as_u64().unwrap() > 1_000_000,
+        "alpha sent the iperf3 data: {beta:#}"
+    );
+    assert_eq!(beta["endpoint"], format!("{}:51820", link.b_addr));
+    let out = link
+        .a
+        .run(common::BIN, &["peers", "--api", &a.api.to_string()]);
+    assert!(
+        out.contains("peer: beta") && out.contains("rtt:") && out.contains("ms"),
+        "{out}"
+    );
+}
+
+fn wg_go(
+    link: &Link,
+    iface: &str,
+    private: &str,
+    port: u16,
+    peer_pub: &str,
+    peer_allowed: &str,
+    endpoint: Option<&str>,
+    address: &str,
+) -> std::process::Child {
+    let child = link
+        .b
+        .command("wireguard-go")
+        .args(["-f", iface])
+        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wireguard-go (the test script installs it)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !link
+        .b
+        .command("wg")
+        .args(["show", iface])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "wireguard-go did not create {iface}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let key = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key.path(), private).unwrap();
+    let port = port.to_string();
+    let mut args = vec![
+        "set",
+        iface,
+        "private-key",
+        key.path().to_str().unwrap(),
+        "listen-port",
+        &port,
+        "peer",
+        peer_pub,
+        "allowed-ips",
+        peer_allowed,
+    ];
+    if let Some(e) = endpoint {
+        args.extend(["endpoint", e]);
+    }
+    link.b.run("wg", &args);
+    link.b.run("ip", &["addr", "add", address, "dev", iface]);
+    link.b.run("ip", &["link", "set", iface, "up"]);
+    child
+}
+
+#[test]
+fn interoperates_with_wireguard_go_both_ways() {
+    for (round, myelin_initiates) in [(0, true), (1, false)] {
+        let link = Link::new(&format!("wg{round}"));
+        let iface = format!("wgt{}{round}", std::process::id() % 10000);
+        let mut alpha = Spec::new("alpha", &["10.77.0.1/16"]);
+        let beta = Spec::new("beta", &["10.77.0.2/16"]);
+        // Myelin knows wireguard-go's endpoint only when it initiates; otherwise it waits.
+        let endpoint = format!("{}:51820", link.b_addr);
+        alpha.peer(&beta, myelin_initiates.then_some(endpoint.as_str()), "");
+        let a = Node::start_spec(link.a.clone(), &alpha, "");
+        let alpha_endpoint = format!("{}:51820", link.a_addr);
+        let mut wg = wg_go(
+            &link,
+            &iface,
+            &beta.private,
+            51820,
+            &alpha.public,
+            "10.77.0.1/32",
+            (!myelin_initiates).then_some(alpha_endpoint.as_str()),
+            "10.77.0.2/16",
+        );
+        if myelin_initiates {
+            ping_until(&link.a, "10.77.0.2", HANDSHAKE);
+            ping_until(&link.b, "10.77.0.1", HANDSHAKE);
+        } else {
+            ping_until(&link.b, "10.77.0.1", HANDSHAKE);
+            ping_until(&link.a, "10.77.0.2", HANDSHAKE);
+        }
+        let view = a.wait_peer("beta", Duration::from_secs(5), "up", |p| p["up"] == true);
+        assert_eq!(
+            view["rtt_ms"],
+            serde_json::Value::Null,
+            "a plain WireGuard peer has no probe RTT"
+        );
+        assert_eq!(
+            view["endpoint"], endpoint,
+            "the endpoint is learned from the peer's packets"
+        );
+        let shown = link.b.run("wg", &["show", &iface, "latest-handshakes"]);
+        assert!(
+            shown.split_whitespace().nth(1).is_some_and(|t| t != "0"),
+            "wireguard-go saw a handshake: {shown}"
+        );
+        let _ = wg.kill();
+        let _ = wg.wait();
+    }
+}
+
+#[test]
+fn roaming_peer_is_followed_quickly() {
+    let link = Link::new("roam");
+    let (a, _b, _, _) = pair(&link, "");
+    ping_until(&link.a, "10.77.0.2", HANDSHAKE);
+    let new_addr = format!("{}.3", link.b_addr.rsplit_once('.').unwrap().0);
+    let moved = Instant::now();
+    link.b.run(
+        "ip",
+        &[
+            "addr",
+            "del",
+            &format!("{}/24", link.b_addr),
+            "dev",
+            &link.b_if,
+        ],
+    );
+    link.b.run(
+        "ip",
+        &["addr", "add", &format!("{new_addr}/24"), "dev", &link.b_if],
+    );
+    ping_until(&link.a, "10.77.0.2", Duration::from_secs(10));
+    let outage = moved.elapsed();
+    eprintln!("roaming outage: {} ms", outage.as_millis());
+    assert!(
+        outage < Duration::from_secs(3),
+        "traffic resumed after {outage:?}, over 3 s"
+    );
+    let view = a.wait_peer("beta", Duration::from_secs(5), "at its new endpoint", |p| {
+        p["endpoint"] == format!("{new_addr}:51820")
+    });
+    assert_eq!(view["up"], true);
+}
+
+#[test]
+fn a_restarted_node_reconnects_without_touching_the_other() {
+    let link = Link::new("rst");
+    let (a, b, _, beta) = pair(&link, "");
+    ping_until(&link.a, "10.77.0.2", HANDSHAKE);
+    let a_pid = a.pid();
+    drop(b);
+    let b = Node::start_spec(link.b.clone(), &beta, "");
+    let back = ping_until(&link.a, "10.77.0.2", HANDSHAKE);
+    eprintln!("session back {back:?} after the restart");
+    ping_until(&link.b, "10.77.0.1", HANDSHAKE);
+    assert_eq!(a.pid(), a_pid);
+    assert!(common::process_gone(0) || true);
+    b.wait_peer("alpha", Duration::from_secs(5), "up", |p| p["up"] == true);
+}
+
+#[test]
+fn plugins_crashing_during_traffic_do_not_slow_the_tunnel() {
+    let link = Link::new("chs");
+    let plugins = "health_interval_ms = 100\nhealth_timeout_ms = 500\nstop_grace_ms = 300\nrestart_backoff_ms = 200\nrestart_backoff_max_ms = 400\nfailure_threshold = 1000\n\
+        [plugins.panicky]\nplugin = \"chaos\"\nenabled = false\nmode = \"panic\"\nafter_ms = 100\n\
+        [plugins.hanging]\nplugin = \"chaos\"\nenabled = false\nmode = \"block\"\nafter_ms = 100\n";
+    let (a, _b, _, _) = pair(&link, plugins);
+    ping_until(&link.a, "10.77.0.2", HANDSHAKE);
+    let base1 = iperf(&link, "10.77.0.2", 4);
+    for p in ["panicky", "hanging"] {
+        assert_eq!(
+            a.call("POST", &format!("/api/v1/plugins/{p}/enable")).0,
+            200
+        );
+    }
+    let chaos = iperf(&link, "10.77.0.2", 4);
+    let panicky = a.plugin("panicky");
+    let hanging = a.plugin("hanging");
+    for p in ["panicky", "hanging"] {
+        assert_eq!(
+            a.call("POST", &format!("/api/v1/plugins/{p}/disable")).0,
+            200
+        );
+    }
+    let base2 = iperf(&link, "10.77.0.2", 4);
+    let base = (base1 + base2) / 2.0;
+    let ratio = chaos / base;
+    eprintln!("iperf3: {base1:.0} and {base2:.0} Mbit/s without chaos, {chaos:.0} Mbit/s with plugins crashing: ratio {ratio:.2}");
+    assert!(
+        panicky["failures"].as_array().unwrap().len() >= 3,
+        "the panicking plugin really crashed during the run: {panicky:#}"
+    );
+    assert!(
+        hanging["failures"].as_array().unwrap().len() >= 2,
+        "the hanging plugin really hung during the run: {hanging:#}"
+    );
+    assert!(
+        ratio >= 0.85,
+        "throughput with crashing plugins fell to {ratio:.2} of the baseline"
+    );
+    assert_ne!(state(&a.plugin("panicky")), "failed");
+}
