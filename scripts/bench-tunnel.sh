@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Tunnel throughput and latency, Myelin against baselines measured in the same run:
+# raw veth, boringtun-cli 0.7.1, Debian's wireguard-go, and Myelin (release build).
+# Two network namespaces joined by a veth; iperf3 TCP for DURATION seconds and 20 pings per
+# path and round; rounds are interleaved so machine noise hits every path alike.
+#
+#   scripts/bench-tunnel.sh [ROUNDS (default 3)] [DURATION seconds (default 10)]
+#
+# Prints a table of medians (Mbit/s, ping RTT, CPU seconds of the tunnel processes per
+# second) and the ratio Myelin / boringtun-cli. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+DURATION=${2:-10}
+scripts/setup.sh
+. scripts/env.sh
+if ! command -v boringtun-cli >/dev/null 2>&1; then
+  cargo install boringtun-cli --version 0.7.1 --locked
+fi
+cargo build --release --locked --quiet
+MYELIN="$CARGO_TARGET_DIR/release/myelin"
+BORINGTUN=$(command -v boringtun-cli)
+WORK=$(mktemp -d)
+A=mybench-a-$$ B=mybench-b-$$
+export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 WG_SUDO=1
+
+cleanup() {
+  for ns in "$A" "$B"; do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+underlay() {
+  cleanup_ns_only
+  ip netns add "$A"; ip netns add "$B"
+  ip link add ua netns "$A" type veth peer name ub netns "$B"
+  ip -n "$A" addr add 10.201.0.1/24 dev ua; ip -n "$B" addr add 10.201.0.2/24 dev ub
+  for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
+  ip -n "$A" link set ua up; ip -n "$B" link set ub up
+}
+cleanup_ns_only() {
+  for ns in "$A" "$B"; do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done
+}
+
+keys() {
+  KA=$("$MYELIN" keygen); KB=$("$MYELIN" keygen)
+  PA=$(echo "$KA" | "$MYELIN" pubkey); PB=$(echo "$KB" | "$MYELIN" pubkey)
+  echo "$KA" >"$WORK/a.key"; echo "$KB" >"$WORK/b.key"; chmod 600 "$WORK"/*.key
+}
+
+wait_for() { # description, command...
+  local what=$1; shift
+  for _ in $(seq 1 100); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "bench: timed out waiting for $what" >&2; return 1
+}
+
+# Userspace WireGuard (boringtun-cli or wireguard-go) configured with wg(8).
+setup_wg() { # program
+  local prog=$1 ifa=bta$$ ifb=btb$$ flags=(-f)
+  [ "$prog" = "$BORINGTUN" ] && flags=(--foreground --disable-drop-privileges)
+  keys
+  ip netns exec "$A" "$prog" "${flags[@]}" "$ifa" >/dev/null 2>&1 &
+  ip netns exec "$B" "$prog" "${flags[@]}" "$ifb" >/dev/null 2>&1 &
+  wait_for "$prog in $A" ip netns exec "$A" wg show "$ifa"
+  wait_for "$prog in $B" ip netns exec "$B" wg show "$ifb"
+  ip netns exec "$A" wg set "$ifa" private-key "$WORK/a.key" listen-port 51820 peer "$PB" allowed-ips 10.77.0.2/32 endpoint 10.201.0.2:51820
+  ip netns exec "$B" wg set "$ifb" private-key "$WORK/b.key" listen-port 51820 peer "$PA" allowed-ips 10.77.0.1/32 endpoint 10.201.0.1:51820
+  ip -n "$A" addr add 10.77.0.1/16 dev "$ifa"; ip -n "$B" addr add 10.77.0.2/16 dev "$ifb"
+  ip -n "$A" link set "$ifa" up mtu 1420; ip -n "$B" link set "$ifb" up mtu 1420
+  TARGET=10.77.0.2
+}
+
+setup_myelin() {
+  keys
+  for side in a b; do
+    if [ $side = a ]; then me=alpha; addr=10.77.0.1; peer=beta; pk=$PB; ep=10.201.0.2; pa=10.77.0.2
+    else me=beta; addr=10.77.0.2; peer=alpha; pk=$PA; ep=10.201.0.1; pa=10.77.0.1; fi
+    cat >"$WORK/$side.toml" <<EOF
+[node]
+name = "$me"
+private_key_file = "$WORK/$side.key"
+address = ["$addr/16"]
+[plugins]
+runtime_dir = "$WORK/run-$side"
+[[peers]]
+name = "$peer"
+public_key = "$pk"
+endpoint = "$ep:51820"
+allowed_ips = ["$pa/32"]
+EOF
+  done
+  ip netns exec "$A" "$MYELIN" --log-level warn up --config "$WORK/a.toml" &
+  ip netns exec "$B" "$MYELIN" --log-level warn up --config "$WORK/b.toml" &
+  wait_for "myelin in $A" ip -n "$A" addr show myelin0
+  wait_for "myelin in $B" ip -n "$B" addr show myelin0
+  TARGET=10.77.0.2
+}
+
+setup_raw() { TARGET=10.201.0.2; }
+
+cpu_ticks() { # total utime+stime of the processes in both namespaces, except iperf3
+  local t=0
+  for ns in "$A" "$B"; do
+    for pid in $(ip netns pids "$ns"); do
+      [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = iperf3 ] && continue
+      t=$((t + $(awk '{print $14 + $15}' /proc/"$pid"/stat 2>/dev/null || echo 0)))
+    done
+  done
+  echo $t
+}
+
+measure() { # name
+  local name=$1
+  wait_for "a path to $TARGET" ip netns exec "$A" ping -c 1 -W 1 "$TARGET"
+  local rtt
+  rtt=$(ip netns exec "$A" ping -c 20 -i 0.05 -q "$TARGET" | awk -F/ '/rtt/ {print $5}')
+  ip netns exec "$B" iperf3 -s -1 -B "$TARGET" >/dev/null 2>&1 &
+  wait_for "iperf3 server" ip netns exec "$B" bash -c "ss -ltn | grep -q ':5201'"
+  local t0 t1
+  t0=$(cpu_ticks)
+  local mbit
+  mbit=$(ip netns exec "$A" iperf3 -c "$TARGET" -t "$DURATION" -J | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6))')
+  t1=$(cpu_ticks)
+  local cpu
+  cpu=$(python3 -c "print(round(($t1 - $t0) / $(getconf CLK_TCK) / $DURATION, 2))")
+  echo "$name $mbit $rtt $cpu" >>"$WORK/results"
+  printf '  %-14s %8s Mbit/s  rtt %6s ms  cpu %5s s/s\n' "$name" "$mbit" "$rtt" "$cpu"
+}
+
+echo "bench: $ROUNDS rounds, iperf3 TCP ${DURATION}s, $(nproc) cores, $(uname -r)"
+for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round"
+  underlay; setup_raw; measure raw-veth
+  underlay; setup_wg "$BORINGTUN"; measure boringtun-cli
+  underlay; setup_wg wireguard-go; measure wireguard-go
+  underlay; setup_myelin; measure myelin
+done
+cleanup_ns_only
+
+python3 - "$WORK/results" <<'EOF'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    name, mbit, rtt, cpu = line.split()
+    rows.setdefault(name, []).append((float(mbit), float(rtt), float(cpu)))
+print("\nmedians:")
+print(f"  {'path':<14} {'Mbit/s':>8} {'rtt ms':>8} {'cpu s/s':>8}")
+med = {}
+for name in ["raw-veth", "boringtun-cli", "wireguard-go", "myelin"]:
+    r = rows.get(name, [])
+    if not r:
+        continue
+    m = tuple(statistics.median(x[i] for x in r) for i in range(3))
+    med[name] = m
+    print(f"  {name:<14} {m[0]:>8.0f} {m[1]:>8.3f} {m[2]:>8.2f}")
+if "myelin" in med and "boringtun-cli" in med:
+    print(f"\nmyelin / boringtun-cli: throughput {med['myelin'][0] / med['boringtun-cli'][0]:.2f}x, "
+          f"rtt {med['myelin'][1] / med['boringtun-cli'][1]:.2f}x")
+if "myelin" in med and "wireguard-go" in med:
+    print(f"myelin / wireguard-go:  throughput {med['myelin'][0] / med['wireguard-go'][0]:.2f}x")
+EOF
