@@ -16,6 +16,8 @@ use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 /// WireGuard data overhead: 16-byte header, 16-byte tag, plaintext padded to 16.
 const OVERHEAD: usize = 32 + 16;
 const HANDSHAKE_INIT_LEN: usize = 148;
+/// The most one GSO send may carry: an IPv4 UDP payload tops out at 65 507 bytes.
+const MAX_GSO_BYTES: usize = 65_000;
 /// Room for one UDP datagram (a GRO train or a single packet).
 const RX_SLOT: usize = 65536;
 const RX_BATCH: usize = 8;
@@ -115,7 +117,11 @@ pub(super) async fn outbound(shared: Arc<Shared>) {
                 Err(_) => continue,
             };
             let fits = batch.as_ref().is_some_and(|b| {
-                b.to == to && !b.closed && len <= b.segment && b.count < max_segments
+                b.to == to
+                    && !b.closed
+                    && len <= b.segment
+                    && b.count < max_segments
+                    && b.end + len <= MAX_GSO_BYTES
             });
             match (&mut batch, fits) {
                 (Some(b), true) => {
