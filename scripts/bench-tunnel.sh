@@ -65,8 +65,8 @@ setup_wg() { # program
   local prog=$1 ifa=bta$$ ifb=btb$$ flags=(-f)
   [ "$prog" = "$BORINGTUN" ] && flags=(--foreground --disable-drop-privileges)
   keys
-  ip netns exec "$A" "$prog" "${flags[@]}" "$ifa" >/dev/null 2>&1 &
-  ip netns exec "$B" "$prog" "${flags[@]}" "$ifb" >/dev/null 2>&1 &
+  ip netns exec "$A" "$prog" "${flags[@]}" "$ifa" >/dev/null 2>&1 & disown
+  ip netns exec "$B" "$prog" "${flags[@]}" "$ifb" >/dev/null 2>&1 & disown
   wait_for "$prog in $A" ip netns exec "$A" wg show "$ifa"
   wait_for "$prog in $B" ip netns exec "$B" wg show "$ifb"
   ip netns exec "$A" wg set "$ifa" private-key "$WORK/a.key" listen-port 51820 peer "$PB" allowed-ips 10.77.0.2/32 endpoint 10.201.0.2:51820
@@ -95,8 +95,8 @@ endpoint = "$ep:51820"
 allowed_ips = ["$pa/32"]
 EOF
   done
-  ip netns exec "$A" "$MYELIN" --log-level warn up --config "$WORK/a.toml" &
-  ip netns exec "$B" "$MYELIN" --log-level warn up --config "$WORK/b.toml" &
+  ip netns exec "$A" "$MYELIN" --log-level warn up --config "$WORK/a.toml" & disown
+  ip netns exec "$B" "$MYELIN" --log-level warn up --config "$WORK/b.toml" & disown
   wait_for "myelin in $A" ip -n "$A" addr show myelin0
   wait_for "myelin in $B" ip -n "$B" addr show myelin0
   TARGET=10.77.0.2
@@ -120,7 +120,7 @@ measure() { # name
   wait_for "a path to $TARGET" ip netns exec "$A" ping -c 1 -W 1 "$TARGET"
   local rtt
   rtt=$(ip netns exec "$A" ping -c 20 -i 0.05 -q "$TARGET" | awk -F/ '/rtt/ {print $5}')
-  ip netns exec "$B" iperf3 -s -1 -B "$TARGET" >/dev/null 2>&1 &
+  ip netns exec "$B" iperf3 -s -1 -B "$TARGET" >/dev/null 2>&1 & disown
   wait_for "iperf3 server" ip netns exec "$B" bash -c "ss -ltn | grep -q ':5201'"
   local t0 t1
   t0=$(cpu_ticks)

@@ -19,7 +19,7 @@ impl Family {
             }
             None => {
                 self.by_len.push((len, HashMap::from([(key, peer)])));
-                self.by_len.sort_by(|a, b| b.0.cmp(&a.0));
+                self.by_len.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
             }
         }
     }
