@@ -9,4 +9,4 @@ if [ "$(id -u)" != 0 ]; then
   echo "test.sh: run as root: the end-to-end tests create network namespaces and TUN devices" >&2
   exit 1
 fi
-cargo test --workspace --all-features --locked "$@"
+cargo test --workspace --all-features --locked --no-fail-fast "$@"

@@ -104,7 +104,11 @@ impl Prober {
         let seq = p.next_seq;
         p.next_seq += 1;
         // Keep a steady cadence, but never try to catch up on missed intervals.
-        p.due = (p.due + interval).max(now);
+        p.due = if p.due + interval > now {
+            p.due + interval
+        } else {
+            now + interval
+        };
         if p.window.len() == WINDOW {
             p.window.pop_front();
         }
