@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Tunnel throughput and latency, Myelin against baselines measured in the same run:
 # raw veth, boringtun-cli 0.7.1, Debian's wireguard-go, and Myelin (release build).
-# Two network namespaces joined by a veth; iperf3 TCP for DURATION seconds and 20 pings per
+# Two network namespaces joined by a veth; iperf3 TCP for DURATION seconds and 100 pings per
 # path and round; rounds are interleaved so machine noise hits every path alike.
 #
 #   scripts/bench-tunnel.sh [ROUNDS (default 3)] [DURATION seconds (default 10)]
 #
-# Prints a table of medians (Mbit/s, ping RTT, CPU seconds of the tunnel processes per
-# second) and the ratio Myelin / boringtun-cli. Needs root.
+# Prints a table of medians over rounds (Mbit/s; ping RTT as the per-round median and mean of
+# 100 pings; CPU seconds of the tunnel processes per second) and the ratio Myelin / boringtun-cli. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -30,6 +30,7 @@ cleanup() {
     ip netns del "$ns" 2>/dev/null || true
   done
   rm -rf "$WORK"
+  rm -f /var/run/wireguard/{bt,wg}[ab]$$r*.sock
 }
 trap cleanup EXIT
 
@@ -62,8 +63,10 @@ wait_for() { # description, command...
 
 # Userspace WireGuard (boringtun-cli or wireguard-go) configured with wg(8).
 setup_wg() { # program
-  local prog=$1 ifa=bta$$ ifb=btb$$ flags=(-f)
-  [ "$prog" = "$BORINGTUN" ] && flags=(--foreground --disable-drop-privileges)
+  local prog=$1 tag=wg flags=(-f)
+  [ "$prog" = "$BORINGTUN" ] && tag=bt flags=(--foreground --disable-drop-privileges)
+  # UAPI sockets live in /var/run/wireguard, shared by all namespaces: unique names per run.
+  local ifa=${tag}a$$r$round ifb=${tag}b$$r$round
   keys
   ip netns exec "$A" "$prog" "${flags[@]}" "$ifa" >/dev/null 2>&1 & disown
   ip netns exec "$B" "$prog" "${flags[@]}" "$ifb" >/dev/null 2>&1 & disown
@@ -118,8 +121,10 @@ cpu_ticks() { # total utime+stime of the processes in both namespaces, except ip
 measure() { # name
   local name=$1
   wait_for "a path to $TARGET" ip netns exec "$A" ping -c 1 -W 1 "$TARGET"
-  local rtt
-  rtt=$(ip netns exec "$A" ping -c 20 -i 0.05 -q "$TARGET" | awk -F/ '/rtt/ {print $5}')
+  local rtt rtt_mean
+  # 100 pings; the median of the per-packet RTTs (the mean is printed too).
+  ip netns exec "$A" ping -c 100 -i 0.02 "$TARGET" | sed -n 's/.*time=\([0-9.]*\) ms/\1/p' >"$WORK/ping"
+  read -r rtt rtt_mean < <(python3 -c "import statistics,sys; v=[float(x) for x in open(sys.argv[1])]; print(round(statistics.median(v),3), round(statistics.mean(v),3))" "$WORK/ping")
   ip netns exec "$B" iperf3 -s -1 -B "$TARGET" >/dev/null 2>&1 & disown
   wait_for "iperf3 server" ip netns exec "$B" bash -c "ss -ltn | grep -q ':5201'"
   local t0 t1
@@ -129,8 +134,8 @@ measure() { # name
   t1=$(cpu_ticks)
   local cpu
   cpu=$(python3 -c "print(round(($t1 - $t0) / $(getconf CLK_TCK) / $DURATION, 2))")
-  echo "$name $mbit $rtt $cpu" >>"$WORK/results"
-  printf '  %-14s %8s Mbit/s  rtt %6s ms  cpu %5s s/s\n' "$name" "$mbit" "$rtt" "$cpu"
+  echo "$name $mbit $rtt $cpu $rtt_mean" >>"$WORK/results"
+  printf '  %-14s %8s Mbit/s  rtt median %6s ms (mean %6s)  cpu %5s s/s\n' "$name" "$mbit" "$rtt" "$rtt_mean" "$cpu"
 }
 
 echo "bench: $ROUNDS rounds, iperf3 TCP ${DURATION}s, $(nproc) cores, $(uname -r)"
@@ -147,21 +152,21 @@ python3 - "$WORK/results" <<'EOF'
 import statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
-    name, mbit, rtt, cpu = line.split()
-    rows.setdefault(name, []).append((float(mbit), float(rtt), float(cpu)))
+    name, mbit, rtt, cpu, rtt_mean = line.split()
+    rows.setdefault(name, []).append((float(mbit), float(rtt), float(cpu), float(rtt_mean)))
 print("\nmedians:")
-print(f"  {'path':<14} {'Mbit/s':>8} {'rtt ms':>8} {'cpu s/s':>8}")
+print(f"  {'path':<14} {'Mbit/s':>8} {'rtt p50 ms':>11} {'rtt mean ms':>12} {'cpu s/s':>8}")
 med = {}
 for name in ["raw-veth", "boringtun-cli", "wireguard-go", "myelin"]:
     r = rows.get(name, [])
     if not r:
         continue
-    m = tuple(statistics.median(x[i] for x in r) for i in range(3))
+    m = tuple(statistics.median(x[i] for x in r) for i in range(4))
     med[name] = m
-    print(f"  {name:<14} {m[0]:>8.0f} {m[1]:>8.3f} {m[2]:>8.2f}")
+    print(f"  {name:<14} {m[0]:>8.0f} {m[1]:>11.3f} {m[3]:>12.3f} {m[2]:>8.2f}")
 if "myelin" in med and "boringtun-cli" in med:
     print(f"\nmyelin / boringtun-cli: throughput {med['myelin'][0] / med['boringtun-cli'][0]:.2f}x, "
-          f"rtt {med['myelin'][1] / med['boringtun-cli'][1]:.2f}x")
+          f"rtt p50 {med['myelin'][1] / med['boringtun-cli'][1]:.2f}x, rtt mean {med['myelin'][3] / med['boringtun-cli'][3]:.2f}x")
 if "myelin" in med and "wireguard-go" in med:
     print(f"myelin / wireguard-go:  throughput {med['myelin'][0] / med['wireguard-go'][0]:.2f}x")
 EOF
