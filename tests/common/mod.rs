@@ -163,15 +163,31 @@ impl Node {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
+        self.poll(
+            &format!("plugin `{name}` to be {what}"),
+            timeout,
+            || self.plugin(name),
+            pred,
+        )
+    }
+
+    /// Fetches with `fetch` until `pred` holds, or fails after `timeout` naming `what`.
+    fn poll(
+        &self,
+        what: &str,
+        timeout: Duration,
+        fetch: impl Fn() -> Value,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
-            let v = self.plugin(name);
+            let v = fetch();
             if pred(&v) {
                 return v;
             }
             if Instant::now() > deadline {
                 panic!(
-                    "timed out after {timeout:?} waiting for plugin `{name}` to be {what}; last status: {v:#}\nlog:\n{}",
+                    "timed out after {timeout:?} waiting for {what}; last seen: {v:#}\nlog:\n{}",
                     self.log()
                 );
             }
@@ -319,21 +335,16 @@ impl Node {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let v = self.peer(name);
-            if pred(&v) {
-                return v;
-            }
-            if Instant::now() > deadline {
-                panic!("timed out after {timeout:?} waiting for peer `{name}` to be {what}; last view: {v:#}\nlog:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.poll(
+            &format!("peer `{name}` to be {what}"),
+            timeout,
+            || self.peer(name),
+            pred,
+        )
     }
 }
 
-/// Pings `addr` from `ns` once a `wait` deadline: retries single pings until one answers.
+/// Sends single pings from `ns` to `addr` until one is answered; fails after `timeout`.
 pub fn ping_until(ns: &Netns, addr: &str, timeout: Duration) -> Duration {
     let start = Instant::now();
     loop {
