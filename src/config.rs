@@ -80,12 +80,20 @@ fn default_mtu() -> u16 {
 pub struct ControlConfig {
     #[serde(default = "default_control_listen")]
     pub listen: SocketAddr,
+    /// A second listener for remote access (e.g. on the overlay address); every request on it
+    /// needs `Authorization: Bearer <token>` from `token_file`.
+    #[serde(default)]
+    pub remote_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for ControlConfig {
     fn default() -> Self {
         Self {
             listen: default_control_listen(),
+            remote_listen: None,
+            token_file: None,
         }
     }
 }
@@ -276,6 +284,13 @@ impl Config {
                     config.node.interface
                 ),
                 "e.g. interface = \"myelin0\"",
+            ));
+        }
+        if config.control.remote_listen.is_some() && config.control.token_file.is_none() {
+            return Err(invalid(
+                &["control", "remote_listen"],
+                "remote_listen needs a token_file: remote requests must carry a bearer token".into(),
+                "add token_file = \"/etc/myelin/api.token\" (mode 0600, one line of random text), or remove remote_listen",
             ));
         }
         if config.probe.interval_ms == 0 {

@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 pub enum KeyError {
     #[error("not a WireGuard key: {0}\n  fix: a key is 44 characters of base64 (32 bytes), as printed by `myelin keygen` or `wg genkey`")]
     Malformed(String),
-    #[error("cannot read private key file {path}: {cause}\n  fix: create it with `myelin keygen > {path} && chmod 600 {path}`")]
+    #[error("cannot read secret file {path}: {cause}\n  fix: create it (a key: `myelin keygen > {path}`) and `chmod 600 {path}`")]
     Read {
         path: PathBuf,
         cause: std::io::Error,
     },
-    #[error("refusing to start: private key file {path} has mode {mode:04o}, readable by group or others\n  fix: chmod 600 {path}")]
+    #[error("refusing to start: secret file {path} has mode {mode:04o}, readable by group or others\n  fix: chmod 600 {path}")]
     TooOpen { path: PathBuf, mode: u32 },
     #[error("private key file {path}: {inner}")]
     Content { path: PathBuf, inner: Box<KeyError> },
@@ -82,24 +82,37 @@ impl PrivateKey {
 
     /// Loads the node's key, refusing a file that group or others can read.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let read_err = |cause| KeyError::Read {
-            path: path.to_path_buf(),
-            cause,
-        };
-        let meta = std::fs::metadata(path).map_err(read_err)?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::TooOpen {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        let text = read_secret(path)?;
         Self::from_base64(&text).map_err(|inner| KeyError::Content {
             path: path.to_path_buf(),
             inner: Box::new(inner),
         })
     }
+}
+
+/// Reads a secret (key or token) file, refusing one that group or others can read.
+pub fn read_secret(path: &Path) -> Result<String, KeyError> {
+    let read_err = |cause| KeyError::Read {
+        path: path.to_path_buf(),
+        cause,
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::TooOpen {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    std::fs::read_to_string(path).map_err(read_err)
+}
+
+/// Compares two secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -142,6 +155,14 @@ mod tests {
         assert!(e.contains("chmod 600") && e.contains("0644"), "{e}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(PrivateKey::load(&path).is_ok());
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_secrets() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
     }
 
     #[test]

@@ -56,9 +56,22 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
             )
         })?;
     let api_addr = listener.local_addr()?;
-
+    let token = match &config.control.token_file {
+        Some(token_file) if config.control.remote_listen.is_some() => Some(load_token(token_file)?),
+        _ => None,
+    };
     let (mesh_tx, mesh_rx) = watch::channel(configured_mesh(&config));
     let tunnel = Tunnel::start(&config, &key, mesh_tx).await?;
+    // After the tunnel, so remote_listen may be an overlay address.
+    let remote = match (config.control.remote_listen, token) {
+        (Some(addr), Some(token)) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} for remote control; fix: [control].remote_listen must be a free port on an address of this node (underlay or overlay)")
+            })?;
+            Some((listener, token))
+        }
+        _ => None,
+    };
     let host = Arc::new(PluginHost::start(&config, node.clone(), mesh_rx.clone())?);
     let state = Arc::new(ApiState {
         host: host.clone(),
@@ -69,10 +82,23 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let api_stop = shutdown.clone();
+    let app = api::router(state.clone());
     let api = tokio::spawn(async move {
-        axum::serve(listener, api::router(state))
+        axum::serve(listener, app)
             .with_graceful_shutdown(async move { api_stop.cancelled().await })
             .await
+    });
+    let remote_task = remote.map(|(listener, token)| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("remote control listener on http://{addr} (bearer token required)");
+        }
+        let stop = shutdown.clone();
+        let app = api::remote_router(state.clone(), token);
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
     });
     tracing::info!(
         node = %node.name,
@@ -85,9 +111,27 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
     host.shutdown().await;
     shutdown.cancel();
     let _ = api.await;
+    if let Some(t) = remote_task {
+        let _ = t.await;
+    }
     tunnel.stop().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The remote API token: first line of a 0600 file, at least 16 characters.
+fn load_token(path: &Path) -> anyhow::Result<Arc<str>> {
+    let text = crate::keys::read_secret(path)?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.len() < 16 {
+        anyhow::bail!(
+            "token file {} holds a token of {} characters; fix: use at least 16 random characters, e.g. `head -c 24 /dev/urandom | base64 > {}`",
+            path.display(),
+            token.len(),
+            path.display()
+        );
+    }
+    Ok(Arc::from(token))
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -369,3 +369,58 @@ fn children_drop_to_the_configured_user_without_capabilities() {
     let (code, _) = node.call("GET", "/plugins/cam/");
     assert_eq!(code, 200, "routes still work from the unprivileged child");
 }
+
+#[test]
+fn the_remote_listener_needs_the_bearer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("api.token");
+    std::fs::write(&token, "0123456789abcdef-remote-token\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let control = format!(
+        "remote_listen = \"127.0.0.2:7801\"\ntoken_file = \"{}\"",
+        token.display()
+    );
+    let ns = std::sync::Arc::new(common::Netns::new("remote"));
+    let node = Node::start_full(
+        ns,
+        &control,
+        FAST_HOST,
+        "[plugins.cam]\nplugin = \"chaos\"\n",
+    );
+    let remote: std::net::SocketAddr = "127.0.0.2:7801".parse().unwrap();
+    let (code, v) = node.call_at(remote, None, "GET", "/api/v1/status");
+    assert_eq!(code, 401, "{v}");
+    assert!(v["hint"].as_str().unwrap().contains("Bearer"), "{v}");
+    let (code, _) = node.call_at(
+        remote,
+        Some("0123456789abcdef-wrong-token"),
+        "GET",
+        "/api/v1/status",
+    );
+    assert_eq!(code, 401);
+    let (code, v) = node.call_at(
+        remote,
+        Some("0123456789abcdef-remote-token"),
+        "GET",
+        "/api/v1/status",
+    );
+    assert_eq!(
+        (code, v["node"]["name"].as_str()),
+        (200, Some("robot1")),
+        "{v}"
+    );
+    let (code, _) = node.call_at(
+        remote,
+        Some("0123456789abcdef-remote-token"),
+        "POST",
+        "/api/v1/plugins/cam/restart",
+    );
+    assert_eq!(code, 200);
+    let (code, _) = node.call_at(remote, None, "POST", "/api/v1/plugins/cam/disable");
+    assert_eq!(code, 401, "no toggles without the token");
+    assert_eq!(
+        node.call("GET", "/api/v1/status").0,
+        200,
+        "loopback stays token-free"
+    );
+}

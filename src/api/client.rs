@@ -60,12 +60,13 @@ pub async fn unix(
     exchange(io, target, req).await
 }
 
-/// A whole request/response over TCP, for the CLI.
+/// A whole request/response over TCP, for the CLI; `bearer` adds an Authorization header.
 pub async fn call(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: Option<serde_json::Value>,
+    bearer: Option<&str>,
 ) -> Result<(u16, Bytes), ClientError> {
     let target = format!("http://{addr}");
     let io = tokio::net::TcpStream::connect(addr)
@@ -78,6 +79,9 @@ pub async fn call(
         .method(method)
         .uri(path)
         .header("host", addr.to_string());
+    if let Some(token) = bearer {
+        builder = builder.header("authorization", format!("Bearer {token}"));
+    }
     let body = match body {
         Some(v) => {
             builder = builder.header("content-type", "application/json");

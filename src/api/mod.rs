@@ -73,6 +73,33 @@ impl From<HostError> for ApiError {
     }
 }
 
+/// The same API for the remote listener: every request needs the bearer token.
+pub fn remote_router(state: Arc<ApiState>, token: Arc<str>) -> Router {
+    router(state).layer(axum::middleware::from_fn(
+        move |req: Request, next: axum::middleware::Next| {
+            let token = token.clone();
+            async move {
+                let given = req
+                    .headers()
+                    .get(axum::http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("");
+                if crate::keys::constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                    next.run(req).await
+                } else {
+                    ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong bearer token",
+                    "send `Authorization: Bearer <token>` with the token from [control].token_file",
+                )
+                .into_response()
+                }
+            }
+        },
+    ))
+}
+
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/api/v1/status", get(status))

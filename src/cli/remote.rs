@@ -25,11 +25,13 @@ fn api_addr(api: &Option<String>, config: &Option<PathBuf>) -> anyhow::Result<So
 }
 
 async fn request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<Value> {
-    let (status, body) = client::call(addr, method, path, None).await.map_err(|e| {
-        anyhow::anyhow!(
-            "{e}\n  fix: is the node running (`myelin up`)? Point --api or --config at it"
-        )
-    })?;
+    let (status, body) = client::call(addr, method, path, None, None)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e}\n  fix: is the node running (`myelin up`)? Point --api or --config at it"
+            )
+        })?;
     let value: Value = serde_json::from_slice(&body)
         .with_context(|| format!("{addr}{path} answered {status} with a body that is not JSON"))?;
     if status >= 400 {

@@ -59,12 +59,17 @@ impl Node {
 
     /// A node alone in network namespace `ns`.
     pub fn start_in(ns: Arc<Netns>, host: &str, sections: &str) -> Node {
+        Self::start_full(ns, "", host, sections)
+    }
+
+    /// `control` adds keys to `[control]`.
+    pub fn start_full(ns: Arc<Netns>, control: &str, host: &str, sections: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let key = write_key(dir.path());
         let config = dir.path().join("myelin.toml");
         let text = format!(
-            "[node]\nname = \"robot1\"\nprivate_key_file = \"{}\"\naddress = [\"10.77.0.1/16\"]\n\n[control]\nlisten = \"127.0.0.1:0\"\n\n[plugins]\nruntime_dir = \"{}\"\n{host}\n{sections}\n",
+            "[node]\nname = \"robot1\"\nprivate_key_file = \"{}\"\naddress = [\"10.77.0.1/16\"]\n\n[control]\nlisten = \"127.0.0.1:0\"\n{control}\n\n[plugins]\nruntime_dir = \"{}\"\n{host}\n{sections}\n",
             key.display(),
             dir.path().join("run").display()
         );
@@ -129,7 +134,22 @@ impl Node {
     }
 
     pub fn call(&self, method: &str, path: &str) -> (u16, Value) {
-        let (api, m, p) = (self.api, method.to_string(), path.to_string());
+        self.call_at(self.api, None, method, path)
+    }
+
+    /// A request to `api` (any listener of this node) with an optional bearer token.
+    pub fn call_at(
+        &self,
+        api: SocketAddr,
+        bearer: Option<&str>,
+        method: &str,
+        path: &str,
+    ) -> (u16, Value) {
+        let (m, p, b) = (
+            method.to_string(),
+            path.to_string(),
+            bearer.map(str::to_string),
+        );
         let (status, body) = self
             .ns
             .enter(move || {
@@ -137,7 +157,7 @@ impl Node {
                     .enable_all()
                     .build()
                     .unwrap();
-                rt.block_on(myelin::api::client::call(api, &m, &p, None))
+                rt.block_on(myelin::api::client::call(api, &m, &p, None, b.as_deref()))
             })
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\nlog:\n{}", self.log()));
         let value = serde_json::from_slice(&body)
