@@ -17,8 +17,8 @@ fn key(seed: u8) -> StaticSecret {
 fn connected_pair() -> (Tunn, Tunn) {
     let (a_sk, b_sk) = (key(1), key(2));
     let (a_pk, b_pk) = (PublicKey::from(&a_sk), PublicKey::from(&b_sk));
-    let mut a = Tunn::new(a_sk, b_pk, None, None, 1 << 8, None);
-    let mut b = Tunn::new(b_sk, a_pk, None, None, 2 << 8, None);
+    let mut a = Tunn::new(a_sk, b_pk, None, None, 1, None);
+    let mut b = Tunn::new(b_sk, a_pk, None, None, 2, None);
     let mut buf = vec![0u8; 2048];
     let mut buf2 = vec![0u8; 2048];
     let init = match a.format_handshake_initiation(&mut buf, false) {

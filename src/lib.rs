@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod host;
 pub mod keys;
+pub mod lab;
 pub mod logging;
 pub mod mesh;
 pub mod node;

@@ -1,6 +1,7 @@
 //! The command line (argh): one function per subcommand.
 
 mod keys;
+mod lab;
 mod remote;
 
 use argh::FromArgs;
@@ -30,7 +31,80 @@ pub enum Command {
     Peers(PeersArgs),
     Plugins(PluginsArgs),
     Version(VersionArgs),
+    Lab(LabArgs),
     PluginRun(PluginRunArgs),
+}
+
+#[derive(FromArgs)]
+/// A whole fleet on this machine, in network namespaces (needs root).
+#[argh(subcommand, name = "lab")]
+pub struct LabArgs {
+    #[argh(subcommand)]
+    pub command: LabCommand,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+pub enum LabCommand {
+    Up(LabUpArgs),
+    Status(LabStatusArgs),
+    Exec(LabExecArgs),
+    Down(LabDownArgs),
+}
+
+fn default_lab_dir() -> PathBuf {
+    PathBuf::from("/run/myelin-lab")
+}
+
+#[derive(FromArgs)]
+/// Start a lab: one namespace per node (operator, robot1, ...), keys, configs, a full mesh.
+#[argh(subcommand, name = "up")]
+pub struct LabUpArgs {
+    /// number of nodes, 2 to 50 (default 3)
+    #[argh(option, default = "3")]
+    pub nodes: usize,
+    /// state directory: configs, keys, logs (default /run/myelin-lab)
+    #[argh(option, default = "default_lab_dir()")]
+    pub dir: PathBuf,
+    /// leave the lab running and return once it is up (stop it with `myelin lab down`)
+    #[argh(switch)]
+    pub detach: bool,
+}
+
+#[derive(FromArgs)]
+/// Show the lab's nodes, their addresses and sessions.
+#[argh(subcommand, name = "status")]
+pub struct LabStatusArgs {
+    /// state directory (default /run/myelin-lab)
+    #[argh(option, default = "default_lab_dir()")]
+    pub dir: PathBuf,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// Run a command inside a lab node's namespace: myelin lab exec robot1 -- ping 10.77.0.1
+#[argh(subcommand, name = "exec")]
+pub struct LabExecArgs {
+    /// state directory (default /run/myelin-lab)
+    #[argh(option, default = "default_lab_dir()")]
+    pub dir: PathBuf,
+    /// node name
+    #[argh(positional)]
+    pub node: String,
+    /// the command and its arguments
+    #[argh(positional, greedy)]
+    pub command: Vec<String>,
+}
+
+#[derive(FromArgs)]
+/// Stop every lab node and remove everything the lab made (safe to repeat).
+#[argh(subcommand, name = "down")]
+pub struct LabDownArgs {
+    /// state directory (default /run/myelin-lab)
+    #[argh(option, default = "default_lab_dir()")]
+    pub dir: PathBuf,
 }
 
 #[derive(FromArgs)]
@@ -143,6 +217,7 @@ pub struct PluginRunArgs {
 }
 
 pub use keys::{init, keygen, pubkey};
+pub use lab::lab;
 pub use remote::{peers, plugins, status};
 
 pub fn version(args: &VersionArgs) -> anyhow::Result<()> {

@@ -225,8 +225,9 @@ impl Tunnel {
                 x25519::PublicKey::from(p.public_key.0),
                 None,
                 p.persistent_keepalive.filter(|k| *k > 0),
-                // The low 8 bits are boringtun's session counter; the rest finds the peer.
-                (i as u32) << 8,
+                // boringtun shifts this left by 8 for its session counter; `receiver_idx >> 8`
+                // gives the peer's position back.
+                i as u32,
                 None,
             );
             let probe_addr = p.allowed_ips.iter().find_map(|n| match n {

@@ -1,0 +1,334 @@
+//! `myelin lab`: a whole fleet on one machine. Each node gets a network namespace joined to a
+//! host bridge by a veth, its own key and config, and a full mesh of static peers. The host can
+//! reach every node's control API on its underlay address with the lab's token. The
+//! integration tests use the same code.
+
+use crate::keys::PrivateKey;
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Host-side bridge joining the nodes' underlay interfaces.
+pub const BRIDGE: &str = "mlab0";
+/// Prefix of every namespace and host-side link the lab makes.
+pub const PREFIX: &str = "mlab-";
+const UNDERLAY: &str = "10.210.0";
+const HOST_ADDR: &str = "10.210.0.254/24";
+const STATE_FILE: &str = "lab.json";
+const MAX_NODES: usize = 50;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabNode {
+    pub name: String,
+    pub namespace: String,
+    pub underlay: String,
+    pub overlay: Vec<String>,
+    pub api: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub pid: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabState {
+    pub dir: PathBuf,
+    pub token: String,
+    pub nodes: Vec<LabNode>,
+}
+
+impl LabState {
+    pub fn load(dir: &Path) -> anyhow::Result<LabState> {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no lab in {} (cannot read {}); fix: start one with `myelin lab up --nodes 3`",
+                dir.display(),
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is damaged; fix: `myelin lab down` removes the lab",
+                path.display()
+            )
+        })
+    }
+
+    pub fn node(&self, name: &str) -> anyhow::Result<&LabNode> {
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+            anyhow::anyhow!("no lab node `{name}`; the lab has {}", names.join(", "))
+        })
+    }
+
+    /// The URL a browser on the host opens for this node.
+    pub fn dashboard_url(&self, node: &LabNode) -> String {
+        format!("http://{}/#token={}", node.api, self.token)
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip`; fix: install iproute2 (`apt-get install iproute2`)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn node_names(n: usize) -> Vec<String> {
+    std::iter::once("operator".to_string())
+        .chain((1..n).map(|i| format!("robot{i}")))
+        .collect()
+}
+
+fn random_token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random token: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{text}")?;
+    Ok(())
+}
+
+/// Creates the namespaces, links, keys and configs, and starts every node.
+pub fn create(dir: &Path, count: usize) -> anyhow::Result<LabState> {
+    if !(2..=MAX_NODES).contains(&count) {
+        bail!("--nodes {count}: a lab has 2 to {MAX_NODES} nodes");
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the lab creates network namespaces and TUN devices; fix: run `myelin lab up` as root"
+        );
+    }
+    if dir.join(STATE_FILE).exists() || Path::new(&format!("/sys/class/net/{BRIDGE}")).exists() {
+        bail!("a lab is already running (state in {} or bridge {BRIDGE} present); fix: `myelin lab down --dir {}` first", dir.display(), dir.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = std::fs::canonicalize(dir)?;
+    let token = random_token()?;
+    let token_file = dir.join("api.token");
+    write_private(&token_file, &token)?;
+    let names = node_names(count);
+    let keys: Vec<PrivateKey> = names
+        .iter()
+        .map(|_| PrivateKey::generate())
+        .collect::<Result<_, _>>()?;
+
+    ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+    ip(&["addr", "add", HOST_ADDR, "dev", BRIDGE])?;
+    ip(&["link", "set", BRIDGE, "up"])?;
+
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let n = i + 1;
+        let ns = format!("{PREFIX}{name}");
+        let host_if = format!("{PREFIX}h{n}");
+        let underlay = format!("{UNDERLAY}.{n}");
+        ip(&["netns", "add", &ns])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(&["link", "set", &host_if, "master", BRIDGE])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{underlay}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+
+        let node_dir = dir.join(name);
+        std::fs::create_dir_all(&node_dir)?;
+        let key_file = node_dir.join("private.key");
+        write_private(&key_file, &keys[i].to_base64())?;
+        let mut peers = String::new();
+        for (j, other) in names.iter().enumerate() {
+            if j == i {
+                continue;
+            }
+            peers.push_str(&format!(
+                "\n[[peers]]\nname = \"{other}\"\npublic_key = \"{}\"\nendpoint = \"{UNDERLAY}.{}:51820\"\nallowed_ips = [\"10.77.0.{}/32\", \"fd77::{}/128\"]\n",
+                keys[j].public_key(),
+                j + 1,
+                j + 1,
+                j + 1
+            ));
+        }
+        let plugins: String = myelin_sdk::registrations()
+            .map(|r| format!("\n[plugins.{}]\n", r.name))
+            .collect();
+        let api = format!("{underlay}:7800");
+        let config = format!(
+            "# Made by `myelin lab up`.\n[node]\nname = \"{name}\"\nprivate_key_file = \"{}\"\naddress = [\"10.77.0.{n}/16\", \"fd77::{n}/64\"]\n\n[control]\nlisten = \"127.0.0.1:7800\"\nremote_listen = \"{api}\"\ntoken_file = \"{}\"\n{peers}\n[plugins]\nruntime_dir = \"{}\"\n{plugins}",
+            key_file.display(),
+            token_file.display(),
+            node_dir.join("run").display()
+        );
+        let config_path = node_dir.join("myelin.toml");
+        std::fs::write(&config_path, config)?;
+        nodes.push(LabNode {
+            name: name.clone(),
+            namespace: ns,
+            underlay,
+            overlay: vec![format!("10.77.0.{n}"), format!("fd77::{n}")],
+            api,
+            config: config_path,
+            log: dir.join(format!("{name}.log")),
+            pid: None,
+        });
+    }
+    let exe = std::env::current_exe().context("locating the myelin binary")?;
+    for node in &mut nodes {
+        let log = std::fs::File::create(&node.log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.namespace])
+            .arg(&exe)
+            .args(["up", "--config"])
+            .arg(&node.config)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting node {}", node.name))?;
+        node.pid = Some(child.id());
+    }
+    let state = LabState {
+        dir: dir.clone(),
+        token,
+        nodes,
+    };
+    crate::config::write_atomically(
+        &dir.join(STATE_FILE),
+        serde_json::to_string_pretty(&state)?.as_bytes(),
+    )?;
+    Ok(state)
+}
+
+/// Peers each node sees up, by asking its API.
+pub async fn handshakes(state: &LabState) -> (usize, usize) {
+    let want = state.nodes.len() * (state.nodes.len() - 1);
+    let mut up = 0;
+    for node in &state.nodes {
+        let Ok(addr) = node.api.parse() else { continue };
+        if let Ok((200, body)) =
+            crate::api::client::call(addr, "GET", "/api/v1/peers", None, Some(&state.token)).await
+        {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                up += v["peers"]
+                    .as_array()
+                    .map_or(0, |p| p.iter().filter(|p| p["up"] == true).count());
+            }
+        }
+    }
+    (up, want)
+}
+
+/// Waits until every node has a session with every other, printing progress.
+pub async fn wait_up(state: &LabState, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = usize::MAX;
+    loop {
+        let (up, want) = handshakes(state).await;
+        if up != last {
+            println!("  handshakes: {up}/{want}");
+            last = up;
+        }
+        if up == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {up} of {want} peer sessions came up within {timeout:?}; fix: read the node logs in {}",
+                state.dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Removes every namespace, link and process the lab made; safe to run twice or after a crash.
+pub fn destroy(dir: &Path) -> anyhow::Result<()> {
+    let state = LabState::load(dir).ok();
+    let mut namespaces: Vec<String> = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|n| n.starts_with(PREFIX))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(s) = &state {
+        for n in &s.nodes {
+            if !namespaces.contains(&n.namespace) {
+                namespaces.push(n.namespace.clone());
+            }
+        }
+    }
+    let pids = |ns: &str| -> Vec<i32> {
+        Command::new("ip")
+            .args(["netns", "pids", ns])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // SIGTERM first so nodes stop their plugins and tunnel in order, then SIGKILL.
+    for ns in &namespaces {
+        for pid in pids(ns) {
+            // SAFETY: signalling processes inside the lab's own namespaces.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while namespaces.iter().any(|ns| !pids(ns).is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for ns in &namespaces {
+        for pid in pids(ns) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
+    if Path::new(&format!("/sys/class/net/{BRIDGE}")).exists() {
+        ip(&["link", "del", BRIDGE])?;
+    }
+    if dir.join(STATE_FILE).exists() {
+        std::fs::remove_file(dir.join(STATE_FILE))?;
+    }
+    Ok(())
+}
