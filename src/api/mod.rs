@@ -74,8 +74,10 @@ impl From<HostError> for ApiError {
 }
 
 /// The same API for the remote listener: every request needs the bearer token.
+/// The dashboard page itself holds no data, so it loads without the token; the page reads the
+/// token from its URL fragment and sends it with every API call.
 pub fn remote_router(state: Arc<ApiState>, token: Arc<str>) -> Router {
-    router(state).layer(axum::middleware::from_fn(
+    let api = api_routes(state).layer(axum::middleware::from_fn(
         move |req: Request, next: axum::middleware::Next| {
             let token = token.clone();
             async move {
@@ -97,10 +99,32 @@ pub fn remote_router(state: Arc<ApiState>, token: Arc<str>) -> Router {
                 }
             }
         },
-    ))
+    ));
+    dashboard_routes().merge(api)
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
+    dashboard_routes().merge(api_routes(state))
+}
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+fn dashboard_routes() -> Router {
+    let page = || async {
+        (
+            [
+                ("content-type", "text/html; charset=utf-8"),
+                ("cache-control", "no-cache"),
+            ],
+            DASHBOARD,
+        )
+    };
+    Router::new()
+        .route("/", get(page))
+        .route("/index.html", get(page))
+}
+
+fn api_routes(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/peers", get(peers))
