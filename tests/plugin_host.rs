@@ -424,3 +424,53 @@ fn the_remote_listener_needs_the_bearer_token() {
         "loopback stays token-free"
     );
 }
+
+#[test]
+fn events_stream_reports_plugin_changes_as_they_happen() {
+    use std::io::{BufRead, Write};
+    let node = Node::start(FAST_HOST, &section("cam", "process", "none"));
+    node.wait_plugin("cam", Duration::from_secs(20), "running", |v| {
+        state(v) == "running"
+    });
+    let api = node.api;
+    let seen = node.ns.enter(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut events = std::net::TcpStream::connect(api).unwrap();
+        events.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(events, "GET /api/v1/events HTTP/1.1\r\nHost: node\r\n\r\n").unwrap();
+        let mut lines = std::io::BufReader::new(events).lines();
+        let mut seen = Vec::new();
+        let mut kind = String::new();
+        let mut disabled_sent = false;
+        while std::time::Instant::now() < deadline {
+            let Some(Ok(line)) = lines.next() else { break };
+            if let Some(k) = line.strip_prefix("event: ") {
+                kind = k.to_string();
+            } else if let Some(data) = line.strip_prefix("data: ") {
+                let v: serde_json::Value = serde_json::from_str(data).unwrap();
+                if kind == "plugin" {
+                    seen.push(v["state"].as_str().unwrap_or("").to_string());
+                    if v["state"] == "running" && !disabled_sent {
+                        let mut post = std::net::TcpStream::connect(api).unwrap();
+                        write!(post, "POST /api/v1/plugins/cam/disable HTTP/1.1\r\nHost: node\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+                        disabled_sent = true;
+                    }
+                    if v["state"] == "disabled" {
+                        break;
+                    }
+                }
+            }
+        }
+        seen
+    });
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("running"),
+        "the stream starts with the present: {seen:?}"
+    );
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("disabled"),
+        "and reports the change: {seen:?}"
+    );
+}

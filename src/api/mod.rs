@@ -2,6 +2,7 @@
 //! metrics, and a proxy of `/plugins/<name>/...` to each plugin's own socket.
 
 pub mod client;
+mod events;
 
 use crate::host::{Action, HostError, PluginHost};
 use axum::body::Body;
@@ -131,6 +132,7 @@ fn api_routes(state: Arc<ApiState>) -> Router {
         .route("/api/v1/plugins", get(plugins))
         .route("/api/v1/plugins/{name}", get(plugin))
         .route("/api/v1/plugins/{name}/{action}", post(plugin_action))
+        .route("/api/v1/events", get(events::stream))
         .route("/metrics", get(prometheus))
         .route("/plugins/{name}", any(proxy_root))
         .route("/plugins/{name}/", any(proxy_root))

@@ -125,6 +125,8 @@ pub(crate) struct Shared {
     pub run_as: Option<worker::RunAs>,
     pub epoch: Instant,
     pub mesh: watch::Receiver<MeshView>,
+    /// Bumped on every status change of any instance.
+    pub changes: watch::Sender<u64>,
 }
 
 pub struct PluginHost {
@@ -163,6 +165,7 @@ impl PluginHost {
             run_as,
             epoch: Instant::now(),
             mesh,
+            changes: watch::Sender::new(0),
         });
         let instances = validated
             .into_iter()
@@ -189,6 +192,11 @@ impl PluginHost {
     /// A receiver that sees every change of one instance's status.
     pub fn watch(&self, name: &str) -> Option<watch::Receiver<PluginStatus>> {
         self.find(name).ok().map(|i| i.status.clone())
+    }
+
+    /// Changes whenever any instance's status changes.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
     }
 
     /// The Unix socket an instance serves its routes on.

@@ -57,6 +57,7 @@ impl Supervisor {
 
     fn update(&self, f: impl FnOnce(&mut PluginStatus)) {
         self.status.send_modify(f);
+        self.shared.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn set_state(&self, state: PluginState) {

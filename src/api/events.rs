@@ -1,0 +1,77 @@
+//! `GET /api/v1/events`: Server-Sent Events for the dashboard and scripts: `peer_up` and
+//! `peer_down` on session changes, `rtt` on every new probe figure, `plugin` on any change of
+//! a plugin's state, restarts or enabled flag. The first events describe the present.
+
+use super::ApiState;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::Stream;
+use serde_json::json;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+pub async fn stream(
+    State(s): State<Arc<ApiState>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let (tx, mut rx) = mpsc::channel::<Event>(256);
+    tokio::spawn(produce(s, tx));
+    Sse::new(futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|e| e.map(Ok))
+    }))
+    .keep_alive(KeepAlive::default())
+}
+
+fn event(kind: &str, data: serde_json::Value) -> Event {
+    Event::default().event(kind).data(data.to_string())
+}
+
+/// Sends events until the client goes away (the channel closes).
+async fn produce(s: Arc<ApiState>, tx: mpsc::Sender<Event>) {
+    let mut mesh = s.mesh.clone();
+    let mut changes = s.host.changes();
+    let mut peers_up: HashMap<String, bool> = HashMap::new();
+    let mut rtts: HashMap<String, Option<f64>> = HashMap::new();
+    let mut plugins: HashMap<String, (String, u64, bool)> = HashMap::new();
+    loop {
+        let view = mesh.borrow_and_update().clone();
+        for p in &view.peers {
+            if peers_up.insert(p.name.clone(), p.up) != Some(p.up) {
+                let kind = if p.up { "peer_up" } else { "peer_down" };
+                if tx
+                    .send(event(kind, json!({"peer": p.name, "endpoint": p.endpoint})))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if rtts.insert(p.name.clone(), p.rtt_ms) != Some(p.rtt_ms) && p.rtt_ms.is_some() {
+                let data = json!({"peer": p.name, "rtt_ms": p.rtt_ms, "jitter_ms": p.jitter_ms, "loss": p.loss});
+                if tx.send(event("rtt", data)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        changes.borrow_and_update();
+        for status in s.host.statuses() {
+            let key = (
+                status.state.as_str().to_string(),
+                status.restarts,
+                status.enabled,
+            );
+            if plugins.insert(status.name.clone(), key.clone()) != Some(key) {
+                let data = serde_json::to_value(&status).unwrap_or_default();
+                if tx.send(event("plugin", data)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            changed = mesh.changed() => if changed.is_err() { return },
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = tx.closed() => return,
+        }
+    }
+}
