@@ -8,7 +8,9 @@ packages=(
   iproute2 nftables iputils-ping tcpdump
   wireguard-tools wireguard-go iperf3
   python3 python3-venv
+  chromium
 )
+command -v node >/dev/null 2>&1 || packages+=(nodejs npm)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -35,3 +37,10 @@ if command -v rustup >/dev/null 2>&1; then
   done
 fi
 mkdir -p "${CARGO_TARGET_DIR:-/var/cache/myelin/target}"
+
+# Browser test client: playwright-core drives Debian's Chromium (no browser download).
+browser="$(dirname "$0")/../tests/browser"
+if [ ! -d "$browser/node_modules/playwright-core" ] || [ "$browser/package-lock.json" -nt "$browser/node_modules" ]; then
+  echo "setup: installing playwright-core for the browser test"
+  (cd "$browser" && npm ci --no-audit --no-fund --loglevel=error)
+fi

@@ -1,0 +1,51 @@
+// Drives headless Chromium through a lab node's dashboard: peers with a live RTT, events
+// flowing, a plugin switched off and on from the page (checked against the API), a screenshot.
+// Usage: node dashboard.mjs <dashboard URL with #token=...> <screenshot path> <plugin name>
+import { chromium } from "playwright-core";
+
+const [url, shot, plugin] = process.argv.slice(2);
+const token = new URLSearchParams(new URL(url).hash.slice(1)).get("token");
+const origin = new URL(url).origin;
+const browser = await chromium.launch({
+  executablePath: "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const step = (what) => console.log(`dashboard: ${what}`);
+async function apiState() {
+  const r = await fetch(`${origin}/api/v1/plugins/${plugin}`, { headers: { Authorization: `Bearer ${token}` } });
+  return (await r.json()).state;
+}
+async function waitApi(want) {
+  const deadline = Date.now() + 20000;
+  for (;;) {
+    const got = await apiState();
+    if (got === want) return;
+    if (Date.now() > deadline) throw new Error(`API shows plugin ${plugin} ${got}, expected ${want}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+try {
+  const page = await browser.newPage({ viewport: { width: 1100, height: 640 } });
+  page.on("pageerror", (e) => console.log(`page error: ${e.message}`));
+  await page.goto(url);
+  await page.waitForFunction(
+    () => [...document.querySelectorAll("tr[data-peer] .rtt")].filter((td) => td.textContent.endsWith(" ms")).length >= 2,
+    null, { timeout: 20000 });
+  step("every peer shows an RTT");
+  await page.waitForFunction(() => Number(document.body.dataset.events ?? 0) >= 10, null, { timeout: 20000 });
+  step("live events arrive");
+  const toggle = page.locator(`tr[data-plugin="${plugin}"] input.toggle`);
+  await toggle.uncheck();
+  await waitApi("disabled");
+  await page.locator(`tr[data-plugin="${plugin}"] .state.disabled`).waitFor({ timeout: 20000 });
+  step(`switched ${plugin} off; the API and the page agree`);
+  await toggle.check();
+  await waitApi("running");
+  await page.locator(`tr[data-plugin="${plugin}"] .state.running`).waitFor({ timeout: 20000 });
+  step(`switched ${plugin} on; the API and the page agree`);
+  await page.screenshot({ path: shot });
+  step(`screenshot ${shot}`);
+} finally {
+  await browser.close();
+}

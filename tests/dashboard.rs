@@ -1,0 +1,82 @@
+//! The dashboard in a real browser: headless Chromium, driven by playwright-core, opens a lab
+//! node's dashboard from the host, sees the other peers with an RTT, switches a plugin off and
+//! on, and the API follows each change. The screenshot is kept as a test artifact.
+
+mod common;
+
+use common::BIN;
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn dashboard_shows_the_fleet_and_toggles_a_plugin() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the lab needs root");
+    let browser_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    assert!(
+        browser_dir.join("node_modules/playwright-core").exists(),
+        "playwright-core is missing: run scripts/setup.sh (it runs `npm ci` in tests/browser)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    let mut up = Command::new(BIN)
+        .args(["lab", "up", "--nodes", "3", "--dir", &d])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(up.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut transcript = String::new();
+    while !transcript.contains("Ctrl-C stops the lab") {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 || Instant::now() > deadline {
+            let _ = up.kill();
+            let _ = Command::new(BIN)
+                .args(["lab", "down", "--dir", &d])
+                .status();
+            panic!("lab up did not come up:\n{transcript}");
+        }
+        transcript.push_str(&line);
+    }
+    let url = transcript
+        .lines()
+        .filter(|l| l.contains("http://"))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("robot1")
+                .map(|u| u.trim().to_string())
+        })
+        .expect("robot1's dashboard URL");
+    let artifacts = std::path::PathBuf::from(
+        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
+    )
+    .join("test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("dashboard.png");
+    eprintln!("dashboard URL: {url}");
+    let run = Command::new("node")
+        .arg(browser_dir.join("dashboard.mjs"))
+        .args([url.as_str(), shot.to_str().unwrap(), "chaos"])
+        .output()
+        .expect("node (the test script installs nodejs)");
+    // SAFETY: interrupting our own child, as Ctrl-C would.
+    unsafe { libc::kill(up.id() as i32, libc::SIGINT) };
+    let _ = up.wait();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "browser run failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("switched chaos on; the API and the page agree"),
+        "{stdout}"
+    );
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "screenshot saved at {}",
+        shot.display()
+    );
+    eprintln!("{stdout}screenshot: {}", shot.display());
+}
