@@ -141,7 +141,14 @@ fn api_routes(state: Arc<ApiState>) -> Router {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "no such endpoint",
-                "the API lives under /api/v1/ (status, peers, plugins)",
+                "the API lives under /api/v1/ (status, peers, plugins, events)",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed here",
+                "reads are GET; enable, disable and restart are POST",
             )
         })
         .with_state(state)

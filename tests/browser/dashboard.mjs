@@ -44,6 +44,21 @@ try {
   await waitApi("running");
   await page.locator(`tr[data-plugin="${plugin}"] .state.running`).waitFor({ timeout: 20000 });
   step(`switched ${plugin} on; the API and the page agree`);
+  // The plugin's own panel: its button reaches the plugin's route through the dashboard.
+  const frame = page.frameLocator(`section[data-panel="${plugin}"] iframe`);
+  await frame.locator("#mode").waitFor({ timeout: 20000 });
+  step(`${plugin} panel shown`);
+  const before = await (await fetch(`${origin}/api/v1/plugins/${plugin}`, { headers: { Authorization: `Bearer ${token}` } })).json();
+  await frame.locator("#panic").click();
+  await frame.locator("#out").filter({ hasText: "answered 202" }).waitFor({ timeout: 20000 });
+  const deadline = Date.now() + 20000;
+  for (;;) {
+    const now = await (await fetch(`${origin}/api/v1/plugins/${plugin}`, { headers: { Authorization: `Bearer ${token}` } })).json();
+    if (now.restarts > before.restarts && now.state === "running") break;
+    if (Date.now() > deadline) throw new Error(`${plugin} was not restarted after its panel's panic button: ${JSON.stringify(now)}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  step(`${plugin} panicked from its panel and was restarted`);
   await page.screenshot({ path: shot });
   step(`screenshot ${shot}`);
 } finally {

@@ -12,7 +12,7 @@
 //! `after_ms` delays the failure after start.
 
 use myelin_sdk::axum::{
-    extract::Path, http::StatusCode, routing::get, routing::post, Json, Router,
+    extract::Path, http::StatusCode, response::Html, routing::get, routing::post, Json, Router,
 };
 use myelin_sdk::{async_trait, Health, Plugin, PluginContext, PluginError, Registration};
 use serde::{Deserialize, Serialize};
@@ -142,6 +142,7 @@ impl Plugin for Chaos {
         Some(
             Router::new()
                 .route("/", get(move || async move { Json(serde_json_mode(mode)) }))
+                .route("/panel", get(move || async move { Html(panel(mode)) }))
                 .route(
                     "/trigger/{mode}",
                     post(move |Path(name): Path<String>| async move {
@@ -159,6 +160,23 @@ impl Plugin for Chaos {
                 ),
         )
     }
+}
+
+/// The dashboard panel: the configured mode, and a button that panics the plugin on purpose,
+/// to watch the host restart it. It talks to the dashboard through postMessage.
+fn panel(mode: Mode) -> String {
+    format!(
+        r#"<!doctype html><meta charset="utf-8"><body style="font:14px system-ui;margin:8px">
+<p>chaos mode: <b id="mode">{mode:?}</b></p>
+<button id="panic">panic now</button> <span id="out"></span>
+<script>
+document.getElementById("panic").onclick = () =>
+  parent.postMessage({{ myelin: "call", id: 1, method: "POST", path: "trigger/panic" }}, "*");
+addEventListener("message", (e) => {{
+  if (e.data && e.data.myelin === "reply") document.getElementById("out").textContent = "answered " + e.data.status;
+}});
+</script>"#
+    )
 }
 
 fn serde_json_mode(mode: Mode) -> std::collections::BTreeMap<&'static str, Mode> {

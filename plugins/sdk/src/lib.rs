@@ -20,6 +20,14 @@
 //! A panic, an abort, an `Err` from `start`, an `Unhealthy` health or a missed health deadline
 //! all count as a failure: the host kills the plugin and restarts it with backoff.
 //!
+//! # Dashboard panel
+//!
+//! A plugin whose [`Plugin::routes`] answer `GET /panel` with an HTML page gets a panel on the
+//! node's dashboard. The page runs in a sandboxed frame without access to the API; it asks the
+//! dashboard to call one of the plugin's own routes with
+//! `parent.postMessage({myelin: "call", id, method: "GET" | "POST", path: "relative/route"}, "*")`
+//! and receives `{myelin: "reply", id, status, body}`.
+//!
 //! # Example
 //!
 //! ```
