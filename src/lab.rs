@@ -15,7 +15,6 @@ pub const BRIDGE: &str = "mlab0";
 /// Prefix of every namespace and host-side link the lab makes.
 pub const PREFIX: &str = "mlab-";
 const UNDERLAY: &str = "10.210.0";
-const HOST_ADDR: &str = "10.210.0.254/24";
 const STATE_FILE: &str = "lab.json";
 const MAX_NODES: usize = 50;
 
@@ -84,6 +83,170 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The lab's underlay: a host bridge and, per node, a namespace joined to it by a veth. The
+/// CLI lab uses the default names; tests make fabrics with their own prefix, bridge and subnet
+/// so several can exist at once.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Fabric {
+    /// Prefix of namespaces and host-side links.
+    pub prefix: String,
+    pub bridge: String,
+    /// The underlay is `<subnet>.0/24`; the host side of the bridge is `.254`.
+    pub subnet: String,
+}
+
+/// One node's place on the fabric.
+#[derive(Clone, Debug)]
+pub struct Attachment {
+    pub namespace: String,
+    pub interface: String,
+    pub underlay: String,
+}
+
+impl Default for Fabric {
+    fn default() -> Self {
+        Fabric {
+            prefix: PREFIX.into(),
+            bridge: BRIDGE.into(),
+            subnet: UNDERLAY.into(),
+        }
+    }
+}
+
+impl Fabric {
+    pub fn exists(&self) -> bool {
+        Path::new(&format!("/sys/class/net/{}", self.bridge)).exists()
+    }
+
+    /// Creates the bridge with the host's address on it.
+    pub fn create(&self) -> anyhow::Result<()> {
+        ip(&["link", "add", &self.bridge, "type", "bridge"])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}.254/24", self.subnet),
+            "dev",
+            &self.bridge,
+        ])?;
+        ip(&["link", "set", &self.bridge, "up"])
+    }
+
+    /// Node number `n` (1..=253): namespace `<prefix><name>`, `eth0` at `<subnet>.<n>`.
+    pub fn attach(&self, n: usize, name: &str) -> anyhow::Result<Attachment> {
+        let namespace = format!("{}{name}", self.prefix);
+        let host_if = format!("{}h{n}", self.prefix);
+        let underlay = format!("{}.{n}", self.subnet);
+        ip(&["netns", "add", &namespace])?;
+        ip(&["-n", &namespace, "link", "set", "lo", "up"])?;
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &namespace,
+        ])?;
+        ip(&["link", "set", &host_if, "master", &self.bridge])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        ip(&[
+            "-n",
+            &namespace,
+            "addr",
+            "add",
+            &format!("{underlay}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &namespace, "link", "set", "eth0", "up"])?;
+        Ok(Attachment {
+            namespace,
+            interface: "eth0".into(),
+            underlay,
+        })
+    }
+
+    /// Stops every process in the fabric's namespaces (SIGTERM, then SIGKILL after up to
+    /// 10 s), deletes the namespaces and the bridge. Safe to repeat.
+    pub fn destroy(&self, extra_namespaces: &[String]) -> anyhow::Result<()> {
+        let mut namespaces: Vec<String> = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().next())
+                    .filter(|n| n.starts_with(&self.prefix))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for ns in extra_namespaces {
+            if !namespaces.contains(ns) {
+                namespaces.push(ns.clone());
+            }
+        }
+        let pids = |ns: &str| -> Vec<i32> {
+            Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        // SIGTERM first so nodes stop their plugins and tunnel in order, then SIGKILL.
+        for ns in &namespaces {
+            for pid in pids(ns) {
+                // SAFETY: signalling processes inside the fabric's own namespaces.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while namespaces.iter().any(|ns| !pids(ns).is_empty()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for ns in &namespaces {
+            for pid in pids(ns) {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        if self.exists() {
+            ip(&["link", "del", &self.bridge])?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts `myelin up --config <config>` inside `namespace`, logging to `log`.
+pub fn spawn_node(
+    namespace: &str,
+    config: &Path,
+    log: &Path,
+) -> anyhow::Result<std::process::Child> {
+    let exe = std::env::current_exe().context("locating the myelin binary")?;
+    spawn_node_with(&exe, namespace, config, log)
+}
+
+/// As [`spawn_node`], with an explicit binary (tests run the built `myelin`).
+pub fn spawn_node_with(
+    exe: &Path,
+    namespace: &str,
+    config: &Path,
+    log: &Path,
+) -> anyhow::Result<std::process::Child> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    Command::new("ip")
+        .args(["netns", "exec", namespace])
+        .arg(exe)
+        .args(["up", "--config"])
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting a node in {namespace}"))
+}
+
 fn node_names(n: usize) -> Vec<String> {
     std::iter::once("operator".to_string())
         .chain((1..n).map(|i| format!("robot{i}")))
@@ -121,8 +284,9 @@ pub fn create(dir: &Path, count: usize) -> anyhow::Result<LabState> {
             "the lab creates network namespaces and TUN devices; fix: run `myelin lab up` as root"
         );
     }
-    if dir.join(STATE_FILE).exists() || Path::new(&format!("/sys/class/net/{BRIDGE}")).exists() {
-        bail!("a lab is already running (state in {} or bridge {BRIDGE} present); fix: `myelin lab down --dir {}` first", dir.display(), dir.display());
+    let fabric = Fabric::default();
+    if dir.join(STATE_FILE).exists() || fabric.exists() {
+        bail!("a lab is already running (state in {} or bridge {} present); fix: `myelin lab down --dir {}` first", dir.display(), fabric.bridge, dir.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
@@ -135,34 +299,15 @@ pub fn create(dir: &Path, count: usize) -> anyhow::Result<LabState> {
         .map(|_| PrivateKey::generate())
         .collect::<Result<_, _>>()?;
 
-    ip(&["link", "add", BRIDGE, "type", "bridge"])?;
-    ip(&["addr", "add", HOST_ADDR, "dev", BRIDGE])?;
-    ip(&["link", "set", BRIDGE, "up"])?;
-
+    fabric.create()?;
     let mut nodes = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let n = i + 1;
-        let ns = format!("{PREFIX}{name}");
-        let host_if = format!("{PREFIX}h{n}");
-        let underlay = format!("{UNDERLAY}.{n}");
-        ip(&["netns", "add", &ns])?;
-        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
-        ip(&["link", "set", &host_if, "master", BRIDGE])?;
-        ip(&["link", "set", &host_if, "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{underlay}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-
+        let Attachment {
+            namespace: ns,
+            underlay,
+            ..
+        } = fabric.attach(n, name)?;
         let node_dir = dir.join(name);
         std::fs::create_dir_all(&node_dir)?;
         let key_file = node_dir.join("private.key");
@@ -203,19 +348,8 @@ pub fn create(dir: &Path, count: usize) -> anyhow::Result<LabState> {
             pid: None,
         });
     }
-    let exe = std::env::current_exe().context("locating the myelin binary")?;
     for node in &mut nodes {
-        let log = std::fs::File::create(&node.log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.namespace])
-            .arg(&exe)
-            .args(["up", "--config"])
-            .arg(&node.config)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting node {}", node.name))?;
+        let child = spawn_node(&node.namespace, &node.config, &node.log)?;
         node.pid = Some(child.id());
     }
     let state = LabState {
@@ -274,59 +408,10 @@ pub async fn wait_up(state: &LabState, timeout: Duration) -> anyhow::Result<()> 
 
 /// Removes every namespace, link and process the lab made; safe to run twice or after a crash.
 pub fn destroy(dir: &Path) -> anyhow::Result<()> {
-    let state = LabState::load(dir).ok();
-    let mut namespaces: Vec<String> = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter_map(|l| l.split_whitespace().next())
-                .filter(|n| n.starts_with(PREFIX))
-                .map(str::to_string)
-                .collect()
-        })
+    let known: Vec<String> = LabState::load(dir)
+        .map(|s| s.nodes.into_iter().map(|n| n.namespace).collect())
         .unwrap_or_default();
-    if let Some(s) = &state {
-        for n in &s.nodes {
-            if !namespaces.contains(&n.namespace) {
-                namespaces.push(n.namespace.clone());
-            }
-        }
-    }
-    let pids = |ns: &str| -> Vec<i32> {
-        Command::new("ip")
-            .args(["netns", "pids", ns])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .filter_map(|p| p.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    // SIGTERM first so nodes stop their plugins and tunnel in order, then SIGKILL.
-    for ns in &namespaces {
-        for pid in pids(ns) {
-            // SAFETY: signalling processes inside the lab's own namespaces.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while namespaces.iter().any(|ns| !pids(ns).is_empty()) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for ns in &namespaces {
-        for pid in pids(ns) {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let _ = Command::new("ip").args(["netns", "del", ns]).status();
-    }
-    if Path::new(&format!("/sys/class/net/{BRIDGE}")).exists() {
-        ip(&["link", "del", BRIDGE])?;
-    }
+    Fabric::default().destroy(&known)?;
     if dir.join(STATE_FILE).exists() {
         std::fs::remove_file(dir.join(STATE_FILE))?;
     }
