@@ -131,10 +131,12 @@ impl Fabric {
         ip(&["link", "set", &self.bridge, "up"])
     }
 
-    /// Node number `n` (1..=253): namespace `<prefix><name>`, `eth0` at `<subnet>.<n>`.
+    /// Node number `n` (1..=253): namespace `<prefix><name>`, `eth0` at `<subnet>.<n>`, and
+    /// `<bridge>-<n>` on the host side.
     pub fn attach(&self, n: usize, name: &str) -> anyhow::Result<Attachment> {
         let namespace = format!("{}{name}", self.prefix);
-        let host_if = format!("{}h{n}", self.prefix);
+        // Interface names are limited to 15 characters; the bridge name keeps them short.
+        let host_if = format!("{}-{n}", self.bridge);
         let underlay = format!("{}.{n}", self.subnet);
         ip(&["netns", "add", &namespace])?;
         ip(&["-n", &namespace, "link", "set", "lo", "up"])?;

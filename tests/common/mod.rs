@@ -8,12 +8,11 @@ pub mod netns;
 pub use netns::Netns;
 
 use serde_json::Value;
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_myelin");
@@ -36,7 +35,7 @@ pub struct Node {
     pub api: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
-    log: Arc<Mutex<String>>,
+    log: PathBuf,
 }
 
 pub fn write_key(dir: &std::path::Path) -> PathBuf {
@@ -77,60 +76,41 @@ impl Node {
         Self::start_with(ns, dir, config)
     }
 
+    /// Starts the node the way `myelin lab` does, and finds its API address in its log.
     pub fn start_with(ns: Arc<Netns>, dir: tempfile::TempDir, config: PathBuf) -> Node {
-        let mut child = ns
-            .command(BIN)
-            .args(["up", "--config"])
-            .arg(&config)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .env_remove("RUST_BACKTRACE")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start myelin up");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Some(rest) = line.split("control API listening on http://").nth(1) {
-                    let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                    let _ = tx.send(addr);
-                }
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let api = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(a) => a.parse().expect("API address"),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "node did not report its control API within 20 s; log:\n{}",
-                    log.lock().unwrap()
-                );
-            }
-        };
-        Node {
+        let log = dir.path().join("node.log");
+        let child =
+            myelin::lab::spawn_node_with(std::path::Path::new(BIN), &ns.name, &config, &log)
+                .expect("start myelin up");
+        let mut node = Node {
             child,
             ns,
-            api,
+            api: "127.0.0.1:0".parse().unwrap(),
             dir,
             config,
             log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = node.log();
+            if let Some(rest) = text.split("control API listening on http://").nth(1) {
+                let addr: String = rest
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '\x1b')
+                    .collect();
+                node.api = addr.parse().expect("API address");
+                return node;
+            }
+            let exited = node.child.try_wait().unwrap().is_some();
+            if exited || Instant::now() > deadline {
+                panic!("node did not report its control API (exited: {exited}); log:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn call(&self, method: &str, path: &str) -> (u16, Value) {

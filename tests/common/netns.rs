@@ -25,13 +25,13 @@ pub fn ip(args: &[&str]) {
 
 impl Netns {
     pub fn new(tag: &str) -> Netns {
+        remove_stale();
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
             unsafe { libc::geteuid() },
             0,
             "end-to-end tests create network namespaces: run them as root"
         );
-        remove_stale();
         let name = format!(
             "my-{tag}-{}-{}",
             std::process::id(),
@@ -80,8 +80,21 @@ impl Netns {
     }
 }
 
-/// Namespaces left by a test run that was killed (its pid is in the name) are removed.
+/// Namespaces and bridges left by a test run that was killed (its pid is in the name) are
+/// removed.
 fn remove_stale() {
+    if let Ok(links) = std::fs::read_dir("/sys/class/net") {
+        for link in links.flatten() {
+            let name = link.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix("mb").and_then(|r| r.split('p').nth(1)) else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = Command::new("ip").args(["link", "del", &name]).status();
+            }
+        }
+    }
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
     };
@@ -119,7 +132,8 @@ impl Drop for Netns {
     }
 }
 
-/// Two namespaces joined by a veth pair, with underlay addresses 10.200.<n>.1 and .2 /24.
+/// Two namespaces on a lab fabric (the same code `myelin lab` uses): a host bridge with a veth
+/// to each, underlay addresses `<subnet>.1` and `<subnet>.2`, each on the namespace's `eth0`.
 pub struct Link {
     pub a: std::sync::Arc<Netns>,
     pub b: std::sync::Arc<Netns>,
@@ -127,47 +141,38 @@ pub struct Link {
     pub b_addr: String,
     pub a_if: String,
     pub b_if: String,
+    fabric: myelin::lab::Fabric,
 }
 
 impl Link {
     pub fn new(tag: &str) -> Link {
-        let a = std::sync::Arc::new(Netns::new(&format!("{tag}a")));
-        let b = std::sync::Arc::new(Netns::new(&format!("{tag}b")));
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed) % 250 + 1;
-        let (a_if, b_if) = ("ua".to_string(), "ub".to_string());
-        ip(&[
-            "link", "add", &a_if, "netns", &a.name, "type", "veth", "peer", "name", &b_if, "netns",
-            &b.name,
-        ]);
-        let a_addr = format!("10.200.{n}.1");
-        let b_addr = format!("10.200.{n}.2");
-        ip(&[
-            "-n",
-            &a.name,
-            "addr",
-            "add",
-            &format!("{a_addr}/24"),
-            "dev",
-            &a_if,
-        ]);
-        ip(&[
-            "-n",
-            &b.name,
-            "addr",
-            "add",
-            &format!("{b_addr}/24"),
-            "dev",
-            &b_if,
-        ]);
-        ip(&["-n", &a.name, "link", "set", &a_if, "up"]);
-        ip(&["-n", &b.name, "link", "set", &b_if, "up"]);
+        remove_stale();
+        let pid = std::process::id();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let fabric = myelin::lab::Fabric {
+            prefix: format!("my-{tag}-{pid}-{n}-"),
+            bridge: format!("mb{}p{pid}", n % 100),
+            subnet: format!("10.200.{}", n % 250 + 1),
+        };
+        fabric.create().expect("lab fabric bridge");
+        let a = fabric.attach(1, "a").expect("attach a");
+        let b = fabric.attach(2, "b").expect("attach b");
         Link {
-            a,
-            b,
-            a_addr,
-            b_addr,
-            a_if,
-            b_if,
+            a: std::sync::Arc::new(Netns { name: a.namespace }),
+            b: std::sync::Arc::new(Netns { name: b.namespace }),
+            a_addr: a.underlay,
+            b_addr: b.underlay,
+            a_if: a.interface,
+            b_if: b.interface,
+            fabric,
         }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = self
+            .fabric
+            .destroy(&[self.a.name.clone(), self.b.name.clone()]);
     }
 }
