@@ -126,9 +126,11 @@ impl Drop for Netns {
                 }
             }
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        if std::path::Path::new(&format!("/run/netns/{}", self.name)).exists() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status();
+        }
     }
 }
 
