@@ -226,27 +226,23 @@ pub fn spawn_node(
     log: &Path,
 ) -> anyhow::Result<std::process::Child> {
     let exe = std::env::current_exe().context("locating the myelin binary")?;
-    spawn_node_with(&exe, namespace, config, log)
-}
-
-/// As [`spawn_node`], with an explicit binary (tests run the built `myelin`).
-pub fn spawn_node_with(
-    exe: &Path,
-    namespace: &str,
-    config: &Path,
-    log: &Path,
-) -> anyhow::Result<std::process::Child> {
     let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    Command::new("ip")
-        .args(["netns", "exec", namespace])
-        .arg(exe)
-        .args(["up", "--config"])
-        .arg(config)
-        .stdin(std::process::Stdio::null())
+    node_command(&exe, namespace, config)
         .stdout(out.try_clone()?)
         .stderr(out)
         .spawn()
         .with_context(|| format!("starting a node in {namespace}"))
+}
+
+/// The command that runs binary `exe` as a node inside `namespace` (tests adjust and spawn it).
+pub fn node_command(exe: &Path, namespace: &str, config: &Path) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", namespace])
+        .arg(exe)
+        .args(["up", "--config"])
+        .arg(config)
+        .stdin(std::process::Stdio::null());
+    cmd
 }
 
 fn node_names(n: usize) -> Vec<String> {

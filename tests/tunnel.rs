@@ -301,7 +301,7 @@ fn a_restarted_node_reconnects_without_touching_the_other() {
 #[test]
 fn plugins_crashing_during_traffic_do_not_slow_the_tunnel() {
     let link = Link::new("chs");
-    let plugins = "health_interval_ms = 100\nhealth_timeout_ms = 500\nstop_grace_ms = 300\nrestart_backoff_ms = 200\nrestart_backoff_max_ms = 400\nfailure_threshold = 1000\n\
+    let plugins = "health_interval_ms = 100\nhealth_timeout_ms = 500\nstop_grace_ms = 300\nrestart_backoff_ms = 500\nrestart_backoff_max_ms = 500\nfailure_threshold = 1000\n\
         [plugins.panicky]\nplugin = \"chaos\"\nenabled = false\nmode = \"panic\"\nafter_ms = 100\n\
         [plugins.hanging]\nplugin = \"chaos\"\nenabled = false\nmode = \"block\"\nafter_ms = 100\n";
     let (a, _b, _, _) = pair(&link, plugins);
