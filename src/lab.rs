@@ -286,6 +286,13 @@ pub fn create(dir: &Path, count: usize) -> anyhow::Result<LabState> {
     if dir.join(STATE_FILE).exists() || fabric.exists() {
         bail!("a lab is already running (state in {} or bridge {} present); fix: `myelin lab down --dir {}` first", dir.display(), fabric.bridge, dir.display());
     }
+    // From here on a failure removes whatever was made, so a retry starts clean.
+    build(dir, count, &fabric).inspect_err(|_| {
+        let _ = fabric.destroy(&[]);
+    })
+}
+
+fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
     let token = random_token()?;

@@ -9,16 +9,7 @@ pub async fn lab(args: &LabArgs) -> anyhow::Result<()> {
     match &args.command {
         LabCommand::Up(a) => {
             println!("starting a lab of {} nodes in {}", a.nodes, a.dir.display());
-            let state = match lab::create(&a.dir, a.nodes) {
-                Ok(s) => s,
-                Err(e) => {
-                    // Leave nothing half-made behind, unless another lab is what stopped us.
-                    if !e.to_string().contains("already running") {
-                        let _ = lab::destroy(&a.dir);
-                    }
-                    return Err(e);
-                }
-            };
+            let state = lab::create(&a.dir, a.nodes)?;
             println!("waiting for every node to reach every other:");
             if let Err(e) = lab::wait_up(&state, Duration::from_secs(60)).await {
                 if !a.detach {
