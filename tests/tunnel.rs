@@ -11,6 +11,14 @@ use std::time::{Duration, Instant};
 
 const HANDSHAKE: Duration = Duration::from_secs(15);
 
+/// The tests in this binary take turns: on two cores, one test's traffic and process start-ups
+/// would skew another's throughput measurement.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// alpha (10.77.0.1, fd77::1) in link.a and beta (10.77.0.2, fd77::2) in link.b.
 fn pair(link: &Link, alpha_plugins: &str) -> (Node, Node, Spec, Spec) {
     let mut alpha = Spec::new("alpha", &["10.77.0.1/16", "fd77::1/64"]);
@@ -56,6 +64,7 @@ fn iperf(link: &Link, server_addr: &str, secs: u32) -> f64 {
 
 #[test]
 fn two_nodes_carry_ipv4_ipv6_and_tcp_encrypted_on_the_wire() {
+    let _serial = serial();
     let link = Link::new("t2");
     let (a, _b, _, _) = pair(&link, "");
     // Capture the underlay at beta while traffic flows.
@@ -203,6 +212,7 @@ fn wg_go(
 
 #[test]
 fn interoperates_with_wireguard_go_both_ways() {
+    let _serial = serial();
     for (round, myelin_initiates) in [(0, true), (1, false)] {
         let link = Link::new(&format!("wg{round}"));
         let iface = format!("wgt{}{round}", std::process::id() % 10000);
@@ -251,6 +261,7 @@ fn interoperates_with_wireguard_go_both_ways() {
 
 #[test]
 fn roaming_peer_is_followed_quickly() {
+    let _serial = serial();
     let link = Link::new("roam");
     let (a, _b, _, _) = pair(&link, "");
     ping_until(&link.a, "10.77.0.2", HANDSHAKE);
@@ -285,6 +296,7 @@ fn roaming_peer_is_followed_quickly() {
 
 #[test]
 fn a_restarted_node_reconnects_without_touching_the_other() {
+    let _serial = serial();
     let link = Link::new("rst");
     let (a, b, _, beta) = pair(&link, "");
     ping_until(&link.a, "10.77.0.2", HANDSHAKE);
@@ -300,6 +312,7 @@ fn a_restarted_node_reconnects_without_touching_the_other() {
 
 #[test]
 fn plugins_crashing_during_traffic_do_not_slow_the_tunnel() {
+    let _serial = serial();
     let link = Link::new("chs");
     let plugins = "health_interval_ms = 100\nhealth_timeout_ms = 500\nstop_grace_ms = 300\nrestart_backoff_ms = 500\nrestart_backoff_max_ms = 500\nfailure_threshold = 1000\n\
         [plugins.panicky]\nplugin = \"chaos\"\nenabled = false\nmode = \"panic\"\nafter_ms = 100\n\
@@ -343,6 +356,7 @@ fn plugins_crashing_during_traffic_do_not_slow_the_tunnel() {
 
 #[test]
 fn clear_errors_for_a_taken_port_and_missing_privileges() {
+    let _serial = serial();
     let ns = std::sync::Arc::new(common::Netns::new("err"));
     let first = Spec::new("first", &["10.77.0.1/16"]);
     let _running = Node::start_spec(ns.clone(), &first, "");
