@@ -273,6 +273,14 @@ fn enable_disable_restart_act_at_once_and_persist() {
         "{text}"
     );
 
+    let (code, v) = node.call("POST", "/api/v1/plugins/cam/restart");
+    assert_eq!(
+        code, 409,
+        "a disabled plugin is not restarted behind the user's back: {v}"
+    );
+    assert!(v["hint"].as_str().unwrap().contains("enable"), "{v}");
+    assert_eq!(state(&node.plugin("cam")), "disabled");
+
     let (code, v) = node.call("POST", "/api/v1/plugins/cam/enable");
     assert_eq!(code, 200, "{v}");
     let second = node.wait_plugin("cam", Duration::from_secs(20), "running", |v| {

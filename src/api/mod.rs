@@ -60,6 +60,11 @@ impl From<HostError> for ApiError {
                 format!("no plugin instance `{name}`"),
                 "GET /api/v1/plugins lists the configured instances",
             ),
+            HostError::Disabled(name) => ApiError::new(
+                StatusCode::CONFLICT,
+                format!("plugin `{name}` is disabled, so there is nothing to restart"),
+                format!("enable it: POST /api/v1/plugins/{name}/enable"),
+            ),
             HostError::ShuttingDown(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 e.to_string(),

@@ -28,6 +28,8 @@ pub enum HostError {
     UnknownPlugin(String),
     #[error("plugin `{0}` is shutting down")]
     ShuttingDown(String),
+    #[error("plugin `{0}` is disabled, so there is nothing to restart\n  fix: enable it (`myelin plugins enable {0}`)")]
+    Disabled(String),
     #[error("cannot create plugin runtime directory {path}: {cause}\n  fix: set [plugins].runtime_dir to a writable directory")]
     RuntimeDir {
         path: PathBuf,
@@ -215,6 +217,9 @@ impl PluginHost {
     /// file first, so a failed write changes nothing.
     pub async fn act(&self, name: &str, action: Action) -> Result<PluginStatus, HostError> {
         let inst = self.find(name)?;
+        if action == Action::Restart && !inst.status.borrow().enabled {
+            return Err(HostError::Disabled(name.to_string()));
+        }
         match action {
             Action::Enable | Action::Disable => {
                 crate::config::persist_plugin_enabled(
