@@ -4,10 +4,7 @@
 
 mod common;
 
-use common::BIN;
-use std::io::BufRead;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 #[test]
 fn dashboard_shows_the_fleet_and_toggles_a_plugin() {
@@ -20,25 +17,7 @@ fn dashboard_shows_the_fleet_and_toggles_a_plugin() {
     );
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap().to_string();
-    let mut up = Command::new(BIN)
-        .args(["lab", "up", "--nodes", "3", "--dir", &d])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(up.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut transcript = String::new();
-    while !transcript.contains("Ctrl-C stops the lab") {
-        let mut line = String::new();
-        if out.read_line(&mut line).unwrap() == 0 || Instant::now() > deadline {
-            let _ = up.kill();
-            let _ = Command::new(BIN)
-                .args(["lab", "down", "--dir", &d])
-                .status();
-            panic!("lab up did not come up:\n{transcript}");
-        }
-        transcript.push_str(&line);
-    }
+    let (mut up, transcript) = common::lab_up(3, &d);
     let url = transcript
         .lines()
         .filter(|l| l.contains("http://"))

@@ -4,9 +4,8 @@
 mod common;
 
 use common::BIN;
-use std::io::BufRead;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 fn leftovers() -> Vec<String> {
     let mut found = Vec::new();
@@ -28,27 +27,7 @@ fn lab_up_meshes_three_nodes_and_ctrl_c_removes_everything() {
     assert_eq!(unsafe { libc::geteuid() }, 0, "the lab needs root");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap().to_string();
-    let mut up = Command::new(BIN)
-        .args(["lab", "up", "--nodes", "3", "--dir", &d])
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(up.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut transcript = String::new();
-    while !transcript.contains("Ctrl-C stops the lab") {
-        let mut line = String::new();
-        if out.read_line(&mut line).unwrap() == 0 || Instant::now() > deadline {
-            let _ = up.kill();
-            let _ = Command::new(BIN)
-                .args(["lab", "down", "--dir", &d])
-                .status();
-            panic!("lab up did not come up:\n{transcript}");
-        }
-        transcript.push_str(&line);
-    }
+    let (mut up, transcript) = common::lab_up(3, &d);
     assert!(transcript.contains("handshakes: 6/6"), "{transcript}");
     assert!(
         transcript.contains("http://10.210.0.1:7800/#token="),

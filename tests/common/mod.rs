@@ -369,3 +369,30 @@ pub fn ping_until(ns: &Netns, addr: &str, timeout: Duration) -> Duration {
         );
     }
 }
+
+/// `myelin lab up --nodes <n> --dir <dir>` in the foreground, as a user starts it; returns the
+/// running process and what it printed once it says the lab is up (bounded wait).
+pub fn lab_up(nodes: usize, dir: &str) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut up = Command::new(BIN)
+        .args(["lab", "up", "--nodes", &nodes.to_string(), "--dir", dir])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(up.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut transcript = String::new();
+    while !transcript.contains("Ctrl-C stops the lab") {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 || Instant::now() > deadline {
+            let _ = up.kill();
+            let _ = Command::new(BIN)
+                .args(["lab", "down", "--dir", dir])
+                .status();
+            panic!("lab up did not come up:\n{transcript}");
+        }
+        transcript.push_str(&line);
+    }
+    (up, transcript)
+}
