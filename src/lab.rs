@@ -388,14 +388,18 @@ pub async fn handshakes(state: &LabState) -> (usize, usize) {
     (up, want)
 }
 
-/// Waits until every node has a session with every other, printing progress.
-pub async fn wait_up(state: &LabState, timeout: Duration) -> anyhow::Result<()> {
+/// Waits until every node has a session with every other, reporting each new count.
+pub async fn wait_up(
+    state: &LabState,
+    timeout: Duration,
+    progress: impl Fn(usize, usize),
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let mut last = usize::MAX;
     loop {
         let (up, want) = handshakes(state).await;
         if up != last {
-            println!("  handshakes: {up}/{want}");
+            progress(up, want);
             last = up;
         }
         if up == want {

@@ -41,7 +41,15 @@ fn dashboard_shows_the_fleet_and_toggles_a_plugin() {
         .expect("node (the test script installs nodejs)");
     // SAFETY: interrupting our own child, as Ctrl-C would.
     unsafe { libc::kill(up.id() as i32, libc::SIGINT) };
-    let _ = up.wait();
+    let stopped = up.wait().unwrap();
+    assert!(
+        stopped.success(),
+        "lab up stops cleanly on Ctrl-C: {stopped:?}"
+    );
+    assert!(
+        !std::path::Path::new("/sys/class/net/mlab0").exists(),
+        "the lab removed its bridge"
+    );
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),

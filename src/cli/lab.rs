@@ -5,33 +5,45 @@ use crate::lab::{self, LabState};
 use anyhow::bail;
 use std::time::Duration;
 
+/// Prints a line; a closed stdout (the terminal went away) must not stop a teardown.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub async fn lab(args: &LabArgs) -> anyhow::Result<()> {
     match &args.command {
         LabCommand::Up(a) => {
-            println!("starting a lab of {} nodes in {}", a.nodes, a.dir.display());
+            say!("starting a lab of {} nodes in {}", a.nodes, a.dir.display());
             let state = lab::create(&a.dir, a.nodes)?;
-            println!("waiting for every node to reach every other:");
-            if let Err(e) = lab::wait_up(&state, Duration::from_secs(60)).await {
+            say!("waiting for every node to reach every other:");
+            if let Err(e) = lab::wait_up(&state, Duration::from_secs(60), |up, want| {
+                say!("  handshakes: {up}/{want}")
+            })
+            .await
+            {
                 if !a.detach {
                     let _ = lab::destroy(&a.dir);
                 }
                 return Err(e);
             }
             print_nodes(&state);
-            println!("lab is up. Dashboards (from this machine):");
+            say!("lab is up. Dashboards (from this machine):");
             for node in &state.nodes {
-                println!("  {:<10} {}", node.name, state.dashboard_url(node));
+                say!("  {:<10} {}", node.name, state.dashboard_url(node));
             }
-            println!("try: myelin lab exec robot1 -- ping -c 3 10.77.0.1");
+            say!("try: myelin lab exec robot1 -- ping -c 3 10.77.0.1");
             if a.detach {
-                println!("stop it with: myelin lab down --dir {}", a.dir.display());
+                say!("stop it with: myelin lab down --dir {}", a.dir.display());
                 return Ok(());
             }
-            println!("Ctrl-C stops the lab and removes it");
+            say!("Ctrl-C stops the lab and removes it");
             wait_for_signal().await;
-            println!("stopping the lab");
+            say!("stopping the lab");
             lab::destroy(&a.dir)?;
-            println!("lab removed");
+            say!("lab removed");
             Ok(())
         }
         LabCommand::Status(a) => {
@@ -39,11 +51,11 @@ pub async fn lab(args: &LabArgs) -> anyhow::Result<()> {
             let (up, want) = lab::handshakes(&state).await;
             if a.json {
                 let v = serde_json::json!({ "nodes": state.nodes, "sessions_up": up, "sessions_expected": want });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                say!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
             print_nodes(&state);
-            println!("peer sessions up: {up}/{want}");
+            say!("peer sessions up: {up}/{want}");
             Ok(())
         }
         LabCommand::Exec(a) => {
@@ -67,7 +79,7 @@ pub async fn lab(args: &LabArgs) -> anyhow::Result<()> {
         }
         LabCommand::Down(a) => {
             lab::destroy(&a.dir)?;
-            println!(
+            say!(
                 "lab removed (namespaces, bridge {}, node processes)",
                 lab::BRIDGE
             );
@@ -77,12 +89,15 @@ pub async fn lab(args: &LabArgs) -> anyhow::Result<()> {
 }
 
 fn print_nodes(state: &LabState) {
-    println!(
+    say!(
         "  {:<10} {:<22} {:<14} {:<18} pid",
-        "NODE", "OVERLAY", "UNDERLAY", "API"
+        "NODE",
+        "OVERLAY",
+        "UNDERLAY",
+        "API"
     );
     for n in &state.nodes {
-        println!(
+        say!(
             "  {:<10} {:<22} {:<14} {:<18} {}",
             n.name,
             n.overlay.join(", "),

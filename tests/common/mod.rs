@@ -394,5 +394,7 @@ pub fn lab_up(nodes: usize, dir: &str) -> (std::process::Child, String) {
         }
         transcript.push_str(&line);
     }
+    // Keep reading, so the lab can still print while it shuts down.
+    std::thread::spawn(move || for _ in out.lines() {});
     (up, transcript)
 }
