@@ -79,6 +79,12 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         mesh: mesh_rx,
         started,
         metrics,
+        tunnel: api::TunnelInfo {
+            interface: tunnel.interface.clone(),
+            listen_port: config.node.listen_port,
+            mtu: config.node.mtu,
+            offload: tunnel.offload,
+        },
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let api_stop = shutdown.clone();

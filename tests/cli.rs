@@ -271,6 +271,13 @@ fn status_peers_and_plugins_talk_to_the_running_node() {
     let json: serde_json::Value =
         serde_json::from_slice(&run(&["status", "--api", &api, "--json"]).stdout).unwrap();
     assert_eq!(json["node"]["name"], "robot1");
+    assert_eq!(json["tunnel"]["interface"], "myelin0");
+    assert_eq!(json["tunnel"]["listen_port"], 51820);
+    assert!(
+        stdout(&status).contains("tunnel:     myelin0 (UDP 51820, MTU 1420"),
+        "{}",
+        stdout(&status)
+    );
 
     let peers = run(&["peers", "--api", &api, "--json"]);
     assert!(peers.status.success());

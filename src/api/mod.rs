@@ -23,6 +23,17 @@ pub struct ApiState {
     pub mesh: watch::Receiver<MeshView>,
     pub started: Instant,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub tunnel: TunnelInfo,
+}
+
+/// What `status` shows about the data plane.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TunnelInfo {
+    pub interface: String,
+    pub listen_port: u16,
+    pub mtu: u16,
+    /// TUN virtio-net offload (TSO/GRO) is active.
+    pub offload: bool,
 }
 
 /// A JSON error `{error, hint}` with a status code.
@@ -167,6 +178,7 @@ async fn status(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {
         "version": info.version,
         "git": info.git,
         "features": info.features,
+        "tunnel": s.tunnel,
         "uptime_s": s.started.elapsed().as_secs_f64(),
         "peers": s.mesh.borrow().peers.len(),
         "peers_up": s.mesh.borrow().peers.iter().filter(|p| p.up).count(),

@@ -73,6 +73,14 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
         v["git"].as_str().unwrap_or("?")
     );
     println!("uptime:     {:.0} s", v["uptime_s"].as_f64().unwrap_or(0.0));
+    let t = &v["tunnel"];
+    println!(
+        "tunnel:     {} (UDP {}, MTU {}, offload {})",
+        t["interface"].as_str().unwrap_or("?"),
+        t["listen_port"],
+        t["mtu"],
+        if t["offload"] == true { "on" } else { "off" }
+    );
     println!(
         "peers:      {} configured, {} up",
         v["peers"], v["peers_up"]
