@@ -40,11 +40,27 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         public_key: key.public_key().to_string(),
         overlay_addresses: config.node.address.clone(),
     };
+    // Probe RTTs from LAN (1 ms) to a bad cellular link (2 s).
+    const RTT_BUCKETS: &[f64] = &[
+        0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+    ];
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("myelin_peer_rtt_seconds".into()),
+            RTT_BUCKETS,
+        )
+        .and_then(|b| b.install_recorder())
         .map_err(|e| tracing::warn!("metrics recorder not installed: {e}"))
         .ok();
-    metrics::gauge!("myelin_build_info", "version" => env!("CARGO_PKG_VERSION"), "git" => env!("MYELIN_GIT")).set(1.0);
+    let info = crate::build_info::build_info();
+    metrics::gauge!(
+        "myelin_build_info",
+        "version" => info.version,
+        "git" => info.git,
+        "target" => info.target,
+        "features" => info.features.join(",")
+    )
+    .set(1.0);
 
     let listener = tokio::net::TcpListener::bind(config.control.listen)
         .await

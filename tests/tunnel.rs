@@ -146,6 +146,27 @@ fn two_nodes_carry_ipv4_ipv6_and_tcp_encrypted_on_the_wire() {
         "alpha sent the iperf3 data: {beta:#}"
     );
     assert_eq!(beta["endpoint"], format!("{}:51820", link.b_addr));
+    // The same figures reach Prometheus: bounded labels (peer name only), RTT buckets 1 ms – 2 s.
+    let metrics = a.metrics();
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+    };
+    assert!(value("myelin_peer_tx_packets_total{peer=\"beta\"}") > 1000.0);
+    assert!(value("myelin_peer_tx_bytes_total{peer=\"beta\"}") > 1_000_000.0);
+    assert!(value("myelin_peer_rtt_seconds_count{peer=\"beta\"}") > 0.0);
+    assert_eq!(value("myelin_peer_up{peer=\"beta\"}"), 1.0);
+    assert!(
+        metrics.contains("myelin_peer_rtt_seconds_bucket{peer=\"beta\",le=\"0.001\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("myelin_build_info{version="), "{metrics}");
+    assert!(
+        !metrics.contains("endpoint=") && !metrics.contains(":51820\""),
+        "no endpoints or ports as labels"
+    );
     let out = link
         .a
         .run(common::BIN, &["peers", "--api", &a.api.to_string()]);

@@ -8,6 +8,7 @@ use super::{Peer, Shared};
 use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::Interest;
@@ -116,6 +117,7 @@ pub(super) async fn outbound(shared: Arc<Shared>) {
                 },
                 Err(_) => continue,
             };
+            peer.tx_packets.fetch_add(1, Ordering::Relaxed);
             let fits = batch.as_ref().is_some_and(|b| {
                 b.to == to
                     && !b.closed
@@ -318,6 +320,7 @@ async fn decapsulate(
                 return false;
             }
             buf.truncate(off + len);
+            peer.rx_packets.fetch_add(1, Ordering::Relaxed);
             true
         }
     }

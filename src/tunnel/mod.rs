@@ -69,6 +69,9 @@ pub struct Peer {
     pub tunn: Mutex<Tunn>,
     pub endpoint: Mutex<Option<SocketAddr>>,
     pub endpoint_changes: AtomicU64,
+    /// Packets between the TUN and this peer, counted by the data plane.
+    pub rx_packets: AtomicU64,
+    pub tx_packets: AtomicU64,
     /// The peer's own overlay address (its first host-length allowed IP), for probes.
     pub probe_addr: Option<IpAddr>,
 }
@@ -243,6 +246,8 @@ impl Tunnel {
                 tunn: Mutex::new(tunn),
                 endpoint: Mutex::new(p.endpoint),
                 endpoint_changes: AtomicU64::new(0),
+                rx_packets: AtomicU64::new(0),
+                tx_packets: AtomicU64::new(0),
                 probe_addr,
             });
         }
@@ -346,6 +351,8 @@ fn peer_view(peer: &Peer, probe: ProbeStats) -> PeerView {
         last_seen_ms: probe.last_seen.map(|d| d.as_millis() as u64),
         rx_bytes: rx as u64,
         tx_bytes: tx as u64,
+        rx_packets: peer.rx_packets.load(Ordering::Relaxed),
+        tx_packets: peer.tx_packets.load(Ordering::Relaxed),
         up: handshake.is_some_and(|d| d < SESSION_LIFETIME),
     }
 }
@@ -354,6 +361,10 @@ fn record_metrics(view: &PeerView, endpoint_changes: u64) {
     let peer = view.name.clone();
     metrics::counter!("myelin_peer_rx_bytes_total", "peer" => peer.clone()).absolute(view.rx_bytes);
     metrics::counter!("myelin_peer_tx_bytes_total", "peer" => peer.clone()).absolute(view.tx_bytes);
+    metrics::counter!("myelin_peer_rx_packets_total", "peer" => peer.clone())
+        .absolute(view.rx_packets);
+    metrics::counter!("myelin_peer_tx_packets_total", "peer" => peer.clone())
+        .absolute(view.tx_packets);
     metrics::counter!("myelin_peer_endpoint_changes_total", "peer" => peer.clone())
         .absolute(endpoint_changes);
     metrics::gauge!("myelin_peer_up", "peer" => peer.clone()).set(if view.up { 1.0 } else { 0.0 });

@@ -41,6 +41,10 @@ pub struct PeerView {
     pub last_seen_ms: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    #[serde(default)]
+    pub rx_packets: u64,
+    #[serde(default)]
+    pub tx_packets: u64,
     /// A handshake is current.
     pub up: bool,
 }
