@@ -9,6 +9,7 @@ packages=(
   wireguard-tools wireguard-go iperf3
   python3 python3-venv
   chromium
+  prometheus
 )
 command -v node >/dev/null 2>&1 || packages+=(nodejs npm)
 missing=()

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod lab;
 pub mod logging;
 pub mod mesh;
+pub mod metrics_help;
 pub mod node;
 pub mod tunnel;
 
@@ -16,3 +17,5 @@ pub mod tunnel;
 // inventory registration (inventory issue #7).
 #[cfg(feature = "chaos")]
 use myelin_plugin_chaos as _;
+#[cfg(feature = "telemetry")]
+use myelin_plugin_telemetry as _;

@@ -35,10 +35,11 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let key = PrivateKey::load(&config.node.private_key_file)?;
     PluginHost::check(&config)?;
-    let node = NodeIdentity {
+    let mut node = NodeIdentity {
         name: config.node.name.to_string(),
         public_key: key.public_key().to_string(),
         overlay_addresses: config.node.address.clone(),
+        control_api: None,
     };
     // Probe RTTs from LAN (1 ms) to a bad cellular link (2 s).
     const RTT_BUCKETS: &[f64] = &[
@@ -52,6 +53,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         .and_then(|b| b.install_recorder())
         .map_err(|e| tracing::warn!("metrics recorder not installed: {e}"))
         .ok();
+    crate::metrics_help::describe();
     let info = crate::build_info::build_info();
     metrics::gauge!(
         "myelin_build_info",
@@ -72,6 +74,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
             )
         })?;
     let api_addr = listener.local_addr()?;
+    node.control_api = Some(api_addr);
     let token = match &config.control.token_file {
         Some(token_file) if config.control.remote_listen.is_some() => Some(load_token(token_file)?),
         _ => None,

@@ -13,6 +13,9 @@ pub struct NodeIdentity {
     pub public_key: String,
     /// Overlay addresses of this node with their prefix lengths.
     pub overlay_addresses: Vec<IpNet>,
+    /// The node's local control API (loopback, no token): `/metrics`, `/api/v1/...`.
+    #[serde(default)]
+    pub control_api: Option<SocketAddr>,
 }
 
 /// The peers as the tunnel sees them; plugins get updates through a `watch` channel.

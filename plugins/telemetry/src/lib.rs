@@ -1,0 +1,304 @@
+//! The telemetry plugin: serves Prometheus metrics on the node's overlay addresses and loopback
+//! (`listen_port`, default 9477) so an operator's Prometheus scrapes robots over the VPN. A
+//! scrape returns the node's own metrics (VPN, plugins; read from the node's local control API)
+//! followed by the robot's health, read from /proc and /sys at scrape time.
+
+mod health;
+
+use myelin_sdk::axum::{http::header, response::Html, routing::get, Router};
+use myelin_sdk::tokio::io::{AsyncReadExt, AsyncWriteExt};
+use myelin_sdk::{async_trait, Health, Plugin, PluginContext, PluginError, Registration};
+use serde::Deserialize;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryConfig {
+    #[serde(default = "default_port")]
+    listen_port: u16,
+    /// Mount points reported as `node_filesystem_*`.
+    #[serde(default = "default_mounts")]
+    mounts: Vec<String>,
+}
+
+fn default_port() -> u16 {
+    9477
+}
+
+fn default_mounts() -> Vec<String> {
+    vec!["/".into()]
+}
+
+struct Telemetry {
+    config: TelemetryConfig,
+    ctx: Option<PluginContext>,
+    /// The addresses actually listened on, for the panel.
+    listening: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The robot's health in Prometheus text format, collected now.
+fn robot_health(mounts: &[String]) -> String {
+    // SAFETY: sysconf and getppid have no preconditions.
+    let ticks = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        t if t > 0 => t as f64,
+        _ => 100.0,
+    };
+    let node_pid = unsafe { libc::getppid() } as u32;
+    let (proc_root, sys_root) = (Path::new("/proc"), Path::new("/sys"));
+    let mut samples = [
+        health::cpu(proc_root, ticks),
+        health::load(proc_root),
+        health::memory(proc_root),
+        health::filesystems(mounts),
+        health::thermal(sys_root),
+        health::hwmon(sys_root),
+        health::power(sys_root),
+        health::network(proc_root),
+        health::process(proc_root, node_pid),
+    ]
+    .concat();
+    // One TYPE line per family, all its samples together (a stable sort keeps label order).
+    samples.sort_by_key(|s| s.name);
+    let mut out = String::new();
+    let mut last = "";
+    for s in &samples {
+        if s.name != last {
+            let kind = if s.counter { "counter" } else { "gauge" };
+            let _ = writeln!(out, "# HELP {} {}", s.name, health::help(s.name));
+            let _ = writeln!(out, "# TYPE {} {kind}", s.name);
+            last = s.name;
+        }
+        let labels: Vec<String> = s
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+            .collect();
+        if labels.is_empty() {
+            let _ = writeln!(out, "{} {}", s.name, s.value);
+        } else {
+            let _ = writeln!(out, "{}{{{}}} {}", s.name, labels.join(","), s.value);
+        }
+    }
+    out
+}
+
+/// The node's own metrics, from its local control API.
+async fn node_metrics(api: Option<SocketAddr>) -> Result<String, String> {
+    let api = api.ok_or("the node did not tell its control API address")?;
+    let mut stream = myelin_sdk::tokio::net::TcpStream::connect(api)
+        .await
+        .map_err(|e| format!("control API {api}: {e}"))?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: node\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    stream
+        .read_to_string(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    match body.split_once("\r\n\r\n") {
+        Some((head, rest))
+            if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") =>
+        {
+            Ok(rest.to_string())
+        }
+        _ => Err(format!("control API {api} did not answer /metrics")),
+    }
+}
+
+async fn scrape(
+    api: Option<SocketAddr>,
+    mounts: Vec<String>,
+) -> ([(header::HeaderName, &'static str); 1], String) {
+    let mut text = match node_metrics(api).await {
+        Ok(t) => t,
+        Err(e) => format!("# node metrics unavailable: {e}\n"),
+    };
+    let health = myelin_sdk::tokio::task::spawn_blocking(move || robot_health(&mounts))
+        .await
+        .unwrap_or_default();
+    text.push_str(&health);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+#[async_trait]
+impl Plugin for Telemetry {
+    fn name(&self) -> &str {
+        "telemetry"
+    }
+
+    async fn on_tunnel_up(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
+        self.ctx = Some(ctx);
+        Ok(())
+    }
+
+    async fn start(&mut self) -> Result<(), PluginError> {
+        let ctx = self
+            .ctx
+            .clone()
+            .ok_or(PluginError::NotReady("start called before on_tunnel_up"))?;
+        let port = self.config.listen_port;
+        let mut addrs: Vec<SocketAddr> = ctx
+            .node()
+            .overlay_addresses
+            .iter()
+            .map(|n| SocketAddr::new(n.addr(), port))
+            .collect();
+        addrs.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+        let api = ctx.node().control_api;
+        let mounts = self.config.mounts.clone();
+        let app = Router::new().route("/metrics", get(move || scrape(api, mounts.clone())));
+        let mut bound = Vec::new();
+        for addr in addrs {
+            let listener = myelin_sdk::tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| PluginError::Io {
+                    context: format!(
+                        "listening on {addr} (set [plugins.telemetry].listen_port to a free port)"
+                    ),
+                    cause: e,
+                })?;
+            let cancel = ctx.cancellation();
+            let app = app.clone();
+            myelin_sdk::tokio::spawn(async move {
+                let _ = myelin_sdk::axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { cancel.cancelled().await })
+                    .await;
+            });
+            bound.push(addr);
+        }
+        if let Ok(mut l) = self.listening.lock() {
+            *l = bound;
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    async fn health(&self) -> Health {
+        Health::Healthy
+    }
+
+    fn routes(&self) -> Option<Router> {
+        let api = self.ctx.as_ref().and_then(|c| c.node().control_api);
+        let mounts = self.config.mounts.clone();
+        let listening = self.listening.clone();
+        let panel_mounts = mounts.clone();
+        Some(
+            Router::new()
+                .route("/metrics", get(move || scrape(api, mounts.clone())))
+                .route(
+                    "/panel",
+                    get(move || {
+                        let listening = listening.clone();
+                        let mounts = panel_mounts.clone();
+                        async move { Html(panel(&listening, &mounts).await) }
+                    }),
+                ),
+        )
+    }
+}
+
+/// The dashboard panel: where Prometheus scrapes this node, and a few live figures.
+async fn panel(listening: &Mutex<Vec<SocketAddr>>, mounts: &[String]) -> String {
+    let urls: Vec<String> = listening
+        .lock()
+        .map(|l| l.iter().map(|a| format!("http://{a}/metrics")).collect())
+        .unwrap_or_default();
+    let mounts = mounts.to_vec();
+    let text = myelin_sdk::tokio::task::spawn_blocking(move || robot_health(&mounts))
+        .await
+        .unwrap_or_default();
+    let figure = |name: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .map(|l| l.to_string())
+            .collect()
+    };
+    let mut rows = String::new();
+    for name in [
+        "node_load1",
+        "node_memory_MemAvailable_bytes",
+        "node_thermal_zone_temp",
+        "node_power_supply_capacity",
+    ] {
+        for line in figure(name) {
+            let _ = write!(rows, "<tr><td>{}</td></tr>", escape_html(&line));
+        }
+    }
+    format!(
+        r#"<!doctype html><meta charset="utf-8"><body style="font:13px system-ui;margin:8px">
+<p>Prometheus scrape URLs:</p><ul id="urls">{}</ul>
+<table id="figures">{rows}</table>"#,
+        urls.iter()
+            .map(|u| format!("<li><code>{}</code></li>", escape_html(u)))
+            .collect::<String>()
+    )
+}
+
+fn escape_html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn build(section: &myelin_sdk::toml::Table) -> Result<Box<dyn Plugin>, PluginError> {
+    let config: TelemetryConfig = myelin_sdk::parse_section(section)?;
+    Ok(Box::new(Telemetry {
+        config,
+        ctx: None,
+        listening: Arc::new(Mutex::new(Vec::new())),
+    }))
+}
+
+myelin_sdk::inventory::submit! {
+    Registration {
+        name: "telemetry",
+        about: "Prometheus metrics of the VPN, the plugins and the robot's health, served over the VPN",
+        build,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_text_is_prometheus_exposition() {
+        let text = robot_health(&["/".into()]);
+        assert!(text.contains("# TYPE node_load1 gauge"), "{text}");
+        assert!(
+            text.contains("# TYPE node_cpu_seconds_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("node_filesystem_size_bytes{mountpoint=\"/\"}"),
+            "{text}"
+        );
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "bad sample line {line}");
+        }
+    }
+
+    #[test]
+    fn config_keys_are_checked() {
+        let t: myelin_sdk::toml::Table = myelin_sdk::toml::from_str("listen_prot = 1").unwrap();
+        assert!(build(&t).is_err());
+        let t: myelin_sdk::toml::Table =
+            myelin_sdk::toml::from_str("listen_port = 9500\nmounts = [\"/\", \"/data\"]").unwrap();
+        assert!(build(&t).is_ok());
+    }
+}

@@ -1,0 +1,69 @@
+//! HELP texts for every metric the core emits, so `/metrics` passes `promtool check metrics`.
+
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        "myelin_build_info",
+        "Build facts of this node, as labels; always 1."
+    );
+    describe_counter!(
+        "myelin_peer_rx_bytes_total",
+        Unit::Bytes,
+        "Bytes received from the peer through the tunnel."
+    );
+    describe_counter!(
+        "myelin_peer_tx_bytes_total",
+        Unit::Bytes,
+        "Bytes sent to the peer through the tunnel."
+    );
+    describe_counter!(
+        "myelin_peer_rx_packets_total",
+        "Packets received from the peer and written to the TUN device."
+    );
+    describe_counter!(
+        "myelin_peer_tx_packets_total",
+        "Packets read from the TUN device and sent to the peer."
+    );
+    describe_counter!(
+        "myelin_peer_endpoint_changes_total",
+        "Times the peer's endpoint moved (roaming)."
+    );
+    describe_gauge!(
+        "myelin_peer_up",
+        "1 while a WireGuard session with the peer is current."
+    );
+    describe_gauge!(
+        "myelin_peer_last_handshake_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the latest completed handshake with the peer."
+    );
+    describe_gauge!(
+        "myelin_peer_loss_ratio",
+        "Share of recent probes to the peer that went unanswered."
+    );
+    describe_histogram!(
+        "myelin_peer_rtt_seconds",
+        Unit::Seconds,
+        "Round-trip time of probes to the peer."
+    );
+    describe_gauge!(
+        "myelin_plugin_up",
+        "1 while the plugin runs and answers health checks."
+    );
+    describe_gauge!(
+        "myelin_plugin_state",
+        "1 for the plugin's current state, 0 for the others."
+    );
+    describe_counter!(
+        "myelin_plugin_restarts_total",
+        "Restarts of the plugin after failures."
+    );
+    describe_counter!(
+        "myelin_plugin_health_missed_total",
+        "Health checks the plugin did not answer in time."
+    );
+    describe_counter!(
+        "myelin_plugin_abandoned_threads_total",
+        "Thread-isolated plugin runs that would not stop and were left running."
+    );
+}
