@@ -210,6 +210,19 @@ impl Fabric {
                 // SAFETY: as above.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
+        }
+        // Host-side veths go now: a deleted namespace frees its links later, in the
+        // background, which would make an immediate new lab collide with them.
+        if let Ok(links) = std::fs::read_dir("/sys/class/net") {
+            let prefix = format!("{}-", self.bridge);
+            for link in links.flatten() {
+                let name = link.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&prefix) {
+                    let _ = Command::new("ip").args(["link", "del", &name]).status();
+                }
+            }
+        }
+        for ns in &namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         if self.exists() {

@@ -15,8 +15,11 @@ fn leftovers() -> Vec<String> {
             found.push(format!("namespace {line}"));
         }
     }
-    if std::path::Path::new("/sys/class/net/mlab0").exists() {
-        found.push("bridge mlab0".into());
+    for link in std::fs::read_dir("/sys/class/net").unwrap().flatten() {
+        let name = link.file_name().to_string_lossy().into_owned();
+        if name == "mlab0" || name.starts_with("mlab0-") {
+            found.push(format!("link {name}"));
+        }
     }
     found
 }
