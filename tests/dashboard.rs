@@ -57,6 +57,10 @@ fn dashboard_shows_the_fleet_and_toggles_a_plugin() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(
+        stdout.contains("telemetry panel shows the scrape URL and live figures"),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("switched chaos on; the API and the page agree"),
         "{stdout}"
     );

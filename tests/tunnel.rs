@@ -489,6 +489,23 @@ fn telemetry_is_scraped_over_the_vpn() {
         move || std::net::TcpStream::connect(addr).is_err()
     });
     assert!(underlay, "telemetry must not listen on the underlay");
+    // Disabling the plugin closes the listener; enabling opens it again.
+    assert_eq!(a.call("POST", "/api/v1/plugins/telemetry/disable").0, 200);
+    assert!(
+        try_http_get(&link.b, "10.77.0.1:9477", "/metrics").is_err(),
+        "a disabled telemetry plugin listens nowhere"
+    );
+    assert_eq!(a.call("POST", "/api/v1/plugins/telemetry/enable").0, 200);
+    a.wait_plugin("telemetry", Duration::from_secs(20), "running again", |v| {
+        state(v) == "running"
+    });
+    assert!(http_get(&link.b, "10.77.0.1:9477", "/metrics").contains("node_load1 "));
+    let (code, figures) = a.call("GET", "/plugins/telemetry/figures");
+    assert_eq!(code, 200);
+    assert!(
+        figures.as_str().unwrap_or_default().contains("node_load1"),
+        "{figures}"
+    );
     // The dashboard panel names the scrape URL.
     let (code, panel) = a.call("GET", "/plugins/telemetry/panel");
     assert_eq!(code, 200);

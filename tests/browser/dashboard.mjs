@@ -26,7 +26,7 @@ async function waitApi(want) {
   }
 }
 try {
-  const page = await browser.newPage({ viewport: { width: 1100, height: 640 } });
+  const page = await browser.newPage({ viewport: { width: 1100, height: 700 } });
   page.on("pageerror", (e) => console.log(`page error: ${e.message}`));
   await page.goto(url);
   await page.waitForFunction(
@@ -59,6 +59,11 @@ try {
     await new Promise((r) => setTimeout(r, 100));
   }
   step(`${plugin} panicked from its panel and was restarted`);
+  // The telemetry plugin's panel: scrape URL and live figures fetched through the dashboard.
+  const telemetry = page.frameLocator(`section[data-panel="telemetry"] iframe`);
+  await telemetry.locator("#urls").filter({ hasText: ":9477/metrics" }).waitFor({ timeout: 20000 });
+  await telemetry.locator("#figures").filter({ hasText: "node_load1" }).waitFor({ timeout: 20000 });
+  step("telemetry panel shows the scrape URL and live figures");
   await page.screenshot({ path: shot });
   step(`screenshot ${shot}`);
 } finally {

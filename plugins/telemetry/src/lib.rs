@@ -194,57 +194,72 @@ impl Plugin for Telemetry {
     fn routes(&self) -> Option<Router> {
         let api = self.ctx.as_ref().and_then(|c| c.node().control_api);
         let mounts = self.config.mounts.clone();
+        let figure_mounts = mounts.clone();
         let listening = self.listening.clone();
-        let panel_mounts = mounts.clone();
         Some(
             Router::new()
                 .route("/metrics", get(move || scrape(api, mounts.clone())))
+                .route("/figures", get(move || figures(figure_mounts.clone())))
                 .route(
                     "/panel",
                     get(move || {
-                        let listening = listening.clone();
-                        let mounts = panel_mounts.clone();
-                        async move { Html(panel(&listening, &mounts).await) }
+                        let html = panel(&listening);
+                        async move { Html(html) }
                     }),
                 ),
         )
     }
 }
 
-/// The dashboard panel: where Prometheus scrapes this node, and a few live figures.
-async fn panel(listening: &Mutex<Vec<SocketAddr>>, mounts: &[String]) -> String {
-    let urls: Vec<String> = listening
-        .lock()
-        .map(|l| l.iter().map(|a| format!("http://{a}/metrics")).collect())
-        .unwrap_or_default();
-    let mounts = mounts.to_vec();
+/// A few figures for the panel: load, available memory, temperatures, battery.
+async fn figures(mounts: Vec<String>) -> String {
     let text = myelin_sdk::tokio::task::spawn_blocking(move || robot_health(&mounts))
         .await
         .unwrap_or_default();
-    let figure = |name: &str| -> Vec<String> {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .map(|l| l.to_string())
-            .collect()
-    };
-    let mut rows = String::new();
-    for name in [
+    const SHOWN: [&str; 4] = [
         "node_load1",
         "node_memory_MemAvailable_bytes",
         "node_thermal_zone_temp",
         "node_power_supply_capacity",
-    ] {
-        for line in figure(name) {
-            let _ = write!(rows, "<tr><td>{}</td></tr>", escape_html(&line));
-        }
-    }
+    ];
+    text.lines()
+        .filter(|l| {
+            SHOWN
+                .iter()
+                .any(|n| l.strip_prefix(n).is_some_and(|r| r.starts_with([' ', '{'])))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The dashboard panel: where Prometheus scrapes this node, and the figures, refreshed every
+/// 5 s through the dashboard (the panel itself cannot reach the API).
+fn panel(listening: &Mutex<Vec<SocketAddr>>) -> String {
+    let urls: String = listening
+        .lock()
+        .map(|l| {
+            l.iter()
+                .map(|a| {
+                    format!(
+                        "<li><code>http://{}/metrics</code></li>",
+                        escape_html(&a.to_string())
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     format!(
         r#"<!doctype html><meta charset="utf-8"><body style="font:13px system-ui;margin:8px">
-<p>Prometheus scrape URLs:</p><ul id="urls">{}</ul>
-<table id="figures">{rows}</table>"#,
-        urls.iter()
-            .map(|u| format!("<li><code>{}</code></li>", escape_html(u)))
-            .collect::<String>()
+<p>Prometheus scrape URLs:</p><ul id="urls">{urls}</ul>
+<pre id="figures" style="margin:0"></pre>
+<script>
+const ask = () => parent.postMessage({{ myelin: "call", id: 1, method: "GET", path: "figures" }}, "*");
+addEventListener("message", (e) => {{
+  if (e.data && e.data.myelin === "reply" && e.data.status === 200) document.getElementById("figures").textContent = e.data.body;
+}});
+ask();
+setInterval(ask, 5000);
+</script>"#
     )
 }
 
