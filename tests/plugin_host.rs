@@ -127,6 +127,7 @@ fn process_isolation_contains_panic_abort_error_hang_and_block() {
     let metrics = node.metrics();
     for needle in [
         "myelin_chaos_health_checks_total{plugin=\"steady\"}",
+        "# HELP myelin_chaos_health_checks_total Health checks the chaos plugin answered.",
         "myelin_plugin_restarts_total{plugin=\"panicky\"} 4",
         "myelin_plugin_up{plugin=\"steady\"} 1",
         "myelin_plugin_state{plugin=\"aborter\",state=\"failed\"} 1",

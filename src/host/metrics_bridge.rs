@@ -23,11 +23,31 @@ pub struct MetricsSnapshot {
     pub gauges: Vec<(MetricKey, f64)>,
     /// Samples recorded since the previous snapshot.
     pub histograms: Vec<(MetricKey, Vec<f64>)>,
+    /// HELP texts described since the previous snapshot.
+    #[serde(default)]
+    pub descriptions: Vec<Description>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Description {
+    pub name: String,
+    pub kind: MetricKind,
+    pub text: String,
 }
 
 impl MetricsSnapshot {
     pub fn is_empty(&self) -> bool {
-        self.counters.is_empty() && self.gauges.is_empty() && self.histograms.is_empty()
+        self.counters.is_empty()
+            && self.gauges.is_empty()
+            && self.histograms.is_empty()
+            && self.descriptions.is_empty()
     }
 }
 
@@ -49,6 +69,8 @@ struct Store {
     counters: HashMap<Key, Arc<AtomicU64>>,
     gauges: HashMap<Key, Arc<AtomicU64>>,
     histograms: HashMap<Key, Arc<Samples>>,
+    /// Described but not yet sent.
+    descriptions: Vec<Description>,
 }
 
 /// The recorder installed in a plugin child process.
@@ -70,7 +92,7 @@ fn metric_key(key: &Key) -> MetricKey {
 impl ForwardingRecorder {
     /// Current counters and gauges, and the histogram samples since the last call.
     pub fn snapshot(&self) -> MetricsSnapshot {
-        let Ok(store) = self.store.lock() else {
+        let Ok(mut store) = self.store.lock() else {
             return MetricsSnapshot::default();
         };
         MetricsSnapshot {
@@ -92,14 +114,31 @@ impl ForwardingRecorder {
                     (!samples.is_empty()).then(|| (metric_key(k), samples))
                 })
                 .collect(),
+            descriptions: std::mem::take(&mut store.descriptions),
+        }
+    }
+
+    fn describe(&self, name: KeyName, kind: MetricKind, text: SharedString) {
+        if let Ok(mut s) = self.store.lock() {
+            s.descriptions.push(Description {
+                name: name.as_str().to_string(),
+                kind,
+                text: text.to_string(),
+            });
         }
     }
 }
 
 impl Recorder for ForwardingRecorder {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_counter(&self, name: KeyName, _: Option<Unit>, text: SharedString) {
+        self.describe(name, MetricKind::Counter, text);
+    }
+    fn describe_gauge(&self, name: KeyName, _: Option<Unit>, text: SharedString) {
+        self.describe(name, MetricKind::Gauge, text);
+    }
+    fn describe_histogram(&self, name: KeyName, _: Option<Unit>, text: SharedString) {
+        self.describe(name, MetricKind::Histogram, text);
+    }
 
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
         match self.store.lock() {
@@ -133,6 +172,14 @@ fn labels(k: &MetricKey) -> Vec<metrics::Label> {
 /// Replays a child's snapshot into the node's recorder. A restarted child's counters start
 /// again from zero, which Prometheus treats as a counter reset.
 pub fn apply(snapshot: &MetricsSnapshot) {
+    for d in &snapshot.descriptions {
+        let (name, text) = (d.name.clone(), d.text.clone());
+        match d.kind {
+            MetricKind::Counter => metrics::describe_counter!(name, text),
+            MetricKind::Gauge => metrics::describe_gauge!(name, text),
+            MetricKind::Histogram => metrics::describe_histogram!(name, text),
+        }
+    }
     for (k, v) in &snapshot.counters {
         metrics::counter!(k.name.clone(), labels(k)).absolute(*v);
     }

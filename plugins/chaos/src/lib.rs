@@ -99,6 +99,10 @@ impl Plugin for Chaos {
             .ctx
             .clone()
             .ok_or(PluginError::NotReady("start called before on_tunnel_up"))?;
+        myelin_sdk::metrics::describe_counter!(
+            "myelin_chaos_health_checks_total",
+            "Health checks the chaos plugin answered."
+        );
         let after = Duration::from_millis(self.config.after_ms);
         let mode = self.config.mode;
         if mode == Mode::Error {
