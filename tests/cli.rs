@@ -166,6 +166,14 @@ fn init_writes_a_private_key_and_a_config_that_starts() {
         config.contains("name = \"robot_7\""),
         "the name is sanitised: {config}"
     );
+    assert!(
+        config.contains("[plugins.telemetry]"),
+        "compiled product plugins are enabled: {config}"
+    );
+    assert!(
+        !config.contains("[plugins.chaos]"),
+        "the test plugin is not: {config}"
+    );
 
     // A second init refuses to overwrite.
     let again = run(&[

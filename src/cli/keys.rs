@@ -22,6 +22,15 @@ pub fn pubkey() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A section for every product plugin compiled in (the chaos test plugin is left out), so a
+/// new node runs what its binary offers; `enabled = false` turns one off.
+fn plugin_sections() -> String {
+    myelin_sdk::registrations()
+        .filter(|r| r.name != "chaos")
+        .map(|r| format!("\n# {}\n[plugins.{}]\nenabled = true\n", r.about, r.name))
+        .collect()
+}
+
 pub fn init(args: &InitArgs) -> anyhow::Result<()> {
     let name =
         crate::config::sanitize_name(&args.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
@@ -86,9 +95,10 @@ listen = "{control}"
 # public_key = "<its `myelin pubkey`>"
 # endpoint = "192.0.2.2:51820"
 # allowed_ips = ["10.77.0.2/32"]
-"#,
+{plugins}"#,
         key = key_path.display(),
         port = args.listen_port,
+        plugins = plugin_sections(),
         addresses = addresses.join(", "),
         control = args.control,
     );
