@@ -604,6 +604,18 @@ mod tests {
         assert_eq!(config.node.name.as_str(), "robot1");
         assert!(!config.peers.is_empty());
         assert!(!config.plugins.instances.is_empty());
+        #[cfg(feature = "telemetry")]
+        assert!(myelin_sdk::registration("telemetry").is_some());
+        // Every plugin section is one its plugin accepts (no typos rot in the example).
+        for inst in &config.plugins.instances {
+            if let Some(reg) = myelin_sdk::registration(&inst.kind) {
+                assert!(
+                    (reg.build)(&inst.section).is_ok(),
+                    "[plugins.{}] in the example",
+                    inst.name
+                );
+            }
+        }
         assert_eq!(config.node.address.len(), 2);
     }
 
