@@ -344,7 +344,11 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
             ));
         }
         let plugins: String = myelin_sdk::registrations()
-            .map(|r| format!("\n[plugins.{}]\n", r.name))
+            .map(|r| match (r.name, name.as_str()) {
+                // Robotics mode: the operator station sees every robot's namespace.
+                ("zenoh", "operator") => "\n[plugins.zenoh]\nrole = \"operator\"\n".to_string(),
+                _ => format!("\n[plugins.{}]\n", r.name),
+            })
             .collect();
         let api = format!("{underlay}:7800");
         let config = format!(

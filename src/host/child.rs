@@ -138,7 +138,7 @@ pub fn plugin_run(instance: &str) -> Result<(), ChildError> {
         }
         drop(host_tx);
         // On a worker, so a plugin that blocks its runtime blocks its health answers too.
-        let _ = tokio::spawn(crate::host::runner::run_plugin(
+        let stopped = tokio::spawn(crate::host::runner::run_plugin(
             init,
             host_rx,
             plugin_tx,
@@ -146,6 +146,13 @@ pub fn plugin_run(instance: &str) -> Result<(), ChildError> {
         ))
         .await;
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-        Ok(())
-    })
+        // Never drop a stopped plugin here: zenoh 1.10.2 aborts the process when its runtime is
+        // dropped, and the host would count that as a crash. The process ends below instead.
+        std::mem::forget(stopped);
+        Ok::<(), ChildError>(())
+    })?;
+    // Skips destructors (the runtime's included): the plugin has stopped and reported it.
+    let _ = std::io::Write::flush(&mut std::io::stderr());
+    // SAFETY: _exit only ends the process.
+    unsafe { libc::_exit(0) }
 }

@@ -318,6 +318,18 @@ fn validate(config: &Config) -> Result<Validated, HostError> {
                 )
                 .into());
         };
+        if registration.process_only && inst.isolation == Isolation::Thread {
+            return Err(config
+                .error_at(
+                    &["plugins", &inst.name, "isolation"],
+                    format!(
+                        "plugin `{}` cannot run inside the node's process (its libraries cannot be stopped and restarted in one process)",
+                        inst.kind
+                    ),
+                    "remove the isolation key or set isolation = \"process\"",
+                )
+                .into());
+        }
         if let Err(e) = (registration.build)(&inst.section) {
             return Err(config
                 .error_at(

@@ -5,15 +5,18 @@ use crate::host::protocol::{HostMsg, Init, PluginMsg};
 use myelin_sdk::{CancellationToken, PluginContext};
 use tokio::sync::{mpsc, watch};
 
-/// Runs one plugin until the host says stop or the channel closes.
+/// Runs one plugin until the host says stop or the channel closes. Returns the plugin once it
+/// stopped, so the caller decides whether it is dropped (a thread) or never is (a process that
+/// ends with `_exit`: some plugins' libraries abort when torn down).
 pub async fn run_plugin(
     init: Init,
     mut from_host: mpsc::UnboundedReceiver<HostMsg>,
     to_host: mpsc::UnboundedSender<PluginMsg>,
     cancel: CancellationToken,
-) {
+) -> Option<Box<dyn myelin_sdk::Plugin>> {
     let fail = |reason: String| {
         let _ = to_host.send(PluginMsg::Failed { reason });
+        None
     };
     let Some(registration) = myelin_sdk::registration(&init.kind) else {
         return fail(format!(
@@ -87,4 +90,5 @@ pub async fn run_plugin(
     }
     let _ = std::fs::remove_file(&init.http_socket);
     let _ = to_host.send(PluginMsg::Stopped);
+    Some(plugin)
 }

@@ -375,7 +375,7 @@ pub fn spawn_thread(init: Init) -> std::io::Result<Worker> {
                     // A blocked worker would make a waiting shutdown hang the thread forever.
                     runtime.shutdown_background();
                     match run {
-                        Ok(()) => "thread returned".to_string(),
+                        Ok(_) => "thread returned".to_string(),
                         Err(e) if e.is_panic() => "thread panicked".to_string(),
                         Err(e) => format!("thread ended: {e}"),
                     }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod python;
 
 pub use netns::Netns;
 
@@ -177,7 +178,7 @@ impl Node {
     }
 
     /// Fetches with `fetch` until `pred` holds, or fails after `timeout` naming `what`.
-    fn poll(
+    pub fn poll(
         &self,
         what: &str,
         timeout: Duration,
@@ -260,6 +261,7 @@ pub fn keypair() -> (String, String) {
 }
 
 /// One node of a test mesh.
+#[derive(Clone)]
 pub struct Spec {
     pub name: String,
     pub private: String,

@@ -178,3 +178,43 @@ impl Drop for Link {
             .destroy(&[self.a.name.clone(), self.b.name.clone()]);
     }
 }
+
+/// Several namespaces on one lab fabric: node `i` (from 1) has underlay `<subnet>.<i>` on its
+/// `eth0`. Everything is removed on drop.
+pub struct Fleet {
+    pub nodes: Vec<std::sync::Arc<Netns>>,
+    pub underlay: Vec<String>,
+    fabric: myelin::lab::Fabric,
+}
+
+impl Fleet {
+    pub fn new(tag: &str, names: &[&str]) -> Fleet {
+        remove_stale();
+        let pid = std::process::id();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let fabric = myelin::lab::Fabric {
+            prefix: format!("my-{tag}-{pid}-{n}-"),
+            bridge: format!("mf{}p{pid}", n % 100),
+            subnet: format!("10.201.{}", n % 250 + 1),
+        };
+        fabric.create().expect("lab fabric bridge");
+        let mut fleet = Fleet {
+            nodes: Vec::new(),
+            underlay: Vec::new(),
+            fabric,
+        };
+        for (i, name) in names.iter().enumerate() {
+            let a = fleet.fabric.attach(i + 1, name).expect("attach");
+            fleet.nodes.push(std::sync::Arc::new(Netns { name: a.namespace }));
+            fleet.underlay.push(a.underlay);
+        }
+        fleet
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        let _ = self.fabric.destroy(&names);
+    }
+}

@@ -201,6 +201,7 @@ myelin_sdk::inventory::submit! {
         name: "chaos",
         about: "fails on purpose (panic, abort, error, hang, block) to test plugin isolation",
         build,
+        process_only: false,
     }
 }
 

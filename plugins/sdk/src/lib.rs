@@ -88,7 +88,7 @@
 //! }
 //!
 //! myelin_sdk::inventory::submit! {
-//!     Registration { name: "greeter", about: "greets every peer that comes up", build }
+//!     Registration { name: "greeter", about: "greets every peer that comes up", build, process_only: false }
 //! }
 //!
 //! // The binary lists every registered plugin from inventory:
@@ -178,6 +178,9 @@ pub struct Registration {
     pub about: &'static str,
     /// Parses the config section and constructs the plugin.
     pub build: BuildFn,
+    /// The plugin can only run in its own process: the host refuses `isolation = "thread"`.
+    /// For plugins whose libraries cannot be stopped and started again inside one process.
+    pub process_only: bool,
 }
 
 inventory::collect!(Registration);

@@ -283,6 +283,7 @@ myelin_sdk::inventory::submit! {
         name: "telemetry",
         about: "Prometheus metrics of the VPN, the plugins and the robot's health, served over the VPN",
         build,
+        process_only: false,
     }
 }
 
