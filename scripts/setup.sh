@@ -5,6 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential pkg-config git curl ca-certificates
+  cmake libclang-dev
   iproute2 nftables iputils-ping tcpdump
   wireguard-tools wireguard-go iperf3
   python3 python3-venv
@@ -38,6 +39,16 @@ if command -v rustup >/dev/null 2>&1; then
   done
 fi
 mkdir -p "${CARGO_TARGET_DIR:-/var/cache/myelin/target}"
+
+# Python test clients (Cyclone DDS, eclipse-zenoh), pinned in tests/python/requirements.txt.
+venv="${MYELIN_VENV:-/var/cache/myelin/venv}"
+requirements="$(dirname "$0")/../tests/python/requirements.txt"
+if [ ! -x "$venv/bin/python" ] || ! cmp -s "$requirements" "$venv/requirements.txt"; then
+  echo "setup: installing the Python test clients into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$venv/requirements.txt"
+fi
 
 # Browser test client: playwright-core drives Debian's Chromium (no browser download).
 browser="$(dirname "$0")/../tests/browser"

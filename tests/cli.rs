@@ -230,7 +230,7 @@ fn a_group_readable_key_is_refused_with_the_fix() {
 fn config_errors_name_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let key = common::write_key(dir.path());
-    let cases = [
+    let mut cases = vec![
         ("mtu_typo", "[node]\nname = \"r\"\nprivate_key_file = \"KEY\"\nmtuu = 1400\n", "line 4", "node.mtuu"),
         ("bad_addr", "[node]\nname = \"r\"\nprivate_key_file = \"KEY\"\naddress = [\"10.0.0.300/8\"]\n", "line 4", "node.address"),
         ("digit_name", "[node]\nname = \"1robot\"\nprivate_key_file = \"KEY\"\n", "line 2", "node.name"),
@@ -238,6 +238,10 @@ fn config_errors_name_file_line_and_key() {
         ("plugin_key", "[node]\nname = \"r\"\nprivate_key_file = \"KEY\"\n[control]\nlisten = \"127.0.0.1:0\"\n[plugins.chaos]\nmode = \"explode\"\n", "line 6", "plugins.chaos"),
         ("not_compiled", "[node]\nname = \"r\"\nprivate_key_file = \"KEY\"\n[control]\nlisten = \"127.0.0.1:0\"\n[plugins.warp]\n", "line 6", "--features warp"),
     ];
+    if cfg!(feature = "zenoh") {
+        cases.push(("zenoh_thread", "[node]\nname = \"r\"\nprivate_key_file = \"KEY\"\n[control]\nlisten = \"127.0.0.1:0\"\n[plugins.zenoh]\nisolation = \"thread\"\n", "line 7", "plugins.zenoh.isolation"));
+        cases.push(("zenoh_namespace", "[node]\nname = \"r\"\nprivate_key_file = \"KEY\"\n[control]\nlisten = \"127.0.0.1:0\"\n[plugins.zenoh]\nnamespace = \"robot-1\"\n", "line 6", "namespace `robot-1` must start with `/`"));
+    }
     let ns = Netns::new("cfg");
     for (name, text, line, key_name) in cases {
         let path = dir.path().join(format!("{name}.toml"));
