@@ -19,5 +19,7 @@ pub mod tunnel;
 use myelin_plugin_chaos as _;
 #[cfg(feature = "telemetry")]
 use myelin_plugin_telemetry as _;
+#[cfg(feature = "safety")]
+use myelin_plugin_safety as _;
 #[cfg(feature = "zenoh")]
 use myelin_plugin_zenoh as _;

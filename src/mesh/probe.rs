@@ -155,6 +155,23 @@ impl Prober {
         None
     }
 
+    /// The latest `n` probes to `peer`, oldest first.
+    pub fn recent(&self, peer: usize, now: Instant, n: usize) -> Vec<myelin_sdk::ProbeSample> {
+        let Some(p) = self.peers.get(peer) else {
+            return Vec::new();
+        };
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        p.window
+            .iter()
+            .skip(p.window.len().saturating_sub(n))
+            .map(|s| myelin_sdk::ProbeSample {
+                seq: s.seq,
+                age_ms: ms(now.saturating_duration_since(s.at)),
+                rtt_ms: s.rtt.map(ms),
+            })
+            .collect()
+    }
+
     pub fn stats(&self, peer: usize, now: Instant) -> ProbeStats {
         let Some(p) = self.peers.get(peer) else {
             return ProbeStats::default();
@@ -182,6 +199,22 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn recent_probes_are_listed_oldest_first_with_their_ages() {
+        let t0 = Instant::now();
+        let mut a = Prober::new(1, 100 * MS, t0);
+        let (_, p1) = a.poll_transmit(t0).unwrap();
+        let (_, _p2) = a.poll_transmit(t0 + 100 * MS).unwrap();
+        let mut b = Prober::new(1, 100 * MS, t0);
+        let pong = b.handle_input(0, &p1, t0).unwrap();
+        a.handle_input(0, &pong, t0 + 30 * MS);
+        let r = a.recent(0, t0 + 150 * MS, 10);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].seq, r[0].age_ms, r[0].rtt_ms), (1, 150.0, Some(30.0)));
+        assert_eq!((r[1].seq, r[1].age_ms, r[1].rtt_ms), (2, 50.0, None));
+        assert_eq!(a.recent(0, t0, 1).len(), 1);
+    }
 
     #[test]
     fn ping_pong_gives_rtt_jitter_and_no_loss() {

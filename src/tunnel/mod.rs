@@ -332,7 +332,7 @@ fn spawn_until(
     })
 }
 
-fn peer_view(peer: &Peer, probe: ProbeStats) -> PeerView {
+fn peer_view(peer: &Peer, probe: ProbeStats, recent_probes: Vec<myelin_sdk::ProbeSample>) -> PeerView {
     let (handshake, tx, rx, _, _) = peer
         .tunn
         .lock()
@@ -354,6 +354,7 @@ fn peer_view(peer: &Peer, probe: ProbeStats) -> PeerView {
         rx_packets: peer.rx_packets.load(Ordering::Relaxed),
         tx_packets: peer.tx_packets.load(Ordering::Relaxed),
         up: handshake.is_some_and(|d| d < SESSION_LIFETIME),
+        recent_probes,
     }
 }
 
@@ -381,6 +382,11 @@ fn record_metrics(view: &PeerView, endpoint_changes: u64) {
     }
 }
 
+/// Probes per peer listed in the `MeshView` (a second's worth at the default interval).
+const RECENT_PROBES: usize = 10;
+/// The shortest time between two `MeshView`s published because probe answers arrived.
+const ANSWER_PUBLISH_GAP: Duration = Duration::from_millis(5);
+
 /// Probes every peer each interval, answers their probes, and publishes the `MeshView`.
 async fn control(
     shared: Arc<Shared>,
@@ -393,18 +399,24 @@ async fn control(
     publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = [0u8; 64];
     let mut answered = vec![0u64; shared.peers.len()];
+    // A probe answer is published at once (at most every ANSWER_PUBLISH_GAP), so plugins that
+    // judge the link probe by probe (safety) never act on a view that misses an answer.
+    let mut publish_soon: Option<tokio::time::Instant> = None;
+    let mut last_publish = tokio::time::Instant::now();
     loop {
         let wake = prober
             .poll_timeout()
             .map(tokio::time::Instant::from_std)
             .unwrap_or_else(|| tokio::time::Instant::now() + interval);
-        tokio::select! {
+        let soon = publish_soon.unwrap_or_else(|| tokio::time::Instant::now() + interval * 10);
+        let publish_now = tokio::select! {
             _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
                 while let Some((idx, ping)) = prober.poll_transmit(now) {
                     let (Some(sock), Some(to)) = (&probe_socket, shared.peers[idx].probe_addr) else { continue };
                     let _ = sock.try_send_to(&ping, SocketAddr::new(to, PROBE_PORT));
                 }
+                false
             }
             received = async {
                 match &probe_socket {
@@ -426,19 +438,27 @@ async fn control(
                     if let Some(rtt) = stats.rtt {
                         metrics::histogram!("myelin_peer_rtt_seconds", "peer" => shared.peers[idx].name.clone()).record(rtt.as_secs_f64());
                     }
+                    if publish_soon.is_none() {
+                        publish_soon = Some((last_publish + ANSWER_PUBLISH_GAP).max(tokio::time::Instant::now()));
+                    }
                 }
+                false
             }
-            _ = publish.tick() => {
-                let now = Instant::now();
-                let view = MeshView {
-                    peers: shared.peers.iter().enumerate().map(|(i, p)| {
-                        let v = peer_view(p, prober.stats(i, now));
-                        record_metrics(&v, p.endpoint_changes.load(Ordering::Relaxed));
-                        v
-                    }).collect(),
-                };
-                mesh_tx.send_replace(view);
-            }
+            _ = tokio::time::sleep_until(soon), if publish_soon.is_some() => true,
+            _ = publish.tick() => true,
+        };
+        if publish_now {
+            publish_soon = None;
+            last_publish = tokio::time::Instant::now();
+            let now = Instant::now();
+            let view = MeshView {
+                peers: shared.peers.iter().enumerate().map(|(i, p)| {
+                    let v = peer_view(p, prober.stats(i, now), prober.recent(i, now, RECENT_PROBES));
+                    record_metrics(&v, p.endpoint_changes.load(Ordering::Relaxed));
+                    v
+                }).collect(),
+            };
+            mesh_tx.send_replace(view);
         }
     }
 }

@@ -106,7 +106,7 @@ pub use async_trait::async_trait;
 pub use axum;
 pub use context::{PluginContext, PluginMetrics};
 pub use inventory;
-pub use mesh::{MeshView, NodeIdentity, PeerView};
+pub use mesh::{MeshView, NodeIdentity, PeerView, ProbeSample};
 pub use metrics;
 pub use tokio;
 pub use tokio_util::sync::CancellationToken;

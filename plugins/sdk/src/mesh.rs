@@ -50,6 +50,21 @@ pub struct PeerView {
     pub tx_packets: u64,
     /// A handshake is current.
     pub up: bool,
+    /// The latest probes, oldest first, as they stood when this view was published: exact
+    /// per-probe data for plugins that judge the link probe by probe (safety).
+    #[serde(default)]
+    pub recent_probes: Vec<ProbeSample>,
+}
+
+/// One probe to a peer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProbeSample {
+    /// Increases by one per probe sent to this peer.
+    pub seq: u64,
+    /// Milliseconds since it was sent, when the view was published.
+    pub age_ms: f64,
+    /// Its round trip, once answered.
+    pub rtt_ms: Option<f64>,
 }
 
 impl MeshView {
