@@ -39,6 +39,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Status(a) => runtime()?.block_on(cli::status(a)),
         Command::Peers(a) => runtime()?.block_on(cli::peers(a)),
         Command::Plugins(a) => runtime()?.block_on(cli::plugins(a)),
+        Command::Safety(a) => runtime()?.block_on(cli::safety(a)),
         Command::Lab(a) => runtime()?.block_on(cli::lab(a)),
         Command::PluginRun(_) => Ok(()),
     }

@@ -30,6 +30,7 @@ pub enum Command {
     Status(StatusArgs),
     Peers(PeersArgs),
     Plugins(PluginsArgs),
+    Safety(SafetyArgs),
     Version(VersionArgs),
     Lab(LabArgs),
     PluginRun(PluginRunArgs),
@@ -199,6 +200,27 @@ pub struct PluginsArgs {
 }
 
 #[derive(FromArgs)]
+/// The safety interlock: safety [status|rearm]. Re-arming permits motion; it never commands it.
+#[argh(subcommand, name = "safety")]
+pub struct SafetyArgs {
+    /// status (the default) or rearm
+    #[argh(positional, default = "String::from(\"status\")")]
+    pub action: String,
+    /// the safety plugin's instance name (default safety)
+    #[argh(option, default = "String::from(\"safety\")")]
+    pub instance: String,
+    #[argh(option)]
+    /// control API address (default: $MYELIN_API, the config's [control].listen, or 127.0.0.1:7800)
+    pub api: Option<String>,
+    #[argh(option)]
+    /// read the control API address from this config file
+    pub config: Option<PathBuf>,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
 /// Print the version, build facts and compiled-in plugins.
 #[argh(subcommand, name = "version")]
 pub struct VersionArgs {
@@ -218,7 +240,7 @@ pub struct PluginRunArgs {
 
 pub use keys::{init, keygen, pubkey};
 pub use lab::lab;
-pub use remote::{peers, plugins, status};
+pub use remote::{peers, plugins, safety, status};
 
 pub fn version(args: &VersionArgs) -> anyhow::Result<()> {
     let info = crate::build_info::build_info();

@@ -1,6 +1,6 @@
 //! `status`, `peers` and `plugins`: talk to a running node's control API.
 
-use super::{PeersArgs, PluginsArgs, StatusArgs};
+use super::{PeersArgs, PluginsArgs, SafetyArgs, StatusArgs};
 use crate::api::client;
 use anyhow::{bail, Context};
 use serde_json::Value;
@@ -204,6 +204,49 @@ pub async fn plugins(args: &PluginsArgs) -> anyhow::Result<()> {
                 .map(|p| p.to_string())
                 .unwrap_or_else(|| "-".into()),
             last
+        );
+    }
+    Ok(())
+}
+
+/// `myelin safety [status|rearm]`: the safety plugin's routes through the control API.
+pub async fn safety(args: &SafetyArgs) -> anyhow::Result<()> {
+    let addr = api_addr(&args.api, &args.config)?;
+    let base = format!("/plugins/{}", args.instance);
+    let v = match args.action.as_str() {
+        "status" => request(addr, "GET", &format!("{base}/status")).await?,
+        "rearm" => request(addr, "POST", &format!("{base}/rearm")).await?,
+        other => bail!("unknown safety action `{other}`\n  fix: use `myelin safety status` or `myelin safety rearm`"),
+    };
+    if args.json {
+        return print_json(&v);
+    }
+    if args.action == "rearm" {
+        println!("re-armed: motion is permitted (nothing was commanded)");
+        return Ok(());
+    }
+    let state = v["state"].as_str().unwrap_or("unknown");
+    if v["stopped"].as_bool() == Some(true) {
+        println!(
+            "SAFE STOP ({state}): {} on the link to {}{}",
+            v["reason"].as_str().unwrap_or("tripped"),
+            v["peer"].as_str().unwrap_or("?"),
+            v["rtt_ms"].as_f64().map(|r| format!(", probe {r:.0} ms")).unwrap_or_default()
+        );
+        if state == "latched" {
+            println!("the link is good again: `myelin safety rearm` permits motion");
+        }
+    } else {
+        println!("armed: motion permitted");
+    }
+    println!("trips since start: {}", v["trips"].as_u64().unwrap_or(0));
+    for l in v["links"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<16} rtt {:>10}  last answer {:>6.0} ms ago{}",
+            l["peer"].as_str().unwrap_or("?"),
+            ms(&l["rtt_ms"]),
+            l["since_answer_ms"].as_f64().unwrap_or(f64::NAN),
+            l["good_for_s"].as_f64().map(|g| format!("  good for {g:.1} s")).unwrap_or_default()
         );
     }
     Ok(())

@@ -5,6 +5,7 @@
 
 pub mod netns;
 pub mod python;
+pub mod relay;
 
 pub use netns::Netns;
 

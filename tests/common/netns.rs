@@ -86,7 +86,11 @@ fn remove_stale() {
     if let Ok(links) = std::fs::read_dir("/sys/class/net") {
         for link in links.flatten() {
             let name = link.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.strip_prefix("mb").and_then(|r| r.split('p').nth(1)) else {
+            let Some(pid) = name
+                .strip_prefix("mb")
+                .or_else(|| name.strip_prefix("mf"))
+                .and_then(|r| r.split('p').nth(1))
+            else {
                 continue;
             };
             if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists()

@@ -100,8 +100,15 @@ impl Py {
 
     /// The client's JSON result line (the first line starting with `{`).
     pub fn result(&mut self, timeout: Duration) -> serde_json::Value {
-        let line = self.wait_line(timeout, |l| l.starts_with('{'));
+        let line = self.wait_line(timeout, |l| l.starts_with('{') && l.contains("\"received\""));
         serde_json::from_str(&line).expect("result JSON")
+    }
+
+    /// The next line within `within`, or `None` if the client stayed silent that long.
+    pub fn next_line(&mut self, within: Duration) -> Option<String> {
+        let line = self.lines.recv_timeout(within).ok()?;
+        self.seen.push(line.clone());
+        Some(line)
     }
 
     pub fn output(&self) -> String {

@@ -149,6 +149,11 @@ def main():
     ap.add_argument("--timeout", type=float, default=30.0, help="sub: seconds to wait")
     ap.add_argument("--go", action="store_true", help="pub: wait for a line on stdin first")
     ap.add_argument(
+        "--print",
+        action="store_true",
+        help="sub: print every sample as {\"t_ms\": unix ms, \"data\": value}",
+    )
+    ap.add_argument(
         "--quiet",
         type=float,
         default=0.0,
@@ -188,9 +193,11 @@ def main():
             last_at = time.monotonic()
             received += 1
             value = getattr(sample, "data", None)
+            if a.print:
+                print(json.dumps({"t_ms": time.time() * 1000.0, "data": value}), flush=True)
             first = value if first is None else first
             last = value
-    print(json.dumps({"received": received, "first": first, "last": last}), flush=True)
+    print(json.dumps({"received": received, "first": first, "last": last, "done": True}), flush=True)
     return 0 if received >= a.expect else 1
 
 

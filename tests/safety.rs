@@ -1,0 +1,253 @@
+//! The safety interlock end to end: robot1 and operator in namespaces, their WireGuard traffic
+//! through a userspace impairment relay (delay, blackhole) in a third namespace, robot1
+//! running robotics mode and two interlock instances, an emulated ROS node (Cyclone DDS)
+//! subscribing robot1's local /e_stop.
+
+mod common;
+
+use common::netns::Fleet;
+use common::python::Py;
+use common::relay::Relay;
+use common::{state, Node, Spec, BIN};
+use serde_json::Value;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const LONG: Duration = Duration::from_secs(30);
+const TRIALS: usize = 20;
+
+fn unix_ms(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64() * 1000.0
+}
+
+fn status(node: &Node, instance: &str) -> Value {
+    node.get(&format!("/plugins/{instance}/status"))
+}
+
+fn wait_state(node: &Node, instance: &str, want: &str, timeout: Duration) -> Value {
+    node.poll(
+        &format!("{instance} to be {want}"),
+        timeout,
+        || status(node, instance),
+        |s| s["state"] == want,
+    )
+}
+
+/// Lines `<state> <unix ms>` that the command action appends.
+fn command_lines(file: &Path) -> Vec<(String, f64)> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (s, t) = l.split_once(' ')?;
+            Some((s.to_string(), t.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Waits until the command file has `count` lines; returns the last one.
+fn wait_command(node: &Node, file: &Path, count: usize) -> (String, f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = command_lines(file);
+        if lines.len() >= count {
+            return lines[count - 1].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the command action did not run a {count}th time within 10 s; file: {lines:?}\nlog:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[test]
+fn latency_and_silence_trip_a_latched_safe_stop() {
+    let fleet = Fleet::new("safe", &["robot1", "operator", "relay"]);
+    let (robot_ns, op_ns, relay_ns) = (
+        fleet.nodes[0].clone(),
+        fleet.nodes[1].clone(),
+        fleet.nodes[2].clone(),
+    );
+    let relay = Relay::start(
+        &relay_ns,
+        &fleet.underlay[2],
+        format!("{}:51820", fleet.underlay[0]).parse().unwrap(),
+        format!("{}:51820", fleet.underlay[1]).parse().unwrap(),
+    );
+    let mut robot = Spec::new("robot1", &["10.89.0.1/16"]);
+    let mut operator = Spec::new("operator", &["10.89.0.2/16"]);
+    let (r, o) = (robot.clone(), operator.clone());
+    robot.peer(&o, Some(&relay.for_a.to_string()), "");
+    operator.peer(&r, Some(&relay.for_b.to_string()), "");
+
+    let dir = tempfile::tempdir().unwrap();
+    let trips = dir.path().join("trips");
+    let latched_trips = dir.path().join("latched-trips");
+    let record = |file: &Path| {
+        format!(
+            "[[plugins.{{}}.actions]]\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"echo $MYELIN_SAFETY_STATE $(date +%s%3N) >> {}\"]\n",
+            file.display()
+        )
+    };
+    // `safety`: no latch, short clearing, the twist_mux lock on /e_stop; used for timing.
+    // `safety_latched`: latched, trips on the heartbeat first (trip_after is long).
+    let plugins = format!(
+        "[plugins.zenoh]\n\n[plugins.safety]\nwatch = [\"operator\"]\nlatch = false\nclear_after_s = 1\n{}[[plugins.safety.actions]]\nkind = \"ros_lock\"\ntopic = \"/e_stop\"\nrate_hz = 10\n\n[plugins.safety_latched]\nplugin = \"safety\"\nwatch = [\"operator\"]\ntrip_after = 10\nclear_after_s = 2\nlatch = true\n{}",
+        record(&trips).replace("{}", "safety"),
+        record(&latched_trips).replace("{}", "safety_latched"),
+    );
+    let mut robot1 = Node::start_spec(robot_ns.clone(), &robot, &plugins);
+    let _operator = Node::start_spec(op_ns.clone(), &operator, "");
+    for instance in ["zenoh", "safety", "safety_latched"] {
+        robot1.wait_plugin(instance, LONG, "running", |p| state(p) == "running");
+    }
+    robot1.wait_peer("operator", LONG, "up with an RTT", |p| {
+        p["up"] == true && p["rtt_ms"].is_number()
+    });
+    wait_state(&robot1, "safety", "armed", LONG);
+
+    // The twist_mux lock: `false` at 10 Hz while armed (the dead-man heartbeat).
+    let mut e_stop = Py::spawn(
+        &robot_ns,
+        "ros_node.py",
+        &["sub", "--topic", "rt/e_stop", "--type", "bool", "--name", "twist_mux", "--print", "--expect", "1000000", "--timeout", "600"],
+    );
+    e_stop.ready();
+    let sample = |line: &str| -> Option<(f64, bool)> {
+        let v: Value = serde_json::from_str(line).ok()?;
+        Some((v["t_ms"].as_f64()?, v["data"].as_bool()?))
+    };
+    e_stop.wait_line(LONG, |l| sample(l).is_some_and(|(_, d)| !d));
+
+    // 300 ms of delay: the lock turns `true`, the command runs, and we time the trips.
+    let mut latencies = Vec::new();
+    let mut dds_latency = None;
+    for trial in 1..=TRIALS {
+        wait_state(&robot1, "safety", "armed", LONG);
+        // Trials begin right after a clear, which is in phase with the probes; spread their
+        // start over the 100 ms probe interval so the figures cover every phase.
+        std::thread::sleep(Duration::from_millis((trial as u64 * 37) % 100));
+        let start = unix_ms(relay.delay(300));
+        let (what, at) = wait_command(&robot1, &trips, 2 * trial - 1);
+        assert_eq!(what, "stopped", "trial {trial}");
+        latencies.push(at - start);
+        if trial == 1 {
+            let line = e_stop.wait_line(Duration::from_secs(5), |l| {
+                sample(l).is_some_and(|(_, d)| d)
+            });
+            dds_latency = sample(&line).map(|(t, _)| t - start);
+            let s = status(&robot1, "safety");
+            assert_eq!(s["reason"], "latency", "{s:#}");
+            assert_eq!(s["peer"], "operator");
+            assert!(s["rtt_ms"].as_f64().unwrap_or(0.0) > 200.0, "{s:#}");
+        }
+        relay.pass();
+        let (what, _) = wait_command(&robot1, &trips, 2 * trial);
+        assert_eq!(what, "armed", "trial {trial}: clears by itself without latch");
+    }
+    let mut sorted = latencies.clone();
+    sorted.sort_by(f64::total_cmp);
+    let (p50, p99) = (percentile(&sorted, 0.5), percentile(&sorted, 0.99));
+    println!(
+        "delay 300 ms → command action ran: p50 {p50:.0} ms, p99 {p99:.0} ms, max {:.0} ms over {TRIALS} trials; first /e_stop true seen by the DDS subscriber {:.0} ms after the delay began",
+        sorted[TRIALS - 1],
+        dds_latency.unwrap_or(f64::NAN)
+    );
+    // Detection floor: a probe is known late max_rtt after it was sent, and the third late
+    // probe was sent up to trip_after × interval after the delay began.
+    let bound = 200.0 + 3.0 * 100.0 + 100.0;
+    assert!(
+        sorted[TRIALS - 1] <= bound,
+        "a trip took {:.0} ms (bound {bound} ms): {latencies:?}",
+        sorted[TRIALS - 1]
+    );
+    let metrics = robot1.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("myelin_safety_trips_total")
+                && l.contains("reason=\"latency\"")
+                && l.contains("plugin=\"safety\"")
+                && l.ends_with(&format!(" {TRIALS}"))),
+        "trips counted: {}",
+        metrics.lines().filter(|l| l.contains("safety")).collect::<Vec<_>>().join("\n")
+    );
+
+    // The latched instance tripped too and waits for a person; re-arm it while the link is good.
+    let s = wait_state(&robot1, "safety_latched", "latched", LONG);
+    assert_eq!(s["stopped"], true);
+    let before = command_lines(&latched_trips).len();
+    let (code, body) = robot1.call("POST", "/plugins/safety_latched/rearm");
+    assert_eq!(code, 200, "{body}");
+    let (what, _) = wait_command(&robot1, &latched_trips, before + 1);
+    assert_eq!(what, "armed", "a re-arm runs the clear actions");
+    let before = before + 1;
+
+    // Blackhole: the latched instance trips on the heartbeat.
+    let start = unix_ms(relay.blackhole());
+    let (what, at) = wait_command(&robot1, &latched_trips, before + 1);
+    assert_eq!(what, "stopped");
+    let s = status(&robot1, "safety_latched");
+    assert_eq!(s["reason"], "heartbeat", "{s:#}");
+    let heartbeat_trip = at - start;
+    println!("blackhole → heartbeat trip after {heartbeat_trip:.0} ms (timeout 500 ms)");
+    assert!(heartbeat_trip <= 500.0 + 100.0, "{heartbeat_trip:.0} ms");
+
+    // Re-arm is refused while the link is bad, and while it has not been good long enough.
+    let (code, body) = robot1.call("POST", "/plugins/safety_latched/rearm");
+    assert_eq!(code, 409, "{body}");
+    assert!(body["error"].as_str().unwrap_or("").contains("operator"), "{body}");
+    let healed = Instant::now();
+    relay.pass();
+    wait_state(&robot1, "safety_latched", "clearing", LONG);
+    let (code, body) = robot1.call("POST", "/plugins/safety_latched/rearm");
+    assert!(
+        code == 409 || healed.elapsed() >= Duration::from_secs(2),
+        "re-armed while clearing: {body}"
+    );
+    let s = wait_state(&robot1, "safety_latched", "latched", LONG);
+    let cleared_after = healed.elapsed();
+    println!("link good again → latched (clear_after_s = 2) after {cleared_after:?}");
+    assert!(cleared_after >= Duration::from_secs(2), "cleared after {cleared_after:?}");
+    assert_eq!(s["stopped"], true, "latched keeps the stop: {s:#}");
+    // Still stopped until a person re-arms, here with the CLI.
+    let out = robot_ns
+        .command(BIN)
+        .args(["safety", "rearm", "--instance", "safety_latched", "--api", &robot1.api.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = wait_state(&robot1, "safety_latched", "armed", LONG);
+    assert_eq!(s["stopped"], false);
+    let out = robot_ns
+        .command(BIN)
+        .args(["safety", "status", "--api", &robot1.api.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("armed"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The dead-man: once Myelin on the robot dies, the `false` heartbeat stops.
+    wait_state(&robot1, "safety", "armed", LONG);
+    e_stop.wait_line(LONG, |l| sample(l).is_some_and(|(_, d)| !d));
+    let _ = robot1.child.kill();
+    let _ = robot1.child.wait();
+    // Messages already in flight may still arrive; after that, silence.
+    let killed = Instant::now();
+    while e_stop.next_line(Duration::from_millis(500)).is_some() {
+        assert!(killed.elapsed() < Duration::from_secs(3), "e_stop keeps being published");
+    }
+    assert!(
+        e_stop.next_line(Duration::from_secs(2)).is_none(),
+        "the lock topic is still published after the node died"
+    );
+}
