@@ -73,7 +73,9 @@ fn ping(connect: &str, size: usize, count: usize) -> Result<String> {
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!("no answer from the pong side at {connect} within {WAIT:?}").into());
+            return Err(
+                format!("no answer from the pong side at {connect} within {WAIT:?}").into(),
+            );
         }
     }
     let warmup = (count / 10).max(10);
@@ -167,7 +169,10 @@ fn loopback() -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
     let num = |i: usize, what: &str| -> Result<f64> {
         arg(i)
@@ -180,7 +185,11 @@ fn main() -> std::process::ExitCode {
         "ping" => {
             println!(
                 "{}",
-                ping(arg(1), num(2, "payload bytes")? as usize, num(3, "round trips")? as usize)?
+                ping(
+                    arg(1),
+                    num(2, "payload bytes")? as usize,
+                    num(3, "round trips")? as usize
+                )?
             );
             Ok(())
         }
@@ -188,7 +197,11 @@ fn main() -> std::process::ExitCode {
             println!("{}", sink(arg(1))?);
             Ok(())
         }
-        "flood" => flood(arg(1), num(2, "payload bytes")? as usize, num(3, "seconds")?),
+        "flood" => flood(
+            arg(1),
+            num(2, "payload bytes")? as usize,
+            num(3, "seconds")?,
+        ),
         other => Err(format!("unknown mode `{other}`: pong, ping, sink or flood").into()),
     })();
     match result {

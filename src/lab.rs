@@ -347,6 +347,15 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
             .map(|r| match (r.name, name.as_str()) {
                 // Robotics mode: the operator station sees every robot's namespace.
                 ("zenoh", "operator") => "\n[plugins.zenoh]\nrole = \"operator\"\n".to_string(),
+                // Robots guard motion on the operator link; the operator has no interlock.
+                ("safety", "operator") => "\n[plugins.safety]\nenabled = false\nwatch = [\"operator\"]\n".to_string(),
+                ("safety", _) => {
+                    let mut section = "\n# Lab robots clear by themselves (no latch).\n[plugins.safety]\nwatch = [\"operator\"]\nlatch = false\n".to_string();
+                    if myelin_sdk::registration("zenoh").is_some() {
+                        section.push_str("[[plugins.safety.actions]]\nkind = \"ros_lock\"\ntopic = \"/e_stop\"\n");
+                    }
+                    section
+                }
                 _ => format!("\n[plugins.{}]\n", r.name),
             })
             .collect();

@@ -17,9 +17,9 @@ pub mod tunnel;
 // inventory registration (inventory issue #7).
 #[cfg(feature = "chaos")]
 use myelin_plugin_chaos as _;
-#[cfg(feature = "telemetry")]
-use myelin_plugin_telemetry as _;
 #[cfg(feature = "safety")]
 use myelin_plugin_safety as _;
+#[cfg(feature = "telemetry")]
+use myelin_plugin_telemetry as _;
 #[cfg(feature = "zenoh")]
 use myelin_plugin_zenoh as _;

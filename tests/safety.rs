@@ -116,7 +116,20 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
     let mut e_stop = Py::spawn(
         &robot_ns,
         "ros_node.py",
-        &["sub", "--topic", "rt/e_stop", "--type", "bool", "--name", "twist_mux", "--print", "--expect", "1000000", "--timeout", "600"],
+        &[
+            "sub",
+            "--topic",
+            "rt/e_stop",
+            "--type",
+            "bool",
+            "--name",
+            "twist_mux",
+            "--print",
+            "--expect",
+            "1000000",
+            "--timeout",
+            "600",
+        ],
     );
     e_stop.ready();
     let sample = |line: &str| -> Option<(f64, bool)> {
@@ -149,7 +162,10 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
         }
         relay.pass();
         let (what, _) = wait_command(&robot1, &trips, 2 * trial);
-        assert_eq!(what, "armed", "trial {trial}: clears by itself without latch");
+        assert_eq!(
+            what, "armed",
+            "trial {trial}: clears by itself without latch"
+        );
     }
     let mut sorted = latencies.clone();
     sorted.sort_by(f64::total_cmp);
@@ -176,7 +192,11 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
                 && l.contains("plugin=\"safety\"")
                 && l.ends_with(&format!(" {TRIALS}"))),
         "trips counted: {}",
-        metrics.lines().filter(|l| l.contains("safety")).collect::<Vec<_>>().join("\n")
+        metrics
+            .lines()
+            .filter(|l| l.contains("safety"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     // The latched instance tripped too and waits for a person; re-arm it while the link is good.
@@ -202,7 +222,10 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
     // Re-arm is refused while the link is bad, and while it has not been good long enough.
     let (code, body) = robot1.call("POST", "/plugins/safety_latched/rearm");
     assert_eq!(code, 409, "{body}");
-    assert!(body["error"].as_str().unwrap_or("").contains("operator"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("operator"),
+        "{body}"
+    );
     let healed = Instant::now();
     relay.pass();
     wait_state(&robot1, "safety_latched", "clearing", LONG);
@@ -214,15 +237,29 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
     let s = wait_state(&robot1, "safety_latched", "latched", LONG);
     let cleared_after = healed.elapsed();
     println!("link good again → latched (clear_after_s = 2) after {cleared_after:?}");
-    assert!(cleared_after >= Duration::from_secs(2), "cleared after {cleared_after:?}");
+    assert!(
+        cleared_after >= Duration::from_secs(2),
+        "cleared after {cleared_after:?}"
+    );
     assert_eq!(s["stopped"], true, "latched keeps the stop: {s:#}");
     // Still stopped until a person re-arms, here with the CLI.
     let out = robot_ns
         .command(BIN)
-        .args(["safety", "rearm", "--instance", "safety_latched", "--api", &robot1.api.to_string()])
+        .args([
+            "safety",
+            "rearm",
+            "--instance",
+            "safety_latched",
+            "--api",
+            &robot1.api.to_string(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = wait_state(&robot1, "safety_latched", "armed", LONG);
     assert_eq!(s["stopped"], false);
     let out = robot_ns
@@ -244,7 +281,10 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
     // Messages already in flight may still arrive; after that, silence.
     let killed = Instant::now();
     while e_stop.next_line(Duration::from_millis(500)).is_some() {
-        assert!(killed.elapsed() < Duration::from_secs(3), "e_stop keeps being published");
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "e_stop keeps being published"
+        );
     }
     assert!(
         e_stop.next_line(Duration::from_secs(2)).is_none(),

@@ -40,9 +40,10 @@ fn status(node: &Node) -> Value {
 }
 
 fn connected(status: &Value, peer: &str) -> bool {
-    status["peers"]
-        .as_array()
-        .is_some_and(|ps| ps.iter().any(|p| p["name"] == peer && p["connected"] == true))
+    status["peers"].as_array().is_some_and(|ps| {
+        ps.iter()
+            .any(|p| p["name"] == peer && p["connected"] == true)
+    })
 }
 
 fn has_route(status: &Value, kind: &str, key: &str) -> bool {
@@ -148,19 +149,51 @@ fn ros2_topics_cross_the_vpn_in_robot_namespaces() {
     let mut sub = Py::spawn(
         &operator_ns,
         "ros_node.py",
-        &["sub", "--topic", "rt/robot1/chatter", "--expect", "100", "--quiet", "3", "--timeout", "60"],
+        &[
+            "sub",
+            "--topic",
+            "rt/robot1/chatter",
+            "--expect",
+            "100",
+            "--quiet",
+            "3",
+            "--timeout",
+            "60",
+        ],
     );
     sub.ready();
     let mut zsub = Py::spawn(
         &operator_ns,
         "zenoh_sub.py",
-        &["--connect", "tcp/127.0.0.1:7447", "--key", "robot1/chatter", "--expect", "100", "--quiet", "3", "--timeout", "60"],
+        &[
+            "--connect",
+            "tcp/127.0.0.1:7447",
+            "--key",
+            "robot1/chatter",
+            "--expect",
+            "100",
+            "--quiet",
+            "3",
+            "--timeout",
+            "60",
+        ],
     );
     zsub.ready();
     let mut publisher = Py::spawn(
         &robot1_ns,
         "ros_node.py",
-        &["pub", "--topic", "rt/chatter", "--name", "talker", "--count", "100", "--rate", "20", "--go"],
+        &[
+            "pub",
+            "--topic",
+            "rt/chatter",
+            "--name",
+            "talker",
+            "--count",
+            "100",
+            "--rate",
+            "20",
+            "--go",
+        ],
     );
     publisher.ready();
     wait_route(&robot1, "topic/pub", "robot1/chatter");
@@ -168,23 +201,58 @@ fn ros2_topics_cross_the_vpn_in_robot_namespaces() {
     publisher.go();
     let got = sub.result(LONG);
     println!("operator's /robot1/chatter subscriber: {got}");
-    assert!(received(&got) >= 95, "DDS subscriber got {got}\n{}", sub.output());
+    assert!(
+        received(&got) >= 95,
+        "DDS subscriber got {got}\n{}",
+        sub.output()
+    );
     let zgot = zsub.result(LONG);
     println!("eclipse-zenoh client on robot1/chatter: {zgot}");
-    assert!(received(&zgot) >= 90, "zenoh client got {zgot}\n{}", zsub.output());
+    assert!(
+        received(&zgot) >= 90,
+        "zenoh client got {zgot}\n{}",
+        zsub.output()
+    );
     drop(publisher);
 
     // The other direction: the operator publishes /robot1/cmd_vel; robot1's /cmd_vel gets it.
     let mut cmd_sub = Py::spawn(
         &robot1_ns,
         "ros_node.py",
-        &["sub", "--topic", "rt/cmd_vel", "--type", "twist", "--name", "base", "--expect", "100", "--quiet", "3", "--timeout", "60"],
+        &[
+            "sub",
+            "--topic",
+            "rt/cmd_vel",
+            "--type",
+            "twist",
+            "--name",
+            "base",
+            "--expect",
+            "100",
+            "--quiet",
+            "3",
+            "--timeout",
+            "60",
+        ],
     );
     cmd_sub.ready();
     let mut teleop = Py::spawn(
         &operator_ns,
         "ros_node.py",
-        &["pub", "--topic", "rt/robot1/cmd_vel", "--type", "twist", "--name", "teleop", "--count", "100", "--rate", "20", "--go"],
+        &[
+            "pub",
+            "--topic",
+            "rt/robot1/cmd_vel",
+            "--type",
+            "twist",
+            "--name",
+            "teleop",
+            "--count",
+            "100",
+            "--rate",
+            "20",
+            "--go",
+        ],
     );
     teleop.ready();
     wait_route(&operator, "topic/pub", "robot1/cmd_vel");
@@ -200,14 +268,35 @@ fn ros2_topics_cross_the_vpn_in_robot_namespaces() {
     let mut estop = Py::spawn(
         &robot1_ns,
         "ros_node.py",
-        &["sub", "--topic", "rt/e_stop", "--type", "bool", "--name", "twist_mux", "--expect", "100", "--quiet", "3", "--timeout", "60"],
+        &[
+            "sub",
+            "--topic",
+            "rt/e_stop",
+            "--type",
+            "bool",
+            "--name",
+            "twist_mux",
+            "--expect",
+            "100",
+            "--quiet",
+            "3",
+            "--timeout",
+            "60",
+        ],
     );
     estop.ready();
     wait_route(&robot1, "topic/sub", "robot1/e_stop");
     let mut put = Py::spawn(
         &robot1_ns,
         "zenoh_put.py",
-        &["--connect", "tcp/127.0.0.1:7447", "--key", "robot1/e_stop", "--count", "100"],
+        &[
+            "--connect",
+            "tcp/127.0.0.1:7447",
+            "--key",
+            "robot1/e_stop",
+            "--count",
+            "100",
+        ],
     );
     put.result(LONG);
     let got = estop.result(LONG);
@@ -226,8 +315,15 @@ fn ros2_topics_cross_the_vpn_in_robot_namespaces() {
     );
     // Anything else may only be the kernel's own IPv6 housekeeping (ICMPv6).
     let other = packets(&pcap, "not (tcp port 7447 or udp port 51821 or icmp6)");
-    assert!(other.is_empty(), "unexpected traffic on the tunnel:\n{}", other.join("\n"));
-    assert!(zenoh_tcp > 100, "expected zenoh TCP on the tunnel, saw {zenoh_tcp}");
+    assert!(
+        other.is_empty(),
+        "unexpected traffic on the tunnel:\n{}",
+        other.join("\n")
+    );
+    assert!(
+        zenoh_tcp > 100,
+        "expected zenoh TCP on the tunnel, saw {zenoh_tcp}"
+    );
     assert_eq!(rtps, 0, "RTPS crossed the tunnel");
 
     // Five disable/enable cycles on robot1 while its publisher runs: the node stays up and
@@ -236,7 +332,17 @@ fn ros2_topics_cross_the_vpn_in_robot_namespaces() {
     let mut talker = Py::spawn(
         &robot1_ns,
         "ros_node.py",
-        &["pub", "--topic", "rt/chatter", "--name", "talker", "--count", "0", "--rate", "20"],
+        &[
+            "pub",
+            "--topic",
+            "rt/chatter",
+            "--name",
+            "talker",
+            "--count",
+            "0",
+            "--rate",
+            "20",
+        ],
     );
     talker.ready();
     for round in 1..=5 {
@@ -250,16 +356,34 @@ fn ros2_topics_cross_the_vpn_in_robot_namespaces() {
         let mut sub = Py::spawn(
             &operator_ns,
             "ros_node.py",
-            &["sub", "--topic", "rt/robot1/chatter", "--expect", "10", "--timeout", "60"],
+            &[
+                "sub",
+                "--topic",
+                "rt/robot1/chatter",
+                "--expect",
+                "10",
+                "--timeout",
+                "60",
+            ],
         );
         let got = sub.result(LONG);
         assert!(received(&got) >= 10, "round {round}: {got}");
-        println!("toggle round {round}: delivery resumed, 10 messages in {:?}", started.elapsed());
-        assert!(robot1.child.try_wait().unwrap().is_none(), "robot1's node exited");
+        println!(
+            "toggle round {round}: delivery resumed, 10 messages in {:?}",
+            started.elapsed()
+        );
+        assert!(
+            robot1.child.try_wait().unwrap().is_none(),
+            "robot1's node exited"
+        );
         assert_eq!(robot1.pid(), node_pid);
     }
     let p = robot1.plugin("zenoh");
-    assert_eq!(p["restarts"].as_u64().unwrap_or(0), 0, "a toggle counted as a crash: {p:#}");
+    assert_eq!(
+        p["restarts"].as_u64().unwrap_or(0),
+        0,
+        "a toggle counted as a crash: {p:#}"
+    );
     drop(talker);
 
     // robot2 joins later: the running routers reach it without a restart.
@@ -270,21 +394,45 @@ fn ros2_topics_cross_the_vpn_in_robot_namespaces() {
     wait_connected(&operator, "robot2");
     let joined = up.elapsed();
     println!("operator's zenoh router connected to robot2 {joined:?} after robot2's plugin ran");
-    assert!(joined < Duration::from_secs(5), "robot2 connected after {joined:?}");
+    assert!(
+        joined < Duration::from_secs(5),
+        "robot2 connected after {joined:?}"
+    );
     wait_connected(&robot1, "robot2");
     let mut sub = Py::spawn(
         &operator_ns,
         "ros_node.py",
-        &["sub", "--topic", "rt/robot2/chatter", "--expect", "10", "--timeout", "60"],
+        &[
+            "sub",
+            "--topic",
+            "rt/robot2/chatter",
+            "--expect",
+            "10",
+            "--timeout",
+            "60",
+        ],
     );
     sub.ready();
     let mut talker2 = Py::spawn(
         &robot2_ns,
         "ros_node.py",
-        &["pub", "--topic", "rt/chatter", "--name", "talker", "--count", "0", "--rate", "20"],
+        &[
+            "pub",
+            "--topic",
+            "rt/chatter",
+            "--name",
+            "talker",
+            "--count",
+            "0",
+            "--rate",
+            "20",
+        ],
     );
     talker2.ready();
     let got = sub.result(LONG);
-    assert!(received(&got) >= 10, "robot2's chatter at the operator: {got}");
+    assert!(
+        received(&got) >= 10,
+        "robot2's chatter at the operator: {got}"
+    );
     assert_eq!(robot1.pid(), node_pid, "robot1 was restarted");
 }

@@ -27,7 +27,14 @@ pub fn pubkey() -> anyhow::Result<()> {
 fn plugin_sections() -> String {
     myelin_sdk::registrations()
         .filter(|r| r.name != "chaos")
-        .map(|r| format!("\n# {}\n[plugins.{}]\nenabled = true\n", r.about, r.name))
+        .map(|r| match r.name {
+            // The interlock needs to know which link guards motion: off until that is set.
+            "safety" => format!(
+                "\n# {}\n# Name the peers whose link guards motion, then enable it (docs/safety.md).\n[plugins.safety]\nenabled = false\nwatch = [\"operator\"]\n",
+                r.about
+            ),
+            _ => format!("\n# {}\n[plugins.{}]\nenabled = true\n", r.about, r.name),
+        })
         .collect()
 }
 

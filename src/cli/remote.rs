@@ -231,7 +231,10 @@ pub async fn safety(args: &SafetyArgs) -> anyhow::Result<()> {
             "SAFE STOP ({state}): {} on the link to {}{}",
             v["reason"].as_str().unwrap_or("tripped"),
             v["peer"].as_str().unwrap_or("?"),
-            v["rtt_ms"].as_f64().map(|r| format!(", probe {r:.0} ms")).unwrap_or_default()
+            v["rtt_ms"]
+                .as_f64()
+                .map(|r| format!(", probe {r:.0} ms"))
+                .unwrap_or_default()
         );
         if state == "latched" {
             println!("the link is good again: `myelin safety rearm` permits motion");
@@ -246,7 +249,10 @@ pub async fn safety(args: &SafetyArgs) -> anyhow::Result<()> {
             l["peer"].as_str().unwrap_or("?"),
             ms(&l["rtt_ms"]),
             l["since_answer_ms"].as_f64().unwrap_or(f64::NAN),
-            l["good_for_s"].as_f64().map(|g| format!("  good for {g:.1} s")).unwrap_or_default()
+            l["good_for_s"]
+                .as_f64()
+                .map(|g| format!("  good for {g:.1} s"))
+                .unwrap_or_default()
         );
     }
     Ok(())

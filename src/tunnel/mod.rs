@@ -332,7 +332,11 @@ fn spawn_until(
     })
 }
 
-fn peer_view(peer: &Peer, probe: ProbeStats, recent_probes: Vec<myelin_sdk::ProbeSample>) -> PeerView {
+fn peer_view(
+    peer: &Peer,
+    probe: ProbeStats,
+    recent_probes: Vec<myelin_sdk::ProbeSample>,
+) -> PeerView {
     let (handshake, tx, rx, _, _) = peer
         .tunn
         .lock()
@@ -452,11 +456,20 @@ async fn control(
             last_publish = tokio::time::Instant::now();
             let now = Instant::now();
             let view = MeshView {
-                peers: shared.peers.iter().enumerate().map(|(i, p)| {
-                    let v = peer_view(p, prober.stats(i, now), prober.recent(i, now, RECENT_PROBES));
-                    record_metrics(&v, p.endpoint_changes.load(Ordering::Relaxed));
-                    v
-                }).collect(),
+                peers: shared
+                    .peers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let v = peer_view(
+                            p,
+                            prober.stats(i, now),
+                            prober.recent(i, now, RECENT_PROBES),
+                        );
+                        record_metrics(&v, p.endpoint_changes.load(Ordering::Relaxed));
+                        v
+                    })
+                    .collect(),
             };
             mesh_tx.send_replace(view);
         }

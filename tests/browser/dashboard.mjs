@@ -64,6 +64,18 @@ try {
   await telemetry.locator("#urls").filter({ hasText: ":9477/metrics" }).waitFor({ timeout: 20000 });
   await telemetry.locator("#figures").filter({ hasText: "node_load1" }).waitFor({ timeout: 20000 });
   step("telemetry panel shows the scrape URL and live figures");
+  // Robotics mode: robot1's router is connected to the operator's and robot2's.
+  const zenoh = page.frameLocator(`section[data-panel="zenoh"] iframe`);
+  for (const peer of ["operator", "robot2"]) {
+    await zenoh.locator("#peers tr", { hasText: peer }).filter({ hasText: "connected" }).first().waitFor({ timeout: 30000 });
+  }
+  step("zenoh panel shows the operator and robot2 connected");
+  // The interlock: armed on the operator link, with its re-arm button (disabled while armed).
+  const safety = page.frameLocator(`section[data-panel="safety"] iframe`);
+  await safety.locator("#state").filter({ hasText: /^armed$/ }).waitFor({ timeout: 30000 });
+  await safety.locator("#links tr", { hasText: "operator" }).first().waitFor({ timeout: 20000 });
+  if (!(await safety.locator("#rearm").isDisabled())) throw new Error("the re-arm button is enabled while armed");
+  step("safety panel shows the interlock armed on the operator link");
   await page.screenshot({ path: shot });
   step(`screenshot ${shot}`);
 } finally {

@@ -209,7 +209,9 @@ impl Fleet {
         };
         for (i, name) in names.iter().enumerate() {
             let a = fleet.fabric.attach(i + 1, name).expect("attach");
-            fleet.nodes.push(std::sync::Arc::new(Netns { name: a.namespace }));
+            fleet
+                .nodes
+                .push(std::sync::Arc::new(Netns { name: a.namespace }));
             fleet.underlay.push(a.underlay);
         }
         fleet

@@ -100,7 +100,9 @@ impl Py {
 
     /// The client's JSON result line (the first line starting with `{`).
     pub fn result(&mut self, timeout: Duration) -> serde_json::Value {
-        let line = self.wait_line(timeout, |l| l.starts_with('{') && l.contains("\"received\""));
+        let line = self.wait_line(timeout, |l| {
+            l.starts_with('{') && l.contains("\"received\"")
+        });
         serde_json::from_str(&line).expect("result JSON")
     }
 

@@ -132,7 +132,9 @@ pub fn parse_http_url(url: &str) -> Result<(String, String), String> {
     if authority.is_empty() {
         return Err(format!("url = \"{url}\" has no host"));
     }
-    let authority = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    let authority = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
         && !authority.ends_with(']')
     {
         authority.to_string()
@@ -143,7 +145,11 @@ pub fn parse_http_url(url: &str) -> Result<(String, String), String> {
 }
 
 /// Runs the command with the notice in its environment; killed at the timeout.
-pub async fn run_command(argv: &[String], notice: &Notice, timeout: Duration) -> Result<(), String> {
+pub async fn run_command(
+    argv: &[String],
+    notice: &Notice,
+    timeout: Duration,
+) -> Result<(), String> {
     let (program, args) = argv.split_first().ok_or("empty argv")?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
@@ -155,17 +161,24 @@ pub async fn run_command(argv: &[String], notice: &Notice, timeout: Duration) ->
             notice.rtt_ms.map(|r| format!("{r:.1}")).unwrap_or_default(),
         )
         .env("MYELIN_SAFETY_NODE", &notice.node)
-        .env("MYELIN_SAFETY_TIME_UNIX_MS", notice.time_unix_ms.to_string())
+        .env(
+            "MYELIN_SAFETY_TIME_UNIX_MS",
+            notice.time_unix_ms.to_string(),
+        )
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {program}: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
         Ok(Ok(status)) => Err(format!("{program} exited with {status}")),
         Ok(Err(e)) => Err(format!("{program}: {e}")),
         Err(_) => {
             let _ = child.kill().await;
-            Err(format!("{program} did not finish within {timeout:?} and was killed"))
+            Err(format!(
+                "{program} did not finish within {timeout:?} and was killed"
+            ))
         }
     }
 }
@@ -241,7 +254,9 @@ mod tests {
             parse_http_url("http://plc.local").unwrap(),
             ("plc.local:80".into(), "/".into())
         );
-        assert!(parse_http_url("https://x/").unwrap_err().contains("http://"));
+        assert!(parse_http_url("https://x/")
+            .unwrap_err()
+            .contains("http://"));
         assert!(parse_http_url("http:///x").is_err());
     }
 
@@ -278,7 +293,9 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        run_command(&argv, &notice, Duration::from_secs(5)).await.unwrap();
+        run_command(&argv, &notice, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(
             std::fs::read_to_string(&out).unwrap().trim(),
             "stopped latency operator 312.0"

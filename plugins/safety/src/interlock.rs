@@ -90,7 +90,9 @@ pub enum Event {
 pub enum Refused {
     #[error("the link to {peer} is still bad ({detail}); re-arm once it has been good for the clearing time")]
     LinkBad { peer: String, detail: String },
-    #[error("the link has been good for {good_for:.1} s of the {needed:.1} s needed; try again shortly")]
+    #[error(
+        "the link has been good for {good_for:.1} s of the {needed:.1} s needed; try again shortly"
+    )]
     StillClearing { good_for: f64, needed: f64 },
 }
 
@@ -202,8 +204,8 @@ impl Interlock {
             // Heartbeat: the newest answer, whichever probe it was.
             for p in &sorted {
                 if let Some(rtt) = p.rtt_ms {
-                    let arrived = (sent_at(p) + Duration::from_secs_f64(rtt.max(0.0) / 1000.0))
-                        .min(now);
+                    let arrived =
+                        (sent_at(p) + Duration::from_secs_f64(rtt.max(0.0) / 1000.0)).min(now);
                     if !link.answered_once || arrived > link.last_answer {
                         link.last_answer = arrived;
                     }
@@ -312,7 +314,9 @@ impl Interlock {
                     .map(|l| {
                         let since = now.saturating_duration_since(l.last_answer).as_millis();
                         let detail = match l.last_rtt_ms {
-                            Some(rtt) => format!("last RTT {rtt:.0} ms, last answer {since} ms ago"),
+                            Some(rtt) => {
+                                format!("last RTT {rtt:.0} ms, last answer {since} ms ago")
+                            }
                             None => format!("no answer for {since} ms"),
                         };
                         (l.name.clone(), detail)
@@ -577,7 +581,10 @@ mod tests {
         assert_eq!(trips.len(), 1);
         assert_eq!(trips[0].1, Reason::Heartbeat);
         let at = trips[0].0 - sim.t0;
-        assert!(at >= 1410 * MS && at <= 1410 * MS + STEP, "tripped at {at:?}");
+        assert!(
+            at >= 1410 * MS && at <= 1410 * MS + STEP,
+            "tripped at {at:?}"
+        );
     }
 
     #[test]

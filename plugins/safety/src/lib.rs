@@ -325,7 +325,9 @@ async fn rearm_request(tx: Option<mpsc::Sender<RearmReply>>) -> impl IntoRespons
     match reply_rx.await {
         Ok(Ok(())) => (
             StatusCode::OK,
-            Json(serde_json::json!({ "state": "armed", "note": "motion is permitted; nothing was commanded" })),
+            Json(
+                serde_json::json!({ "state": "armed", "note": "motion is permitted; nothing was commanded" }),
+            ),
         ),
         Ok(Err(why)) => refused(
             StatusCode::CONFLICT,
@@ -440,7 +442,11 @@ async fn interlock_loop(
                     stopped.send_replace(false);
                     let reason = if rearmed { "rearmed" } else { "cleared" };
                     log(&format!("safe stop ended ({reason}): motion permitted"));
-                    dispatch(&config.actions, notice("armed", reason.into(), None, None), &status);
+                    dispatch(
+                        &config.actions,
+                        notice("armed", reason.into(), None, None),
+                        &status,
+                    );
                 }
                 Event::State(state) => {
                     state_gauge.set(state.code());
@@ -587,11 +593,23 @@ mod tests {
             ("watch = []", "watch"),
             ("watch = [\"op\"]\nclear_below_ms = 300", "clear_below_ms"),
             ("watch = [\"op\"]\ntrip_after = 0", "trip_after"),
-            ("watch = [\"op\"]\n[[actions]]\nkind = \"command\"\nargv = []", "argv"),
-            ("watch = [\"op\"]\n[[actions]]\nkind = \"http\"\nurl = \"https://x\"", "http://"),
-            ("watch = [\"op\"]\n[[actions]]\nkind = \"ros_lock\"\ntopic = \"e_stop\"", "topic"),
+            (
+                "watch = [\"op\"]\n[[actions]]\nkind = \"command\"\nargv = []",
+                "argv",
+            ),
+            (
+                "watch = [\"op\"]\n[[actions]]\nkind = \"http\"\nurl = \"https://x\"",
+                "http://",
+            ),
+            (
+                "watch = [\"op\"]\n[[actions]]\nkind = \"ros_lock\"\ntopic = \"e_stop\"",
+                "topic",
+            ),
             ("watch = [\"op\"]\n[[actions]]\nkind = \"beep\"", "beep"),
-            ("watch = [\"op\"]\n[[actions]]\nkind = \"command\"\nargv = [\"x\"]\nretries = 2", "retries"),
+            (
+                "watch = [\"op\"]\n[[actions]]\nkind = \"command\"\nargv = [\"x\"]\nretries = 2",
+                "retries",
+            ),
             ("watch = [\"op\"]\nmax_rtt = 1", "max_rtt"),
         ] {
             let err = parse(text).unwrap_err();

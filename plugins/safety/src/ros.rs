@@ -17,7 +17,8 @@ async fn open(port: u16) -> Result<zenoh::Session, String> {
         ("connect/endpoints", format!("[\"tcp/127.0.0.1:{port}\"]")),
         ("scouting/multicast/enabled", "false".to_string()),
     ] {
-        c.insert_json5(key, &value).map_err(|e| format!("{key}: {e}"))?;
+        c.insert_json5(key, &value)
+            .map_err(|e| format!("{key}: {e}"))?;
     }
     zenoh::open(c).await.map_err(|e| e.to_string())
 }
@@ -50,11 +51,17 @@ pub async fn run(
         }
     };
     set_connected(true);
-    log(&format!("ROS actions publish through the zenoh router on 127.0.0.1:{port}"));
+    log(&format!(
+        "ROS actions publish through the zenoh router on 127.0.0.1:{port}"
+    ));
     for action in actions {
         let (topic, rate_hz, timeout, lock) = match &action {
-            ActionConfig::RosLock { topic, rate_hz, .. } => (topic.clone(), *rate_hz, action.timeout(), true),
-            ActionConfig::RosZeroTwist { topic, rate_hz, .. } => (topic.clone(), *rate_hz, action.timeout(), false),
+            ActionConfig::RosLock { topic, rate_hz, .. } => {
+                (topic.clone(), *rate_hz, action.timeout(), true)
+            }
+            ActionConfig::RosZeroTwist { topic, rate_hz, .. } => {
+                (topic.clone(), *rate_hz, action.timeout(), false)
+            }
             _ => continue,
         };
         let key = zenoh_key(&namespace, &topic);

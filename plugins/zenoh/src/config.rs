@@ -172,7 +172,9 @@ impl ZenohConfig {
         }
         if let Some(ns) = &config.namespace {
             check_namespace(ns).map_err(|e| {
-                config_error(format!("{e}; fix the namespace key, e.g. \"/robot1\" or \"/\""))
+                config_error(format!(
+                    "{e}; fix the namespace key, e.g. \"/robot1\" or \"/\""
+                ))
             })?;
         }
         if !DISTROS.contains(&config.ros_distro.as_str()) {
@@ -237,7 +239,10 @@ impl ZenohConfig {
                 obj.insert("deny".into(), json!(d));
             }
             if !self.pub_max_frequencies.is_empty() {
-                obj.insert("pub_max_frequencies".into(), json!(self.pub_max_frequencies));
+                obj.insert(
+                    "pub_max_frequencies".into(),
+                    json!(self.pub_max_frequencies),
+                );
             }
             if !self.pub_priorities.is_empty() {
                 obj.insert("pub_priorities".into(), json!(self.pub_priorities));
@@ -383,8 +388,10 @@ mod tests {
         assert!(message(parse("pub_max_frequencies = [\"(=5\"]")).contains("bridge"));
         assert!(message(parse("pub_priorities = [\"/x=9\"]")).contains("bridge"));
         assert!(message(parse("[allow]\npublishers = \"(\"")).contains("allow.publishers"));
-        assert!(message(parse("[allow]\npublishers = \"a\"\n[deny]\npublishers = \"b\""))
-            .contains("both"));
+        assert!(message(parse(
+            "[allow]\npublishers = \"a\"\n[deny]\npublishers = \"b\""
+        ))
+        .contains("both"));
         assert!(message(parse("ros_distro = \"foxy\"")).contains("jazzy"));
         assert!(message(parse("listen_prot = 1")).contains("listen_prot"));
         assert!(message(parse("listen_port = 0")).contains("7447"));

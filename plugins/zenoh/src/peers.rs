@@ -18,7 +18,11 @@ pub fn zid_for(public_key: &str) -> String {
             (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
         })
     };
-    let mut hex = format!("{:016x}{:016x}", fnv(0xcbf2_9ce4_8422_2325), fnv(0x6c62_272e_07bb_0142));
+    let mut hex = format!(
+        "{:016x}{:016x}",
+        fnv(0xcbf2_9ce4_8422_2325),
+        fnv(0x6c62_272e_07bb_0142)
+    );
     // uhlc ids may not start with 0.
     if hex.starts_with('0') {
         hex.replace_range(0..1, "1");
@@ -106,11 +110,19 @@ mod tests {
 
     #[test]
     fn the_overlay_address_is_a_host_route() {
-        let p = peer("gw", "k", &["10.9.0.0/24", "fd77::5/128", "10.77.0.5/32"], true);
+        let p = peer(
+            "gw",
+            "k",
+            &["10.9.0.0/24", "fd77::5/128", "10.77.0.5/32"],
+            true,
+        );
         assert_eq!(overlay_address(&p), Some("10.77.0.5".parse().unwrap()));
         let v6 = peer("v6", "k", &["fd77::5/128"], true);
         assert_eq!(overlay_address(&v6), Some("fd77::5".parse().unwrap()));
-        assert_eq!(overlay_address(&peer("net", "k", &["10.9.0.0/24"], true)), None);
+        assert_eq!(
+            overlay_address(&peer("net", "k", &["10.9.0.0/24"], true)),
+            None
+        );
     }
 
     #[test]
