@@ -98,34 +98,43 @@ fn ping(connect: &str, size: usize, count: usize) -> Result<String> {
     ))
 }
 
-/// Counts what arrives on `bench/flood` until the flood side says it is done.
+/// Counts what arrives on `bench/flood` until the flood side says it is done, then
+/// acknowledges so the flood side knows everything arrived before it closes.
 fn sink(listen: &str) -> Result<String> {
     let s = session(Some(listen), None)?;
     let bytes = Arc::new(AtomicU64::new(0));
     let msgs = Arc::new(AtomicU64::new(0));
-    let first = Arc::new(std::sync::OnceLock::<Instant>::new());
-    let (b, m, f) = (bytes.clone(), msgs.clone(), first.clone());
+    let span: Arc<std::sync::Mutex<Option<(Instant, Instant)>>> = Arc::default();
+    let (b, m, sp) = (bytes.clone(), msgs.clone(), span.clone());
     let _flood = s
         .declare_subscriber("bench/flood")
         .callback(move |sample| {
-            f.get_or_init(Instant::now);
+            let now = Instant::now();
+            if let Ok(mut span) = sp.lock() {
+                let first = span.map_or(now, |(f, _)| f);
+                *span = Some((first, now));
+            }
             b.fetch_add(sample.payload().len() as u64, Ordering::Relaxed);
             m.fetch_add(1, Ordering::Relaxed);
         })
         .wait()?;
     let end = s.declare_subscriber("bench/end").wait()?;
+    let ack = s.declare_publisher("bench/ack").wait()?;
     println!("ready");
     end.recv()?;
-    let secs = first
-        .get()
-        .map(|t| t.elapsed().as_secs_f64())
+    ack.put("ok").wait()?;
+    let secs = span
+        .lock()
+        .ok()
+        .and_then(|s| *s)
+        .map(|(first, last)| (last - first).as_secs_f64())
         .unwrap_or(f64::NAN);
     let bytes = bytes.load(Ordering::Relaxed);
+    let msgs = msgs.load(Ordering::Relaxed);
     Ok(format!(
-        "{{\"messages\":{},\"bytes\":{bytes},\"seconds\":{secs:.3},\"mbit_s\":{:.1},\"msg_s\":{:.0}}}",
-        msgs.load(Ordering::Relaxed),
+        "{{\"messages\":{msgs},\"bytes\":{bytes},\"seconds\":{secs:.3},\"mbit_s\":{:.1},\"msg_s\":{:.0}}}",
         bytes as f64 * 8.0 / secs / 1e6,
-        msgs.load(Ordering::Relaxed) as f64 / secs
+        msgs as f64 / secs
     ))
 }
 
@@ -139,8 +148,11 @@ fn flood(connect: &str, size: usize, seconds: f64) -> Result<()> {
         .declare_publisher("bench/end")
         .congestion_control(CongestionControl::Block)
         .wait()?;
+    let ack = s.declare_subscriber("bench/ack").wait()?;
     let deadline = Instant::now() + WAIT;
-    while !publisher.matching_status().wait()?.matching() {
+    while !publisher.matching_status().wait()?.matching()
+        || !end.matching_status().wait()?.matching()
+    {
         if Instant::now() > deadline {
             return Err(format!("no sink subscribed at {connect} within {WAIT:?}").into());
         }
@@ -151,8 +163,17 @@ fn flood(connect: &str, size: usize, seconds: f64) -> Result<()> {
     while Instant::now() < stop {
         publisher.put(payload.clone()).wait()?;
     }
-    end.put("done").wait()?;
-    // The end marker must leave before the session closes.
+    // Until the sink acknowledges: the end marker queues behind the flood.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        end.put("done").wait()?;
+        if ack.recv_timeout(Duration::from_secs(1))?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the sink at {connect} never acknowledged the end").into());
+        }
+    }
     s.close().wait()?;
     Ok(())
 }

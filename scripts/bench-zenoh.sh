@@ -9,6 +9,7 @@
 # 1 KB and 1 MB messages for SECONDS (Mbit/s at the receiver). Prints medians over rounds and
 # the ratio Myelin / raw. Needs root (the lab makes network namespaces).
 set -euo pipefail
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 SECONDS_PER_RUN=${2:-5}
@@ -44,7 +45,11 @@ flood() { # address size -> mbit/s
   run robot1 -- "$BENCH" sink tcp/0.0.0.0:7461 >"$WORK/sink.log" 2>&1 &
   local sink=$!
   for _ in $(seq 1 200); do grep -q ready "$WORK/sink.log" && break; sleep 0.05; done
-  run operator -- "$BENCH" flood "tcp/$addr:7461" "$size" "$SECONDS_PER_RUN" >/dev/null
+  if ! run operator -- "$BENCH" flood "tcp/$addr:7461" "$size" "$SECONDS_PER_RUN" >&2; then
+    kill "$sink" 2>/dev/null || true
+    echo "flood of $size B to $addr failed; sink: $(cat "$WORK/sink.log")" >&2
+    exit 1
+  fi
   wait "$sink"
   python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["mbit_s"])' "$WORK/sink.log"
 }
