@@ -86,6 +86,34 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
     robot.peer(&o, Some(&relay.for_a.to_string()), "");
     operator.peer(&r, Some(&relay.for_b.to_string()), "");
 
+    // A plain HTTP endpoint on robot1 for the `http` action; it hands each POSTed body over.
+    let listener = robot_ns.enter(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let hook = listener.local_addr().unwrap();
+    let (posted_tx, posted) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Read, Write};
+        for stream in listener.incoming().map_while(Result::ok) {
+            let mut reader = std::io::BufReader::new(stream);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; length];
+            let _ = reader.read_exact(&mut body);
+            let _ = reader
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            if let Ok(v) = serde_json::from_slice(&body) {
+                let _ = posted_tx.send(v);
+            }
+        }
+    });
     let dir = tempfile::tempdir().unwrap();
     let trips = dir.path().join("trips");
     let latched_trips = dir.path().join("latched-trips");
@@ -98,7 +126,7 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
     // `safety`: no latch, short clearing, the twist_mux lock on /e_stop; used for timing.
     // `safety_latched`: latched, trips on the heartbeat first (trip_after is long).
     let plugins = format!(
-        "[plugins.zenoh]\n\n[plugins.safety]\nwatch = [\"operator\"]\nlatch = false\nclear_after_s = 1\n{}[[plugins.safety.actions]]\nkind = \"ros_lock\"\ntopic = \"/e_stop\"\nrate_hz = 10\n\n[plugins.safety_latched]\nplugin = \"safety\"\nwatch = [\"operator\"]\ntrip_after = 10\nclear_after_s = 2\nlatch = true\n{}",
+        "[plugins.zenoh]\n\n[plugins.safety]\nwatch = [\"operator\"]\nlatch = false\nclear_after_s = 1\n{}[[plugins.safety.actions]]\nkind = \"ros_lock\"\ntopic = \"/e_stop\"\nrate_hz = 10\n[[plugins.safety.actions]]\nkind = \"ros_zero_twist\"\ntopic = \"/cmd_vel\"\nrate_hz = 20\n[[plugins.safety.actions]]\nkind = \"http\"\nurl = \"http://{hook}/safety\"\n\n[plugins.safety_latched]\nplugin = \"safety\"\nwatch = [\"operator\"]\ntrip_after = 10\nclear_after_s = 2\nlatch = true\n{}",
         record(&trips).replace("{}", "safety"),
         record(&latched_trips).replace("{}", "safety_latched"),
     );
@@ -137,6 +165,29 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
         Some((v["t_ms"].as_f64()?, v["data"].as_bool()?))
     };
     e_stop.wait_line(LONG, |l| sample(l).is_some_and(|(_, d)| !d));
+    let mut cmd_vel = Py::spawn(
+        &robot_ns,
+        "ros_node.py",
+        &[
+            "sub",
+            "--topic",
+            "rt/cmd_vel",
+            "--type",
+            "twist",
+            "--name",
+            "base",
+            "--print",
+            "--expect",
+            "1000000",
+            "--timeout",
+            "600",
+        ],
+    );
+    cmd_vel.ready();
+    assert!(
+        cmd_vel.next_line(Duration::from_secs(1)).is_none(),
+        "zero twists are only sent while stopped"
+    );
 
     // 300 ms of delay: the lock turns `true`, the command runs, and we time the trips.
     let mut latencies = Vec::new();
@@ -159,6 +210,15 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
             assert_eq!(s["reason"], "latency", "{s:#}");
             assert_eq!(s["peer"], "operator");
             assert!(s["rtt_ms"].as_f64().unwrap_or(0.0) > 200.0, "{s:#}");
+            // Zero twists on robot1's /cmd_vel while stopped, and the HTTP notice.
+            cmd_vel.wait_line(Duration::from_secs(5), |l| l.contains("t_ms"));
+            let notice = posted
+                .recv_timeout(Duration::from_secs(5))
+                .expect("HTTP notice of the trip");
+            assert_eq!(notice["state"], "stopped", "{notice}");
+            assert_eq!(notice["reason"], "latency", "{notice}");
+            assert_eq!(notice["peer"], "operator", "{notice}");
+            assert_eq!(notice["node"], "robot1", "{notice}");
         }
         relay.pass();
         let (what, _) = wait_command(&robot1, &trips, 2 * trial);
@@ -166,7 +226,23 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
             what, "armed",
             "trial {trial}: clears by itself without latch"
         );
+        if trial == 1 {
+            let notice = posted
+                .recv_timeout(Duration::from_secs(5))
+                .expect("HTTP notice of the clear");
+            assert_eq!(notice["state"], "armed", "{notice}");
+            assert_eq!(notice["reason"], "cleared", "{notice}");
+            // Zero twists stop once armed (those already in flight may still arrive).
+            let cleared = Instant::now();
+            while cmd_vel.next_line(Duration::from_millis(500)).is_some() {
+                assert!(
+                    cleared.elapsed() < Duration::from_secs(3),
+                    "zero twists go on after the clear"
+                );
+            }
+        }
     }
+    drop(cmd_vel);
     let mut sorted = latencies.clone();
     sorted.sort_by(f64::total_cmp);
     let (p50, p99) = (percentile(&sorted, 0.5), percentile(&sorted, 0.99));

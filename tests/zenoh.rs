@@ -384,6 +384,28 @@ fn ros2_topics_cross_the_vpn_in_robot_namespaces() {
         0,
         "a toggle counted as a crash: {p:#}"
     );
+    // A restart from the API: a fresh plugin process, delivery resumes.
+    let old_pid = robot1.plugin("zenoh")["pid"].clone();
+    let (code, body) = robot1.call("POST", "/api/v1/plugins/zenoh/restart");
+    assert_eq!(code, 200, "restart: {body}");
+    robot1.wait_plugin("zenoh", LONG, "running in a new process", |p| {
+        state(p) == "running" && p["pid"] != old_pid
+    });
+    let mut sub = Py::spawn(
+        &operator_ns,
+        "ros_node.py",
+        &[
+            "sub",
+            "--topic",
+            "rt/robot1/chatter",
+            "--expect",
+            "10",
+            "--timeout",
+            "60",
+        ],
+    );
+    let got = sub.result(LONG);
+    assert!(received(&got) >= 10, "after the restart: {got}");
     drop(talker);
 
     // robot2 joins later: the running routers reach it without a restart.

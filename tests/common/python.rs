@@ -98,10 +98,11 @@ impl Py {
         }
     }
 
-    /// The client's JSON result line (the first line starting with `{`).
+    /// The client's JSON result line.
     pub fn result(&mut self, timeout: Duration) -> serde_json::Value {
+        // Every client ends with one JSON line carrying "done": true.
         let line = self.wait_line(timeout, |l| {
-            l.starts_with('{') && l.contains("\"received\"")
+            l.starts_with('{') && l.contains("\"done\": true")
         });
         serde_json::from_str(&line).expect("result JSON")
     }

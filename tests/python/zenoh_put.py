@@ -37,7 +37,7 @@ def main():
         for _ in range(a.count):
             publisher.put(payload)
             time.sleep(1.0 / a.rate)  # the sending rate, not synchronisation
-    print(json.dumps({"sent": a.count}), flush=True)
+    print(json.dumps({"sent": a.count, "done": True}), flush=True)
     return 0
 
 

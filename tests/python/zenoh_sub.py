@@ -46,7 +46,7 @@ def main():
             if a.quiet and last_at[0] is not None and time.monotonic() - last_at[0] > a.quiet:
                 break
     n = len(received)
-    print(json.dumps({"received": n, "keys": sorted(set(received))}), flush=True)
+    print(json.dumps({"received": n, "keys": sorted(set(received)), "done": True}), flush=True)
     return 0 if n >= a.expect else 1
 
 
