@@ -21,5 +21,7 @@ use myelin_plugin_chaos as _;
 use myelin_plugin_safety as _;
 #[cfg(feature = "telemetry")]
 use myelin_plugin_telemetry as _;
+#[cfg(feature = "webrtc")]
+use myelin_plugin_webrtc as _;
 #[cfg(feature = "zenoh")]
 use myelin_plugin_zenoh as _;

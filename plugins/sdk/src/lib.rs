@@ -26,7 +26,8 @@
 //! node's dashboard. The page runs in a sandboxed frame without access to the API; it asks the
 //! dashboard to call one of the plugin's own routes with
 //! `parent.postMessage({myelin: "call", id, method: "GET" | "POST", path: "relative/route"}, "*")`
-//! and receives `{myelin: "reply", id, status, body}`.
+//! and receives `{myelin: "reply", id, status, body}`. A panel taller than the default asks for
+//! its height with `parent.postMessage({myelin: "resize", height: <pixels>}, "*")`.
 //!
 //! # Example
 //!
