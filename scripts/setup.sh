@@ -7,7 +7,7 @@ packages=(
   build-essential pkg-config git curl ca-certificates
   cmake libclang-dev
   iproute2 nftables iputils-ping tcpdump
-  wireguard-tools wireguard-go iperf3
+  wireguard-tools wireguard-go iperf3 ffmpeg
   python3 python3-venv
   chromium
   prometheus

@@ -356,6 +356,9 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
                     }
                     section
                 }
+                // Robots serve a camera stream (feed it H.264 RTP on 127.0.0.1:5004).
+                ("webrtc", "operator") => "\n[plugins.webrtc]\n".to_string(),
+                ("webrtc", _) => "\n[plugins.webrtc]\n[[plugins.webrtc.streams]]\nname = \"front\"\nrtp = \"127.0.0.1:5004\"\n".to_string(),
                 _ => format!("\n[plugins.{}]\n", r.name),
             })
             .collect();
