@@ -108,15 +108,15 @@ mod tests {
 
     #[test]
     fn keyframes_are_found_in_every_packetization() {
-        assert!(starts_keyframe(&[0x67, 0x42]));  // SPS
-        assert!(starts_keyframe(&[0x65, 0x88]));  // IDR
+        assert!(starts_keyframe(&[0x67, 0x42])); // SPS
+        assert!(starts_keyframe(&[0x65, 0x88])); // IDR
         assert!(!starts_keyframe(&[0x41, 0x9a])); // non-IDR slice
         assert!(!starts_keyframe(&[0x68, 0xce])); // PPS alone: part of the keyframe, not its start
-        // STAP-A with SPS + PPS.
+                                                  // STAP-A with SPS + PPS.
         assert!(starts_keyframe(&[0x78, 0, 2, 0x67, 0x42, 0, 2, 0x68, 0xce]));
         assert!(!starts_keyframe(&[0x78, 0, 2, 0x41, 0x9a]));
         assert!(!starts_keyframe(&[0x78, 0, 9, 0x67])); // truncated
-        // FU-A: start of an IDR, middle of an IDR, start of a non-IDR.
+                                                        // FU-A: start of an IDR, middle of an IDR, start of a non-IDR.
         assert!(starts_keyframe(&[0x7c, 0x85, 0]));
         assert!(!starts_keyframe(&[0x7c, 0x05, 0]));
         assert!(!starts_keyframe(&[0x7c, 0x81, 0]));
@@ -132,9 +132,15 @@ mod tests {
         c.push(pkt(2, 2, &[0x68]));
         c.push(pkt(3, 2, &[0x65])); // same picture as the SPS: stays
         c.push(pkt(4, 3, &[0x41]));
-        assert_eq!(c.snapshot().iter().map(|p| p.index).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(
+            c.snapshot().iter().map(|p| p.index).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
         c.push(pkt(5, 4, &[0x67]));
-        assert_eq!(c.snapshot().iter().map(|p| p.index).collect::<Vec<_>>(), [5]);
+        assert_eq!(
+            c.snapshot().iter().map(|p| p.index).collect::<Vec<_>>(),
+            [5]
+        );
     }
 
     #[test]

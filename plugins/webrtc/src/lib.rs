@@ -16,7 +16,9 @@ use myelin_sdk::axum::{
     routing::{delete, get, post},
     Json, Router,
 };
-use myelin_sdk::{async_trait, CancellationToken, Health, Plugin, PluginContext, PluginError, Registration};
+use myelin_sdk::{
+    async_trait, CancellationToken, Health, Plugin, PluginContext, PluginError, Registration,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -65,10 +67,14 @@ impl WebrtcConfig {
     fn parse(section: &myelin_sdk::toml::Table) -> Result<Self, PluginError> {
         let c: WebrtcConfig = myelin_sdk::parse_section(section)?;
         if c.listen_port == 0 {
-            return Err(config_error("listen_port = 0: viewers need a fixed port; use 8889"));
+            return Err(config_error(
+                "listen_port = 0: viewers need a fixed port; use 8889",
+            ));
         }
         if c.max_viewers == 0 {
-            return Err(config_error("max_viewers = 0 would refuse every viewer; use at least 1 (default 8)"));
+            return Err(config_error(
+                "max_viewers = 0 would refuse every viewer; use at least 1 (default 8)",
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for s in &c.streams {
@@ -84,7 +90,10 @@ impl WebrtcConfig {
                 )));
             }
             if !seen.insert(s.name.clone()) {
-                return Err(config_error(format!("streams: `{}` appears twice; names must be unique", s.name)));
+                return Err(config_error(format!(
+                    "streams: `{}` appears twice; names must be unique",
+                    s.name
+                )));
             }
         }
         Ok(c)
@@ -158,7 +167,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 fn cors(mut r: Response) -> Response {
     let h = r.headers_mut();
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
         HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
@@ -175,7 +187,13 @@ fn cors(mut r: Response) -> Response {
 }
 
 fn error(code: StatusCode, message: String, hint: &str) -> Response {
-    cors((code, Json(serde_json::json!({ "error": message, "hint": hint }))).into_response())
+    cors(
+        (
+            code,
+            Json(serde_json::json!({ "error": message, "hint": hint })),
+        )
+            .into_response(),
+    )
 }
 
 fn stream_list(shared: &Shared) -> Vec<StreamInfo> {
@@ -202,7 +220,10 @@ fn whep_router(shared: Arc<Shared>, local: IpAddr) -> Router {
             }),
         )
         .route("/{stream}/whep", post(whep_post).options(preflight))
-        .route("/{stream}/whep/{id}", delete(whep_delete).options(preflight))
+        .route(
+            "/{stream}/whep/{id}",
+            delete(whep_delete).options(preflight),
+        )
         .fallback(|method: Method| async move {
             if method == Method::OPTIONS {
                 return cors(StatusCode::NO_CONTENT.into_response());
@@ -271,14 +292,21 @@ async fn whep_post(
         );
     }
     let Ok(offer) = String::from_utf8(body.to_vec()) else {
-        return error(StatusCode::BAD_REQUEST, "the offer is not UTF-8 text".into(), "send an SDP offer");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the offer is not UTF-8 text".into(),
+            "send an SDP offer",
+        );
     };
     match session::start(stream.clone(), local, offer).await {
         Ok((id, answer)) => {
             let location = format!("/{name}/whep/{id}");
             let mut r = (StatusCode::CREATED, answer).into_response();
             let h = r.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/sdp"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/sdp"),
+            );
             if let Ok(v) = HeaderValue::from_str(&location) {
                 h.insert(header::LOCATION, v);
             }
@@ -303,7 +331,11 @@ async fn whep_delete(
     headers: HeaderMap,
 ) -> Response {
     if !authorized(&shared, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into(), "send the same Authorization header as for the offer");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+            "send the same Authorization header as for the offer",
+        );
     }
     let token = shared
         .streams
@@ -317,7 +349,11 @@ async fn whep_delete(
             }
             cors(StatusCode::OK.into_response())
         }
-        None => error(StatusCode::NOT_FOUND, format!("no session `{id}` on stream `{name}`"), "it may have ended already"),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no session `{id}` on stream `{name}`"),
+            "it may have ended already",
+        ),
     }
 }
 
@@ -326,9 +362,10 @@ async fn whep_delete(
 async fn ingest(stream: Arc<Stream>, socket: tokio::net::UdpSocket, cancel: CancellationToken) {
     let mut buf = vec![0u8; 2048];
     let mut index = 0u64;
-    let packets_in = stream
-        .metrics
-        .counter_with("myelin_webrtc_rtp_packets_in_total", &[("stream", &stream.name)]);
+    let packets_in = stream.metrics.counter_with(
+        "myelin_webrtc_rtp_packets_in_total",
+        &[("stream", &stream.name)],
+    );
     loop {
         let n = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -440,10 +477,15 @@ impl Plugin for Webrtc {
         let mut streams = HashMap::new();
         let mut sockets = Vec::new();
         for s in &self.config.streams {
-            let socket = tokio::net::UdpSocket::bind(s.rtp).await.map_err(|e| PluginError::Io {
-                context: format!("binding stream `{}` RTP port {} (is another program on it?)", s.name, s.rtp),
-                cause: e,
-            })?;
+            let socket = tokio::net::UdpSocket::bind(s.rtp)
+                .await
+                .map_err(|e| PluginError::Io {
+                    context: format!(
+                        "binding stream `{}` RTP port {} (is another program on it?)",
+                        s.name, s.rtp
+                    ),
+                    cause: e,
+                })?;
             let (tx, _) = broadcast::channel(2048);
             let stream = Arc::new(Stream {
                 name: s.name.clone(),
@@ -472,10 +514,15 @@ impl Plugin for Webrtc {
         // WHEP only on the overlay: the underlay never serves video.
         for net in &ctx.node().overlay_addresses {
             let addr = SocketAddr::new(net.addr(), self.config.listen_port);
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| PluginError::Io {
-                context: format!("WHEP on {addr} (set [plugins.webrtc].listen_port to a free port)"),
-                cause: e,
-            })?;
+            let listener =
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| PluginError::Io {
+                        context: format!(
+                            "WHEP on {addr} (set [plugins.webrtc].listen_port to a free port)"
+                        ),
+                        cause: e,
+                    })?;
             let app = whep_router(shared.clone(), net.addr());
             let cancel = cancel.clone();
             tokio::spawn(async move {
@@ -514,7 +561,10 @@ impl Plugin for Webrtc {
                 .route(
                     "/status",
                     get(move || {
-                        let body = shared.as_ref().map(|s| panel::status(s)).unwrap_or_default();
+                        let body = shared
+                            .as_ref()
+                            .map(|s| panel::status(s))
+                            .unwrap_or_default();
                         async move { Json(body) }
                     }),
                 )
@@ -552,12 +602,23 @@ mod tests {
     #[test]
     fn config_is_checked() {
         let c = parse("[[streams]]\nname = \"front\"\nrtp = \"127.0.0.1:5004\"").unwrap();
-        assert_eq!((c.listen_port, c.max_viewers, c.streams.len()), (8889, 8, 1));
-        assert!(parse("[[streams]]\nname = \"front cam\"\nrtp = \"127.0.0.1:5004\"").unwrap_err().contains("name"));
+        assert_eq!(
+            (c.listen_port, c.max_viewers, c.streams.len()),
+            (8889, 8, 1)
+        );
+        assert!(
+            parse("[[streams]]\nname = \"front cam\"\nrtp = \"127.0.0.1:5004\"")
+                .unwrap_err()
+                .contains("name")
+        );
         assert!(parse("[[streams]]\nname = \"a\"\nrtp = \"127.0.0.1:1\"\n[[streams]]\nname = \"a\"\nrtp = \"127.0.0.1:2\"").unwrap_err().contains("twice"));
         assert!(parse("[[streams]]\nname = \"a\"\nrtp = \"localhost\"").is_err());
-        assert!(parse("max_viewers = 0").unwrap_err().contains("max_viewers"));
-        assert!(parse("listen_prot = 1").unwrap_err().contains("listen_prot"));
+        assert!(parse("max_viewers = 0")
+            .unwrap_err()
+            .contains("max_viewers"));
+        assert!(parse("listen_prot = 1")
+            .unwrap_err()
+            .contains("listen_prot"));
     }
 
     #[test]

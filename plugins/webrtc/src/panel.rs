@@ -16,7 +16,9 @@ pub async fn fetch_streams(addr: SocketAddr) -> Result<Vec<StreamInfo>, String> 
         .await
         .map_err(|e| e.to_string())?;
     let mut body = String::new();
-    s.read_to_string(&mut body).await.map_err(|e| e.to_string())?;
+    s.read_to_string(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
     let (head, json) = body.split_once("\r\n\r\n").ok_or("no HTTP body")?;
     if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
         return Err(head.lines().next().unwrap_or("").to_string());

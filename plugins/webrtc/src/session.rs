@@ -45,7 +45,9 @@ const ICE_KEEPALIVE: Duration = Duration::from_millis(500);
 
 fn runtime() -> Option<Arc<dyn webrtc::runtime::Runtime>> {
     static RUNTIME: OnceLock<Option<Arc<dyn webrtc::runtime::Runtime>>> = OnceLock::new();
-    RUNTIME.get_or_init(webrtc::runtime::default_runtime).clone()
+    RUNTIME
+        .get_or_init(webrtc::runtime::default_runtime)
+        .clone()
 }
 
 /// Only sends on channels: the handler runs on the connection's own task and must never hold
@@ -117,15 +119,19 @@ pub async fn start(
             RTCRtpCodecParameters {
                 rtp_codec: h264_codec(),
                 payload_type: 102,
-                ..Default::default()
             },
             RtpCodecKind::Video,
         )
         .map_err(|e| internal(&e))?;
-    let registry = register_default_interceptors(Registry::new(), &mut media).map_err(|e| internal(&e))?;
+    let registry =
+        register_default_interceptors(Registry::new(), &mut media).map_err(|e| internal(&e))?;
     let settings = SettingEngineBuilder::new()
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
-        .with_ice_timeouts(Some(ICE_DISCONNECTED), Some(ICE_FAILED), Some(ICE_KEEPALIVE))
+        .with_ice_timeouts(
+            Some(ICE_DISCONNECTED),
+            Some(ICE_FAILED),
+            Some(ICE_KEEPALIVE),
+        )
         .build();
     let (gathered_tx, mut gathered) = watch::channel(false);
     let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
@@ -162,7 +168,8 @@ pub async fn start(
         pc.add_track(Arc::clone(&track) as Arc<dyn TrackLocal>)
             .await
             .map_err(|e| internal(&e))?;
-        let offer = RTCSessionDescription::offer(offer).map_err(|e| SessionError::BadOffer(e.to_string()))?;
+        let offer = RTCSessionDescription::offer(offer)
+            .map_err(|e| SessionError::BadOffer(e.to_string()))?;
         pc.set_remote_description(offer)
             .await
             .map_err(|e| SessionError::BadOffer(e.to_string()))?;
@@ -170,7 +177,9 @@ pub async fn start(
             .create_answer(None)
             .await
             .map_err(|e| SessionError::BadOffer(e.to_string()))?;
-        pc.set_local_description(answer).await.map_err(|e| internal(&e))?;
+        pc.set_local_description(answer)
+            .await
+            .map_err(|e| internal(&e))?;
         tokio::time::timeout(Duration::from_secs(5), gathered.wait_for(|g| *g))
             .await
             .map_err(|_| SessionError::Internal("ICE gathering did not complete in 5 s".into()))?
@@ -258,32 +267,51 @@ async fn forward(
     ended: impl Fn(&RTCPeerConnectionState) -> bool,
 ) {
     let labels = [("stream", stream.name.as_str())];
-    let frames = stream.metrics.counter_with("myelin_webrtc_frames_sent_total", &labels);
-    let bytes = stream.metrics.counter_with("myelin_webrtc_bytes_sent_total", &labels);
-    let dropped = stream.metrics.counter_with("myelin_webrtc_rtp_dropped_total", &labels);
-    let waits = stream.metrics.counter_with("myelin_webrtc_keyframe_waits_total", &labels);
+    let frames = stream
+        .metrics
+        .counter_with("myelin_webrtc_frames_sent_total", &labels);
+    let bytes = stream
+        .metrics
+        .counter_with("myelin_webrtc_bytes_sent_total", &labels);
+    let dropped = stream
+        .metrics
+        .counter_with("myelin_webrtc_rtp_dropped_total", &labels);
+    let waits = stream
+        .metrics
+        .counter_with("myelin_webrtc_keyframe_waits_total", &labels);
     // Subscribe before reading the cache, so nothing falls between the two.
     let mut live = stream.tx.subscribe();
-    let cached = stream.cache.lock().map(|c| c.snapshot()).unwrap_or_default();
+    let cached = stream
+        .cache
+        .lock()
+        .map(|c| c.snapshot())
+        .unwrap_or_default();
     let mut seq = random_u32() as u16;
     let mut last = None;
     let mut waiting_keyframe = cached.is_empty();
     if waiting_keyframe {
         waits.increment(1);
-        stream.counters.keyframe_waits.fetch_add(1, Ordering::Relaxed);
+        stream
+            .counters
+            .keyframe_waits
+            .fetch_add(1, Ordering::Relaxed);
     }
     let send = |p: &Ingested, seq: u16| {
         let mut raw = p.packet.clone();
-        let packet = rtc::rtp::Packet::unmarshal(&mut raw).ok().map(|mut packet| {
-            packet.header.ssrc = ssrc;
-            packet.header.payload_type = pt;
-            packet.header.sequence_number = seq;
-            packet
-        });
+        let packet = rtc::rtp::Packet::unmarshal(&mut raw)
+            .ok()
+            .map(|mut packet| {
+                packet.header.ssrc = ssrc;
+                packet.header.payload_type = pt;
+                packet.header.sequence_number = seq;
+                packet
+            });
         (packet, p.packet.len(), p.marker)
     };
     for p in &cached {
-        let (Some(packet), len, marker) = send(p, seq) else { continue };
+        let (Some(packet), len, marker) = send(p, seq) else {
+            continue;
+        };
         seq = seq.wrapping_add(1);
         if track.write_rtp(packet).await.is_err() {
             return;
@@ -324,7 +352,9 @@ async fn forward(
             }
             waiting_keyframe = false;
         }
-        let (Some(packet), len, marker) = send(&p, seq) else { continue };
+        let (Some(packet), len, marker) = send(&p, seq) else {
+            continue;
+        };
         seq = seq.wrapping_add(1);
         // write_rtp returns Ok even for packets dropped later; an error means the session
         // is gone (close() emits no Closed event).
@@ -336,9 +366,18 @@ async fn forward(
     }
 }
 
-fn account(stream: &Stream, frames: &myelin_sdk::metrics::Counter, bytes: &myelin_sdk::metrics::Counter, len: usize, marker: bool) {
+fn account(
+    stream: &Stream,
+    frames: &myelin_sdk::metrics::Counter,
+    bytes: &myelin_sdk::metrics::Counter,
+    len: usize,
+    marker: bool,
+) {
     bytes.increment(len as u64);
-    stream.counters.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
+    stream
+        .counters
+        .bytes_sent
+        .fetch_add(len as u64, Ordering::Relaxed);
     if marker {
         frames.increment(1);
         stream.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
