@@ -62,6 +62,8 @@ for line in open(sys.argv[1]):
     ingest.setdefault(d["rtp_ts"], d["t"])
 lat, first = [], None
 for line in open(sys.argv[2]):
+    if not line.startswith("{"):
+        continue
     d = json.loads(line)
     if "rtp_ts" in d and d["rtp_ts"] in ingest:
         lat.append((d["t"] - ingest[d["rtp_ts"]]) * 1000)

@@ -68,6 +68,13 @@ async def main():
                 rtp_ts = (frame.pts + origin) % (1 << 32)
                 print(json.dumps({"rtp_ts": rtp_ts, "t": time.time()}), flush=True)
 
+    connected_at = {}
+
+    @pc.on("connectionstatechange")
+    def on_state():
+        if pc.connectionState == "connected" and "t" not in connected_at:
+            connected_at["t"] = time.monotonic()
+
     @pc.on("track")
     def on_track(track):
         receiver = next((t.receiver for t in pc.getTransceivers() if t.receiver.track is track), None)
@@ -98,6 +105,8 @@ async def main():
         "status": status,
         "location": location,
         "first_frame_ms": (t_first - started) * 1000.0,
+        # From the connection being up (ICE and DTLS done) to the first decoded frame.
+        "connected_to_first_frame_ms": (t_first - connected_at["t"]) * 1000.0 if "t" in connected_at else None,
         "frames": stats["frames"],
         "fps": (stats["frames"] - 1) / span if span > 0 else 0.0,
     }
