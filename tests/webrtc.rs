@@ -166,8 +166,13 @@ fn robot_video_reaches_viewers_over_whep() {
         );
         assert_eq!(r["delete_status"], 200, "{who}: {r}");
         // The GOP cache: a viewer joining mid-stream decodes at once, not at the next keyframe.
-        let first = r["connected_to_first_frame_ms"].as_f64().unwrap_or(f64::MAX);
-        assert!(first <= 150.0, "{who}: first frame {first:.0} ms after connecting");
+        let first = r["connected_to_first_frame_ms"]
+            .as_f64()
+            .unwrap_or(f64::MAX);
+        assert!(
+            first <= 150.0,
+            "{who}: first frame {first:.0} ms after connecting"
+        );
     }
     robot1.poll(
         "DELETE to free both sessions",
