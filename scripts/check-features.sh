@@ -11,5 +11,10 @@ done
 for s in "${sets[@]}"; do
   echo "check-features: cargo check --locked -p myelin ${s:-(default features)}"
   # shellcheck disable=SC2086
-  cargo check --locked --quiet -p myelin --bins --lib $s
+  out=$(cargo check --locked --quiet -p myelin --bins --lib $s 2>&1) || { echo "$out"; exit 1; }
+  if grep -q '^warning' <<<"$out"; then
+    echo "$out"
+    echo "check-features: warnings with ${s:-default features}" >&2
+    exit 1
+  fi
 done

@@ -216,11 +216,13 @@ pub async fn post(url: &str, notice: &Notice, timeout: Duration) -> Result<(), S
         .map_err(|_| format!("no answer within {timeout:?}"))?
 }
 
+#[cfg(any(feature = "ros", test))]
 /// CDR (little endian, with the 4-byte encapsulation header) of std_msgs/Bool.
 pub fn cdr_bool(value: bool) -> Vec<u8> {
     vec![0x00, 0x01, 0x00, 0x00, u8::from(value)]
 }
 
+#[cfg(any(feature = "ros", test))]
 /// CDR of a zero geometry_msgs/Twist: six float64 zeros.
 pub fn cdr_zero_twist() -> Vec<u8> {
     let mut v = vec![0x00, 0x01, 0x00, 0x00];
@@ -228,6 +230,7 @@ pub fn cdr_zero_twist() -> Vec<u8> {
     v
 }
 
+#[cfg(any(feature = "ros", test))]
 /// The zenoh key the robot's bridge maps to the local ROS `topic`: the namespace prefix, then
 /// the topic, without the leading `/`.
 pub fn zenoh_key(namespace: &str, topic: &str) -> String {
