@@ -17,6 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=${1:?usage: scripts/build-release.sh <target> [cargo feature flags...]}
 shift
+# A fresh machine: the toolchain and build packages come from the project's setup.
+command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || scripts/setup.sh
 . scripts/env.sh
 ZIG_VENV=${MYELIN_ZIG_VENV:-/var/cache/myelin/zig}
 
@@ -35,7 +37,7 @@ need_apt() {
 if command -v rustup >/dev/null 2>&1; then
   rustup target list --installed | grep -qx "$TARGET" || rustup target add "$TARGET"
 fi
-need_apt cmake libclang-dev file
+need_apt build-essential pkg-config cmake libclang-dev file python3-venv
 
 start=$(date +%s)
 case "$TARGET" in
