@@ -2,6 +2,7 @@
 //! cache from the latest keyframe so a new viewer can start decoding at once.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// NAL unit types that begin a decodable picture sequence: SPS (7), PPS (8) and IDR (5).
 fn starts_keyframe_nal(nal_type: u8) -> bool {
@@ -38,21 +39,31 @@ pub fn starts_keyframe(payload: &[u8]) -> bool {
     }
 }
 
-/// One ingested RTP packet, numbered in arrival order.
+/// One ingested RTP packet, parsed once, numbered in arrival order.
 #[derive(Clone, Debug)]
 pub struct Ingested {
     pub index: u64,
-    pub timestamp: u32,
-    pub marker: bool,
     pub keyframe_start: bool,
-    /// The whole RTP packet as received.
-    pub packet: bytes::Bytes,
+    /// Its size on the wire.
+    pub len: usize,
+    pub packet: rtc::rtp::Packet,
+}
+
+impl Ingested {
+    pub fn new(index: u64, packet: rtc::rtp::Packet, len: usize) -> Self {
+        Self {
+            index,
+            keyframe_start: starts_keyframe(&packet.payload),
+            len,
+            packet,
+        }
+    }
 }
 
 /// The packets since the latest keyframe (bounded), for viewers that join mid-stream.
 #[derive(Debug)]
 pub struct GopCache {
-    packets: VecDeque<Ingested>,
+    packets: VecDeque<Arc<Ingested>>,
     max_packets: usize,
     /// The keyframe's RTP timestamp; packets of the same picture (SPS, PPS, IDR) share it.
     keyframe_ts: Option<u32>,
@@ -67,10 +78,11 @@ impl GopCache {
         }
     }
 
-    pub fn push(&mut self, p: Ingested) {
-        if p.keyframe_start && self.keyframe_ts != Some(p.timestamp) {
+    pub fn push(&mut self, p: Arc<Ingested>) {
+        let ts = p.packet.header.timestamp;
+        if p.keyframe_start && self.keyframe_ts != Some(ts) {
             self.packets.clear();
-            self.keyframe_ts = Some(p.timestamp);
+            self.keyframe_ts = Some(ts);
         }
         if self.keyframe_ts.is_none() {
             // Nothing decodable yet.
@@ -87,7 +99,7 @@ impl GopCache {
     }
 
     /// The cached packets, oldest first.
-    pub fn snapshot(&self) -> Vec<Ingested> {
+    pub fn snapshot(&self) -> Vec<Arc<Ingested>> {
         self.packets.iter().cloned().collect()
     }
 }
@@ -96,14 +108,13 @@ impl GopCache {
 mod tests {
     use super::*;
 
-    fn pkt(index: u64, ts: u32, payload: &[u8]) -> Ingested {
-        Ingested {
-            index,
-            timestamp: ts,
-            marker: false,
-            keyframe_start: starts_keyframe(payload),
-            packet: bytes::Bytes::copy_from_slice(payload),
-        }
+    fn pkt(index: u64, ts: u32, payload: &[u8]) -> Arc<Ingested> {
+        let mut packet = rtc::rtp::Packet {
+            payload: bytes::Bytes::copy_from_slice(payload),
+            ..Default::default()
+        };
+        packet.header.timestamp = ts;
+        Arc::new(Ingested::new(index, packet, 12 + payload.len()))
     }
 
     #[test]

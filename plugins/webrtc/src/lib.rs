@@ -19,6 +19,7 @@ use myelin_sdk::axum::{
 use myelin_sdk::{
     async_trait, CancellationToken, Health, Plugin, PluginContext, PluginError, Registration,
 };
+use rtc::shared::marshal::Unmarshal;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -374,30 +375,16 @@ async fn ingest(stream: Arc<Stream>, socket: tokio::net::UdpSocket, cancel: Canc
                 Err(_) => continue,
             },
         };
-        // A valid RTP packet: version 2 and at least the fixed 12-byte header.
-        if n < 12 || buf[0] >> 6 != 2 {
+        let mut raw = Bytes::copy_from_slice(&buf[..n]);
+        let Ok(packet) = rtc::rtp::Packet::unmarshal(&mut raw) else {
             continue;
-        }
-        let csrc = usize::from(buf[0] & 0x0f) * 4;
-        let mut start = 12 + csrc;
-        if buf[0] & 0x10 != 0 && n >= start + 4 {
-            start += 4 + usize::from(u16::from_be_bytes([buf[start + 2], buf[start + 3]])) * 4;
-        }
-        if start >= n {
-            continue;
-        }
-        let p = Arc::new(Ingested {
-            index,
-            timestamp: u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]),
-            marker: buf[1] & 0x80 != 0,
-            keyframe_start: h264::starts_keyframe(&buf[start..n]),
-            packet: Bytes::copy_from_slice(&buf[..n]),
-        });
+        };
+        let p = Arc::new(Ingested::new(index, packet, n));
         index += 1;
         stream.counters.packets_in.fetch_add(1, Ordering::Relaxed);
         packets_in.increment(1);
         if let Ok(mut c) = stream.cache.lock() {
-            c.push((*p).clone());
+            c.push(p.clone());
         }
         // No receivers is fine: nobody is watching.
         let _ = stream.tx.send(p);

@@ -15,7 +15,6 @@ use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
     RtpCodecKind,
 };
-use rtc::shared::marshal::Unmarshal;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -296,22 +295,16 @@ async fn forward(
             .keyframe_waits
             .fetch_add(1, Ordering::Relaxed);
     }
+    // Each viewer gets the shared packet with its own SSRC, payload type and sequence number.
     let send = |p: &Ingested, seq: u16| {
-        let mut raw = p.packet.clone();
-        let packet = rtc::rtp::Packet::unmarshal(&mut raw)
-            .ok()
-            .map(|mut packet| {
-                packet.header.ssrc = ssrc;
-                packet.header.payload_type = pt;
-                packet.header.sequence_number = seq;
-                packet
-            });
-        (packet, p.packet.len(), p.marker)
+        let mut packet = p.packet.clone();
+        packet.header.ssrc = ssrc;
+        packet.header.payload_type = pt;
+        packet.header.sequence_number = seq;
+        (packet, p.len, p.packet.header.marker)
     };
     for p in &cached {
-        let (Some(packet), len, marker) = send(p, seq) else {
-            continue;
-        };
+        let (packet, len, marker) = send(p, seq);
         seq = seq.wrapping_add(1);
         if track.write_rtp(packet).await.is_err() {
             return;
@@ -352,9 +345,7 @@ async fn forward(
             }
             waiting_keyframe = false;
         }
-        let (Some(packet), len, marker) = send(&p, seq) else {
-            continue;
-        };
+        let (packet, len, marker) = send(&p, seq);
         seq = seq.wrapping_add(1);
         // write_rtp returns Ok even for packets dropped later; an error means the session
         // is gone (close() emits no Closed event).
