@@ -107,13 +107,8 @@ pub fn read_secret(path: &Path) -> Result<String, KeyError> {
     std::fs::read_to_string(path).map_err(read_err)
 }
 
-/// Compares two secrets in time independent of where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+/// Compares two secrets in time independent of where they differ (shared with plugins).
+pub use myelin_sdk::constant_time_eq;
 
 #[cfg(test)]
 mod tests {

@@ -147,39 +147,21 @@ pub struct Link {
     pub b_addr: String,
     pub a_if: String,
     pub b_if: String,
-    fabric: myelin::lab::Fabric,
+    _fleet: Fleet,
 }
 
 impl Link {
     pub fn new(tag: &str) -> Link {
-        remove_stale();
-        let pid = std::process::id();
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let fabric = myelin::lab::Fabric {
-            prefix: format!("my-{tag}-{pid}-{n}-"),
-            bridge: format!("mb{}p{pid}", n % 100),
-            subnet: format!("10.200.{}", n % 250 + 1),
-        };
-        fabric.create().expect("lab fabric bridge");
-        let a = fabric.attach(1, "a").expect("attach a");
-        let b = fabric.attach(2, "b").expect("attach b");
+        let fleet = Fleet::new(tag, &["a", "b"]);
         Link {
-            a: std::sync::Arc::new(Netns { name: a.namespace }),
-            b: std::sync::Arc::new(Netns { name: b.namespace }),
-            a_addr: a.underlay,
-            b_addr: b.underlay,
-            a_if: a.interface,
-            b_if: b.interface,
-            fabric,
+            a: fleet.nodes[0].clone(),
+            b: fleet.nodes[1].clone(),
+            a_addr: fleet.underlay[0].clone(),
+            b_addr: fleet.underlay[1].clone(),
+            a_if: "eth0".into(),
+            b_if: "eth0".into(),
+            _fleet: fleet,
         }
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        let _ = self
-            .fabric
-            .destroy(&[self.a.name.clone(), self.b.name.clone()]);
     }
 }
 

@@ -200,6 +200,12 @@ pub fn registration(name: &str) -> Option<&'static Registration> {
         .find(|r| r.name == name)
 }
 
+/// Compares two secrets (tokens, keys) in time that depends only on their lengths, so a
+/// remote caller cannot learn a token byte by byte.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Deserialises a plugin's config section, turning serde's message into a [`PluginError::Config`].
 pub fn parse_section<T: DeserializeOwned>(section: &toml::Table) -> Result<T, PluginError> {
     T::deserialize(section.clone()).map_err(|e| PluginError::Config {

@@ -162,10 +162,6 @@ struct Webrtc {
     shared: Option<Arc<Shared>>,
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn cors(mut r: Response) -> Response {
     let h = r.headers_mut();
     h.insert(
@@ -250,7 +246,9 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
+        .is_some_and(|given| {
+            myelin_sdk::constant_time_eq(given.trim().as_bytes(), token.as_bytes())
+        })
 }
 
 async fn whep_post(
@@ -606,12 +604,5 @@ mod tests {
         assert!(parse("listen_prot = 1")
             .unwrap_err()
             .contains("listen_prot"));
-    }
-
-    #[test]
-    fn tokens_compare_in_constant_time_and_exactly() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
     }
 }
