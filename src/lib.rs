@@ -15,6 +15,8 @@ pub mod tunnel;
 
 // Each compiled-in plugin is referenced here, in one place, so the linker keeps its
 // inventory registration (inventory issue #7).
+#[cfg(any(feature = "ai", feature = "ai-onnxruntime"))]
+use myelin_plugin_ai as _;
 #[cfg(feature = "chaos")]
 use myelin_plugin_chaos as _;
 #[cfg(feature = "safety")]

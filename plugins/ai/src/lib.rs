@@ -1,0 +1,425 @@
+//! ONNX inference at the robot's gateway, before data crosses the VPN. Models load at start with
+//! the chosen backend (tract, pure Rust, for static builds; ONNX Runtime loaded from its shared
+//! library for Jetson/GPU builds), answer `POST /models/<name>/infer` over the control API, and
+//! run in zenoh pipelines that publish results and forward only the frames that matter.
+
+mod config;
+mod engine;
+mod frames;
+#[cfg(feature = "zenoh")]
+mod gateway;
+mod panel;
+mod pipeline;
+pub mod tensor;
+
+#[cfg(feature = "onnxruntime")]
+mod backend_ort;
+#[cfg(feature = "tract")]
+mod backend_tract;
+
+use config::{AiConfig, BackendKind, ModelConfig};
+use engine::{Model, ModelError};
+use myelin_sdk::axum::{
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path},
+    http::{header, HeaderMap, StatusCode},
+    response::{Html, IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use myelin_sdk::{async_trait, Health, Plugin, PluginContext, PluginError, Registration};
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Largest request body: a float32 1×3×1080×1920 tensor is 24 MB.
+const MAX_BODY: usize = 64 * 1024 * 1024;
+
+/// One pipeline's counters and recent results, for `GET /status` and the panel.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PipelineStatus {
+    pub key: String,
+    pub model: String,
+    pub results_key: String,
+    pub forward_key: Option<String>,
+    pub frames_in: u64,
+    pub inferred: u64,
+    pub forwarded: u64,
+    pub dropped_rate: u64,
+    pub dropped_stale: u64,
+    pub dropped_bad: u64,
+    /// Inferences per second over the last 10 s.
+    pub rate_hz: f64,
+    pub last_error: Option<String>,
+    pub recent: VecDeque<serde_json::Value>,
+    #[serde(skip)]
+    inferred_at: VecDeque<Instant>,
+}
+
+impl PipelineStatus {
+    pub fn record(&mut self, now: Instant, result: serde_json::Value) {
+        self.recent.push_front(result);
+        self.recent.truncate(5);
+        self.inferred_at.push_back(now);
+        while self
+            .inferred_at
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(10))
+        {
+            self.inferred_at.pop_front();
+        }
+        self.rate_hz = self.inferred_at.len() as f64 / 10.0;
+    }
+}
+
+struct Shared {
+    config: AiConfig,
+    models: RwLock<Vec<Arc<Model>>>,
+    pipelines: Arc<Mutex<Vec<PipelineStatus>>>,
+    zenoh_connected: Arc<AtomicBool>,
+    runtime_version: Mutex<Option<String>>,
+}
+
+struct Ai {
+    shared: Arc<Shared>,
+    ctx: Option<PluginContext>,
+}
+
+fn log(line: &str) {
+    // A plugin child's stderr goes into the node's log, tagged with the plugin name.
+    eprintln!("{line}");
+}
+
+fn load_model(ai: &AiConfig, m: &ModelConfig) -> Result<Model, ModelError> {
+    match ai.backend() {
+        #[cfg(feature = "tract")]
+        BackendKind::Tract => backend_tract::load(m),
+        #[cfg(feature = "onnxruntime")]
+        BackendKind::Onnxruntime => backend_ort::load(ai, m, &|l| log(&l)),
+        #[allow(unreachable_patterns)]
+        other => Err(ModelError::Backend(format!(
+            "backend {} is not compiled into this binary",
+            other.name()
+        ))),
+    }
+}
+
+#[async_trait]
+impl Plugin for Ai {
+    fn name(&self) -> &str {
+        "ai"
+    }
+
+    async fn on_tunnel_up(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
+        self.ctx = Some(ctx);
+        Ok(())
+    }
+
+    async fn start(&mut self) -> Result<(), PluginError> {
+        let ctx = self.ctx.clone().ok_or(PluginError::NotReady("start before on_tunnel_up"))?;
+        let shared = self.shared.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let mut models = Vec::new();
+            for m in &shared.config.models {
+                let started = Instant::now();
+                let model = load_model(&shared.config, m)?;
+                log(&format!(
+                    "ai: model {} loaded with {} ({}) in {:.0} ms: {}",
+                    model.name(),
+                    model.backend.name(),
+                    model.provider,
+                    started.elapsed().as_secs_f64() * 1e3,
+                    model.describe_inputs()
+                ));
+                models.push(Arc::new(model));
+            }
+            #[cfg(feature = "onnxruntime")]
+            if shared.config.backend() == BackendKind::Onnxruntime {
+                if let Ok(mut v) = shared.runtime_version.lock() {
+                    *v = Some(backend_ort::version());
+                }
+            }
+            Ok::<_, ModelError>(models)
+        })
+        .await
+        .map_err(|e| PluginError::Failed(format!("loading models: {e}")))?
+        .map_err(|e| PluginError::Failed(e.to_string()))?;
+        if let Ok(mut m) = self.shared.models.write() {
+            *m = loaded.clone();
+        }
+        let namespace = self
+            .shared
+            .config
+            .namespace
+            .clone()
+            .unwrap_or_else(|| ctx.node().name.clone())
+            .trim_start_matches('/')
+            .to_string();
+        let mut statuses = Vec::new();
+        let mut runs = Vec::new();
+        for p in &self.shared.config.pipelines {
+            let Some(model) = loaded.iter().find(|m| m.name() == p.model) else {
+                continue;
+            };
+            if model.inputs.len() != 1 {
+                return Err(PluginError::Config {
+                    message: format!(
+                        "pipeline on {}: model \"{}\" takes {} inputs ({}); a pipeline feeds one",
+                        p.key,
+                        model.name(),
+                        model.inputs.len(),
+                        model.describe_inputs()
+                    ),
+                });
+            }
+            let results_key = p
+                .results_key
+                .clone()
+                .unwrap_or_else(|| format!("{namespace}/ai/{}", p.model));
+            let forward_key = p
+                .forward_when
+                .as_ref()
+                .map(|_| p.forward_key.clone().unwrap_or_else(|| format!("{results_key}/frames")));
+            statuses.push(PipelineStatus {
+                key: p.key.clone(),
+                model: p.model.clone(),
+                results_key: results_key.clone(),
+                forward_key: forward_key.clone(),
+                ..Default::default()
+            });
+            runs.push((p.clone(), model.clone(), results_key, forward_key));
+        }
+        if let Ok(mut s) = self.shared.pipelines.lock() {
+            *s = statuses;
+        }
+        #[cfg(feature = "zenoh")]
+        if !runs.is_empty() {
+            tokio::spawn(gateway::run(
+                runs,
+                self.shared.config.zenoh_port,
+                self.shared.pipelines.clone(),
+                self.shared.zenoh_connected.clone(),
+                ctx.metrics(),
+                ctx.cancellation(),
+            ));
+        }
+        #[cfg(not(feature = "zenoh"))]
+        drop(runs);
+        Ok(())
+    }
+
+    async fn stop(&mut self) -> Result<(), PluginError> {
+        if let Some(ctx) = &self.ctx {
+            ctx.cancellation().cancel();
+        }
+        Ok(())
+    }
+
+    async fn health(&self) -> Health {
+        let has_pipelines = !self.shared.config.pipelines.is_empty();
+        if has_pipelines && !self.shared.zenoh_connected.load(Ordering::Relaxed) {
+            return Health::Degraded {
+                reason: format!(
+                    "pipelines wait for the zenoh router on 127.0.0.1:{} (enable [plugins.zenoh])",
+                    self.shared.config.zenoh_port
+                ),
+            };
+        }
+        Health::Healthy
+    }
+
+    fn routes(&self) -> Option<Router> {
+        let (s1, s2, s3, s4) = (
+            self.shared.clone(),
+            self.shared.clone(),
+            self.shared.clone(),
+            self.shared.clone(),
+        );
+        Some(
+            Router::new()
+                .route("/models", get(move || models(s1.clone())))
+                .route("/models/{name}", get(move |p| model(s2.clone(), p)))
+                .route(
+                    "/models/{name}/infer",
+                    post(move |p, h, b| infer(s3.clone(), p, h, b)),
+                )
+                .route("/status", get(move || status(s4.clone())))
+                .route("/panel", get(|| async { Html(panel::PANEL) }))
+                .layer(DefaultBodyLimit::max(MAX_BODY)),
+        )
+    }
+}
+
+fn error(code: StatusCode, error: impl Into<String>, hint: &str) -> Response {
+    (
+        code,
+        Json(serde_json::json!({ "error": error.into(), "hint": hint })),
+    )
+        .into_response()
+}
+
+fn loaded(shared: &Shared) -> Vec<Arc<Model>> {
+    shared.models.read().map(|m| m.clone()).unwrap_or_default()
+}
+
+async fn models(shared: Arc<Shared>) -> Response {
+    let models: Vec<_> = loaded(&shared).iter().map(|m| m.summary()).collect();
+    Json(serde_json::json!({
+        "backend": shared.config.backend().name(),
+        "models": models,
+    }))
+    .into_response()
+}
+
+fn find(shared: &Shared, name: &str) -> Result<Arc<Model>, Response> {
+    let models = loaded(shared);
+    models.iter().find(|m| m.name() == name).cloned().ok_or_else(|| {
+        let names: Vec<&str> = shared.config.models.iter().map(|m| m.name.as_str()).collect();
+        if models.is_empty() && names.contains(&name) {
+            error(StatusCode::SERVICE_UNAVAILABLE, format!("model \"{name}\" is still loading"), "retry in a moment")
+        } else {
+            error(
+                StatusCode::NOT_FOUND,
+                format!("no model \"{name}\"; the models are: {}", names.join(", ")),
+                "add it under [[plugins.ai.models]]",
+            )
+        }
+    })
+}
+
+async fn model(shared: Arc<Shared>, Path(name): Path<String>) -> Response {
+    match find(&shared, &name) {
+        Ok(m) => Json(m.summary()).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// The request body as named input tensors.
+fn inputs_of(
+    model: &Model,
+    content_type: &str,
+    body: &[u8],
+) -> Result<Vec<(Option<String>, tensor::Tensor)>, Response> {
+    let bad = |e: String| {
+        error(
+            StatusCode::BAD_REQUEST,
+            e,
+            "send a PNG/JPEG image, an .npy (numpy.save) or an .npz (numpy.savez) with the model's input shapes",
+        )
+    };
+    let kind = content_type.split(';').next().unwrap_or("").trim();
+    let is_npy = body.starts_with(b"\x93NUMPY");
+    let is_zip = body.starts_with(b"PK\x03\x04");
+    let octets = kind == "application/octet-stream";
+    if kind == "image/png" || kind == "image/jpeg" {
+        let Some(img) = &model.config.image else {
+            return Err(error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("model \"{}\" takes tensors, not images: it has no [image] section", model.name()),
+                "send an .npy as application/x-npy, or add [plugins.ai.models.image]",
+            ));
+        };
+        let shape = model.inputs.first().map(|i| i.shape.clone()).unwrap_or_default();
+        let t = frames::image_tensor(body, img, &shape).map_err(|e| bad(e.to_string()))?;
+        Ok(vec![(None, t)])
+    } else if kind == "application/x-npy" || (octets && is_npy) {
+        let t = tensor::parse_npy(body).map_err(|e| bad(e.to_string()))?;
+        Ok(vec![(None, t)])
+    } else if kind == "application/x-npz" || kind == "application/zip" || (octets && is_zip) {
+        let named = tensor::parse_npz(body).map_err(|e| bad(e.to_string()))?;
+        Ok(named.into_iter().map(|(n, t)| (Some(n), t)).collect())
+    } else {
+        Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("content type \"{content_type}\" is not an input Myelin reads"),
+            "use image/png, image/jpeg, application/x-npy or application/x-npz",
+        ))
+    }
+}
+
+async fn infer(
+    shared: Arc<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let model = match find(&shared, &name) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let inputs = match inputs_of(&model, &content_type, &body) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let m = model.clone();
+    let started = Instant::now();
+    let outcome = tokio::task::spawn_blocking(move || m.run(inputs)).await;
+    let inference_ms = started.elapsed().as_secs_f64() * 1e3;
+    let outputs = match outcome {
+        Ok(Ok(o)) => o,
+        Ok(Err(ModelError::Input(e))) => {
+            return error(StatusCode::BAD_REQUEST, e, "GET /plugins/ai/models lists each input's dtype and shape")
+        }
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "the node's log has the backend's message"),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("inference task: {e}"), ""),
+    };
+    let cfg = &model.config;
+    let outputs: Vec<_> = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, (n, t))| tensor::output_json(n, t, usize::MAX, if i == 0 { cfg.top_k } else { None }, &cfg.labels))
+        .collect();
+    Json(serde_json::json!({
+        "model": model.name(),
+        "backend": model.backend.name(),
+        "provider": model.provider,
+        "inference_ms": inference_ms,
+        "outputs": outputs,
+    }))
+    .into_response()
+}
+
+async fn status(shared: Arc<Shared>) -> Response {
+    let models: Vec<_> = loaded(&shared).iter().map(|m| m.summary()).collect();
+    let pipelines = shared.pipelines.lock().map(|p| p.clone()).unwrap_or_default();
+    let version = shared.runtime_version.lock().ok().and_then(|v| v.clone());
+    Json(serde_json::json!({
+        "backend": shared.config.backend().name(),
+        "onnxruntime_version": version,
+        "zenoh_connected": shared.zenoh_connected.load(Ordering::Relaxed),
+        "models": models,
+        "pipelines": pipelines,
+    }))
+    .into_response()
+}
+
+fn build(section: &myelin_sdk::toml::Table) -> Result<Box<dyn Plugin>, PluginError> {
+    let config = AiConfig::parse(section)?;
+    Ok(Box::new(Ai {
+        shared: Arc::new(Shared {
+            config,
+            models: RwLock::new(Vec::new()),
+            pipelines: Arc::new(Mutex::new(Vec::new())),
+            zenoh_connected: Arc::new(AtomicBool::new(false)),
+            runtime_version: Mutex::new(None),
+        }),
+        ctx: None,
+    }))
+}
+
+myelin_sdk::inventory::submit! {
+    Registration {
+        name: "ai",
+        about: "ONNX inference at the gateway (tract or ONNX Runtime): HTTP and zenoh pipelines that forward only what matters",
+        build,
+        // ONNX Runtime is C++ and can crash; its API is set once per process.
+        process_only: true,
+    }
+}
