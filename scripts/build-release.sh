@@ -4,10 +4,10 @@
 #
 #   scripts/build-release.sh <target> [cargo feature flags...]
 #
-#   scripts/build-release.sh aarch64-unknown-linux-musl                  # robots: static, default plugins
+#   scripts/build-release.sh aarch64-unknown-linux-musl                  # robots: static, every plugin (feature `static`)
 #   scripts/build-release.sh aarch64-unknown-linux-musl --no-default-features   # core only
-#   scripts/build-release.sh x86_64-unknown-linux-musl --features full
-#   scripts/build-release.sh aarch64-unknown-linux-gnu --features full   # Jetson GPU path (glibc)
+#   scripts/build-release.sh x86_64-unknown-linux-musl --no-default-features --features static
+#   scripts/build-release.sh aarch64-unknown-linux-gnu --features full   # Jetson GPU path (glibc, ai with ONNX Runtime)
 #
 # musl targets are linked fully statically with cargo-zigbuild (zig as the C/C++ cross
 # compiler, from PyPI into a venv); aarch64-unknown-linux-gnu uses Debian's cross toolchain.
@@ -39,6 +39,17 @@ if command -v rustup >/dev/null 2>&1; then
 fi
 need_apt build-essential pkg-config cmake libclang-dev file python3-venv
 
+if [[ "$TARGET" == *-musl ]]; then
+  # The default and `full` sets hold ai-onnxruntime, which dlopens libonnxruntime.so: a static
+  # binary cannot. Without flags a musl build takes `static` (every plugin, ai on tract).
+  if (($# == 0)); then
+    set -- --no-default-features --features static
+  elif [[ " $* " != *" --no-default-features "* || " $* " =~ (ai-onnxruntime|[ ,=]full([ ,]|$)) ]]; then
+    echo "build-release: $TARGET is fully static and cannot load ONNX Runtime's shared library (feature ai-onnxruntime, part of default and full); use --no-default-features --features static, or build aarch64-unknown-linux-gnu for the Jetson GPU path" >&2
+    exit 2
+  fi
+fi
+echo "build-release: cargo features: ${*:-(default)}"
 start=$(date +%s)
 case "$TARGET" in
   *-unknown-linux-musl)

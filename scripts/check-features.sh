@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 sets=("--no-default-features" "")
-for f in telemetry zenoh safety webrtc chaos; do
+for f in telemetry zenoh safety webrtc ai ai-onnxruntime static chaos; do
   sets+=("--no-default-features --features $f")
 done
 for s in "${sets[@]}"; do

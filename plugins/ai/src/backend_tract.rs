@@ -3,7 +3,9 @@
 //! times slower), and the graph is optimised once at load.
 
 use crate::config::{BackendKind, ModelConfig};
-use crate::engine::{fix_shapes, read_model_file, DeclaredInput, Engine, InputInfo, Model, ModelError, OutputInfo};
+use crate::engine::{
+    fix_shapes, read_model_file, DeclaredInput, Engine, InputInfo, Model, ModelError, OutputInfo,
+};
 use crate::tensor::{DType, Data, Tensor};
 use std::sync::Arc;
 use tract_onnx::prelude::*;
@@ -35,7 +37,10 @@ fn datum(dt: DType) -> DatumType {
 
 /// tract's whole error chain: the node name and op are in the inner causes.
 fn chain(e: &TractError) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn hint(message: &str) -> &'static str {
@@ -48,26 +53,58 @@ fn hint(message: &str) -> &'static str {
 
 pub fn load(config: &ModelConfig) -> Result<Model, ModelError> {
     let bytes = read_model_file(config)?;
+    // The file's intermediate and output shapes may keep the exporter's symbols (a batch of
+    // "DynamicDimension.0") that contradict the fixed input shapes; then only the inputs are
+    // taken from the file and tract infers the rest. Some exports need their shapes, so the
+    // file as it is comes second.
+    match analyse(config, &bytes, true) {
+        Ok(m) => Ok(m),
+        Err(first @ ModelError::Unsupported { .. }) => {
+            analyse(config, &bytes, false).map_err(|_| first)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn analyse(
+    config: &ModelConfig,
+    bytes: &[u8],
+    infer_inner_shapes: bool,
+) -> Result<Model, ModelError> {
     let unsupported = |message: String| ModelError::Unsupported {
         model: config.name.clone(),
         backend: "tract",
         message: format!("{message}{}", hint(&message)),
     };
-    let mut model = tract_onnx::onnx()
-        .model_for_read(&mut bytes.as_slice())
-        .map_err(|e| {
-            let message = chain(&e);
-            if message.contains("decod") || message.contains("protobuf") {
-                ModelError::NotOnnx {
-                    model: config.name.clone(),
-                    path: config.path.display().to_string(),
-                    cause: message,
-                }
-            } else {
-                unsupported(message)
+    let not_onnx = |e: TractError| ModelError::NotOnnx {
+        model: config.name.clone(),
+        path: config.path.display().to_string(),
+        cause: chain(&e),
+    };
+    let onnx = tract_onnx::onnx()
+        .with_ignore_output_shapes(infer_inner_shapes)
+        .with_ignore_value_info(infer_inner_shapes);
+    let mut proto = onnx
+        .proto_model_for_read(&mut &bytes[..])
+        .map_err(not_onnx)?;
+    // Some exporters (OpenVINO's, for silero-vad) repeat node names; ONNX does not require them
+    // unique, tract does.
+    if let Some(graph) = proto.graph.as_mut() {
+        let mut seen = std::collections::HashSet::new();
+        for (i, node) in graph.node.iter_mut().enumerate() {
+            if !seen.insert(node.name.clone()) {
+                node.name = format!("{}#{i}", node.name);
+                seen.insert(node.name.clone());
             }
-        })?;
-    let outlets = model.input_outlets().map_err(|e| unsupported(chain(&e)))?.to_vec();
+        }
+    }
+    let mut model = onnx
+        .model_for_proto_model(&proto)
+        .map_err(|e| unsupported(chain(&e)))?;
+    let outlets = model
+        .input_outlets()
+        .map_err(|e| unsupported(chain(&e)))?
+        .to_vec();
     let mut declared = Vec::new();
     for (i, outlet) in outlets.iter().enumerate() {
         let fact = model.input_fact(i).map_err(|e| unsupported(chain(&e)))?;
@@ -91,21 +128,28 @@ pub fn load(config: &ModelConfig) -> Result<Model, ModelError> {
                 d.name
             ))
         })?;
-        model
-            .set_input_fact(i, InferenceFact::dt_shape(datum(dt), shape.clone()))
-            .map_err(|e| unsupported(chain(&e)))?;
+        // Inputs the file already fixes are left as they are.
+        if d.dims
+            .iter()
+            .map(|x| x.unwrap_or(0))
+            .ne(shape.iter().copied())
+        {
+            model
+                .set_input_fact(i, InferenceFact::dt_shape(datum(dt), shape.clone()))
+                .map_err(|e| unsupported(chain(&e)))?;
+        }
         inputs.push(InputInfo {
             name: d.name.clone(),
             dtype: dt,
             shape,
         });
     }
-    let typed = model
-        .into_optimized()
-        .map_err(|e| unsupported(chain(&e)))?;
+    let typed = model.into_optimized().map_err(|e| unsupported(chain(&e)))?;
     let mut outputs = Vec::new();
     for outlet in typed.output_outlets().map_err(|e| unsupported(chain(&e)))? {
-        let fact = typed.outlet_fact(*outlet).map_err(|e| unsupported(chain(&e)))?;
+        let fact = typed
+            .outlet_fact(*outlet)
+            .map_err(|e| unsupported(chain(&e)))?;
         outputs.push(OutputInfo {
             name: typed
                 .outlet_label(*outlet)
@@ -132,12 +176,17 @@ impl Engine for TractEngine {
         let values: TVec<TValue> = inputs
             .into_iter()
             .map(|t| {
-                let tensor = match t.data {
-                    Data::F32(v) => tract_ndarray::ArrayD::from_shape_vec(t.shape, v).map(|a| a.into_tensor()),
-                    Data::I64(v) => tract_ndarray::ArrayD::from_shape_vec(t.shape, v).map(|a| a.into_tensor()),
-                    Data::I32(v) => tract_ndarray::ArrayD::from_shape_vec(t.shape, v).map(|a| a.into_tensor()),
-                    Data::U8(v) => tract_ndarray::ArrayD::from_shape_vec(t.shape, v).map(|a| a.into_tensor()),
-                };
+                let tensor =
+                    match t.data {
+                        Data::F32(v) => tract_ndarray::ArrayD::from_shape_vec(t.shape, v)
+                            .map(|a| a.into_tensor()),
+                        Data::I64(v) => tract_ndarray::ArrayD::from_shape_vec(t.shape, v)
+                            .map(|a| a.into_tensor()),
+                        Data::I32(v) => tract_ndarray::ArrayD::from_shape_vec(t.shape, v)
+                            .map(|a| a.into_tensor()),
+                        Data::U8(v) => tract_ndarray::ArrayD::from_shape_vec(t.shape, v)
+                            .map(|a| a.into_tensor()),
+                    };
                 tensor
                     .map(|t| t.into_tvalue())
                     .map_err(|e| ModelError::Input(e.to_string()))
@@ -149,10 +198,34 @@ impl Engine for TractEngine {
             .map(|v| {
                 let shape = v.shape().to_vec();
                 let data = match v.datum_type() {
-                    DatumType::F32 => Data::F32(v.to_plain_array_view::<f32>().map_err(backend)?.iter().copied().collect()),
-                    DatumType::I64 => Data::I64(v.to_plain_array_view::<i64>().map_err(backend)?.iter().copied().collect()),
-                    DatumType::I32 => Data::I32(v.to_plain_array_view::<i32>().map_err(backend)?.iter().copied().collect()),
-                    DatumType::U8 => Data::U8(v.to_plain_array_view::<u8>().map_err(backend)?.iter().copied().collect()),
+                    DatumType::F32 => Data::F32(
+                        v.to_plain_array_view::<f32>()
+                            .map_err(backend)?
+                            .iter()
+                            .copied()
+                            .collect(),
+                    ),
+                    DatumType::I64 => Data::I64(
+                        v.to_plain_array_view::<i64>()
+                            .map_err(backend)?
+                            .iter()
+                            .copied()
+                            .collect(),
+                    ),
+                    DatumType::I32 => Data::I32(
+                        v.to_plain_array_view::<i32>()
+                            .map_err(backend)?
+                            .iter()
+                            .copied()
+                            .collect(),
+                    ),
+                    DatumType::U8 => Data::U8(
+                        v.to_plain_array_view::<u8>()
+                            .map_err(backend)?
+                            .iter()
+                            .copied()
+                            .collect(),
+                    ),
                     other => {
                         return Err(ModelError::Backend(format!(
                             "an output is {other:?}, which Myelin does not return"

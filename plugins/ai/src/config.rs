@@ -219,9 +219,7 @@ impl AiConfig {
                 )));
             }
         }
-        if backend == BackendKind::Tract
-            && c.execution_providers.iter().any(|p| p != "cpu")
-        {
+        if backend == BackendKind::Tract && c.execution_providers.iter().any(|p| p != "cpu") {
             return Err(err(
                 "execution_providers other than \"cpu\" need backend = \"onnxruntime\" (tract runs on the CPU)",
             ));
@@ -246,7 +244,11 @@ impl AiConfig {
                 return Err(err(format!(
                     "pipelines[{i}]: model \"{}\" is not among the models ({})",
                     p.model,
-                    c.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                    c.models
+                        .iter()
+                        .map(|m| m.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             };
             p.check(i, model)?;
@@ -288,7 +290,11 @@ fn check_key(what: &str, key: &str) -> Result<(), PluginError> {
 impl ModelConfig {
     fn check(&self, i: usize) -> Result<(), PluginError> {
         let n = &self.name;
-        if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        if n.is_empty()
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
             return Err(err(format!(
                 "models[{i}]: name \"{n}\" must be letters, digits, '_' or '-' (it is part of URLs and zenoh keys)"
             )));
@@ -356,8 +362,7 @@ impl PipelineConfig {
         if let Some(k) = &self.forward_key {
             check_key(&format!("pipelines[{i}].forward_key"), k)?;
         }
-        if !(self.max_rate_hz.is_finite() && self.max_rate_hz > 0.0 && self.max_rate_hz <= 1000.0)
-        {
+        if !(self.max_rate_hz.is_finite() && self.max_rate_hz > 0.0 && self.max_rate_hz <= 1000.0) {
             return Err(err(format!(
                 "pipelines[{i}].max_rate_hz = {} must be above 0 and at most 1000",
                 self.max_rate_hz
@@ -413,20 +418,39 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_the_fix() {
         assert!(message("").contains("no models"));
-        assert!(message(&MODEL.replace("[640, 480]", "[480, 640]")).contains("does not match input_shape"));
-        assert!(message(&format!("execution_providers = [\"gpu\"]\n{MODEL}")).contains("\"gpu\" is unknown"));
-        assert!(message(&format!("{MODEL}[[pipelines]]\nmodel = \"nope\"\nkey = \"robot1/cam\"\n")).contains("not among the models (det)"));
-        assert!(message(&format!("{MODEL}[[pipelines]]\nmodel = \"det\"\nkey = \"/robot1/cam\"\n")).contains("not a zenoh key"));
+        assert!(message(&MODEL.replace("[640, 480]", "[480, 640]"))
+            .contains("does not match input_shape"));
+        assert!(
+            message(&format!("execution_providers = [\"gpu\"]\n{MODEL}"))
+                .contains("\"gpu\" is unknown")
+        );
+        assert!(message(&format!(
+            "{MODEL}[[pipelines]]\nmodel = \"nope\"\nkey = \"robot1/cam\"\n"
+        ))
+        .contains("not among the models (det)"));
+        assert!(message(&format!(
+            "{MODEL}[[pipelines]]\nmodel = \"det\"\nkey = \"/robot1/cam\"\n"
+        ))
+        .contains("not a zenoh key"));
         assert!(message(&format!("{MODEL}[[pipelines]]\nmodel = \"det\"\nkey = \"r/c\"\nforward_when = {{ above = 1, below = 2 }}\n")).contains("exactly one of above or below"));
-        assert!(message(&format!("{MODEL}[[models]]\nname = \"det\"\npath = \"x\"\n")).contains("used twice"));
-        assert!(message(&MODEL.replace("name = \"det\"", "name = \"a b\"")).contains("letters, digits"));
+        assert!(message(&format!(
+            "{MODEL}[[models]]\nname = \"det\"\npath = \"x\"\n"
+        ))
+        .contains("used twice"));
+        assert!(
+            message(&MODEL.replace("name = \"det\"", "name = \"a b\"")).contains("letters, digits")
+        );
         assert!(message(&format!("{MODEL}bogus = 1\n")).contains("bogus"));
     }
 
     #[test]
     fn image_inputs_need_an_image_shape() {
-        let m = "[[models]]\nname = \"v\"\npath = \"v.onnx\"\ninput_shape = [1, 576]\n[models.image]\n";
+        let m =
+            "[[models]]\nname = \"v\"\npath = \"v.onnx\"\ninput_shape = [1, 576]\n[models.image]\n";
         assert!(message(m).contains("4-D input_shape with 3 channels"));
-        assert_eq!(image_dims(&[1, 224, 224, 3], Layout::Nhwc), Some((224, 224)));
+        assert_eq!(
+            image_dims(&[1, 224, 224, 3], Layout::Nhwc),
+            Some((224, 224))
+        );
     }
 }

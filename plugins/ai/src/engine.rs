@@ -77,6 +77,9 @@ pub struct Model {
     pub outputs: Vec<OutputInfo>,
     engine: Mutex<Box<dyn Engine>>,
     timings: Mutex<Timings>,
+    /// `myelin_ai_inferences_total` and `myelin_ai_inference_seconds`, once the plugin runs.
+    pub metrics:
+        std::sync::OnceLock<(myelin_sdk::metrics::Counter, myelin_sdk::metrics::Histogram)>,
 }
 
 /// The last inference times, for the status page and the panel.
@@ -116,6 +119,7 @@ impl Model {
             outputs,
             engine: Mutex::new(engine),
             timings: Mutex::new(Timings::default()),
+            metrics: std::sync::OnceLock::new(),
         }
     }
 
@@ -123,18 +127,54 @@ impl Model {
         &self.config.name
     }
 
+    /// One run on zeros at load, so the first real frame is not the slow one and a model that
+    /// loads but cannot run fails at start. Not counted in the timings.
+    pub fn warm_up(&self) -> Result<(), ModelError> {
+        let zeros = self
+            .inputs
+            .iter()
+            .map(|i| {
+                let n = crate::tensor::element_count(&i.shape);
+                let data = match i.dtype {
+                    DType::Float32 => crate::tensor::Data::F32(vec![0.0; n]),
+                    DType::Int64 => crate::tensor::Data::I64(vec![0; n]),
+                    DType::Int32 => crate::tensor::Data::I32(vec![0; n]),
+                    DType::Uint8 => crate::tensor::Data::U8(vec![0; n]),
+                };
+                Tensor::new(i.shape.clone(), data).map_err(|e| ModelError::Backend(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut engine = self.engine.lock().map_err(|_| {
+            ModelError::Backend("the model's engine was poisoned by a panic".into())
+        })?;
+        engine
+            .run(zeros)
+            .map(|_| ())
+            .map_err(|e| ModelError::Unsupported {
+                model: self.config.name.clone(),
+                backend: self.backend.name(),
+                message: format!("a first run on zeros failed: {e}"),
+            })
+    }
+
     /// Runs the model on named inputs (`None` name: the next input in order). Blocking.
-    pub fn run(&self, given: Vec<(Option<String>, Tensor)>) -> Result<Vec<(String, Tensor)>, ModelError> {
+    pub fn run(
+        &self,
+        given: Vec<(Option<String>, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>, ModelError> {
         let ordered = self.order_inputs(given)?;
         let start = Instant::now();
         let outputs = {
-            let mut engine = self
-                .engine
-                .lock()
-                .map_err(|_| ModelError::Backend("the model's engine was poisoned by a panic".into()))?;
+            let mut engine = self.engine.lock().map_err(|_| {
+                ModelError::Backend("the model's engine was poisoned by a panic".into())
+            })?;
             engine.run(ordered)?
         };
         let took = start.elapsed();
+        if let Some((count, seconds)) = self.metrics.get() {
+            count.increment(1);
+            seconds.record(took.as_secs_f64());
+        }
         if let Ok(mut t) = self.timings.lock() {
             t.runs += 1;
             t.recent.push_back(took);
@@ -150,18 +190,25 @@ impl Model {
             .collect())
     }
 
-    fn order_inputs(&self, given: Vec<(Option<String>, Tensor)>) -> Result<Vec<Tensor>, ModelError> {
+    fn order_inputs(
+        &self,
+        given: Vec<(Option<String>, Tensor)>,
+    ) -> Result<Vec<Tensor>, ModelError> {
         let mut slots: Vec<Option<Tensor>> = vec![None; self.inputs.len()];
         let mut next = 0;
         for (name, tensor) in given {
             let i = match name {
-                Some(n) => self.inputs.iter().position(|i| i.name == n).ok_or_else(|| {
-                    ModelError::Input(format!(
-                        "model \"{}\" has no input \"{n}\"; its inputs are {}",
-                        self.name(),
-                        self.describe_inputs()
-                    ))
-                })?,
+                Some(n) => self
+                    .inputs
+                    .iter()
+                    .position(|i| i.name == n)
+                    .ok_or_else(|| {
+                        ModelError::Input(format!(
+                            "model \"{}\" has no input \"{n}\"; its inputs are {}",
+                            self.name(),
+                            self.describe_inputs()
+                        ))
+                    })?,
                 None => {
                     while next < slots.len() && slots[next].is_some() {
                         next += 1;
@@ -228,7 +275,10 @@ impl Model {
             Ok(t) => {
                 let mut v: Vec<f64> = t.recent.iter().map(|d| d.as_secs_f64() * 1e3).collect();
                 v.sort_by(f64::total_cmp);
-                let at = |q: f64| v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied();
+                let at = |q: f64| {
+                    v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+                        .copied()
+                };
                 (t.runs, at(0.5), at(0.99))
             }
             Err(_) => (0, None, None),
@@ -272,7 +322,10 @@ pub fn read_model_file(config: &ModelConfig) -> Result<Vec<u8>, ModelError> {
 }
 
 /// The fixed shape of every input: the model's own dims where fixed, the config's where not.
-pub fn fix_shapes(config: &ModelConfig, declared: &[DeclaredInput]) -> Result<Vec<Vec<usize>>, ModelError> {
+pub fn fix_shapes(
+    config: &ModelConfig,
+    declared: &[DeclaredInput],
+) -> Result<Vec<Vec<usize>>, ModelError> {
     let shape_err = |message: String| ModelError::Shape {
         model: config.name.clone(),
         message,
@@ -281,7 +334,11 @@ pub fn fix_shapes(config: &ModelConfig, declared: &[DeclaredInput]) -> Result<Ve
         if !declared.iter().any(|d| &d.name == name) {
             return Err(shape_err(format!(
                 "input_shapes.{name}: the model has no input \"{name}\"; its inputs are {}",
-                declared.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+                declared
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
     }
@@ -373,12 +430,19 @@ mod tests {
             fix_shapes(&model(Some(vec![1, 3, 480, 640])), &d).unwrap(),
             vec![vec![1, 3, 480, 640]]
         );
-        let e = fix_shapes(&model(Some(vec![1, 4, 480, 640])), &d).unwrap_err().to_string();
+        let e = fix_shapes(&model(Some(vec![1, 4, 480, 640])), &d)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("dimension 1 is fixed to 3"), "{e}");
-        let e = fix_shapes(&model(Some(vec![1, 3, 480])), &d).unwrap_err().to_string();
+        let e = fix_shapes(&model(Some(vec![1, 3, 480])), &d)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("has 3 dimensions"), "{e}");
         let e = fix_shapes(&model(None), &d).unwrap_err().to_string();
-        assert!(e.contains("open dimensions [?, 3, ?, ?]") && e.contains("input_shape = [1, 3, 1, 1]"), "{e}");
+        assert!(
+            e.contains("open dimensions [?, 3, ?, ?]") && e.contains("input_shape = [1, 3, 1, 1]"),
+            "{e}"
+        );
         assert_eq!(
             fix_shapes(&model(None), &declared(vec![Some(1), Some(576)])).unwrap(),
             vec![vec![1, 576]]
@@ -388,7 +452,10 @@ mod tests {
     #[test]
     fn missing_and_non_onnx_files_are_named() {
         let e = read_model_file(&model(None)).unwrap_err().to_string();
-        assert!(e.contains("/nonexistent/det.onnx") && e.contains("no such file"), "{e}");
+        assert!(
+            e.contains("/nonexistent/det.onnx") && e.contains("no such file"),
+            "{e}"
+        );
         let dir = std::env::temp_dir().join(format!("myelin-ai-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("page.onnx");

@@ -14,12 +14,19 @@ pub enum FrameError {
 }
 
 /// Decodes PNG or JPEG bytes and preprocesses them for an input of `shape`.
-pub fn image_tensor(bytes: &[u8], image: &ImageConfig, shape: &[usize]) -> Result<Tensor, FrameError> {
-    let (h, w) = image_dims(shape, image.layout)
-        .ok_or_else(|| FrameError::Decode(format!("the model's input {shape:?} is not an image input")))?;
+pub fn image_tensor(
+    bytes: &[u8],
+    image: &ImageConfig,
+    shape: &[usize],
+) -> Result<Tensor, FrameError> {
+    let (h, w) = image_dims(shape, image.layout).ok_or_else(|| {
+        FrameError::Decode(format!("the model's input {shape:?} is not an image input"))
+    })?;
     let format = image::guess_format(bytes).map_err(|e| FrameError::Decode(e.to_string()))?;
     if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
-        return Err(FrameError::Decode(format!("{format:?} is not supported; send PNG or JPEG")));
+        return Err(FrameError::Decode(format!(
+            "{format:?} is not supported; send PNG or JPEG"
+        )));
     }
     let decoded = image::load_from_memory_with_format(bytes, format)
         .map_err(|e| FrameError::Decode(e.to_string()))?
@@ -27,7 +34,12 @@ pub fn image_tensor(bytes: &[u8], image: &ImageConfig, shape: &[usize]) -> Resul
     let rgb = if decoded.dimensions() == (w as u32, h as u32) {
         decoded
     } else {
-        image::imageops::resize(&decoded, w as u32, h as u32, image::imageops::FilterType::Triangle)
+        image::imageops::resize(
+            &decoded,
+            w as u32,
+            h as u32,
+            image::imageops::FilterType::Triangle,
+        )
     };
     let mut out = vec![0f32; 3 * h * w];
     for (x, y, px) in rgb.enumerate_pixels() {
@@ -69,18 +81,28 @@ pub fn compressed_image_data(cdr: &[u8]) -> Result<&[u8], FrameError> {
     let mut at = 8usize; // stamp: int32 sec, uint32 nanosec
     let u32_at = |at: &mut usize| -> Result<usize, FrameError> {
         *at = (*at + 3) & !3;
-        let b = body.get(*at..*at + 4).ok_or_else(|| bad("it is cut short"))?;
+        let b = body
+            .get(*at..*at + 4)
+            .ok_or_else(|| bad("it is cut short"))?;
         *at += 4;
         let a = [b[0], b[1], b[2], b[3]];
-        Ok(if little { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) } as usize)
+        Ok(if little {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        } as usize)
     };
     for _string in 0..2 {
         // frame_id, then format: length (with the NUL) and bytes.
         let len = u32_at(&mut at)?;
-        at = at.checked_add(len).filter(|&e| e <= body.len()).ok_or_else(|| bad("a string runs past the end"))?;
+        at = at
+            .checked_add(len)
+            .filter(|&e| e <= body.len())
+            .ok_or_else(|| bad("a string runs past the end"))?;
     }
     let len = u32_at(&mut at)?;
-    body.get(at..at.saturating_add(len)).ok_or_else(|| bad("the image data runs past the end"))
+    body.get(at..at.saturating_add(len))
+        .ok_or_else(|| bad("the image data runs past the end"))
 }
 
 #[cfg(test)]
@@ -123,10 +145,25 @@ mod tests {
     #[test]
     fn other_sizes_are_resized_and_garbage_is_an_error() {
         let bytes = png(64, 48, |_, _| [10, 20, 30]);
-        let t = image_tensor(&bytes, &config(Layout::Nchw, Channels::Rgb), &[1, 3, 24, 32]).unwrap();
+        let t = image_tensor(
+            &bytes,
+            &config(Layout::Nchw, Channels::Rgb),
+            &[1, 3, 24, 32],
+        )
+        .unwrap();
         assert_eq!(t.shape, vec![1, 3, 24, 32]);
-        assert!(image_tensor(b"garbage", &config(Layout::Nchw, Channels::Rgb), &[1, 3, 2, 2]).is_err());
-        assert!(image_tensor(&bytes[..40], &config(Layout::Nchw, Channels::Rgb), &[1, 3, 2, 2]).is_err());
+        assert!(image_tensor(
+            b"garbage",
+            &config(Layout::Nchw, Channels::Rgb),
+            &[1, 3, 2, 2]
+        )
+        .is_err());
+        assert!(image_tensor(
+            &bytes[..40],
+            &config(Layout::Nchw, Channels::Rgb),
+            &[1, 3, 2, 2]
+        )
+        .is_err());
     }
 
     #[test]
@@ -142,7 +179,10 @@ mod tests {
         body.extend_from_slice(&[0xFF, 0xD8, 0xFF, 0x01]);
         let mut cdr = vec![0, 1, 0, 0];
         cdr.extend_from_slice(&body);
-        assert_eq!(compressed_image_data(&cdr).unwrap(), &[0xFF, 0xD8, 0xFF, 0x01]);
+        assert_eq!(
+            compressed_image_data(&cdr).unwrap(),
+            &[0xFF, 0xD8, 0xFF, 0x01]
+        );
         for n in 0..cdr.len() - 1 {
             assert!(compressed_image_data(&cdr[..n]).is_err(), "prefix {n}");
         }

@@ -30,7 +30,8 @@ async fn open(port: u16) -> Result<zenoh::Session, String> {
         ("connect/endpoints", format!("[\"tcp/127.0.0.1:{port}\"]")),
         ("scouting/multicast/enabled", "false".to_string()),
     ] {
-        c.insert_json5(key, &value).map_err(|e| format!("{key}: {e}"))?;
+        c.insert_json5(key, &value)
+            .map_err(|e| format!("{key}: {e}"))?;
     }
     zenoh::open(c).await.map_err(|e| e.to_string())
 }
@@ -72,7 +73,10 @@ pub async fn run(
             Duration::from_millis(config.max_age_ms),
         )));
         let wake = Arc::new(Notify::new());
-        let labels = [("model", model.name().to_string()), ("key", config.key.clone())];
+        let labels = [
+            ("model", model.name().to_string()),
+            ("key", config.key.clone()),
+        ];
         let label_refs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let frames_in = metrics.counter_with("myelin_ai_frames_in_total", &label_refs);
         let (p, w, st) = (pacer.clone(), wake.clone(), status.clone());
@@ -102,7 +106,11 @@ pub async fn run(
         match subscriber {
             Ok(s) => subscribers.push(s),
             Err(e) => {
-                note(&status, index, format!("cannot subscribe to {}: {e}", config.key));
+                note(
+                    &status,
+                    index,
+                    format!("cannot subscribe to {}: {e}", config.key),
+                );
                 continue;
             }
         }
@@ -156,17 +164,30 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, pacer: Arc<Mutex<Pacer<Frame>>>, wake: Arc<Notify>, cancel: CancellationToken) {
+    async fn run(
+        self,
+        pacer: Arc<Mutex<Pacer<Frame>>>,
+        wake: Arc<Notify>,
+        cancel: CancellationToken,
+    ) {
         let labels: Vec<(&str, &str)> = self.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let inferred = self.metrics.counter_with("myelin_ai_frames_inferred_total", &labels);
-        let forwarded = self.metrics.counter_with("myelin_ai_frames_forwarded_total", &labels);
+        let inferred = self
+            .metrics
+            .counter_with("myelin_ai_frames_inferred_total", &labels);
+        let forwarded = self
+            .metrics
+            .counter_with("myelin_ai_frames_forwarded_total", &labels);
         let drop_labels = |reason: &'static str| {
             let mut l = labels.clone();
             l.push(("reason", reason));
-            self.metrics.counter_with("myelin_ai_frames_dropped_total", &l)
+            self.metrics
+                .counter_with("myelin_ai_frames_dropped_total", &l)
         };
-        let (dropped_rate, dropped_stale, dropped_bad) =
-            (drop_labels("rate"), drop_labels("stale"), drop_labels("bad_frame"));
+        let (dropped_rate, dropped_stale, dropped_bad) = (
+            drop_labels("rate"),
+            drop_labels("stale"),
+            drop_labels("bad_frame"),
+        );
         let mut counted = (0u64, 0u64);
         loop {
             let next = match pacer.lock() {
@@ -228,7 +249,12 @@ impl Worker {
     fn input(&self, frame: &Frame) -> Result<Tensor, String> {
         let info = self.model.inputs.first().ok_or("the model has no inputs")?;
         let image = |bytes: &[u8]| {
-            let cfg = self.model.config.image.as_ref().ok_or("the model has no [image] section")?;
+            let cfg = self
+                .model
+                .config
+                .image
+                .as_ref()
+                .ok_or("the model has no [image] section")?;
             image_tensor(bytes, cfg, &info.shape).map_err(|e| e.to_string())
         };
         match self.config.format {

@@ -118,15 +118,19 @@ impl Plugin for Ai {
     }
 
     async fn start(&mut self) -> Result<(), PluginError> {
-        let ctx = self.ctx.clone().ok_or(PluginError::NotReady("start before on_tunnel_up"))?;
+        let ctx = self
+            .ctx
+            .clone()
+            .ok_or(PluginError::NotReady("start before on_tunnel_up"))?;
         let shared = self.shared.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             let mut models = Vec::new();
             for m in &shared.config.models {
                 let started = Instant::now();
                 let model = load_model(&shared.config, m)?;
+                model.warm_up()?;
                 log(&format!(
-                    "ai: model {} loaded with {} ({}) in {:.0} ms: {}",
+                    "ai: model {} loaded and warmed up with {} ({}) in {:.0} ms: {}",
                     model.name(),
                     model.backend.name(),
                     model.provider,
@@ -146,6 +150,15 @@ impl Plugin for Ai {
         .await
         .map_err(|e| PluginError::Failed(format!("loading models: {e}")))?
         .map_err(|e| PluginError::Failed(e.to_string()))?;
+        for m in &loaded {
+            let labels = [("model", m.name())];
+            let _ = m.metrics.set((
+                ctx.metrics()
+                    .counter_with("myelin_ai_inferences_total", &labels),
+                ctx.metrics()
+                    .histogram_with("myelin_ai_inference_seconds", &labels),
+            ));
+        }
         if let Ok(mut m) = self.shared.models.write() {
             *m = loaded.clone();
         }
@@ -178,10 +191,11 @@ impl Plugin for Ai {
                 .results_key
                 .clone()
                 .unwrap_or_else(|| format!("{namespace}/ai/{}", p.model));
-            let forward_key = p
-                .forward_when
-                .as_ref()
-                .map(|_| p.forward_key.clone().unwrap_or_else(|| format!("{results_key}/frames")));
+            let forward_key = p.forward_when.as_ref().map(|_| {
+                p.forward_key
+                    .clone()
+                    .unwrap_or_else(|| format!("{results_key}/frames"))
+            });
             statuses.push(PipelineStatus {
                 key: p.key.clone(),
                 model: p.model.clone(),
@@ -275,18 +289,31 @@ async fn models(shared: Arc<Shared>) -> Response {
 
 fn find(shared: &Shared, name: &str) -> Result<Arc<Model>, Response> {
     let models = loaded(shared);
-    models.iter().find(|m| m.name() == name).cloned().ok_or_else(|| {
-        let names: Vec<&str> = shared.config.models.iter().map(|m| m.name.as_str()).collect();
-        if models.is_empty() && names.contains(&name) {
-            error(StatusCode::SERVICE_UNAVAILABLE, format!("model \"{name}\" is still loading"), "retry in a moment")
-        } else {
-            error(
-                StatusCode::NOT_FOUND,
-                format!("no model \"{name}\"; the models are: {}", names.join(", ")),
-                "add it under [[plugins.ai.models]]",
-            )
-        }
-    })
+    models
+        .iter()
+        .find(|m| m.name() == name)
+        .cloned()
+        .ok_or_else(|| {
+            let names: Vec<&str> = shared
+                .config
+                .models
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect();
+            if models.is_empty() && names.contains(&name) {
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("model \"{name}\" is still loading"),
+                    "retry in a moment",
+                )
+            } else {
+                error(
+                    StatusCode::NOT_FOUND,
+                    format!("no model \"{name}\"; the models are: {}", names.join(", ")),
+                    "add it under [[plugins.ai.models]]",
+                )
+            }
+        })
 }
 
 async fn model(shared: Arc<Shared>, Path(name): Path<String>) -> Response {
@@ -317,11 +344,18 @@ fn inputs_of(
         let Some(img) = &model.config.image else {
             return Err(error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("model \"{}\" takes tensors, not images: it has no [image] section", model.name()),
+                format!(
+                    "model \"{}\" takes tensors, not images: it has no [image] section",
+                    model.name()
+                ),
                 "send an .npy as application/x-npy, or add [plugins.ai.models.image]",
             ));
         };
-        let shape = model.inputs.first().map(|i| i.shape.clone()).unwrap_or_default();
+        let shape = model
+            .inputs
+            .first()
+            .map(|i| i.shape.clone())
+            .unwrap_or_default();
         let t = frames::image_tensor(body, img, &shape).map_err(|e| bad(e.to_string()))?;
         Ok(vec![(None, t)])
     } else if kind == "application/x-npy" || (octets && is_npy) {
@@ -365,16 +399,40 @@ async fn infer(
     let outputs = match outcome {
         Ok(Ok(o)) => o,
         Ok(Err(ModelError::Input(e))) => {
-            return error(StatusCode::BAD_REQUEST, e, "GET /plugins/ai/models lists each input's dtype and shape")
+            return error(
+                StatusCode::BAD_REQUEST,
+                e,
+                "GET /plugins/ai/models lists each input's dtype and shape",
+            )
         }
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "the node's log has the backend's message"),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("inference task: {e}"), ""),
+        Ok(Err(e)) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+                "the node's log has the backend's message",
+            )
+        }
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("inference task: {e}"),
+                "",
+            )
+        }
     };
     let cfg = &model.config;
     let outputs: Vec<_> = outputs
         .iter()
         .enumerate()
-        .map(|(i, (n, t))| tensor::output_json(n, t, usize::MAX, if i == 0 { cfg.top_k } else { None }, &cfg.labels))
+        .map(|(i, (n, t))| {
+            tensor::output_json(
+                n,
+                t,
+                usize::MAX,
+                if i == 0 { cfg.top_k } else { None },
+                &cfg.labels,
+            )
+        })
         .collect();
     Json(serde_json::json!({
         "model": model.name(),
@@ -388,7 +446,11 @@ async fn infer(
 
 async fn status(shared: Arc<Shared>) -> Response {
     let models: Vec<_> = loaded(&shared).iter().map(|m| m.summary()).collect();
-    let pipelines = shared.pipelines.lock().map(|p| p.clone()).unwrap_or_default();
+    let pipelines = shared
+        .pipelines
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_default();
     let version = shared.runtime_version.lock().ok().and_then(|v| v.clone());
     Json(serde_json::json!({
         "backend": shared.config.backend().name(),

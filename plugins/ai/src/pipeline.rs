@@ -64,7 +64,9 @@ impl<F> Pacer<F> {
             let allowed = last + self.min_interval;
             if now < allowed {
                 // A frame that would be stale by then is not worth waiting for.
-                return Next::WaitUntil(allowed.min(*arrived + self.max_age + Duration::from_nanos(1)));
+                return Next::WaitUntil(
+                    allowed.min(*arrived + self.max_age + Duration::from_nanos(1)),
+                );
             }
         }
         match self.waiting.take() {
@@ -84,15 +86,16 @@ impl<F> Pacer<F> {
 
 /// The value `rule` compares, from the model's outputs.
 pub fn forward_value(rule: &ForwardWhen, outputs: &[(String, Tensor)]) -> Result<f64, String> {
-    let (name, tensor) = match &rule.output {
-        Some(want) => outputs.iter().find(|(n, _)| n == want).ok_or_else(|| {
-            format!(
+    let (name, tensor) =
+        match &rule.output {
+            Some(want) => outputs.iter().find(|(n, _)| n == want).ok_or_else(|| {
+                format!(
                 "forward_when.output \"{want}\" is not an output of the model; its outputs are {}",
                 outputs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
             )
-        })?,
-        None => outputs.first().ok_or("the model returned no outputs")?,
-    };
+            })?,
+            None => outputs.first().ok_or("the model returned no outputs")?,
+        };
     let values = tensor.values();
     if let Some(i) = rule.index {
         return values.get(i).copied().ok_or_else(|| {
@@ -155,7 +158,9 @@ mod tests {
         p.finished();
         p.offer("b", t0 + 100 * MS);
         // The next slot (t0 + 1 s) is after "b" goes stale: wake when it does, then drop it.
-        let Next::WaitUntil(at) = p.next(t0 + 100 * MS) else { panic!() };
+        let Next::WaitUntil(at) = p.next(t0 + 100 * MS) else {
+            panic!()
+        };
         assert!(at <= t0 + 301 * MS);
         assert_eq!(p.next(at), Next::Idle);
         assert_eq!(p.dropped_stale, 1);
@@ -205,12 +210,17 @@ mod tests {
         let v = forward_value(&idx, &outputs()).unwrap();
         assert!((v - 0.15).abs() < 1e-6 && !crosses(&idx, v));
         let mean_below = rule(None, Reduce::Mean, None, Some(0.3));
-        assert!(crosses(&mean_below, forward_value(&mean_below, &outputs()).unwrap()));
+        assert!(crosses(
+            &mean_below,
+            forward_value(&mean_below, &outputs()).unwrap()
+        ));
         assert!(forward_value(&rule(Some(9), Reduce::Max, Some(0.5), None), &outputs()).is_err());
         let named = ForwardWhen {
             output: Some("nope".into()),
             ..rule(None, Reduce::Max, Some(0.5), None)
         };
-        assert!(forward_value(&named, &outputs()).unwrap_err().contains("probs"));
+        assert!(forward_value(&named, &outputs())
+            .unwrap_err()
+            .contains("probs"));
     }
 }

@@ -115,7 +115,9 @@ pub fn element_count(shape: &[usize]) -> usize {
 pub fn parse_npy(bytes: &[u8]) -> Result<Tensor, TensorError> {
     let bad = |m: &str| TensorError::Npy(m.to_string());
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err(bad("it does not start with the \\x93NUMPY magic; save it with numpy.save"));
+        return Err(bad(
+            "it does not start with the \\x93NUMPY magic; save it with numpy.save",
+        ));
     }
     let (header_len, start): (usize, usize) = match bytes[6] {
         1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
@@ -123,7 +125,11 @@ pub fn parse_npy(bytes: &[u8]) -> Result<Tensor, TensorError> {
             u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
             12,
         ),
-        v => return Err(TensorError::Npy(format!("format version {v} is not 1, 2 or 3"))),
+        v => {
+            return Err(TensorError::Npy(format!(
+                "format version {v} is not 1, 2 or 3"
+            )))
+        }
     };
     let header = bytes
         .get(start..start.saturating_add(header_len))
@@ -145,11 +151,9 @@ pub fn parse_npy(bytes: &[u8]) -> Result<Tensor, TensorError> {
         "<i8" => Data::I64(decode(body, n, i64::from_le_bytes)?),
         "<i4" => Data::I32(decode(body, n, i32::from_le_bytes)?),
         "|u1" | "<u1" => Data::U8(decode(body, n, |b: [u8; 1]| b[0])?),
-        other => {
-            return Err(TensorError::Npy(format!(
-                "dtype '{other}' is not supported; use float32, int64, int32 or uint8 (little-endian)"
-            )))
-        }
+        other => return Err(TensorError::Npy(format!(
+            "dtype '{other}' is not supported; use float32, int64, int32 or uint8 (little-endian)"
+        ))),
     };
     Tensor::new(shape, data)
 }
@@ -257,9 +261,15 @@ pub fn write_npy(t: &Tensor) -> Vec<u8> {
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
     match &t.data {
-        Data::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        Data::I64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        Data::I32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        Data::F32(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        Data::I64(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        Data::I32(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         Data::U8(v) => out.extend_from_slice(v),
     }
     out
