@@ -33,6 +33,11 @@ fn plugin_sections() -> String {
                 "\n# {}\n# Name the peers whose link guards motion, then enable it (docs/safety.md).\n[plugins.safety]\nenabled = false\nwatch = [\"operator\"]\n",
                 r.about
             ),
+            // Inference needs a model file: off until one is named (docs/ai.md).
+            "ai" => format!(
+                "\n# {}\n# Point path at your model and fix its input shape, then enable it (docs/ai.md).\n[plugins.ai]\nenabled = false\n[[plugins.ai.models]]\nname = \"model\"\npath = \"/var/lib/myelin/models/model.onnx\"\ninput_shape = [1, 3, 224, 224]\n",
+                r.about
+            ),
             _ => format!("\n# {}\n[plugins.{}]\nenabled = true\n", r.about, r.name),
         })
         .collect()

@@ -76,6 +76,12 @@ try {
   await safety.locator("#links tr", { hasText: "operator" }).first().waitFor({ timeout: 20000 });
   if (!(await safety.locator("#rearm").isDisabled())) throw new Error("the re-arm button is enabled while armed");
   step("safety panel shows the interlock armed on the operator link");
+  // Inference at the gateway: the lab robot's orientation classifier and its camera pipeline.
+  const ai = page.frameLocator(`section[data-panel="ai"] iframe`);
+  await ai.locator("#backend").filter({ hasText: /^tract$/ }).waitFor({ timeout: 30000 });
+  await ai.locator("#models tr", { hasText: "orientation" }).filter({ hasText: "x float32 [1×3×224×224]" }).first().waitFor({ timeout: 20000 });
+  await ai.locator("#pipelines tr", { hasText: "robot1/camera/front" }).first().waitFor({ timeout: 20000 });
+  step("ai panel shows the tract backend, the model and the camera pipeline");
   await page.screenshot({ path: shot });
   step(`screenshot ${shot}`);
 } finally {

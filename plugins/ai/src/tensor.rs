@@ -151,9 +151,11 @@ pub fn parse_npy(bytes: &[u8]) -> Result<Tensor, TensorError> {
         "<i8" => Data::I64(decode(body, n, i64::from_le_bytes)?),
         "<i4" => Data::I32(decode(body, n, i32::from_le_bytes)?),
         "|u1" | "<u1" => Data::U8(decode(body, n, |b: [u8; 1]| b[0])?),
-        other => return Err(TensorError::Npy(format!(
+        other => {
+            return Err(TensorError::Npy(format!(
             "dtype '{other}' is not supported; use float32, int64, int32 or uint8 (little-endian)"
-        ))),
+        )))
+        }
     };
     Tensor::new(shape, data)
 }
