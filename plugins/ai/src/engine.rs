@@ -385,7 +385,7 @@ pub fn fix_shapes(
                     }
                     Ok(shape.clone())
                 }
-                None => d.dims.iter().map(|x| *x).collect::<Option<Vec<usize>>>().ok_or_else(|| {
+                None => d.dims.iter().copied().collect::<Option<Vec<usize>>>().ok_or_else(|| {
                     shape_err(format!(
                         "input \"{}\" has open dimensions {} in the file; fix them in the config, e.g. {} = {}",
                         d.name,

@@ -266,12 +266,33 @@ impl Plugin for Ai {
     }
 }
 
-fn error(code: StatusCode, error: impl Into<String>, hint: &str) -> Response {
-    (
+/// An HTTP error answer: status, message, and what to do about it.
+struct HttpError {
+    code: StatusCode,
+    error: String,
+    hint: &'static str,
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        (
+            self.code,
+            Json(serde_json::json!({ "error": self.error, "hint": self.hint })),
+        )
+            .into_response()
+    }
+}
+
+fn http_error(code: StatusCode, error: impl Into<String>, hint: &'static str) -> HttpError {
+    HttpError {
         code,
-        Json(serde_json::json!({ "error": error.into(), "hint": hint })),
-    )
-        .into_response()
+        error: error.into(),
+        hint,
+    }
+}
+
+fn error(code: StatusCode, error: impl Into<String>, hint: &'static str) -> Response {
+    http_error(code, error, hint).into_response()
 }
 
 fn loaded(shared: &Shared) -> Vec<Arc<Model>> {
@@ -287,7 +308,7 @@ async fn models(shared: Arc<Shared>) -> Response {
     .into_response()
 }
 
-fn find(shared: &Shared, name: &str) -> Result<Arc<Model>, Response> {
+fn find(shared: &Shared, name: &str) -> Result<Arc<Model>, HttpError> {
     let models = loaded(shared);
     models
         .iter()
@@ -301,13 +322,13 @@ fn find(shared: &Shared, name: &str) -> Result<Arc<Model>, Response> {
                 .map(|m| m.name.as_str())
                 .collect();
             if models.is_empty() && names.contains(&name) {
-                error(
+                http_error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("model \"{name}\" is still loading"),
                     "retry in a moment",
                 )
             } else {
-                error(
+                http_error(
                     StatusCode::NOT_FOUND,
                     format!("no model \"{name}\"; the models are: {}", names.join(", ")),
                     "add it under [[plugins.ai.models]]",
@@ -319,7 +340,7 @@ fn find(shared: &Shared, name: &str) -> Result<Arc<Model>, Response> {
 async fn model(shared: Arc<Shared>, Path(name): Path<String>) -> Response {
     match find(&shared, &name) {
         Ok(m) => Json(m.summary()).into_response(),
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -328,9 +349,9 @@ fn inputs_of(
     model: &Model,
     content_type: &str,
     body: &[u8],
-) -> Result<Vec<(Option<String>, tensor::Tensor)>, Response> {
+) -> Result<Vec<(Option<String>, tensor::Tensor)>, HttpError> {
     let bad = |e: String| {
-        error(
+        http_error(
             StatusCode::BAD_REQUEST,
             e,
             "send a PNG/JPEG image, an .npy (numpy.save) or an .npz (numpy.savez) with the model's input shapes",
@@ -342,7 +363,7 @@ fn inputs_of(
     let octets = kind == "application/octet-stream";
     if kind == "image/png" || kind == "image/jpeg" {
         let Some(img) = &model.config.image else {
-            return Err(error(
+            return Err(http_error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 format!(
                     "model \"{}\" takes tensors, not images: it has no [image] section",
@@ -365,7 +386,7 @@ fn inputs_of(
         let named = tensor::parse_npz(body).map_err(|e| bad(e.to_string()))?;
         Ok(named.into_iter().map(|(n, t)| (Some(n), t)).collect())
     } else {
-        Err(error(
+        Err(http_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("content type \"{content_type}\" is not an input Myelin reads"),
             "use image/png, image/jpeg, application/x-npy or application/x-npz",
@@ -381,7 +402,7 @@ async fn infer(
 ) -> Response {
     let model = match find(&shared, &name) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -390,7 +411,7 @@ async fn infer(
         .to_string();
     let inputs = match inputs_of(&model, &content_type, &body) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let m = model.clone();
     let started = Instant::now();

@@ -194,7 +194,7 @@ fn decode<T, const N: usize>(
     n: usize,
     f: impl Fn([u8; N]) -> T,
 ) -> Result<Vec<T>, TensorError> {
-    let need = n.checked_mul(N).unwrap_or(usize::MAX);
+    let need = n.saturating_mul(N);
     if body.len() != need {
         return Err(TensorError::Npy(format!(
             "the data is {} bytes but the header's shape needs {need}",
