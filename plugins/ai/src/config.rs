@@ -36,12 +36,14 @@ pub struct AiConfig {
     /// Default: tract when compiled in, else onnxruntime.
     pub backend: Option<BackendKind>,
     /// ONNX Runtime's shared library; else `ORT_DYLIB_PATH`.
+    #[cfg_attr(not(feature = "onnxruntime"), allow(dead_code))]
     pub library: Option<PathBuf>,
     /// Tried in order; `cpu` is always the last resort.
     #[serde(default = "default_providers")]
     pub execution_providers: Vec<String>,
     /// Threads per inference (onnxruntime intra-op); 0 leaves the backend's default.
     #[serde(default)]
+    #[cfg_attr(not(feature = "onnxruntime"), allow(dead_code))]
     pub threads: usize,
     /// Key prefix of results: `<namespace>/ai/<model>` (default: the node's name).
     pub namespace: Option<String>,
@@ -148,6 +150,7 @@ pub struct PipelineConfig {
     pub max_rate_hz: f64,
     /// A frame older than this when its turn comes is dropped as stale.
     #[serde(default = "default_max_age")]
+    #[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
     pub max_age_ms: u64,
     /// Default `<namespace>/ai/<model>`.
     pub results_key: Option<String>,

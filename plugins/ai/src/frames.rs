@@ -9,6 +9,7 @@ use crate::tensor::{Data, Tensor};
 pub enum FrameError {
     #[error("not a PNG or JPEG image: {0}")]
     Decode(String),
+    #[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
     #[error("not a sensor_msgs/CompressedImage in CDR: {0}")]
     Cdr(String),
 }
@@ -61,12 +62,14 @@ pub fn image_tensor(
 }
 
 /// Whether `bytes` look like PNG or JPEG (rather than CDR).
+#[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
 pub fn is_image(bytes: &[u8]) -> bool {
     bytes.starts_with(&[0xFF, 0xD8, 0xFF]) || bytes.starts_with(b"\x89PNG\r\n\x1a\n")
 }
 
 /// The image bytes inside a CDR-encoded `sensor_msgs/CompressedImage`
 /// (header: stamp sec/nanosec, frame_id; format; data).
+#[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
 pub fn compressed_image_data(cdr: &[u8]) -> Result<&[u8], FrameError> {
     let bad = |m: &str| FrameError::Cdr(m.to_string());
     if cdr.len() < 4 || cdr[0] != 0 {

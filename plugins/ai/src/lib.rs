@@ -9,6 +9,7 @@ mod frames;
 #[cfg(feature = "zenoh")]
 mod gateway;
 mod panel;
+#[cfg(feature = "zenoh")]
 mod pipeline;
 pub mod tensor;
 
