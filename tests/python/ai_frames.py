@@ -61,7 +61,8 @@ def main():
     results = queue.Queue()
     with zenoh.open(conf) as session:
         _sub = session.declare_subscriber(a.results, lambda s: results.put(json.loads(s.payload.to_bytes())))
-        camera = session.declare_publisher(a.key, encoding=zenoh.Encoding.IMAGE_JPEG)
+        # BLOCK: a burst must reach the plugin whole; dropping is the plugin's job, not the transport's.
+        camera = session.declare_publisher(a.key, encoding=zenoh.Encoding.IMAGE_JPEG, congestion_control=zenoh.CongestionControl.BLOCK)
         wait_matching(camera, a.key, a.timeout)
         if a.sync:
             wait_matching(session.declare_publisher(a.sync), a.sync, a.timeout)

@@ -8,12 +8,14 @@ use crate::engine::{
 };
 use crate::tensor::{DType, Data, Tensor};
 use std::sync::Arc;
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
 struct TractEngine {
     plan: Arc<TypedRunnableModel>,
+    executor: Executor,
 }
 
 fn dtype(dt: DatumType) -> Option<DType> {
@@ -51,16 +53,39 @@ fn hint(message: &str) -> &'static str {
     }
 }
 
-pub fn load(config: &ModelConfig) -> Result<Model, ModelError> {
+/// `threads`: cores for one inference (0: all of them).
+pub fn load(config: &ModelConfig, threads: usize) -> Result<Model, ModelError> {
     let bytes = read_model_file(config)?;
     // The file's intermediate and output shapes may keep the exporter's symbols (a batch of
     // "DynamicDimension.0") that contradict the fixed input shapes; then only the inputs are
     // taken from the file and tract infers the rest. Some exports need their shapes, so the
     // file as it is comes second.
-    match analyse(config, &bytes, true) {
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let executor = if threads > 1 {
+        match rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("tract-{i}"))
+            .build()
+        {
+            Ok(pool) => Executor::MultiThread(Arc::new(pool)),
+            Err(e) => {
+                eprintln!(
+                    "ai: model {}: no {threads}-thread pool ({e}); running on one core",
+                    config.name
+                );
+                Executor::SingleThread
+            }
+        }
+    } else {
+        Executor::SingleThread
+    };
+    match analyse(config, &bytes, true, executor.clone()) {
         Ok(m) => Ok(m),
         Err(first @ ModelError::Unsupported { .. }) => {
-            analyse(config, &bytes, false).map_err(|_| first)
+            analyse(config, &bytes, false, executor).map_err(|_| first)
         }
         Err(e) => Err(e),
     }
@@ -70,6 +95,7 @@ fn analyse(
     config: &ModelConfig,
     bytes: &[u8],
     infer_inner_shapes: bool,
+    executor: Executor,
 ) -> Result<Model, ModelError> {
     let unsupported = |message: String| ModelError::Unsupported {
         model: config.name.clone(),
@@ -166,7 +192,7 @@ fn analyse(
         "cpu".into(),
         inputs,
         outputs,
-        Box::new(TractEngine { plan }),
+        Box::new(TractEngine { plan, executor }),
     ))
 }
 
@@ -192,7 +218,9 @@ impl Engine for TractEngine {
                     .map_err(|e| ModelError::Input(e.to_string()))
             })
             .collect::<Result<_, _>>()?;
-        let outputs = self.plan.run(values).map_err(backend)?;
+        let plan = &self.plan;
+        let outputs =
+            multithread_tract_scope(self.executor.clone(), || plan.run(values)).map_err(backend)?;
         outputs
             .into_iter()
             .map(|v| {

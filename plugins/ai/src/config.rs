@@ -41,9 +41,8 @@ pub struct AiConfig {
     /// Tried in order; `cpu` is always the last resort.
     #[serde(default = "default_providers")]
     pub execution_providers: Vec<String>,
-    /// Threads per inference (onnxruntime intra-op); 0 leaves the backend's default.
+    /// Cores for one inference; 0: every core (tract) or ONNX Runtime's default.
     #[serde(default)]
-    #[cfg_attr(not(feature = "onnxruntime"), allow(dead_code))]
     pub threads: usize,
     /// Key prefix of results: `<namespace>/ai/<model>` (default: the node's name).
     pub namespace: Option<String>,

@@ -96,7 +96,7 @@ fn log(line: &str) {
 fn load_model(ai: &AiConfig, m: &ModelConfig) -> Result<Model, ModelError> {
     match ai.backend() {
         #[cfg(feature = "tract")]
-        BackendKind::Tract => backend_tract::load(m),
+        BackendKind::Tract => backend_tract::load(m, ai.threads),
         #[cfg(feature = "onnxruntime")]
         BackendKind::Onnxruntime => backend_ort::load(ai, m, &|l| log(&l)),
         #[allow(unreachable_patterns)]
