@@ -219,24 +219,18 @@ fn a_model_the_backend_cannot_load_is_refused_with_the_reason() {
     );
 }
 
+fn wait_pipeline_connected(node: &Node) {
+    node.poll(
+        "the ai pipeline to reach the zenoh router",
+        LONG,
+        || node.get("/plugins/ai/status"),
+        |s| s["zenoh_connected"] == true,
+    );
+}
+
 /// robot1 and operator on a lab fabric, robotics mode on both.
 fn fleet() -> (Fleet, Vec<Spec>) {
-    let names = ["robot1", "operator"];
-    let fleet = Fleet::new("aigw", &names);
-    let mut specs: Vec<Spec> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| Spec::new(n, &[&format!("10.89.0.{}/16", i + 1)]))
-        .collect();
-    let all = specs.clone();
-    for (i, spec) in specs.iter_mut().enumerate() {
-        for (j, other) in all.iter().enumerate() {
-            if i != j {
-                spec.peer(other, Some(&format!("{}:51820", fleet.underlay[j])), "");
-            }
-        }
-    }
-    (fleet, specs)
+    common::meshed_fleet("aigw", &["robot1", "operator"], "10.89.0")
 }
 
 #[test]
@@ -270,12 +264,7 @@ forward_when = {{ reduce = "max", above = 0.5 }}
     );
     robot1.wait_plugin("ai", LONG, "running", |p| state(p) == "running");
     operator.wait_plugin("zenoh", LONG, "running", |p| state(p) == "running");
-    robot1.poll(
-        "the ai pipeline to reach the zenoh router",
-        LONG,
-        || robot1.get("/plugins/ai/status"),
-        |s| s["zenoh_connected"] == true,
-    );
+    wait_pipeline_connected(&robot1);
 
     const FRAMES: u64 = 20;
     let mut op = Py::spawn(
@@ -378,12 +367,7 @@ max_rate_hz = 2
     );
     let node = Node::start_in(ns.clone(), "", &sections);
     node.wait_plugin("ai", LONG, "running", |p| state(p) == "running");
-    node.poll(
-        "the ai pipeline to reach the zenoh router",
-        LONG,
-        || node.get("/plugins/ai/status"),
-        |s| s["zenoh_connected"] == true,
-    );
+    wait_pipeline_connected(&node);
     // 60 frames as fast as zenoh takes them: at 2 inferences/s, nearly all must be dropped.
     let mut burst = Py::spawn(
         &ns,

@@ -17,22 +17,7 @@ const LONG: Duration = Duration::from_secs(60);
 
 /// robot1, operator and robot2 in a full mesh; robot2 is started later by the test.
 fn fleet() -> (Fleet, Vec<Spec>) {
-    let names = ["robot1", "operator", "robot2"];
-    let fleet = Fleet::new("zen", &names);
-    let mut specs: Vec<Spec> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| Spec::new(n, &[&format!("10.88.0.{}/16", i + 1)]))
-        .collect();
-    let all = specs.clone();
-    for (i, spec) in specs.iter_mut().enumerate() {
-        for (j, other) in all.iter().enumerate() {
-            if i != j {
-                spec.peer(other, Some(&format!("{}:51820", fleet.underlay[j])), "");
-            }
-        }
-    }
-    (fleet, specs)
+    common::meshed_fleet("zen", &["robot1", "operator", "robot2"], "10.88.0")
 }
 
 fn status(node: &Node) -> Value {

@@ -401,3 +401,23 @@ pub fn lab_up(nodes: usize, dir: &str) -> (std::process::Child, String) {
     std::thread::spawn(move || for _ in out.lines() {});
     (up, transcript)
 }
+
+/// Nodes `names` on one lab fabric in a full mesh: node `i` has overlay `<overlay>.<i + 1>/16`
+/// and every other node as a peer at its underlay address.
+pub fn meshed_fleet(tag: &str, names: &[&str], overlay: &str) -> (netns::Fleet, Vec<Spec>) {
+    let fleet = netns::Fleet::new(tag, names);
+    let mut specs: Vec<Spec> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Spec::new(n, &[&format!("{overlay}.{}/16", i + 1)]))
+        .collect();
+    let all = specs.clone();
+    for (i, spec) in specs.iter_mut().enumerate() {
+        for (j, other) in all.iter().enumerate() {
+            if i != j {
+                spec.peer(other, Some(&format!("{}:51820", fleet.underlay[j])), "");
+            }
+        }
+    }
+    (fleet, specs)
+}

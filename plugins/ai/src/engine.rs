@@ -145,7 +145,7 @@ impl Model {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut engine = self.engine.lock().map_err(|_| {
-            ModelError::Backend("the model's engine was poisoned by a panic".into())
+            ModelError::Backend("the model's engine was poisoned by an earlier panic; restart the plugin (POST /api/v1/plugins/<instance>/restart)".into())
         })?;
         engine
             .run(zeros)
@@ -166,7 +166,7 @@ impl Model {
         let start = Instant::now();
         let outputs = {
             let mut engine = self.engine.lock().map_err(|_| {
-                ModelError::Backend("the model's engine was poisoned by a panic".into())
+                ModelError::Backend("the model's engine was poisoned by an earlier panic; restart the plugin (POST /api/v1/plugins/<instance>/restart)".into())
             })?;
             engine.run(ordered)?
         };

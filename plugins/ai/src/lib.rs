@@ -51,7 +51,7 @@ pub struct PipelineStatus {
     pub dropped_rate: u64,
     pub dropped_stale: u64,
     pub dropped_bad: u64,
-    /// Inferences per second over the last 10 s.
+    /// Inferences per second over the 10 s before the status was read.
     pub rate_hz: f64,
     pub last_error: Option<String>,
     pub recent: VecDeque<serde_json::Value>,
@@ -64,6 +64,10 @@ impl PipelineStatus {
         self.recent.push_front(result);
         self.recent.truncate(5);
         self.inferred_at.push_back(now);
+        self.forget_before(now);
+    }
+
+    fn forget_before(&mut self, now: Instant) {
         while self
             .inferred_at
             .front()
@@ -71,7 +75,14 @@ impl PipelineStatus {
         {
             self.inferred_at.pop_front();
         }
-        self.rate_hz = self.inferred_at.len() as f64 / 10.0;
+    }
+
+    /// A copy for the status page, with the rate as of `now` (it falls to 0 when frames stop).
+    fn snapshot(&self, now: Instant) -> PipelineStatus {
+        let mut s = self.clone();
+        s.forget_before(now);
+        s.rate_hz = s.inferred_at.len() as f64 / 10.0;
+        s
     }
 }
 
@@ -468,10 +479,11 @@ async fn infer(
 
 async fn status(shared: Arc<Shared>) -> Response {
     let models: Vec<_> = loaded(&shared).iter().map(|m| m.summary()).collect();
-    let pipelines = shared
+    let now = Instant::now();
+    let pipelines: Vec<PipelineStatus> = shared
         .pipelines
         .lock()
-        .map(|p| p.clone())
+        .map(|p| p.iter().map(|s| s.snapshot(now)).collect())
         .unwrap_or_default();
     let version = shared.runtime_version.lock().ok().and_then(|v| v.clone());
     Json(serde_json::json!({
