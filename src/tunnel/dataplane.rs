@@ -1,17 +1,26 @@
-//! The packet loops. Outbound: TUN (with GSO segments split by tun-rs) → route lookup →
-//! encapsulate → UDP, consecutive same-size packets to one endpoint sent as one GSO batch.
-//! Inbound: UDP (GRO trains split by stride) → peer by receiver index or handshake →
-//! decapsulate → allowed-IPs check → TUN, coalesced again with tun-rs's GRO table.
-//! Buffers are allocated once; per-packet work allocates nothing and never panics.
+//! The packet loop: one thread per node that sleeps in a level-triggered epoll on the TUN
+//! device and the WireGuard socket and does the packet work itself. There is no async runtime
+//! between the kernel's wake-up and the packet; one thread serves both directions, so an
+//! answer the kernel queues while a packet is written to the TUN (an ICMP reply, a TCP ACK)
+//! goes out without waking another thread; and a wake-up that brings one packet makes one
+//! read, not a second one that finds nothing (docs/benchmarks.md has the layouts measured).
+//! Outbound: TUN (GSO segments split by tun-rs)
+//! → route lookup → encapsulate → UDP, consecutive same-size packets to one endpoint sent as
+//! one GSO batch. Inbound: UDP (GRO trains split by stride) → peer by receiver index or
+//! handshake → decapsulate → allowed-IPs check → TUN, coalesced again with tun-rs's GRO table.
+//! The thread also drives boringtun's timers. Buffers are allocated once; per-packet work
+//! allocates nothing and never panics.
 
 use super::{Peer, Shared};
 use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
-use std::io::IoSliceMut;
+use rustix::buffer::spare_capacity;
+use rustix::event::{epoll, PollFd, PollFlags, Timespec};
+use std::io::{ErrorKind, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::Interest;
+use std::time::{Duration, Instant};
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// WireGuard data overhead: 16-byte header, 16-byte tag, plaintext padded to 16.
@@ -23,13 +32,24 @@ const MAX_GSO_BYTES: usize = 65_000;
 const RX_SLOT: usize = 65536;
 const RX_BATCH: usize = 8;
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// How long one wait for room in the UDP send buffer lasts before the stop flag is checked.
+const SEND_WAIT: Duration = Duration::from_millis(100);
+/// Reads of one source per wake-up before the other source and the timers get their turn
+/// (a TUN read is up to 64 KB, a UDP read up to `RX_BATCH` GRO trains).
+const READS_PER_WAKE: usize = 16;
+
+/// What an epoll event is about (its data).
+pub(super) const TUN: u64 = 0;
+pub(super) const UDP: u64 = 1;
+pub(super) const STOP: u64 = 2;
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// Sends `contents` (one datagram, or equal segments of `segment` bytes) to `to`.
-async fn send(shared: &Shared, to: SocketAddr, contents: &[u8], segment: Option<usize>) {
+/// Sends `contents` (one datagram, or equal segments of `segment` bytes) to `to`, waiting
+/// for room in the socket's send buffer when it is full.
+fn send(shared: &Shared, to: SocketAddr, contents: &[u8], segment: Option<usize>) {
     let destination = match (to, shared.udp_is_v6) {
         (SocketAddr::V4(v4), true) => {
             SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
@@ -44,20 +64,111 @@ async fn send(shared: &Shared, to: SocketAddr, contents: &[u8], segment: Option<
         src_ip: None,
     };
     loop {
-        if shared.udp.writable().await.is_err() {
-            return;
-        }
-        match shared.udp.try_io(Interest::WRITABLE, || {
-            shared.udp_state.try_send((&shared.udp).into(), &transmit)
-        }) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+        match shared.udp_state.try_send((&shared.udp).into(), &transmit) {
+            Ok(()) => return,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                if shared.stopping() {
+                    return;
+                }
+                let mut fds = [PollFd::new(&shared.udp, PollFlags::OUT)];
+                let timeout = Timespec::try_from(SEND_WAIT).ok();
+                if let Err(e) = rustix::event::poll(&mut fds, timeout.as_ref()) {
+                    if e != rustix::io::Errno::INTR {
+                        tracing::debug!("waiting for room in the UDP socket: {e}");
+                        return;
+                    }
+                }
+            }
             Err(e) => {
                 tracing::debug!("send to {to} failed: {e}");
                 return;
             }
-            Ok(()) => return,
         }
     }
+}
+
+/// The data-plane thread's epoll (level-triggered) and its stop signal.
+pub(super) struct Poller {
+    epoll: OwnedFd,
+    /// An eventfd; once written it stays readable, so every later wait returns `STOP`.
+    stop: OwnedFd,
+}
+
+impl Poller {
+    /// An epoll that watches the TUN and the UDP socket for input, and the stop eventfd.
+    pub(super) fn new(shared: &Shared) -> std::io::Result<Poller> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let stop = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?;
+        epoll::add(
+            &epoll,
+            &shared.tun,
+            epoll::EventData::new_u64(TUN),
+            epoll::EventFlags::IN,
+        )?;
+        epoll::add(
+            &epoll,
+            &shared.udp,
+            epoll::EventData::new_u64(UDP),
+            epoll::EventFlags::IN,
+        )?;
+        epoll::add(
+            &epoll,
+            &stop,
+            epoll::EventData::new_u64(STOP),
+            epoll::EventFlags::IN,
+        )?;
+        Ok(Poller { epoll, stop })
+    }
+
+    /// A handle that stops the thread waiting on this poller.
+    pub(super) fn stopper(&self) -> std::io::Result<OwnedFd> {
+        self.stop.try_clone()
+    }
+}
+
+/// Wakes the data-plane thread so that it sees the stop flag.
+pub(super) fn wake(stop: &OwnedFd) -> std::io::Result<()> {
+    rustix::io::write(stop, &1u64.to_ne_bytes())?;
+    Ok(())
+}
+
+/// Which sources are ready after one wait.
+#[derive(Default)]
+struct Ready {
+    tun: bool,
+    udp: bool,
+}
+
+/// Waits until a source is readable or `timeout` passes; `None` when the loop should end
+/// (stop requested or the epoll broke).
+fn wait(
+    shared: &Shared,
+    poller: &Poller,
+    events: &mut Vec<epoll::Event>,
+    timeout: Duration,
+) -> Option<Ready> {
+    events.clear();
+    let timeout = Timespec::try_from(timeout).ok();
+    match epoll::wait(&poller.epoll, spare_capacity(events), timeout.as_ref()) {
+        Ok(_) => {}
+        Err(rustix::io::Errno::INTR) => return (!shared.stopping()).then(Ready::default),
+        Err(e) => {
+            tracing::error!("data plane epoll failed: {e}; the tunnel stops");
+            return None;
+        }
+    }
+    let mut ready = Ready::default();
+    for event in events.iter() {
+        match event.data.u64() {
+            TUN => ready.tun = true,
+            UDP => ready.udp = true,
+            _ => {}
+        }
+    }
+    (!shared.stopping()).then_some(ready)
 }
 
 /// A GSO batch being built in the outbound buffer: `[0, end)` holds `count` segments of
@@ -70,92 +181,144 @@ struct Batch {
     closed: bool,
 }
 
-pub(super) async fn outbound(shared: Arc<Shared>) {
-    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
-    let mut bufs = vec![vec![0u8; 65535]; IDEAL_BATCH_SIZE];
-    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-    let max_segments = shared.udp_state.max_gso_segments().clamp(1, 64);
-    let mut out = vec![0u8; 65535 + shared.mtu + OVERHEAD];
-    let mut batch: Option<Batch> = None;
-    loop {
-        let n = match shared
-            .tun
-            .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
-            .await
-        {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::debug!("TUN read: {e}");
-                continue;
-            }
-        };
-        for i in 0..n {
-            let Some(packet) = bufs[i].get(..sizes[i]) else {
-                continue;
-            };
-            let Some(dst) = Tunn::dst_address(packet) else {
-                continue;
-            };
-            let Some(peer) = shared.routes.lookup(dst).and_then(|p| shared.peers.get(p)) else {
-                continue;
-            };
-            let Some(to) = peer.endpoint() else { continue };
-            let start = batch.as_ref().map_or(0, |b| b.end);
-            // Without a session, the packet is queued and a handshake initiation comes out.
-            let needed = (packet.len() + OVERHEAD).max(HANDSHAKE_INIT_LEN);
-            if start + needed > out.len() {
-                flush(&shared, &out, &mut batch).await;
-            }
-            let start = batch.as_ref().map_or(0, |b| b.end);
-            let Some(slot) = out.get_mut(start..start + needed) else {
-                continue;
-            };
-            let len = match peer.tunn.lock() {
-                Ok(mut t) => match t.encapsulate(packet, slot) {
-                    TunnResult::WriteToNetwork(p) => p.len(),
-                    _ => continue,
-                },
-                Err(_) => continue,
-            };
-            peer.tx_packets.fetch_add(1, Ordering::Relaxed);
-            let fits = batch.as_ref().is_some_and(|b| {
-                b.to == to
-                    && !b.closed
-                    && len <= b.segment
-                    && b.count < max_segments
-                    && b.end + len <= MAX_GSO_BYTES
-            });
-            match (&mut batch, fits) {
-                (Some(b), true) => {
-                    b.end += len;
-                    b.count += 1;
-                    b.closed = len < b.segment;
+/// Reads the TUN and sends what it reads, batched.
+struct TunReader {
+    original: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    out: Vec<u8>,
+    batch: Option<Batch>,
+    max_segments: usize,
+}
+
+/// Packets one TUN read can split into: a 64 KB TSO segment of the smallest IPv6 MSS.
+const SEGMENTS_PER_READ: usize = 64;
+
+impl TunReader {
+    fn new(shared: &Shared) -> TunReader {
+        // A segment never exceeds the MTU; the slack covers a device MTU raised by hand.
+        let segment = shared.mtu.max(1500) + 256;
+        TunReader {
+            original: vec![0u8; VIRTIO_NET_HDR_LEN + 65535],
+            bufs: vec![vec![0u8; segment]; SEGMENTS_PER_READ],
+            sizes: vec![0usize; SEGMENTS_PER_READ],
+            out: vec![0u8; 65535 + shared.mtu + OVERHEAD],
+            batch: None,
+            max_segments: shared.udp_state.max_gso_segments().clamp(1, 64),
+        }
+    }
+
+    /// Reads the readable TUN, encapsulating and sending every packet. One read when it
+    /// gave a single packet (the epoll is level-triggered and says whether more wait, which
+    /// spares the latency path a read that finds nothing); more, up to `READS_PER_WAKE`,
+    /// while reads bring TSO batches. An error is the device's, not a packet's: the TUN was
+    /// removed under the node.
+    fn read(&mut self, shared: &Shared) -> std::io::Result<()> {
+        for _ in 0..READS_PER_WAKE {
+            let n = match shared.tun.recv_multiple(
+                &mut self.original,
+                &mut self.bufs,
+                &mut self.sizes,
+                0,
+            ) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error().is_some() => return Err(e),
+                Err(e) => {
+                    // One packet tun-rs could not split; the epoll says whether more wait.
+                    tracing::debug!("TUN read: {e}");
+                    return Ok(());
                 }
-                _ => {
-                    if batch.is_some() {
-                        // The packet was written after the open batch; move it to the front
-                        // once that batch is sent.
-                        flush(&shared, &out, &mut batch).await;
-                        out.copy_within(start..start + len, 0);
-                    }
-                    batch = Some(Batch {
-                        to,
-                        segment: len,
-                        end: len,
-                        count: 1,
-                        closed: false,
-                    });
-                }
+            };
+            for i in 0..n {
+                let Some(packet) = self.bufs.get(i).and_then(|b| b.get(..self.sizes[i])) else {
+                    continue;
+                };
+                encapsulate(
+                    shared,
+                    packet,
+                    &mut self.out,
+                    &mut self.batch,
+                    self.max_segments,
+                );
+            }
+            flush(shared, &self.out, &mut self.batch);
+            if n < 2 {
+                return Ok(());
             }
         }
-        flush(&shared, &out, &mut batch).await;
+        Ok(())
     }
 }
 
-async fn flush(shared: &Shared, out: &[u8], batch: &mut Option<Batch>) {
+/// Encapsulates one packet from the TUN into the open GSO batch (or a new one).
+fn encapsulate(
+    shared: &Shared,
+    packet: &[u8],
+    out: &mut [u8],
+    batch: &mut Option<Batch>,
+    max_segments: usize,
+) {
+    let Some(dst) = Tunn::dst_address(packet) else {
+        return;
+    };
+    let Some(peer) = shared.routes.lookup(dst).and_then(|p| shared.peers.get(p)) else {
+        return;
+    };
+    let Some(to) = peer.endpoint() else { return };
+    // Without a session, the packet is queued and a handshake initiation comes out.
+    let needed = (packet.len() + OVERHEAD).max(HANDSHAKE_INIT_LEN);
+    if batch.as_ref().map_or(0, |b| b.end) + needed > out.len() {
+        flush(shared, out, batch);
+    }
+    let start = batch.as_ref().map_or(0, |b| b.end);
+    let Some(slot) = out.get_mut(start..start + needed) else {
+        return;
+    };
+    let len = match peer.tunn.lock() {
+        Ok(mut t) => match t.encapsulate(packet, slot) {
+            TunnResult::WriteToNetwork(p) => p.len(),
+            _ => return,
+        },
+        Err(_) => return,
+    };
+    peer.tx_packets.fetch_add(1, Ordering::Relaxed);
+    let fits = batch.as_ref().is_some_and(|b| {
+        b.to == to
+            && !b.closed
+            && len <= b.segment
+            && b.count < max_segments
+            && b.end + len <= MAX_GSO_BYTES
+    });
+    match (batch.as_mut(), fits) {
+        (Some(b), true) => {
+            b.end += len;
+            b.count += 1;
+            b.closed = len < b.segment;
+        }
+        _ => {
+            if batch.is_some() {
+                // The packet was written after the open batch; move it to the front once
+                // that batch is sent.
+                flush(shared, out, batch);
+                out.copy_within(start..start + len, 0);
+            }
+            *batch = Some(Batch {
+                to,
+                segment: len,
+                end: len,
+                count: 1,
+                closed: false,
+            });
+        }
+    }
+}
+
+fn flush(shared: &Shared, out: &[u8], batch: &mut Option<Batch>) {
     if let Some(b) = batch.take() {
         if let Some(contents) = out.get(..b.end) {
-            send(shared, b.to, contents, (b.count > 1).then_some(b.segment)).await;
+            send(shared, b.to, contents, (b.count > 1).then_some(b.segment));
         }
     }
 }
@@ -177,79 +340,154 @@ fn find_peer(shared: &Shared, datagram: &[u8]) -> Option<usize> {
     }
 }
 
-pub(super) async fn inbound(shared: Arc<Shared>) {
-    let Ok(mut rx): Result<Box<[[u8; RX_SLOT]; RX_BATCH]>, _> =
+/// Decapsulated packets on their way to the TUN, and the buffers that hold them.
+struct TunWriter {
+    bufs: Vec<Vec<u8>>,
+    ready: usize,
+    off: usize,
+    reply: Vec<u8>,
+    gro: GROTable,
+}
+
+/// The inbound half's buffers, allocated once.
+struct Inbound {
+    rx: Box<[[u8; RX_SLOT]; RX_BATCH]>,
+    meta: [quinn_udp::RecvMeta; RX_BATCH],
+    writer: TunWriter,
+}
+
+/// The data-plane thread: waits for the TUN, the UDP socket, the next timer tick or the stop
+/// signal, and serves whatever is ready.
+pub(super) fn run(shared: Arc<Shared>, poller: Poller) {
+    let mut events = Vec::with_capacity(4);
+    let Ok(rx): Result<Box<[[u8; RX_SLOT]; RX_BATCH]>, _> =
         vec![[0u8; RX_SLOT]; RX_BATCH].into_boxed_slice().try_into()
     else {
-        tracing::error!("cannot allocate receive buffers");
+        tracing::error!("cannot allocate receive buffers; the tunnel stops");
         return;
     };
-    let mut meta = [quinn_udp::RecvMeta::default(); RX_BATCH];
     let off = if shared.offload {
         VIRTIO_NET_HDR_LEN
     } else {
         0
     };
-    let mut tun_bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
-        .map(|_| Vec::with_capacity(off + 65536))
-        .collect();
-    let mut reply = vec![0u8; 2048];
-    let mut gro = GROTable::default();
+    let mut inbound = Inbound {
+        rx,
+        meta: [quinn_udp::RecvMeta::default(); RX_BATCH],
+        writer: TunWriter {
+            bufs: (0..IDEAL_BATCH_SIZE)
+                .map(|_| Vec::with_capacity(off + 65536))
+                .collect(),
+            ready: 0,
+            off,
+            reply: vec![0u8; 2048],
+            gro: GROTable::default(),
+        },
+    };
+    let mut reader = TunReader::new(&shared);
+    let mut timer_buf = vec![0u8; 2048];
+    let mut next_tick = Instant::now() + TIMER_TICK;
     loop {
-        if shared.udp.readable().await.is_err() {
-            continue;
+        let timeout = next_tick.saturating_duration_since(Instant::now());
+        let Some(ready) = wait(&shared, &poller, &mut events, timeout) else {
+            return;
+        };
+        if ready.udp {
+            receive(&shared, &mut inbound);
         }
+        if ready.tun {
+            if let Err(e) = reader.read(&shared) {
+                // A level-triggered epoll would report the broken device forever.
+                tracing::error!(
+                    "the TUN device failed ({e}): outbound traffic stops; restart the node \
+                     (was the interface deleted by hand?)"
+                );
+                if let Err(e) = epoll::delete(&poller.epoll, &shared.tun) {
+                    tracing::error!(
+                        "cannot stop watching the failed TUN device: {e}; the tunnel stops"
+                    );
+                    return;
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            timers(&shared, &mut timer_buf);
+            next_tick = now + TIMER_TICK;
+        }
+    }
+}
+
+/// Reads the readable UDP socket: one `recvmmsg`, more (up to `READS_PER_WAKE`) while they
+/// come back full.
+fn receive(shared: &Shared, io: &mut Inbound) {
+    for _ in 0..READS_PER_WAKE {
         let received = {
-            let mut iovs = rx.each_mut().map(|b| IoSliceMut::new(b));
-            shared.udp.try_io(Interest::READABLE, || {
-                shared
-                    .udp_state
-                    .recv((&shared.udp).into(), &mut iovs, &mut meta)
-            })
+            let mut iovs = io.rx.each_mut().map(|b| IoSliceMut::new(b));
+            shared
+                .udp_state
+                .recv((&shared.udp).into(), &mut iovs, &mut io.meta)
         };
         let n = match received {
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
+                // ICMP errors (port unreachable) surface here and leave the socket usable.
                 tracing::debug!("UDP receive: {e}");
-                continue;
+                return;
             }
         };
-        let mut ready = 0;
-        for (slot, m) in rx.iter().zip(meta.iter()).take(n) {
+        for (slot, m) in io.rx.iter().zip(io.meta.iter()).take(n) {
             let from = canonical(m.addr);
             let stride = if m.stride == 0 { m.len } else { m.stride };
             let Some(data) = slot.get(..m.len) else {
                 continue;
             };
             for datagram in data.chunks(stride.max(1)) {
-                let Some(idx) = find_peer(&shared, datagram) else {
-                    continue;
-                };
-                let Some(peer) = shared.peers.get(idx) else {
-                    continue;
-                };
-                if ready == tun_bufs.len() {
-                    write_tun(&shared, &mut gro, &mut tun_bufs[..ready], off).await;
-                    ready = 0;
-                }
-                let buf = &mut tun_bufs[ready];
-                buf.clear();
-                buf.resize(off + datagram.len(), 0);
-                if decapsulate(&shared, peer, idx, from, datagram, buf, off, &mut reply).await {
-                    ready += 1;
-                }
+                receive_datagram(shared, &mut io.writer, from, datagram);
             }
         }
-        if ready > 0 {
-            write_tun(&shared, &mut gro, &mut tun_bufs[..ready], off).await;
+        write_tun(shared, &mut io.writer);
+        if n < RX_BATCH {
+            return;
         }
+    }
+}
+
+/// One datagram: decapsulated into the next TUN buffer, or answered.
+fn receive_datagram(shared: &Shared, out: &mut TunWriter, from: SocketAddr, datagram: &[u8]) {
+    let Some(idx) = find_peer(shared, datagram) else {
+        return;
+    };
+    let Some(peer) = shared.peers.get(idx) else {
+        return;
+    };
+    if out.ready == out.bufs.len() {
+        write_tun(shared, out);
+    }
+    let Some(buf) = out.bufs.get_mut(out.ready) else {
+        return;
+    };
+    buf.clear();
+    buf.resize(out.off + datagram.len(), 0);
+    if decapsulate(
+        shared,
+        peer,
+        idx,
+        from,
+        datagram,
+        buf,
+        out.off,
+        &mut out.reply,
+    ) {
+        out.ready += 1;
     }
 }
 
 /// Decapsulates one datagram into `buf[off..]`; true when it holds a packet for the TUN.
 #[allow(clippy::too_many_arguments)]
-async fn decapsulate(
+fn decapsulate(
     shared: &Shared,
     peer: &Peer,
     idx: usize,
@@ -275,12 +513,12 @@ async fn decapsulate(
             TunnResult::WriteToTunnelV6(p, src) => Outcome::Packet(p.len(), IpAddr::V6(src)),
             TunnResult::WriteToNetwork(p) => {
                 let len = p.len();
-                match reply.get_mut(..len) {
-                    Some(r) => {
-                        r.copy_from_slice(&dst[..len]);
+                match (reply.get_mut(..len), dst.get(..len)) {
+                    (Some(r), Some(d)) => {
+                        r.copy_from_slice(d);
                         Outcome::Reply(len)
                     }
-                    None => Outcome::Rejected,
+                    _ => Outcome::Rejected,
                 }
             }
             TunnResult::Done => Outcome::Nothing,
@@ -298,7 +536,9 @@ async fn decapsulate(
         }
         Outcome::Reply(len) => {
             peer.saw(from);
-            send(shared, from, &reply[..len], None).await;
+            if let Some(r) = reply.get(..len) {
+                send(shared, from, r, None);
+            }
             // Packets queued while the handshake ran go out now.
             loop {
                 let queued = match peer.tunn.lock() {
@@ -308,7 +548,9 @@ async fn decapsulate(
                     },
                     Err(_) => break,
                 };
-                send(shared, from, &reply[..queued], None).await;
+                if let Some(r) = reply.get(..queued) {
+                    send(shared, from, r, None);
+                }
             }
             false
         }
@@ -326,14 +568,22 @@ async fn decapsulate(
     }
 }
 
-async fn write_tun(shared: &Shared, gro: &mut GROTable, bufs: &mut [Vec<u8>], off: usize) {
+/// Writes the decapsulated packets gathered so far to the TUN.
+fn write_tun(shared: &Shared, io: &mut TunWriter) {
+    let Some(bufs) = io.bufs.get_mut(..io.ready) else {
+        return;
+    };
+    io.ready = 0;
+    if bufs.is_empty() {
+        return;
+    }
     if shared.offload {
-        if let Err(e) = shared.tun.send_multiple(gro, bufs, off).await {
+        if let Err(e) = shared.tun.send_multiple(&mut io.gro, bufs, io.off) {
             tracing::debug!("TUN write: {e}");
         }
     } else {
         for b in bufs.iter() {
-            if let Err(e) = shared.tun.send(b).await {
+            if let Err(e) = shared.tun.send(b) {
                 tracing::debug!("TUN write: {e}");
             }
         }
@@ -341,23 +591,17 @@ async fn write_tun(shared: &Shared, gro: &mut GROTable, bufs: &mut [Vec<u8>], of
 }
 
 /// Drives boringtun's timers: handshakes, retries, keepalives, session expiry.
-pub(super) async fn timers(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(TIMER_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut buf = vec![0u8; 2048];
-    loop {
-        tick.tick().await;
-        for peer in &shared.peers {
-            let len = match peer.tunn.lock() {
-                Ok(mut t) => match t.update_timers(&mut buf) {
-                    TunnResult::WriteToNetwork(p) => p.len(),
-                    _ => continue,
-                },
-                Err(_) => continue,
-            };
-            if let Some(to) = peer.endpoint() {
-                send(&shared, to, &buf[..len], None).await;
-            }
+fn timers(shared: &Shared, buf: &mut [u8]) {
+    for peer in &shared.peers {
+        let len = match peer.tunn.lock() {
+            Ok(mut t) => match t.update_timers(buf) {
+                TunnResult::WriteToNetwork(p) => p.len(),
+                _ => continue,
+            },
+            Err(_) => continue,
+        };
+        if let (Some(to), Some(p)) = (peer.endpoint(), buf.get(..len)) {
+            send(shared, to, p, None);
         }
     }
 }

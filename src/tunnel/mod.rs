@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use myelin_sdk::{CancellationToken, MeshView, PeerView};
 use routes::RouteTable;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -38,6 +38,8 @@ pub enum TunnelError {
         cause: std::io::Error,
         hint: String,
     },
+    #[error("cannot start the data-plane thread: {cause}\n  fix: the system is out of threads or file descriptors; raise the limits (ulimit -u / -n)")]
+    Thread { cause: std::io::Error },
     #[error("cannot open the probe socket on {addr}: {cause}\n  fix: another program holds the probe port {PROBE_PORT} on the overlay address")]
     Probe {
         addr: SocketAddr,
@@ -101,23 +103,41 @@ pub(crate) struct Shared {
     pub routes: RouteTable,
     pub static_private: x25519::StaticSecret,
     pub static_public: x25519::PublicKey,
-    pub udp: tokio::net::UdpSocket,
+    /// Non-blocking; the data-plane thread waits for it in epoll.
+    pub udp: std::net::UdpSocket,
     pub udp_state: quinn_udp::UdpSocketState,
     pub udp_is_v6: bool,
-    pub tun: tun_rs::AsyncDevice,
+    /// Non-blocking, like `udp`.
+    pub tun: tun_rs::SyncDevice,
     pub offload: bool,
     pub mtu: usize,
+    /// Set by `Tunnel::stop`; the data-plane thread ends at its next wake-up.
+    pub stop: AtomicBool,
+}
+
+impl Shared {
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// The data-plane thread and the eventfd that gets it out of its epoll wait.
+struct DataPlaneThread {
+    stop: std::os::fd::OwnedFd,
+    thread: std::thread::JoinHandle<()>,
 }
 
 /// A running tunnel; dropping it does not stop it, `stop` does.
 pub struct Tunnel {
     cancel: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    shared: Arc<Shared>,
+    dataplane: DataPlaneThread,
     pub interface: String,
     pub offload: bool,
 }
 
-fn build_tun(config: &Config, offload: bool) -> std::io::Result<tun_rs::AsyncDevice> {
+fn build_tun(config: &Config, offload: bool) -> std::io::Result<tun_rs::SyncDevice> {
     let mut builder = tun_rs::DeviceBuilder::new()
         .name(config.node.interface.clone())
         .mtu(config.node.mtu)
@@ -134,14 +154,15 @@ fn build_tun(config: &Config, offload: bool) -> std::io::Result<tun_rs::AsyncDev
             builder = builder.ipv6(n.addr(), n.prefix_len());
         }
     }
-    let dev = builder.build_async()?;
+    let dev = builder.build_sync()?;
     for extra in v4 {
         dev.add_address_v4(extra.addr(), extra.prefix_len())?;
     }
+    dev.set_nonblocking(true)?;
     Ok(dev)
 }
 
-fn bind_udp(port: u16) -> Result<(tokio::net::UdpSocket, bool), TunnelError> {
+fn bind_udp(port: u16) -> Result<(std::net::UdpSocket, bool), TunnelError> {
     let err = |cause: std::io::Error| {
         let hint = match cause.raw_os_error() {
             Some(libc::EADDRINUSE) => format!(
@@ -184,8 +205,7 @@ fn bind_udp(port: u16) -> Result<(tokio::net::UdpSocket, bool), TunnelError> {
         }
     }
     socket.set_nonblocking(true).map_err(err)?;
-    let socket = tokio::net::UdpSocket::from_std(socket.into()).map_err(err)?;
-    Ok((socket, is_v6))
+    Ok((socket.into(), is_v6))
 }
 
 impl Tunnel {
@@ -285,18 +305,15 @@ impl Tunnel {
             tun,
             offload,
             mtu: usize::from(config.node.mtu),
+            stop: AtomicBool::new(false),
         });
+        let dataplane = spawn_dataplane(&shared).map_err(|cause| TunnelError::Thread { cause })?;
         let cancel = CancellationToken::new();
         let interval = Duration::from_millis(config.probe.interval_ms);
-        let mut tasks = vec![
-            spawn_until(cancel.clone(), dataplane::outbound(shared.clone())),
-            spawn_until(cancel.clone(), dataplane::inbound(shared.clone())),
-            spawn_until(cancel.clone(), dataplane::timers(shared.clone())),
-        ];
-        tasks.push(spawn_until(
+        let tasks = vec![spawn_until(
             cancel.clone(),
-            control(shared, probe_socket, interval, mesh_tx),
-        ));
+            control(shared.clone(), probe_socket, interval, mesh_tx),
+        )];
         tracing::info!(
             interface = %name,
             port = config.node.listen_port,
@@ -306,6 +323,8 @@ impl Tunnel {
         Ok(Tunnel {
             cancel,
             tasks,
+            shared,
+            dataplane,
             interface: name,
             offload,
         })
@@ -317,7 +336,28 @@ impl Tunnel {
         for t in self.tasks {
             let _ = t.await;
         }
+        let (shared, dataplane) = (self.shared, self.dataplane);
+        let _ = tokio::task::spawn_blocking(move || stop_dataplane(&shared, dataplane)).await;
     }
+}
+
+/// Starts the data-plane thread, sleeping in its own epoll on the TUN and the UDP socket.
+fn spawn_dataplane(shared: &Arc<Shared>) -> std::io::Result<DataPlaneThread> {
+    let poller = dataplane::Poller::new(shared)?;
+    let stop = poller.stopper()?;
+    let shared = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name("myelin-dataplane".into())
+        .spawn(move || dataplane::run(shared, poller))?;
+    Ok(DataPlaneThread { stop, thread })
+}
+
+fn stop_dataplane(shared: &Shared, dataplane: DataPlaneThread) {
+    shared.stop.store(true, Ordering::Relaxed);
+    if let Err(e) = dataplane::wake(&dataplane.stop) {
+        tracing::warn!("cannot wake the data-plane thread to stop it: {e}");
+    }
+    let _ = dataplane.thread.join();
 }
 
 fn spawn_until(
