@@ -15,15 +15,8 @@ cd "$(dirname "$0")/.."
 CYCLES=${1:-25}
 PINGS=${2:-50}
 shift $(($# < 2 ? $# : 2))
-scripts/setup.sh
-. scripts/env.sh
-if ! command -v boringtun-cli >/dev/null 2>&1; then
-  cargo install boringtun-cli --version 0.7.1 --locked
-fi
-cargo build --release --locked --quiet
-MYELIN="$CARGO_TARGET_DIR/release/myelin"
+. scripts/bench-common.sh
 WORK=$(mktemp -d)
-export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 WG_SUDO=1
 NAMESPACES=()
 cleanup() {
   for ns in "${NAMESPACES[@]}"; do
@@ -34,12 +27,6 @@ cleanup() {
   rm -f /var/run/wireguard/lat*"$$"*.sock
 }
 trap cleanup EXIT
-
-wait_for() { # description, command...
-  local what=$1; shift
-  for _ in $(seq 1 100); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "bench: timed out waiting for $what" >&2; return 1
-}
 
 PATHS=()
 declare -A NS_A TARGET
@@ -60,20 +47,9 @@ add_path() { # label kind [binary]
   case $kind in
     raw) TARGET[$label]=10.201.0.2 ;;
     boringtun-cli|wireguard-go)
-      local prog flags ifa=lat${i}a$$ ifb=lat${i}b$$
-      if [ "$kind" = boringtun-cli ]; then
-        prog=$(command -v boringtun-cli); flags=(--foreground --disable-drop-privileges)
-      else
-        prog=wireguard-go; flags=(-f)
-      fi
-      ip netns exec "$a" "$prog" "${flags[@]}" "$ifa" >/dev/null 2>&1 & disown
-      ip netns exec "$b" "$prog" "${flags[@]}" "$ifb" >/dev/null 2>&1 & disown
-      wait_for "$kind in $a" ip netns exec "$a" wg show "$ifa"
-      wait_for "$kind in $b" ip netns exec "$b" wg show "$ifb"
-      ip netns exec "$a" wg set "$ifa" private-key "$WORK/a$i.key" listen-port 51820 peer "$pb" allowed-ips 10.77.0.2/32 endpoint 10.201.0.2:51820
-      ip netns exec "$b" wg set "$ifb" private-key "$WORK/b$i.key" listen-port 51820 peer "$pa" allowed-ips 10.77.0.1/32 endpoint 10.201.0.1:51820
-      ip -n "$a" addr add 10.77.0.1/16 dev "$ifa"; ip -n "$b" addr add 10.77.0.2/16 dev "$ifb"
-      ip -n "$a" link set "$ifa" up mtu 1420; ip -n "$b" link set "$ifb" up mtu 1420 ;;
+      local prog=wireguard-go
+      [ "$kind" = boringtun-cli ] && prog=$(command -v boringtun-cli)
+      start_wg "$prog" "$a" "$b" "lat${i}a$$" "lat${i}b$$" "$WORK/a$i.key" "$WORK/b$i.key" "$pa" "$pb" ;;
     myelin)
       local side me addr peer pk ep pa_
       for side in a b; do

@@ -12,17 +12,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 DURATION=${2:-10}
-scripts/setup.sh
-. scripts/env.sh
-if ! command -v boringtun-cli >/dev/null 2>&1; then
-  cargo install boringtun-cli --version 0.7.1 --locked
-fi
-cargo build --release --locked --quiet
-MYELIN="$CARGO_TARGET_DIR/release/myelin"
+. scripts/bench-common.sh
 BORINGTUN=$(command -v boringtun-cli)
 WORK=$(mktemp -d)
 A=mybench-a-$$ B=mybench-b-$$
-export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 WG_SUDO=1
 
 cleanup() {
   for ns in "$A" "$B"; do
@@ -55,27 +48,13 @@ keys() {
   echo "$KA" >"$WORK/a.key"; echo "$KB" >"$WORK/b.key"; chmod 600 "$WORK"/*.key
 }
 
-wait_for() { # description, command...
-  local what=$1; shift
-  for _ in $(seq 1 100); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "bench: timed out waiting for $what" >&2; return 1
-}
-
 # Userspace WireGuard (boringtun-cli or wireguard-go) configured with wg(8).
 setup_wg() { # program
-  local prog=$1 tag=wg flags=(-f)
-  [ "$prog" = "$BORINGTUN" ] && tag=bt flags=(--foreground --disable-drop-privileges)
+  local prog=$1 tag=wg
+  [ "$prog" = "$BORINGTUN" ] && tag=bt
   # UAPI sockets live in /var/run/wireguard, shared by all namespaces: unique names per run.
-  local ifa=${tag}a$$r$round ifb=${tag}b$$r$round
   keys
-  ip netns exec "$A" "$prog" "${flags[@]}" "$ifa" >/dev/null 2>&1 & disown
-  ip netns exec "$B" "$prog" "${flags[@]}" "$ifb" >/dev/null 2>&1 & disown
-  wait_for "$prog in $A" ip netns exec "$A" wg show "$ifa"
-  wait_for "$prog in $B" ip netns exec "$B" wg show "$ifb"
-  ip netns exec "$A" wg set "$ifa" private-key "$WORK/a.key" listen-port 51820 peer "$PB" allowed-ips 10.77.0.2/32 endpoint 10.201.0.2:51820
-  ip netns exec "$B" wg set "$ifb" private-key "$WORK/b.key" listen-port 51820 peer "$PA" allowed-ips 10.77.0.1/32 endpoint 10.201.0.1:51820
-  ip -n "$A" addr add 10.77.0.1/16 dev "$ifa"; ip -n "$B" addr add 10.77.0.2/16 dev "$ifb"
-  ip -n "$A" link set "$ifa" up mtu 1420; ip -n "$B" link set "$ifb" up mtu 1420
+  start_wg "$prog" "$A" "$B" "${tag}a$$r$round" "${tag}b$$r$round" "$WORK/a.key" "$WORK/b.key" "$PA" "$PB"
   TARGET=10.77.0.2
 }
 

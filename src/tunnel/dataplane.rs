@@ -17,7 +17,7 @@ use rustix::buffer::spare_capacity;
 use rustix::event::{epoll, PollFd, PollFlags, Timespec};
 use std::io::{ErrorKind, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,24 +102,18 @@ impl Poller {
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
         )?;
-        epoll::add(
-            &epoll,
-            &shared.tun,
-            epoll::EventData::new_u64(TUN),
-            epoll::EventFlags::IN,
-        )?;
-        epoll::add(
-            &epoll,
-            &shared.udp,
-            epoll::EventData::new_u64(UDP),
-            epoll::EventFlags::IN,
-        )?;
-        epoll::add(
-            &epoll,
-            &stop,
-            epoll::EventData::new_u64(STOP),
-            epoll::EventFlags::IN,
-        )?;
+        for (source, what) in [
+            (shared.tun.as_fd(), TUN),
+            (shared.udp.as_fd(), UDP),
+            (stop.as_fd(), STOP),
+        ] {
+            epoll::add(
+                &epoll,
+                source,
+                epoll::EventData::new_u64(what),
+                epoll::EventFlags::IN,
+            )?;
+        }
         Ok(Poller { epoll, stop })
     }
 
