@@ -1,5 +1,6 @@
 //! The tunnel end to end, in network namespaces: two Myelin nodes, Myelin against
-//! wireguard-go, roaming, restarts, and throughput while plugins crash.
+//! wireguard-go, roaming, restarts, a TUN device deleted under a node, and throughput while
+//! plugins crash.
 
 mod common;
 
@@ -329,6 +330,63 @@ fn a_restarted_node_reconnects_without_touching_the_other() {
     ping_until(&link.b, "10.77.0.1", HANDSHAKE);
     assert_eq!(a.pid(), a_pid);
     b.wait_peer("alpha", Duration::from_secs(5), "up", |p| p["up"] == true);
+}
+
+/// CPU seconds (user + system, all threads) that process `pid` has used.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("process stat");
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf only reads a constant.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[test]
+fn a_tun_device_deleted_under_the_node_is_reported_once_without_spinning() {
+    let _serial = serial();
+    let link = Link::new("tdl");
+    let (mut a, _b, _, _) = pair(&link, "");
+    ping_until(&link.a, "10.77.0.2", HANDSHAKE);
+    link.a.run("ip", &["link", "del", "myelin0"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.log().contains("the TUN device failed") {
+        assert!(
+            Instant::now() < deadline,
+            "no error logged 10 s after the TUN device was deleted; log:\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A level-triggered epoll that kept the broken device would burn a core from here on.
+    let (cpu0, wall0) = (cpu_seconds(a.pid()), Instant::now());
+    std::thread::sleep(Duration::from_secs(2)); // the measuring window, not a wait for an event
+    let busy = (cpu_seconds(a.pid()) - cpu0) / wall0.elapsed().as_secs_f64();
+    eprintln!("node CPU after its TUN device was deleted: {busy:.3} s/s");
+    assert!(
+        busy < 0.2,
+        "the node uses {busy:.2} CPU s/s after losing its TUN device"
+    );
+    assert_eq!(
+        a.log().matches("the TUN device failed").count(),
+        1,
+        "the failure is reported once; log:\n{}",
+        a.log()
+    );
+    assert_eq!(a.call("GET", "/api/v1/status").0, 200);
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(a.pid(), libc::SIGTERM) };
+    let status = a.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        a.log()
+    );
 }
 
 #[test]
