@@ -31,3 +31,84 @@ start_wg() {
   ip -n "$a" addr add 10.77.0.1/16 dev "$ifa"; ip -n "$b" addr add 10.77.0.2/16 dev "$ifb"
   ip -n "$a" link set "$ifa" up mtu 1420; ip -n "$b" link set "$ifb" up mtu 1420
 }
+
+# Every path of a benchmark stays up for the whole run, each in its own pair of namespaces
+# (NS_A[label], NS_B[label]) joined by a veth; TARGET[label] is what node A pings. Needs $WORK.
+NAMESPACES=()
+cleanup_paths() {
+  for ns in "${NAMESPACES[@]}"; do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+  rm -f /var/run/wireguard/bn*"$$".sock
+}
+PATHS=()
+declare -A NS_A NS_B TARGET
+add_path() { # label kind [binary]
+  local label=$1 kind=$2 bin=${3:-} i=${#PATHS[@]}
+  local a=bench-a$i-$$ b=bench-b$i-$$
+  NAMESPACES+=("$a" "$b"); PATHS+=("$label"); NS_A[$label]=$a NS_B[$label]=$b
+  ip netns add "$a"; ip netns add "$b"
+  ip link add ua netns "$a" type veth peer name ub netns "$b"
+  ip -n "$a" addr add 10.201.0.1/24 dev ua; ip -n "$b" addr add 10.201.0.2/24 dev ub
+  for ns in "$a" "$b"; do ip -n "$ns" link set lo up; done
+  ip -n "$a" link set ua up; ip -n "$b" link set ub up
+  local ka kb pa pb
+  ka=$("$MYELIN" keygen); kb=$("$MYELIN" keygen)
+  pa=$(echo "$ka" | "$MYELIN" pubkey); pb=$(echo "$kb" | "$MYELIN" pubkey)
+  echo "$ka" >"$WORK/a$i.key"; echo "$kb" >"$WORK/b$i.key"; chmod 600 "$WORK"/*.key
+  TARGET[$label]=10.77.0.2
+  case $kind in
+    raw) TARGET[$label]=10.201.0.2 ;;
+    boringtun-cli|wireguard-go)
+      local prog=wireguard-go
+      [ "$kind" = boringtun-cli ] && prog=$(command -v boringtun-cli)
+      start_wg "$prog" "$a" "$b" "bn${i}a$$" "bn${i}b$$" "$WORK/a$i.key" "$WORK/b$i.key" "$pa" "$pb" ;;
+    myelin)
+      local side me addr peer pk ep pa_
+      for side in a b; do
+        if [ $side = a ]; then me=alpha addr=10.77.0.1 peer=beta pk=$pb ep=10.201.0.2 pa_=10.77.0.2
+        else me=beta addr=10.77.0.2 peer=alpha pk=$pa ep=10.201.0.1 pa_=10.77.0.1; fi
+        cat >"$WORK/$side$i.toml" <<EOF
+[node]
+name = "$me"
+private_key_file = "$WORK/$side$i.key"
+address = ["$addr/16"]
+[plugins]
+runtime_dir = "$WORK/run-$side$i"
+[[peers]]
+name = "$peer"
+public_key = "$pk"
+endpoint = "$ep:51820"
+allowed_ips = ["$pa_/32"]
+EOF
+      done
+      ip netns exec "$a" "$bin" --log-level warn up --config "$WORK/a$i.toml" >/dev/null 2>&1 & disown
+      ip netns exec "$b" "$bin" --log-level warn up --config "$WORK/b$i.toml" >/dev/null 2>&1 & disown
+      wait_for "$label in $a" ip -n "$a" addr show myelin0
+      wait_for "$label in $b" ip -n "$b" addr show myelin0 ;;
+  esac
+  wait_for "a path to ${TARGET[$label]} ($label)" ip netns exec "$a" ping -c 1 -W 1 "${TARGET[$label]}"
+  ip netns exec "$a" ping -c 20 -i 0.01 "${TARGET[$label]}" >/dev/null
+}
+
+# The four paths every tunnel benchmark compares.
+add_baseline_paths() {
+  add_path raw-veth raw
+  add_path boringtun-cli boringtun-cli
+  add_path wireguard-go wireguard-go
+  add_path myelin myelin "$MYELIN"
+}
+
+# Bursts of pings that alternate between the paths: CYCLES cycles of PINGS pings (-i 0.005)
+# per path; each sample goes to $WORK/rtt-<label> as "<cycle> <ms>".
+ping_bursts() { # cycles pings [first cycle number]
+  local cycles=$1 pings=$2 first=${3:-1} c label
+  for c in $(seq "$first" $((first + cycles - 1))); do
+    for label in "${PATHS[@]}"; do
+      ip netns exec "${NS_A[$label]}" ping -c "$pings" -i 0.005 "${TARGET[$label]}" |
+        sed -n "s/.*time=\([0-9.]*\) ms/$c \1/p" >>"$WORK/rtt-$label"
+    done
+  done
+}
