@@ -177,6 +177,21 @@ fn two_nodes_carry_ipv4_ipv6_and_tcp_encrypted_on_the_wire() {
     );
 }
 
+/// A wireguard-go process; dropping it kills it and removes its UAPI socket, which lives in
+/// /var/run/wireguard outside any namespace and would outlast a SIGKILL.
+struct WgGo {
+    child: std::process::Child,
+    iface: String,
+}
+
+impl Drop for WgGo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.iface));
+    }
+}
+
 fn wg_go(
     link: &Link,
     iface: &str,
@@ -185,7 +200,7 @@ fn wg_go(
     peer_allowed: &str,
     endpoint: Option<&str>,
     address: &str,
-) -> std::process::Child {
+) -> WgGo {
     let child = link
         .b
         .command("wireguard-go")
@@ -195,6 +210,10 @@ fn wg_go(
         .stderr(Stdio::null())
         .spawn()
         .expect("wireguard-go (the test script installs it)");
+    let wg = WgGo {
+        child,
+        iface: iface.to_string(),
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !link
         .b
@@ -229,7 +248,7 @@ fn wg_go(
     link.b.run("wg", &args);
     link.b.run("ip", &["addr", "add", address, "dev", iface]);
     link.b.run("ip", &["link", "set", iface, "up"]);
-    child
+    wg
 }
 
 #[test]
@@ -245,7 +264,7 @@ fn interoperates_with_wireguard_go_both_ways() {
         alpha.peer(&beta, myelin_initiates.then_some(endpoint.as_str()), "");
         let a = Node::start_spec(link.a.clone(), &alpha, "");
         let alpha_endpoint = format!("{}:51820", link.a_addr);
-        let mut wg = wg_go(
+        let wg = wg_go(
             &link,
             &iface,
             &beta.private,
@@ -276,8 +295,7 @@ fn interoperates_with_wireguard_go_both_ways() {
             shown.split_whitespace().nth(1).is_some_and(|t| t != "0"),
             "wireguard-go saw a handshake: {shown}"
         );
-        let _ = wg.kill();
-        let _ = wg.wait();
+        drop(wg);
     }
 }
 
