@@ -196,23 +196,31 @@ fn analyse(
     ))
 }
 
+/// A tract tensor of `shape` over `values` (row-major).
+fn tract_tensor<T: Datum>(
+    shape: Vec<usize>,
+    values: Vec<T>,
+) -> Result<tract_onnx::prelude::Tensor, tract_ndarray::ShapeError> {
+    tract_ndarray::ArrayD::from_shape_vec(shape, values).map(|a| a.into_tensor())
+}
+
+/// An output's elements in row-major order.
+fn plain<T: Datum + Copy>(value: &TValue) -> TractResult<Vec<T>> {
+    Ok(value.to_plain_array_view::<T>()?.iter().copied().collect())
+}
+
 impl Engine for TractEngine {
     fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ModelError> {
         let backend = |e: TractError| ModelError::Backend(format!("tract: {}", chain(&e)));
         let values: TVec<TValue> = inputs
             .into_iter()
             .map(|t| {
-                let tensor =
-                    match t.data {
-                        Data::F32(v) => tract_ndarray::ArrayD::from_shape_vec(t.shape, v)
-                            .map(|a| a.into_tensor()),
-                        Data::I64(v) => tract_ndarray::ArrayD::from_shape_vec(t.shape, v)
-                            .map(|a| a.into_tensor()),
-                        Data::I32(v) => tract_ndarray::ArrayD::from_shape_vec(t.shape, v)
-                            .map(|a| a.into_tensor()),
-                        Data::U8(v) => tract_ndarray::ArrayD::from_shape_vec(t.shape, v)
-                            .map(|a| a.into_tensor()),
-                    };
+                let tensor = match t.data {
+                    Data::F32(v) => tract_tensor(t.shape, v),
+                    Data::I64(v) => tract_tensor(t.shape, v),
+                    Data::I32(v) => tract_tensor(t.shape, v),
+                    Data::U8(v) => tract_tensor(t.shape, v),
+                };
                 tensor
                     .map(|t| t.into_tvalue())
                     .map_err(|e| ModelError::Input(e.to_string()))
@@ -226,34 +234,10 @@ impl Engine for TractEngine {
             .map(|v| {
                 let shape = v.shape().to_vec();
                 let data = match v.datum_type() {
-                    DatumType::F32 => Data::F32(
-                        v.to_plain_array_view::<f32>()
-                            .map_err(backend)?
-                            .iter()
-                            .copied()
-                            .collect(),
-                    ),
-                    DatumType::I64 => Data::I64(
-                        v.to_plain_array_view::<i64>()
-                            .map_err(backend)?
-                            .iter()
-                            .copied()
-                            .collect(),
-                    ),
-                    DatumType::I32 => Data::I32(
-                        v.to_plain_array_view::<i32>()
-                            .map_err(backend)?
-                            .iter()
-                            .copied()
-                            .collect(),
-                    ),
-                    DatumType::U8 => Data::U8(
-                        v.to_plain_array_view::<u8>()
-                            .map_err(backend)?
-                            .iter()
-                            .copied()
-                            .collect(),
-                    ),
+                    DatumType::F32 => Data::F32(plain(&v).map_err(backend)?),
+                    DatumType::I64 => Data::I64(plain(&v).map_err(backend)?),
+                    DatumType::I32 => Data::I32(plain(&v).map_err(backend)?),
+                    DatumType::U8 => Data::U8(plain(&v).map_err(backend)?),
                     other => {
                         return Err(ModelError::Backend(format!(
                             "an output is {other:?}, which Myelin does not return"
