@@ -463,7 +463,8 @@ fn receive_datagram(shared: &Shared, out: &mut TunWriter, from: SocketAddr, data
     let Some(buf) = out.bufs.get_mut(out.ready) else {
         return;
     };
-    buf.clear();
+    // Only the length matters: decapsulation overwrites the packet and tun-rs writes the
+    // virtio-net header, so the old bytes need no zeroing on every packet.
     buf.resize(out.off + datagram.len(), 0);
     if decapsulate(
         shared,
