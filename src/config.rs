@@ -189,6 +189,8 @@ pub enum Isolation {
 pub struct HostSettings {
     pub user: Option<String>,
     pub runtime_dir: PathBuf,
+    /// Persistent state, one directory per instance (survives reboots, unlike runtime_dir).
+    pub state_dir: PathBuf,
     pub health_interval_ms: u64,
     pub health_timeout_ms: u64,
     pub start_timeout_ms: u64,
@@ -204,6 +206,7 @@ impl Default for HostSettings {
         Self {
             user: None,
             runtime_dir: PathBuf::from("/run/myelin"),
+            state_dir: PathBuf::from("/var/lib/myelin/plugins"),
             health_interval_ms: 1000,
             health_timeout_ms: 3000,
             start_timeout_ms: 30_000,
@@ -359,6 +362,7 @@ fn parse_plugins(raw: &toml::Table) -> Result<PluginsConfig, PathError> {
         match (key.as_str(), value) {
             ("user", toml::Value::String(u)) => host.user = Some(u.clone()),
             ("runtime_dir", toml::Value::String(d)) => host.runtime_dir = PathBuf::from(d),
+            ("state_dir", toml::Value::String(d)) => host.state_dir = PathBuf::from(d),
             ("health_interval_ms", v) => host.health_interval_ms = number(v)?,
             ("health_timeout_ms", v) => host.health_timeout_ms = number(v)?,
             ("start_timeout_ms", v) => host.start_timeout_ms = number(v)?,
@@ -376,7 +380,7 @@ fn parse_plugins(raw: &toml::Table) -> Result<PluginsConfig, PathError> {
                 return Err(err(
                     &["plugins", name],
                     format!("unknown key `plugins.{name}` (plugin sections are tables: [plugins.{name}])"),
-                    "host keys are user, runtime_dir, health_interval_ms, health_timeout_ms, start_timeout_ms, stop_grace_ms, restart_backoff_ms, restart_backoff_max_ms, failure_threshold, failure_window_s",
+                    "host keys are user, runtime_dir, state_dir, health_interval_ms, health_timeout_ms, start_timeout_ms, stop_grace_ms, restart_backoff_ms, restart_backoff_max_ms, failure_threshold, failure_window_s",
                 ))
             }
         }

@@ -387,10 +387,11 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
             .collect();
         let api = format!("{underlay}:7800");
         let config = format!(
-            "# Made by `myelin lab up`.\n[node]\nname = \"{name}\"\nprivate_key_file = \"{}\"\naddress = [\"10.77.0.{n}/16\", \"fd77::{n}/64\"]\n\n[control]\nlisten = \"127.0.0.1:7800\"\nremote_listen = \"{api}\"\ntoken_file = \"{}\"\n{peers}\n[plugins]\nruntime_dir = \"{}\"\n{plugins}",
+            "# Made by `myelin lab up`.\n[node]\nname = \"{name}\"\nprivate_key_file = \"{}\"\naddress = [\"10.77.0.{n}/16\", \"fd77::{n}/64\"]\n\n[control]\nlisten = \"127.0.0.1:7800\"\nremote_listen = \"{api}\"\ntoken_file = \"{}\"\n{peers}\n[plugins]\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\n{plugins}",
             key_file.display(),
             token_file.display(),
-            node_dir.join("run").display()
+            node_dir.join("run").display(),
+            node_dir.join("state").display()
         );
         let config_path = node_dir.join("myelin.toml");
         std::fs::write(&config_path, config)?;

@@ -7,6 +7,128 @@ use common::BIN;
 use std::process::Command;
 use std::time::Duration;
 
+/// utime + stime of `pid` in clock ticks, from /proc/<pid>/stat.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// `pid` and every process below it, each with its command line.
+fn process_tree(pid: u32) -> Vec<(u32, String)> {
+    let mut parents = std::collections::HashMap::<u32, Vec<u32>>::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parents.entry(ppid).or_default().push(p);
+        }
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let cmd = std::fs::read(format!("/proc/{p}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " ").trim().to_string())
+            .unwrap_or_default();
+        out.push((p, cmd));
+        todo.extend(parents.get(&p).into_iter().flatten());
+    }
+    out
+}
+
+/// Each node's plugins, as its own CLI lists them inside its namespace.
+fn lab_plugins(dir: &str, node: &str) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["lab", "exec", "--dir", dir, node, "--", BIN, "plugins", "--json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Every process of an idle lab (nodes and plugin children) stays under 2 % of a core.
+fn idle_cpu_of_every_process(dir: &str, nodes: &[(String, u32)]) {
+    // Idle means settled: every enabled plugin running and every robot's interlock armed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    for (name, _) in nodes {
+        loop {
+            let v = lab_plugins(dir, name);
+            let list = v["plugins"].as_array().or(v.as_array()).cloned().unwrap_or_default();
+            let settled = !list.is_empty()
+                && list
+                    .iter()
+                    .filter(|p| p["enabled"] == true)
+                    .all(|p| p["state"] == "running");
+            let armed = name == "operator"
+                || Command::new(BIN)
+                    .args(["lab", "exec", "--dir", dir, name, "--", BIN, "safety", "status"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("armed: motion permitted"))
+                    .unwrap_or(false);
+            if settled && armed {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: plugins not all running (and interlock armed) within 120 s: {v:#}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let procs: Vec<(String, u32, String, u64)> = nodes
+        .iter()
+        .flat_map(|(name, pid)| {
+            process_tree(*pid)
+                .into_iter()
+                .filter_map(|(p, cmd)| Some((name.clone(), p, cmd, cpu_ticks(p)?)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let window = Duration::from_secs(10);
+    let start = std::time::Instant::now();
+    // The measurement window itself: nothing to wait for, the processes are left alone.
+    std::thread::sleep(window);
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut report = Vec::new();
+    let mut over = Vec::new();
+    for (node, pid, cmd, before) in &procs {
+        let Some(after) = cpu_ticks(*pid) else {
+            over.push(format!("{node} {pid} ({cmd}) exited during the window"));
+            continue;
+        };
+        let share = (after - before) as f64 / hz / elapsed;
+        let line = format!("{node:<9} {pid:>7} {:>6.2} %  {cmd}", share * 100.0);
+        if share >= 0.02 {
+            over.push(line.clone());
+        }
+        report.push(line);
+    }
+    println!("idle CPU over {elapsed:.1} s, per process:\n{}", report.join("\n"));
+    assert!(
+        procs.len() >= nodes.len() * 2,
+        "expected plugin children under every node: {report:?}"
+    );
+    assert!(
+        over.is_empty(),
+        "processes at or over 2 % of a core while idle:\n{}\nall:\n{}",
+        over.join("\n"),
+        report.join("\n")
+    );
+}
+
 fn leftovers() -> Vec<String> {
     let mut found = Vec::new();
     let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
@@ -85,6 +207,18 @@ fn lab_up_meshes_three_nodes_and_ctrl_c_removes_everything() {
         .iter()
         .map(|n| n["pid"].as_u64().unwrap())
         .collect();
+    let nodes: Vec<(String, u32)> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().to_string(),
+                n["pid"].as_u64().unwrap() as u32,
+            )
+        })
+        .collect();
+    idle_cpu_of_every_process(&d, &nodes);
     // SAFETY: interrupting our own child, as Ctrl-C would.
     unsafe { libc::kill(up.id() as i32, libc::SIGINT) };
     let code = up.wait().unwrap();

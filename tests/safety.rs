@@ -16,6 +16,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const LONG: Duration = Duration::from_secs(30);
 const TRIALS: usize = 20;
 
+/// The tests time trips on a 2-core machine: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn unix_ms(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64() * 1000.0
 }
@@ -68,6 +75,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[test]
 fn latency_and_silence_trip_a_latched_safe_stop() {
+    let _serial = serial();
     let fleet = Fleet::new("safe", &["robot1", "operator", "relay"]);
     let (robot_ns, op_ns, relay_ns) = (
         fleet.nodes[0].clone(),
@@ -139,6 +147,27 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
         p["up"] == true && p["rtt_ms"].is_number()
     });
     wait_state(&robot1, "safety", "armed", LONG);
+    // Every start is a stop (reason startup) until the link has been good for clear_after_s:
+    // the command applied `stopped`, then `armed`.
+    let (what, _) = wait_command(&robot1, &trips, 1);
+    assert_eq!(what, "stopped", "the start-up stop is applied first");
+    let (what, _) = wait_command(&robot1, &trips, 2);
+    assert_eq!(what, "armed");
+    let startup = posted
+        .recv_timeout(Duration::from_secs(5))
+        .expect("HTTP notice of the start-up stop");
+    assert_eq!(startup["state"], "stopped", "{startup}");
+    assert_eq!(startup["reason"], "startup", "{startup}");
+    let cleared = posted
+        .recv_timeout(Duration::from_secs(5))
+        .expect("HTTP notice of the start-up clear");
+    assert_eq!(cleared["state"], "armed", "{cleared}");
+    assert!(
+        cleared["generation"].as_u64() > startup["generation"].as_u64(),
+        "{startup} then {cleared}"
+    );
+    wait_state(&robot1, "safety_latched", "armed", LONG);
+    let base = 2;
 
     // The twist_mux lock: `false` at 10 Hz while armed (the dead-man heartbeat).
     let mut e_stop = Py::spawn(
@@ -198,7 +227,7 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
         // start over the 100 ms probe interval so the figures cover every phase.
         std::thread::sleep(Duration::from_millis((trial as u64 * 37) % 100));
         let start = unix_ms(relay.delay(300));
-        let (what, at) = wait_command(&robot1, &trips, 2 * trial - 1);
+        let (what, at) = wait_command(&robot1, &trips, base + 2 * trial - 1);
         assert_eq!(what, "stopped", "trial {trial}");
         latencies.push(at - start);
         if trial == 1 {
@@ -221,7 +250,7 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
             assert_eq!(notice["node"], "robot1", "{notice}");
         }
         relay.pass();
-        let (what, _) = wait_command(&robot1, &trips, 2 * trial);
+        let (what, _) = wait_command(&robot1, &trips, base + 2 * trial);
         assert_eq!(
             what, "armed",
             "trial {trial}: clears by itself without latch"
@@ -366,4 +395,285 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
         e_stop.next_line(Duration::from_secs(2)).is_none(),
         "the lock topic is still published after the node died"
     );
+}
+
+/// An HTTP endpoint in `ns` for the `http` action: answers 503 to the first `fail_first`
+/// requests and 200 after, handing every POSTed body over with the status it got.
+fn hook_server(
+    ns: &common::Netns,
+    fail_first: usize,
+) -> (std::net::SocketAddr, std::sync::mpsc::Receiver<(u16, Value)>) {
+    let listener = ns.enter(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Read, Write};
+        for (n, stream) in listener.incoming().map_while(Result::ok).enumerate() {
+            let mut reader = std::io::BufReader::new(stream);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; length];
+            let _ = reader.read_exact(&mut body);
+            let code: u16 = if n < fail_first { 503 } else { 200 };
+            let _ = reader.get_mut().write_all(
+                format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+            if let Ok(v) = serde_json::from_slice(&body) {
+                let _ = tx.send((code, v));
+            }
+        }
+    });
+    (addr, rx)
+}
+
+/// The `/e_stop` subscriber's samples so far, (t_ms, data), without waiting.
+fn drain_e_stop(e_stop: &mut Py, into: &mut Vec<(f64, bool)>) {
+    while let Some(line) = e_stop.next_line(Duration::from_millis(0)) {
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            if let (Some(t), Some(d)) = (v["t_ms"].as_f64(), v["data"].as_bool()) {
+                into.push((t, d));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
+    let _serial = serial();
+    let fleet = Fleet::new("safr", &["robot1", "operator", "relay"]);
+    let (robot_ns, op_ns, relay_ns) = (
+        fleet.nodes[0].clone(),
+        fleet.nodes[1].clone(),
+        fleet.nodes[2].clone(),
+    );
+    let relay = Relay::start(
+        &relay_ns,
+        &fleet.underlay[2],
+        format!("{}:51820", fleet.underlay[0]).parse().unwrap(),
+        format!("{}:51820", fleet.underlay[1]).parse().unwrap(),
+    );
+    let mut robot = Spec::new("robot1", &["10.90.0.1/16"]);
+    let mut operator = Spec::new("operator", &["10.90.0.2/16"]);
+    let (r, o) = (robot.clone(), operator.clone());
+    robot.peer(&o, Some(&relay.for_a.to_string()), "");
+    operator.peer(&r, Some(&relay.for_b.to_string()), "");
+    let (hook, posted) = hook_server(&robot_ns, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let applied = dir.path().join("applied");
+    // `safety`: latched, the lock on /e_stop, an http action that fails 3 times first.
+    // `order`: no latch, a command that takes 2 s to apply `armed`.
+    let clear_after = 4.0;
+    let plugins = format!(
+        "[plugins.zenoh]\n\n[plugins.safety]\nwatch = [\"operator\"]\nlatch = true\nclear_after_s = {clear_after}\n[[plugins.safety.actions]]\nkind = \"ros_lock\"\ntopic = \"/e_stop\"\nrate_hz = 10\n[[plugins.safety.actions]]\nkind = \"http\"\nurl = \"http://{hook}/safety\"\n\n[plugins.order]\nplugin = \"safety\"\nwatch = [\"operator\"]\nlatch = false\nclear_after_s = 1\n[[plugins.order.actions]]\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"if [ $MYELIN_SAFETY_STATE = armed ]; then sleep 2; fi; echo $MYELIN_SAFETY_STATE $MYELIN_SAFETY_GENERATION >> {}\"]\n",
+        applied.display()
+    );
+    // The lock's subscriber runs before the node starts, so it sees the very first message.
+    let mut e_stop = Py::spawn(
+        &robot_ns,
+        "ros_node.py",
+        &[
+            "sub", "--topic", "rt/e_stop", "--type", "bool", "--name", "twist_mux", "--print",
+            "--expect", "1000000", "--timeout", "600",
+        ],
+    );
+    e_stop.ready();
+    let started = unix_ms(SystemTime::now());
+    let mut robot1 = Node::start_spec(robot_ns.clone(), &robot, &plugins);
+    let _operator = Node::start_spec(op_ns.clone(), &operator, "");
+    for instance in ["zenoh", "safety", "order"] {
+        robot1.wait_plugin(instance, LONG, "running", |p| state(p) == "running");
+    }
+    let s = status(&robot1, "safety");
+    assert!(s["stopped"] == true, "every start is a stop: {s:#}");
+
+    // 1. A fresh start with a good link: `true` first, `false` only after clear_after_s.
+    let first = e_stop.wait_line(LONG, |l| l.contains("t_ms"));
+    let first: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["data"], true, "the first /e_stop message: {first}");
+    let line = e_stop.wait_line(LONG, |l| l.contains("\"data\": false"));
+    let first_false = serde_json::from_str::<Value>(&line).unwrap()["t_ms"]
+        .as_f64()
+        .unwrap();
+    let s = wait_state(&robot1, "safety", "armed", LONG);
+    let links_good = robot1.log();
+    println!(
+        "fresh start → first /e_stop false {:.0} ms after the node started (clear_after_s = {clear_after})",
+        first_false - started
+    );
+    assert!(
+        first_false - started >= clear_after * 1000.0,
+        "false {:.0} ms after the start: {s:#}\n{links_good}",
+        first_false - started
+    );
+
+    // 2. The http action failed 3 times at start-up, was retried with backoff, and the 4th
+    //    request applied it; the failures are counted and shown.
+    let mut codes = Vec::new();
+    while codes.len() < 4 {
+        let (code, notice) = posted
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the http action retries");
+        assert_eq!(notice["reason"], "startup", "{notice}");
+        codes.push(code);
+    }
+    assert_eq!(codes, [503, 503, 503, 200]);
+    let s = robot1.poll(
+        "the http action to report generation 1 applied",
+        LONG,
+        || status(&robot1, "safety"),
+        |s| s["actions"][1]["applied_generation"].as_u64() >= Some(1),
+    );
+    let http = &s["actions"][1];
+    assert_eq!(http["kind"], "http", "{s:#}");
+    assert_eq!(http["failures"], 3, "{s:#}");
+    assert!(
+        http["last_error"].as_str().unwrap_or("").contains("503"),
+        "{s:#}"
+    );
+    let metrics = robot1.metrics();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("myelin_safety_action_failures_total")
+            && l.contains("action=\"http\"")
+            && l.contains("plugin=\"safety\"")
+            && l.ends_with(" 3")),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("action_failures"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // 3. Trip, latch; the lock stays `true` through a plugin restart and a node crash.
+    e_stop.wait_line(LONG, |l| l.contains("\"data\": false"));
+    relay.delay(300);
+    wait_state(&robot1, "safety", "tripped", LONG);
+    let tripped_at = unix_ms(SystemTime::now());
+    relay.pass();
+    let s = wait_state(&robot1, "safety", "latched", LONG);
+    assert_eq!(s["rearm_required"], true, "{s:#}");
+    let generation = s["generation"].as_u64().unwrap();
+    let saved: Value = serde_json::from_slice(
+        &std::fs::read(robot1.dir.path().join("state/safety/interlock.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["state"], "latched", "{saved:#}");
+    assert_eq!(saved["rearm_required"], true, "{saved:#}");
+
+    let old_pid = robot1.plugin("safety")["pid"].as_u64();
+    let (code, body) = robot1.call("POST", "/api/v1/plugins/safety/restart");
+    assert!(code < 300, "{body}");
+    robot1.wait_plugin("safety", LONG, "running again", |p| {
+        state(p) == "running" && p["pid"].as_u64() != old_pid
+    });
+    let s = status(&robot1, "safety");
+    assert_eq!(s["stopped"], true, "after a plugin restart: {s:#}");
+    assert_eq!(s["rearm_required"], true, "after a plugin restart: {s:#}");
+    let s = wait_state(&robot1, "safety", "latched", LONG);
+    assert!(
+        s["generation"].as_u64() > Some(generation),
+        "generations keep growing across restarts: {s:#}"
+    );
+
+    robot1.kill_and_restart();
+    for instance in ["zenoh", "safety", "order"] {
+        robot1.wait_plugin(instance, LONG, "running after the crash", |p| {
+            state(p) == "running"
+        });
+    }
+    let s = status(&robot1, "safety");
+    assert_eq!(s["stopped"], true, "after a node crash: {s:#}");
+    assert_eq!(s["rearm_required"], true, "after a node crash: {s:#}");
+    assert!(
+        robot1.log().matches("re-arm required").count() >= 2,
+        "each restart says why it waits"
+    );
+    robot1.wait_peer("operator", LONG, "up with an RTT", |p| {
+        p["up"] == true && p["rtt_ms"].is_number()
+    });
+    wait_state(&robot1, "safety", "latched", LONG);
+    // The lock is published again by the restarted node, still `true`.
+    let mut samples = Vec::new();
+    let resumed = e_stop.wait_line(LONG, |l| {
+        serde_json::from_str::<Value>(l)
+            .ok()
+            .and_then(|v| v["t_ms"].as_f64())
+            .is_some_and(|t| t > unix_ms(SystemTime::now()) - 1000.0)
+    });
+    drain_e_stop(&mut e_stop, &mut samples);
+    let rearmed_at = unix_ms(SystemTime::now());
+    let (code, body) = robot1.call("POST", "/plugins/safety/rearm");
+    assert_eq!(code, 200, "{body}");
+    e_stop.wait_line(Duration::from_secs(5), |l| l.contains("\"data\": false"));
+    // Every sample between the trip and the re-arm (through both restarts) was `true`.
+    let history: Vec<(f64, bool)> = e_stop
+        .output()
+        .lines()
+        .filter_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            Some((v["t_ms"].as_f64()?, v["data"].as_bool()?))
+        })
+        .collect();
+    let during: Vec<&(f64, bool)> = history
+        .iter()
+        .filter(|(t, _)| *t > tripped_at + 300.0 && *t < rearmed_at)
+        .collect();
+    assert!(!during.is_empty(), "samples after the restart: {resumed}");
+    assert!(
+        during.iter().all(|(_, d)| *d),
+        "/e_stop published false while latched: {:?}",
+        during.iter().filter(|(_, d)| !*d).collect::<Vec<_>>()
+    );
+    println!(
+        "latched through a plugin restart and a node kill -9: {} /e_stop samples, all true, until the re-arm",
+        during.len()
+    );
+
+    // 4. Order: trip → clear → trip within 1 s while the clear's command still runs (2 s):
+    //    the last state the command applied is `stopped`.
+    wait_state(&robot1, "order", "armed", LONG);
+    relay.delay(300);
+    wait_state(&robot1, "order", "tripped", LONG);
+    relay.pass();
+    wait_state(&robot1, "order", "armed", LONG);
+    let cleared = Instant::now();
+    relay.delay(300);
+    let s = wait_state(&robot1, "order", "tripped", LONG);
+    assert!(
+        cleared.elapsed() < Duration::from_secs(1),
+        "re-tripped {:?} after the clear",
+        cleared.elapsed()
+    );
+    let generation = s["generation"].as_u64().unwrap();
+    let s = robot1.poll(
+        "the command to apply the newest generation",
+        LONG,
+        || status(&robot1, "order"),
+        |s| s["actions"][0]["applied_generation"].as_u64() == Some(generation),
+    );
+    assert_eq!(s["actions"][0]["applied_state"], "stopped", "{s:#}");
+    // The superseded `armed` run was killed: it never writes, also not after its 2 s.
+    let deadline = Instant::now() + Duration::from_millis(2500);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        last = std::fs::read_to_string(&applied)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string();
+        assert_eq!(last, format!("stopped {generation}"), "the last applied state");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    relay.pass();
+    println!("trip → clear → trip in under 1 s: the command's last applied state is `{last}`");
 }

@@ -35,6 +35,11 @@ pub enum HostError {
         path: PathBuf,
         cause: std::io::Error,
     },
+    #[error("cannot create plugin state directory {path}: {cause}\n  fix: set [plugins].state_dir to a writable, persistent directory (default /var/lib/myelin/plugins)")]
+    StateDir {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -157,6 +162,11 @@ impl PluginHost {
         for (inst, _) in &validated {
             let dir = settings.runtime_dir.join(&inst.name);
             prepare_dir(&dir, run_as).map_err(|cause| HostError::RuntimeDir {
+                path: dir.clone(),
+                cause,
+            })?;
+            let dir = settings.state_dir.join(&inst.name);
+            prepare_dir(&dir, run_as).map_err(|cause| HostError::StateDir {
                 path: dir.clone(),
                 cause,
             })?;

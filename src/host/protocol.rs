@@ -18,6 +18,8 @@ pub struct Init {
     pub config_toml: String,
     /// Where the plugin serves its HTTP routes.
     pub http_socket: PathBuf,
+    /// The instance's persistent directory.
+    pub state_dir: PathBuf,
     pub worker_threads: usize,
     pub mesh: MeshView,
 }

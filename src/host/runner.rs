@@ -39,7 +39,8 @@ pub async fn run_plugin(
         section,
         mesh_rx,
         cancel.clone(),
-    );
+    )
+    .with_state_dir(init.state_dir.clone());
     if let Err(e) = plugin.on_tunnel_up(ctx).await {
         return fail(format!("on_tunnel_up: {e}"));
     }

@@ -181,6 +181,7 @@ impl Supervisor {
             kind: self.inst.kind.clone(),
             config_toml: toml::to_string(&self.inst.section).unwrap_or_default(),
             http_socket: super::http_socket(&self.shared.settings, &self.inst.name),
+            state_dir: self.shared.settings.state_dir.join(&self.inst.name),
             worker_threads: self.inst.worker_threads,
             mesh: self.shared.mesh.borrow().clone(),
         }

@@ -70,9 +70,10 @@ impl Node {
         let key = write_key(dir.path());
         let config = dir.path().join("myelin.toml");
         let text = format!(
-            "[node]\nname = \"robot1\"\nprivate_key_file = \"{}\"\naddress = [\"10.77.0.1/16\"]\n\n[control]\nlisten = \"127.0.0.1:0\"\n{control}\n\n[plugins]\nruntime_dir = \"{}\"\n{host}\n{sections}\n",
+            "[node]\nname = \"robot1\"\nprivate_key_file = \"{}\"\naddress = [\"10.77.0.1/16\"]\n\n[control]\nlisten = \"127.0.0.1:0\"\n{control}\n\n[plugins]\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\n{host}\n{sections}\n",
             key.display(),
-            dir.path().join("run").display()
+            dir.path().join("run").display(),
+            dir.path().join("state").display()
         );
         std::fs::write(&config, text).unwrap();
         Self::start_with(ns, dir, config)
@@ -97,23 +98,49 @@ impl Node {
             config,
             log,
         };
+        node.wait_api(0);
+        node
+    }
+
+    /// Finds the control API address the node logs after byte `from` of its log.
+    fn wait_api(&mut self, from: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let text = node.log();
-            if let Some(rest) = text.split("control API listening on http://").nth(1) {
+            let text = self.log();
+            let fresh = text.get(from..).unwrap_or("");
+            if let Some(rest) = fresh.split("control API listening on http://").nth(1) {
                 let addr: String = rest
                     .chars()
                     .take_while(|c| !c.is_whitespace() && *c != '\x1b')
                     .collect();
-                node.api = addr.parse().expect("API address");
-                return node;
+                self.api = addr.parse().expect("API address");
+                return;
             }
-            let exited = node.child.try_wait().unwrap().is_some();
+            let exited = self.child.try_wait().unwrap().is_some();
             if exited || Instant::now() > deadline {
                 panic!("node did not report its control API (exited: {exited}); log:\n{text}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Kills the node with SIGKILL (as a crash or power loss would end it) and starts it again
+    /// with the same config and directories; its log goes on in the same file.
+    pub fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let from = self.log().len();
+        let out = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = myelin::lab::node_command(std::path::Path::new(BIN), &self.ns.name, &self.config)
+            .env_remove("RUST_BACKTRACE")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start myelin up again");
+        self.wait_api(from);
     }
 
     pub fn log(&self) -> String {
@@ -315,12 +342,13 @@ impl Node {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let addresses: Vec<String> = spec.addresses.iter().map(|a| format!("\"{a}\"")).collect();
         let text = format!(
-            "[node]\nname = \"{}\"\nprivate_key_file = \"{}\"\nlisten_port = 51820\naddress = [{}]\n\n[control]\nlisten = \"127.0.0.1:0\"\n\n[probe]\ninterval_ms = 100\n\n{}\n[plugins]\nruntime_dir = \"{}\"\n{plugins}\n",
+            "[node]\nname = \"{}\"\nprivate_key_file = \"{}\"\nlisten_port = 51820\naddress = [{}]\n\n[control]\nlisten = \"127.0.0.1:0\"\n\n[probe]\ninterval_ms = 100\n\n{}\n[plugins]\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\n{plugins}\n",
             spec.name,
             key.display(),
             addresses.join(", "),
             spec.rest,
-            dir.path().join("run").display()
+            dir.path().join("run").display(),
+            dir.path().join("state").display()
         );
         let config = dir.path().join("myelin.toml");
         std::fs::write(&config, text).unwrap();

@@ -53,14 +53,22 @@ pub async fn run(
     metrics: PluginMetrics,
     cancel: CancellationToken,
 ) {
+    // Every second at first (the zenoh plugin may still be starting), then backing off to 30 s;
+    // the first failure and every tenth are logged.
+    let mut failures = 0u32;
     let session = loop {
         match open(port).await {
             Ok(s) => break s,
             Err(e) => {
-                eprintln!("ai: zenoh router 127.0.0.1:{port}: {e}; retrying (is [plugins.zenoh] enabled?)");
+                if failures % 10 == 0 {
+                    eprintln!("ai: zenoh router 127.0.0.1:{port}: {e}; retrying (is [plugins.zenoh] enabled?)");
+                }
+                failures = failures.saturating_add(1);
+                let delay = Duration::from_secs(1u64 << failures.saturating_sub(5).min(5))
+                    .min(Duration::from_secs(30));
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
             }
         }

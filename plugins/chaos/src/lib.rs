@@ -134,8 +134,10 @@ impl Plugin for Chaos {
                 .counter("myelin_chaos_health_checks_total")
                 .increment(1);
         }
+        // Hung for good, but asleep: a hang must not burn a core (a thread-isolated plugin's
+        // abandoned thread would spin until the node restarts).
         while self.hang.load(Ordering::SeqCst) {
-            std::hint::spin_loop();
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
         Health::Healthy
     }

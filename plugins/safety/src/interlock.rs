@@ -5,6 +5,10 @@
 //! waiting `clear_after`) → `Latched` (good long enough, stop held until re-armed; only with
 //! `latch`) → `Armed`. A bad link in `Clearing` or `Latched` goes back to `Tripped`.
 //!
+//! Every start begins stopped (`Tripped`, reason `Startup`): motion is permitted only once the
+//! link has been good for `clear_after`, and only after a re-arm when the stop that was in
+//! force before the restart needed one (no automatic restart after a stop).
+//!
 //! A probe is *bad* when its round trip exceeds `max_rtt`, or when it has been unanswered for
 //! longer than `max_rtt` (it is known to be late before its answer arrives, or if none ever
 //! does). `trip_after` consecutive bad probes trip. So does no answer at all for
@@ -26,7 +30,7 @@ pub struct Settings {
     pub latch: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     Armed,
@@ -55,6 +59,8 @@ impl State {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
+    /// The interlock (plugin, process or node) has just started.
+    Startup,
     /// `trip_after` consecutive probes over `max_rtt`.
     Latency,
     /// No probe answer for `heartbeat_timeout`.
@@ -64,6 +70,7 @@ pub enum Reason {
 impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
+            Reason::Startup => "startup",
             Reason::Latency => "latency",
             Reason::Heartbeat => "heartbeat",
         }
@@ -73,10 +80,11 @@ impl Reason {
 /// What the machine reports.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// Motion was permitted and is now stopped.
-    Tripped {
+    /// Motion is stopped: a trip while armed, or the stop every start begins with
+    /// (`Startup`, no peer).
+    Stopped {
         reason: Reason,
-        peer: String,
+        peer: Option<String>,
         rtt_ms: Option<f64>,
     },
     /// The stop ended: motion is permitted again (by clearing without latch, or by re-arm).
@@ -128,9 +136,17 @@ pub struct Interlock {
     state: State,
     links: Vec<Link>,
     /// The trip that caused the current stop.
-    trip: Option<(Reason, String, Option<f64>)>,
+    trip: Option<Trip>,
+    /// Whether the current stop ends only with a re-arm (`latch` and a real trip, or a restored
+    /// stop that needed one).
+    rearm_required: bool,
     events: VecDeque<Event>,
+    /// The latest `now` handled: deadlines at or before it are done.
+    handled_until: Instant,
 }
+
+/// What caused the current stop: reason, peer (none for `Startup`), RTT of the deciding probe.
+pub type Trip = (Reason, Option<String>, Option<f64>);
 
 enum Verdict {
     Bad(f64),
@@ -138,10 +154,13 @@ enum Verdict {
 }
 
 impl Interlock {
-    pub fn new(settings: Settings, watch: &[String], now: Instant) -> Self {
-        Self {
+    /// A started interlock: stopped (reason `Startup`) until the link has been good for
+    /// `clear_after`, then armed, or latched when `rearm_required` (honoured only with `latch`).
+    pub fn new(settings: Settings, watch: &[String], now: Instant, rearm_required: bool) -> Self {
+        let rearm_required = rearm_required && settings.latch;
+        let mut il = Self {
             settings,
-            state: State::Armed,
+            state: State::Tripped,
             links: watch
                 .iter()
                 .map(|name| Link {
@@ -155,9 +174,23 @@ impl Interlock {
                     last_rtt_ms: None,
                 })
                 .collect(),
-            trip: None,
+            trip: Some((Reason::Startup, None, None)),
+            rearm_required,
             events: VecDeque::new(),
-        }
+            handled_until: now,
+        };
+        il.events.push_back(Event::State(State::Tripped));
+        il.events.push_back(Event::Stopped {
+            reason: Reason::Startup,
+            peer: None,
+            rtt_ms: None,
+        });
+        il
+    }
+
+    /// Whether the current stop ends only with a re-arm.
+    pub fn rearm_required(&self) -> bool {
+        self.rearm_required
     }
 
     pub fn state(&self) -> State {
@@ -165,7 +198,7 @@ impl Interlock {
     }
 
     /// The trip behind the current stop: reason, peer, RTT.
-    pub fn trip(&self) -> Option<&(Reason, String, Option<f64>)> {
+    pub fn trip(&self) -> Option<&Trip> {
         self.trip.as_ref()
     }
 
@@ -239,14 +272,22 @@ impl Interlock {
             self.judge(i, v, now);
         }
         self.evaluate(now);
+        self.handled_until = self.handled_until.max(now);
     }
 
     /// When `handle_timeout` must run next: an open probe reaching `max_rtt`, a heartbeat
-    /// deadline, or the end of the clearing time.
+    /// deadline, or the end of the clearing time. Only deadlines after the latest `now` already
+    /// handled count: one that has passed was dealt with then, and returning it again would make
+    /// the caller wake at once, forever.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let s = &self.settings;
+        let handled = self.handled_until;
         let mut next: Option<Instant> = None;
-        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        let mut at = |t: Instant| {
+            if t > handled {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
         for l in &self.links {
             if let Some((_, sent)) = l.pending.front() {
                 at(*sent + s.max_rtt);
@@ -281,6 +322,7 @@ impl Interlock {
             }
         }
         self.evaluate(now);
+        self.handled_until = self.handled_until.max(now);
     }
 
     /// A person asks to permit motion again. Allowed only once the link has been good for the
@@ -291,6 +333,7 @@ impl Interlock {
             State::Latched => {
                 self.set_state(State::Armed);
                 self.trip = None;
+                self.rearm_required = false;
                 self.events.push_back(Event::Cleared { rearmed: true });
                 Ok(())
             }
@@ -339,12 +382,9 @@ impl Interlock {
             Verdict::Bad(ms) => {
                 link.consecutive_bad = link.consecutive_bad.saturating_add(1);
                 link.good_since = None;
-                if link.consecutive_bad >= s.trip_after && self.state == State::Armed {
+                if link.consecutive_bad >= s.trip_after {
                     let peer = link.name.clone();
-                    self.trip_now(Reason::Latency, peer, Some(ms));
-                } else if link.consecutive_bad >= s.trip_after {
-                    let peer = link.name.clone();
-                    self.retrip(Reason::Latency, peer, Some(ms));
+                    self.trip_on(Reason::Latency, peer, Some(ms));
                 }
             }
             Verdict::Fine(ms) => {
@@ -368,11 +408,7 @@ impl Interlock {
             if silent >= s.heartbeat_timeout {
                 self.links[i].good_since = None;
                 let peer = self.links[i].name.clone();
-                if self.state == State::Armed {
-                    self.trip_now(Reason::Heartbeat, peer, None);
-                } else {
-                    self.retrip(Reason::Heartbeat, peer, None);
-                }
+                self.trip_on(Reason::Heartbeat, peer, None);
             }
         }
         let all_good = self.links.iter().all(|l| l.good_since.is_some());
@@ -384,7 +420,7 @@ impl Interlock {
             State::Tripped if all_good => self.set_state(State::Clearing),
             State::Clearing if !all_good => self.set_state(State::Tripped),
             State::Clearing if cleared => {
-                if s.latch {
+                if self.rearm_required {
                     self.set_state(State::Latched);
                 } else {
                     self.set_state(State::Armed);
@@ -396,21 +432,30 @@ impl Interlock {
         }
     }
 
-    fn trip_now(&mut self, reason: Reason, peer: String, rtt_ms: Option<f64>) {
-        self.trip = Some((reason, peer.clone(), rtt_ms));
-        self.set_state(State::Tripped);
-        self.events.push_back(Event::Tripped {
-            reason,
-            peer,
-            rtt_ms,
-        });
-    }
-
-    /// Already stopped: the link went bad again while clearing or latched.
-    fn retrip(&mut self, reason: Reason, peer: String, rtt_ms: Option<f64>) {
-        if matches!(self.state, State::Clearing | State::Latched) {
-            self.trip = Some((reason, peer, rtt_ms));
-            self.set_state(State::Tripped);
+    /// The link to `peer` is bad: stop when armed; when clearing or latched, go back to
+    /// tripped, and with `latch` the stop now ends only with a re-arm. The start-up stop stays
+    /// what it is: motion was never permitted since the start, so a link that is still settling
+    /// only restarts the clearing time.
+    fn trip_on(&mut self, reason: Reason, peer: String, rtt_ms: Option<f64>) {
+        let startup = matches!(self.trip, Some((Reason::Startup, _, _)));
+        match self.state {
+            State::Armed => {
+                self.rearm_required = self.settings.latch;
+                self.trip = Some((reason, Some(peer.clone()), rtt_ms));
+                self.set_state(State::Tripped);
+                self.events.push_back(Event::Stopped {
+                    reason,
+                    peer: Some(peer),
+                    rtt_ms,
+                });
+            }
+            State::Clearing | State::Latched if startup => self.set_state(State::Tripped),
+            State::Clearing | State::Latched => {
+                self.rearm_required |= self.settings.latch;
+                self.trip = Some((reason, Some(peer), rtt_ms));
+                self.set_state(State::Tripped);
+            }
+            State::Tripped => {}
         }
     }
 
@@ -456,12 +501,22 @@ mod tests {
     const STEP: Duration = Duration::from_millis(5);
 
     impl Sim {
+        /// An interlock that is already armed at `t0`, as after a start-up cleared long ago.
         fn new(settings: Settings, rtts: Vec<Option<Duration>>) -> Sim {
+            let mut sim = Sim::starting(settings, rtts, false);
+            sim.il.state = State::Armed;
+            sim.il.trip = None;
+            sim.il.events.clear();
+            sim
+        }
+
+        /// An interlock that starts at `t0`, as the plugin starts it.
+        fn starting(settings: Settings, rtts: Vec<Option<Duration>>, rearm_required: bool) -> Sim {
             let t0 = Instant::now();
             Sim {
                 t0,
                 rtts,
-                il: Interlock::new(settings, &["operator".to_string()], t0),
+                il: Interlock::new(settings, &["operator".to_string()], t0, rearm_required),
                 events: Vec::new(),
                 states: Vec::new(),
             }
@@ -511,6 +566,11 @@ mod tests {
                 if self.il.poll_timeout().is_some_and(|d| d <= t) {
                     self.il.handle_timeout(t);
                 }
+                // Nothing handled is asked for again: a deadline at or before `t` would make
+                // the plugin's loop wake at once, forever.
+                if let Some(d) = self.il.poll_timeout() {
+                    assert!(d > t, "poll_timeout {:?} is not after the handled {:?}", d - self.t0, t - self.t0);
+                }
                 while let Some(e) = self.il.poll_event() {
                     self.events.push((t, e));
                 }
@@ -523,7 +583,9 @@ mod tests {
             self.events
                 .iter()
                 .filter_map(|(t, e)| match e {
-                    Event::Tripped { reason, .. } => Some((*t, *reason)),
+                    Event::Stopped { reason, .. } if *reason != Reason::Startup => {
+                        Some((*t, *reason))
+                    }
                     _ => None,
                 })
                 .collect()
@@ -626,6 +688,99 @@ mod tests {
         assert_eq!(sim.il.state(), State::Tripped);
     }
 
+    #[test]
+    fn a_good_link_leaves_nothing_to_wake_for() {
+        // The fault seen in the lab: once the link had been good for `clear_after`, the end of
+        // the clearing time stayed the next deadline although it had passed.
+        let mut sim = Sim::new(settings(true), vec![ok(10); 100]);
+        sim.run_until(Duration::from_secs(8));
+        assert_eq!(sim.il.state(), State::Armed);
+        let t = sim.t0 + Duration::from_secs(8);
+        let next = sim.il.poll_timeout().expect("the heartbeat deadline");
+        assert!(next > t, "deadline {:?} already passed", next - sim.t0);
+        assert!(next <= t + settings(true).heartbeat_timeout);
+        // A silent link after the trip: the passed heartbeat deadline is not asked for again.
+        let mut sim = Sim::new(settings(true), vec![None; 60]);
+        sim.run_until(Duration::from_secs(5));
+        assert_eq!(sim.il.state(), State::Tripped);
+        let t = sim.t0 + Duration::from_secs(5);
+        sim.il.handle_timeout(t);
+        assert!(sim.il.poll_timeout().is_none_or(|d| d > t));
+    }
+
+    #[test]
+    fn every_start_is_stopped_until_the_link_was_good_for_the_clearing_time() {
+        let mut sim = Sim::starting(settings(true), vec![ok(10); 100], false);
+        assert_eq!(sim.il.state(), State::Tripped);
+        assert_eq!(sim.il.trip().map(|t| t.0), Some(Reason::Startup));
+        sim.run_until(Duration::from_secs(8));
+        let first = &sim.events[..2];
+        assert_eq!(first[0].1, Event::State(State::Tripped));
+        assert!(matches!(
+            first[1].1,
+            Event::Stopped {
+                reason: Reason::Startup,
+                peer: None,
+                ..
+            }
+        ));
+        // A start-up stop needs no re-arm, even with latch: nothing tripped.
+        let armed_at = sim
+            .states
+            .iter()
+            .find(|(_, s)| *s == State::Armed)
+            .map(|(t, _)| *t - sim.t0)
+            .expect("armed after the clearing time");
+        // The first answer arrives at 10 ms; clearing takes 5 s of good probes from then.
+        assert!(
+            armed_at >= Duration::from_secs(5) && armed_at < Duration::from_millis(5200),
+            "armed at {armed_at:?}"
+        );
+        assert!(sim
+            .events
+            .iter()
+            .any(|(_, e)| *e == Event::Cleared { rearmed: false }));
+    }
+
+    #[test]
+    fn a_restored_stop_that_needed_a_rearm_still_needs_one() {
+        let mut sim = Sim::starting(settings(true), vec![ok(10); 100], true);
+        assert!(sim.il.rearm_required());
+        sim.run_until(Duration::from_secs(8));
+        assert_eq!(sim.il.state(), State::Latched);
+        assert!(sim.states.iter().all(|(_, s)| *s != State::Armed));
+        sim.il.rearm(sim.t0 + Duration::from_secs(8)).unwrap();
+        assert_eq!(sim.il.state(), State::Armed);
+        assert!(!sim.il.rearm_required());
+        // Without latch in the configuration the restored requirement is dropped.
+        let mut sim = Sim::starting(settings(false), vec![ok(10); 100], true);
+        assert!(!sim.il.rearm_required());
+        sim.run_until(Duration::from_secs(8));
+        assert_eq!(sim.il.state(), State::Armed);
+    }
+
+    #[test]
+    fn a_bad_link_while_clearing_from_start_up_restarts_the_clearing() {
+        let mut rtts = vec![ok(10); 20];
+        rtts.extend(vec![ok(300); 5]);
+        rtts.extend(vec![ok(10); 100]);
+        for latch in [true, false] {
+            let mut sim = Sim::starting(settings(latch), rtts.clone(), false);
+            sim.run_until(Duration::from_secs(10));
+            assert_eq!(sim.il.state(), State::Armed, "latch {latch}");
+            assert!(!sim.il.rearm_required());
+            // The last slow probe (sent at 2.4 s) is known at 2.6 s; then 5 s of good ones.
+            let armed_at = sim
+                .states
+                .iter()
+                .find(|(_, s)| *s == State::Armed)
+                .map(|(t, _)| *t - sim.t0)
+                .unwrap();
+            assert!(armed_at >= Duration::from_millis(7500), "armed at {armed_at:?}");
+            assert!(sim.trips().is_empty(), "{:?}", sim.events);
+        }
+    }
+
     fn segment() -> impl Strategy<Value = (u8, usize)> {
         (0u8..4, 1usize..40)
     }
@@ -633,7 +788,7 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
         #[test]
-        fn interlock_properties(segments in proptest::collection::vec(segment(), 1..8), latch in any::<bool>(), seed in 0u64..1000) {
+        fn interlock_properties(segments in proptest::collection::vec(segment(), 1..8), latch in any::<bool>(), seed in 0u64..1000, startup in any::<bool>(), restored in any::<bool>()) {
             // Regimes: good, slow, lost, mixed; values vary with the position.
             let mut rtts = Vec::new();
             let mut x = seed;
@@ -650,7 +805,11 @@ mod tests {
                 }
             }
             let s = settings(latch);
-            let mut sim = Sim::new(s.clone(), rtts.clone());
+            let mut sim = if startup {
+                Sim::starting(s.clone(), rtts.clone(), restored)
+            } else {
+                Sim::new(s.clone(), rtts.clone())
+            };
             let end = INTERVAL * rtts.len() as u32 + Duration::from_secs(1);
             sim.run_until(end);
             let sent = |i: usize| sim.t0 + INTERVAL * i as u32;
@@ -690,6 +849,16 @@ mod tests {
                         let k = known(j);
                         prop_assert!(!(not_good && k > window_start && k + INTERVAL + STEP <= *t),
                             "event {i} {e:?} at {:?}, but probe {j} known not good at {:?}", *t - sim.t0, k - sim.t0);
+                    }
+                }
+            }
+            // 4. A start never permits motion before clear_after, and a restored stop that
+            //    needed a re-arm (with latch) never permits it without one.
+            if startup {
+                for &(t, state) in &sim.states {
+                    if state == State::Armed {
+                        prop_assert!(t - sim.t0 >= s.clear_after, "armed {:?} after start", t - sim.t0);
+                        prop_assert!(!(restored && latch), "armed without a re-arm");
                     }
                 }
             }

@@ -6,11 +6,13 @@
 
 mod actions;
 mod interlock;
+mod persist;
 #[cfg(feature = "ros")]
 mod ros;
 
-use actions::{ActionConfig, Notice};
+use actions::{ActionConfig, ActionStatus, Notice};
 use interlock::{Event, Interlock, Settings, State};
+use persist::{Restored, Saved};
 use myelin_sdk::axum::{
     http::StatusCode, response::Html, response::IntoResponse, routing::get, routing::post, Json,
     Router,
@@ -145,8 +147,17 @@ struct Status {
     trips: u64,
     links: Vec<interlock::LinkStatus>,
     latch: bool,
+    /// Whether the current stop ends only with a re-arm.
+    rearm_required: bool,
+    /// The newest transition's generation; every action applies only this one.
+    generation: u64,
+    /// Each action: what it applied, whether it is still applying, its failures.
+    actions: Vec<ActionStatus>,
     /// Problems with actions (a failed command, an unreachable router), newest last.
     action_errors: Vec<String>,
+    /// Where the state is saved, and why saving it failed last (none once it works again).
+    state_file: String,
+    state_file_error: Option<String>,
     ros_connected: Option<bool>,
 }
 
@@ -180,6 +191,107 @@ fn note_error(status: &Mutex<Status>, error: String) {
     }
 }
 
+/// Where the actions' progress goes: the status route, the log and
+/// `myelin_safety_action_failures_total{action,index}`.
+struct Reporter {
+    status: Arc<Mutex<Status>>,
+    failures: Vec<myelin_sdk::metrics::Counter>,
+}
+
+impl Reporter {
+    fn new(
+        actions: &[ActionConfig],
+        status: Arc<Mutex<Status>>,
+        metrics: &myelin_sdk::PluginMetrics,
+    ) -> Reporter {
+        let failures = actions
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let c = metrics.counter_with(
+                    "myelin_safety_action_failures_total",
+                    &[("action", a.kind()), ("index", &i.to_string())],
+                );
+                // Present from the start, so a dashboard shows 0 rather than nothing.
+                c.absolute(0);
+                c
+            })
+            .collect();
+        if let Ok(mut s) = status.lock() {
+            s.actions = actions
+                .iter()
+                .enumerate()
+                .map(|(index, a)| ActionStatus {
+                    index,
+                    kind: a.kind(),
+                    target: a.target(),
+                    ..ActionStatus::default()
+                })
+                .collect();
+        }
+        Reporter { status, failures }
+    }
+
+    fn update(&self, index: usize, f: impl FnOnce(&mut ActionStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            if let Some(a) = s.actions.get_mut(index) {
+                f(a);
+            }
+        }
+    }
+
+    /// A new generation is handed to every action.
+    fn desired(&self, generation: u64) {
+        if let Ok(mut s) = self.status.lock() {
+            s.generation = generation;
+            for a in &mut s.actions {
+                a.generation = generation;
+                a.pending = true;
+            }
+        }
+    }
+}
+
+impl actions::Report for Reporter {
+    fn attempt(&self, index: usize, _generation: u64) {
+        self.update(index, |a| a.attempts += 1);
+    }
+
+    fn applied(&self, index: usize, generation: u64, state: &str) {
+        self.update(index, |a| {
+            if a.applied_generation != Some(generation) {
+                log(&format!(
+                    "actions[{index}] ({} {}) applied {state} (generation {generation})",
+                    a.kind, a.target
+                ));
+            }
+            a.applied_generation = Some(generation);
+            a.applied_state = Some(state.to_string());
+            a.pending = a.generation > generation;
+        });
+    }
+
+    fn failed(&self, index: usize, generation: u64, error: String, retry_in: Duration) {
+        if let Some(c) = self.failures.get(index) {
+            c.increment(1);
+        }
+        let line = if retry_in.is_zero() {
+            format!("actions[{index}] generation {generation}: {error}")
+        } else {
+            format!(
+                "actions[{index}] generation {generation}: {error}; retrying in {:.1} s",
+                retry_in.as_secs_f64()
+            )
+        };
+        note_error(&self.status, line);
+        self.update(index, |a| {
+            a.failures += 1;
+            a.last_error = Some(error);
+            a.last_error_unix_ms = Some(unix_ms());
+        });
+    }
+}
+
 #[async_trait]
 impl Plugin for Safety {
     fn name(&self) -> &str {
@@ -206,20 +318,37 @@ impl Plugin for Safety {
                 )));
             }
         }
-        let (stopped_tx, stopped_rx) = watch::channel(false);
+        let state_dir = ctx.state_dir().ok_or(PluginError::NotReady(
+            "the host gave no state directory; the interlock cannot keep a stop across restarts",
+        ))?;
+        let state_file = persist::path(state_dir);
+        let restored = persist::load(&state_file);
+        log(&restored.describe(&state_file, self.config.latch));
+        // Every start is a stop until the link proves good: the lock publishes `true` first.
+        let (stopped_tx, stopped_rx) = watch::channel((0u64, true));
         let (rearm_tx, rearm_rx) = mpsc::channel(4);
         self.rearm_tx = Some(rearm_tx);
         if let Ok(mut s) = self.status.lock() {
-            s.state = Some(State::Armed);
+            s.state = Some(State::Tripped);
+            s.stopped = true;
+            s.reason = Some("startup".into());
+            s.rearm_required = self.config.latch && restored.rearm_required();
             s.latch = self.config.latch;
             s.since_unix_ms = unix_ms();
+            s.state_file = state_file.display().to_string();
         }
-        let ros_actions: Vec<ActionConfig> = self
+        let reporter = Arc::new(Reporter::new(
+            &self.config.actions,
+            self.status.clone(),
+            &ctx.metrics(),
+        ));
+        let ros_actions: Vec<(usize, ActionConfig)> = self
             .config
             .actions
             .iter()
-            .filter(|a| a.is_ros())
-            .cloned()
+            .enumerate()
+            .filter(|(_, a)| a.is_ros())
+            .map(|(i, a)| (i, a.clone()))
             .collect();
         if !ros_actions.is_empty() {
             #[cfg(feature = "ros")]
@@ -234,16 +363,37 @@ impl Plugin for Safety {
                     namespace,
                     self.config.zenoh_port,
                     stopped_rx.clone(),
+                    reporter.clone(),
                     self.status.clone(),
                     ctx.cancellation(),
                 ));
             }
         }
         drop(stopped_rx);
+        // One worker per command/http action, each following the newest generation.
+        let (desired_tx, _) = watch::channel::<Option<Notice>>(None);
+        for (index, action) in self.config.actions.iter().enumerate() {
+            if action.is_ros() {
+                continue;
+            }
+            tokio::spawn(actions::worker(
+                index,
+                action.clone(),
+                desired_tx.subscribe(),
+                reporter.clone(),
+                ctx.cancellation(),
+            ));
+        }
         tokio::spawn(interlock_loop(
             ctx,
             self.config.clone(),
-            stopped_tx,
+            Loop {
+                restored,
+                state_file,
+                stopped: stopped_tx,
+                desired: desired_tx,
+                reporter,
+            },
             rearm_rx,
             self.status.clone(),
         ));
@@ -266,6 +416,22 @@ impl Plugin for Safety {
                 ),
             };
         }
+        if let Some(e) = &s.state_file_error {
+            return Health::Degraded {
+                reason: format!("cannot save the interlock state to {}: {e}", s.state_file),
+            };
+        }
+        if let Some(a) = s.actions.iter().find(|a| a.pending && a.last_error.is_some()) {
+            return Health::Degraded {
+                reason: format!(
+                    "actions[{}] ({} {}) failing, retrying: {}",
+                    a.index,
+                    a.kind,
+                    a.target,
+                    a.last_error.as_deref().unwrap_or("")
+                ),
+            };
+        }
         if s.stopped {
             return Health::Degraded {
                 reason: format!(
@@ -274,6 +440,9 @@ impl Plugin for Safety {
                     match s.state {
                         Some(State::Latched) => "link good: re-arm to permit motion",
                         Some(State::Clearing) => "link good, clearing",
+                        _ if s.reason.as_deref() == Some("startup") => {
+                            "waiting for the link to be good"
+                        }
                         _ => "link bad",
                     }
                 ),
@@ -342,21 +511,37 @@ async fn rearm_request(tx: Option<mpsc::Sender<RearmReply>>) -> impl IntoRespons
     }
 }
 
-/// Feeds the interlock with mesh views and its own deadlines, answers re-arm requests, and
-/// carries out what it decides.
+/// What the interlock loop drives besides the status.
+struct Loop {
+    restored: Restored,
+    state_file: std::path::PathBuf,
+    /// (generation, stopped) for the ROS actions.
+    stopped: watch::Sender<(u64, bool)>,
+    /// The newest notice for the command/http workers.
+    desired: watch::Sender<Option<Notice>>,
+    reporter: Arc<Reporter>,
+}
+
+/// Feeds the interlock with mesh views and its own deadlines, answers re-arm requests, saves
+/// every transition, and hands each one to the actions as a new generation.
 async fn interlock_loop(
     ctx: PluginContext,
     config: SafetyConfig,
-    stopped: watch::Sender<bool>,
+    out: Loop,
     mut rearm: mpsc::Receiver<RearmReply>,
     status: Arc<Mutex<Status>>,
 ) {
     let cancel = ctx.cancellation();
     let mut mesh = ctx.mesh();
-    let mut il = Interlock::new(config.settings(), &config.watch, Instant::now());
+    let mut il = Interlock::new(
+        config.settings(),
+        &config.watch,
+        Instant::now(),
+        out.restored.rearm_required(),
+    );
+    let mut generation = out.restored.generation();
     let metrics = ctx.metrics();
     let state_gauge = metrics.gauge("myelin_safety_state");
-    state_gauge.set(State::Armed.code());
     // Both reasons exist from the start, so a dashboard shows 0 rather than nothing.
     for reason in ["latency", "heartbeat"] {
         metrics
@@ -365,46 +550,54 @@ async fn interlock_loop(
     }
     let node = ctx.node().name.clone();
     log(&format!(
-        "interlock armed, watching {} (max RTT {} ms × {}, heartbeat {} ms, clear below {} ms for {} s, latch {})",
+        "interlock started stopped, watching {} (max RTT {} ms × {}, heartbeat {} ms, clear below {} ms for {} s, latch {}{})",
         config.watch.join(", "),
         config.max_rtt_ms,
         config.trip_after,
         config.heartbeat_timeout_ms,
         config.clear_below_ms,
         config.clear_after_s,
-        config.latch
+        config.latch,
+        if il.rearm_required() { ", re-arm required" } else { "" }
     ));
+    // The start-up stop is the first transition; the loop below handles it before any wait.
+    let mut woke = true;
     loop {
-        let deadline = il
-            .poll_timeout()
-            .map(tokio::time::Instant::from_std)
-            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(1));
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            changed = mesh.changed() => {
-                if changed.is_err() { return }
-                let now = Instant::now();
-                let view = mesh.borrow_and_update().clone();
-                for name in &config.watch {
-                    if let Some(peer) = view.peer(name) {
-                        il.handle_probes(name, &peer.recent_probes, now);
+        if !woke {
+            let deadline = il.poll_timeout().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = mesh.changed() => {
+                    if changed.is_err() { return }
+                    let now = Instant::now();
+                    let view = mesh.borrow_and_update().clone();
+                    for name in &config.watch {
+                        if let Some(peer) = view.peer(name) {
+                            il.handle_probes(name, &peer.recent_probes, now);
+                        }
                     }
+                    il.handle_timeout(now);
                 }
-                il.handle_timeout(now);
-            }
-            _ = tokio::time::sleep_until(deadline) => il.handle_timeout(Instant::now()),
-            Some(reply) = rearm.recv() => {
-                let result = il.rearm(Instant::now()).map_err(|e| e.to_string());
-                match &result {
-                    Ok(()) => log("re-arm accepted: motion permitted"),
-                    Err(e) => log(&format!("re-arm refused: {e}")),
+                // No deadline (nothing pending): wait for the mesh or a person only.
+                _ = sleep_until(deadline) => il.handle_timeout(Instant::now()),
+                Some(reply) = rearm.recv() => {
+                    let result = il.rearm(Instant::now()).map_err(|e| e.to_string());
+                    match &result {
+                        Ok(()) => log("re-arm accepted: motion permitted"),
+                        Err(e) => log(&format!("re-arm refused: {e}")),
+                    }
+                    let _ = reply.send(result);
                 }
-                let _ = reply.send(result);
             }
         }
+        woke = false;
         let now = Instant::now();
+        let mut transitioned = false;
+        let mut notices = Vec::new();
         while let Some(event) = il.poll_event() {
-            let notice = |state: &'static str, reason: String, peer, rtt_ms| Notice {
+            transitioned = true;
+            let notice = |generation, state: &'static str, reason: String, peer, rtt_ms| Notice {
+                generation,
                 node: node.clone(),
                 state,
                 reason,
@@ -412,41 +605,41 @@ async fn interlock_loop(
                 rtt_ms,
                 time_unix_ms: unix_ms(),
             };
-            match event {
-                Event::Tripped {
+            let notice = match event {
+                Event::Stopped {
                     reason,
                     peer,
                     rtt_ms,
                 } => {
-                    stopped.send_replace(true);
-                    metrics
-                        .counter_with("myelin_safety_trips_total", &[("reason", reason.as_str())])
-                        .increment(1);
-                    log(&format!(
-                        "SAFE STOP: {} on the link to {peer}{}",
-                        reason.as_str(),
-                        rtt_ms
-                            .map(|r| format!(", probe {r:.0} ms"))
-                            .unwrap_or_default()
-                    ));
-                    if let Ok(mut s) = status.lock() {
-                        s.trips += 1;
+                    if reason == interlock::Reason::Startup {
+                        log("SAFE STOP: startup (motion is permitted once the link has been good for the clearing time)");
+                    } else {
+                        metrics
+                            .counter_with(
+                                "myelin_safety_trips_total",
+                                &[("reason", reason.as_str())],
+                            )
+                            .increment(1);
+                        log(&format!(
+                            "SAFE STOP: {} on the link to {}{}",
+                            reason.as_str(),
+                            peer.as_deref().unwrap_or("?"),
+                            rtt_ms
+                                .map(|r| format!(", probe {r:.0} ms"))
+                                .unwrap_or_default()
+                        ));
+                        if let Ok(mut s) = status.lock() {
+                            s.trips += 1;
+                        }
                     }
-                    dispatch(
-                        &config.actions,
-                        notice("stopped", reason.as_str().into(), Some(peer), rtt_ms),
-                        &status,
-                    );
+                    generation += 1;
+                    notice(generation, "stopped", reason.as_str().into(), peer, rtt_ms)
                 }
                 Event::Cleared { rearmed } => {
-                    stopped.send_replace(false);
                     let reason = if rearmed { "rearmed" } else { "cleared" };
                     log(&format!("safe stop ended ({reason}): motion permitted"));
-                    dispatch(
-                        &config.actions,
-                        notice("armed", reason.into(), None, None),
-                        &status,
-                    );
+                    generation += 1;
+                    notice(generation, "armed", reason.into(), None, None)
                 }
                 Event::State(state) => {
                     state_gauge.set(state.code());
@@ -454,46 +647,63 @@ async fn interlock_loop(
                     if let Ok(mut s) = status.lock() {
                         s.since_unix_ms = unix_ms();
                     }
+                    continue;
                 }
-            }
+            };
+            notices.push(notice);
+        }
+        // Saved before any action applies it, so a crash right after never forgets it.
+        if transitioned {
+            save(&out, &il, generation, &status);
+        }
+        for notice in notices {
+            out.stopped
+                .send_replace((notice.generation, notice.state == "stopped"));
+            out.reporter.desired(notice.generation);
+            out.desired.send_replace(Some(notice));
         }
         if let Ok(mut s) = status.lock() {
             s.state = Some(il.state());
             s.stopped = il.state().stopped();
+            s.rearm_required = il.rearm_required();
             let trip = il.trip().cloned();
             s.reason = trip.as_ref().map(|t| t.0.as_str().to_string());
-            s.peer = trip.as_ref().map(|t| t.1.clone());
+            s.peer = trip.as_ref().and_then(|t| t.1.clone());
             s.rtt_ms = trip.and_then(|t| t.2);
             s.links = il.links(now);
         }
     }
 }
 
-/// Runs the one-shot actions (command, http) for a trip or a clear, each on its own task with
-/// its own timeout, so a slow one never delays the others or the interlock.
-fn dispatch(actions: &[ActionConfig], notice: Notice, status: &Arc<Mutex<Status>>) {
-    for action in actions {
-        let timeout = action.timeout();
-        let notice = notice.clone();
-        let status = status.clone();
-        match action.clone() {
-            ActionConfig::Command { argv, .. } => {
-                tokio::spawn(async move {
-                    if let Err(e) = actions::run_command(&argv, &notice, timeout).await {
-                        note_error(&status, format!("command: {e}"));
-                    }
-                });
-            }
-            ActionConfig::Http { url, .. } => {
-                tokio::spawn(async move {
-                    if let Err(e) = actions::post(&url, &notice, timeout).await {
-                        note_error(&status, format!("http {url}: {e}"));
-                    }
-                });
-            }
-            // Published continuously by the ROS task, following the stop state.
-            ActionConfig::RosLock { .. } | ActionConfig::RosZeroTwist { .. } => {}
-        }
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes the interlock's state to its file; a failure is logged and shown in the status (the
+/// interlock goes on: a stop is still a stop).
+fn save(out: &Loop, il: &Interlock, generation: u64, status: &Mutex<Status>) {
+    let trip = il.trip();
+    let saved = Saved::new(
+        il.state(),
+        trip.map(|t| t.0.as_str().to_string()),
+        trip.and_then(|t| t.1.clone()),
+        il.rearm_required(),
+        generation,
+        unix_ms(),
+    );
+    let result = persist::store(&out.state_file, &saved);
+    if let Err(e) = &result {
+        log(&format!(
+            "cannot save the interlock state to {}: {e}; a restart now would not know it (fix: make [plugins].state_dir writable)",
+            out.state_file.display()
+        ));
+    }
+    if let Ok(mut s) = status.lock() {
+        s.state_file_error = result.err().map(|e| e.to_string());
     }
 }
 
@@ -501,6 +711,8 @@ const PANEL: &str = r##"<!doctype html><meta charset="utf-8"><body style="font:1
 <p style="margin:0 0 6px"><b id="state">…</b> <span id="why"></span></p>
 <button id="rearm" disabled>Re-arm (permit motion)</button> <span id="answer"></span>
 <table id="links" style="margin-top:6px;border-collapse:collapse"><tbody></tbody></table>
+<table id="actions" style="margin-top:6px;border-collapse:collapse"><tbody></tbody></table>
+<p id="save" style="color:#cf222e;margin:4px 0 0"></p>
 <p style="color:#666;margin:6px 0 0">Re-arming only permits motion; it never commands it. A supplementary measure, not a certified safety function.</p>
 <script>
 const call = (id, method, path) => parent.postMessage({ myelin: "call", id, method, path }, "*");
@@ -519,17 +731,30 @@ addEventListener("message", (e) => {
   const st = document.getElementById("state");
   st.textContent = s.stopped ? "SAFE STOP (" + s.state + ")" : "armed";
   st.style.color = colors[s.state] || "";
-  document.getElementById("why").textContent = s.reason ? s.reason + " on " + s.peer + (s.rtt_ms ? ", " + Math.round(s.rtt_ms) + " ms" : "") + " · trips: " + s.trips : "trips: " + s.trips;
+  const why = s.reason ? s.reason + (s.peer ? " on " + s.peer : "") + (s.rtt_ms ? ", " + Math.round(s.rtt_ms) + " ms" : "") + " · " : "";
+  document.getElementById("why").textContent = why + "trips: " + s.trips + (s.rearm_required ? " · re-arm required" : "");
   document.getElementById("rearm").disabled = s.state === "armed";
-  const tb = document.querySelector("#links tbody");
-  tb.replaceChildren();
-  for (const l of s.links) {
-    const tr = document.createElement("tr");
-    for (const v of [l.peer, l.rtt_ms == null ? "no RTT" : l.rtt_ms.toFixed(1) + " ms", "last answer " + Math.round(l.since_answer_ms) + " ms ago", l.good_for_s == null ? "" : "good for " + l.good_for_s.toFixed(1) + " s"]) {
-      const td = document.createElement("td"); td.textContent = v; td.style.paddingRight = "12px"; tr.appendChild(td);
+  const rows = (sel, list) => {
+    const tb = document.querySelector(sel + " tbody");
+    tb.replaceChildren();
+    for (const cells of list) {
+      const tr = document.createElement("tr");
+      for (const [v, color] of cells) {
+        const td = document.createElement("td"); td.textContent = v; td.style.paddingRight = "12px";
+        if (color) td.style.color = color;
+        tr.appendChild(td);
+      }
+      tb.appendChild(tr);
     }
-    tb.appendChild(tr);
-  }
+  };
+  rows("#links", s.links.map((l) => [[l.peer], [l.rtt_ms == null ? "no RTT" : l.rtt_ms.toFixed(1) + " ms"], ["last answer " + Math.round(l.since_answer_ms) + " ms ago"], [l.good_for_s == null ? "" : "good for " + l.good_for_s.toFixed(1) + " s"]]));
+  rows("#actions", (s.actions || []).map((a) => [
+    [a.kind + " " + a.target],
+    [a.pending ? "applying #" + a.generation : "applied " + (a.applied_state || "—") + " #" + (a.applied_generation ?? "—"), a.pending ? "#bf8700" : ""],
+    [a.failures ? a.failures + " failures" : "no failures", a.failures ? "#cf222e" : ""],
+    [a.last_error ? "last: " + a.last_error : ""],
+  ]));
+  document.getElementById("save").textContent = s.state_file_error ? "cannot save state to " + s.state_file + ": " + s.state_file_error : "";
 });
 document.getElementById("rearm").onclick = () => call(2, "POST", "rearm");
 call(1, "GET", "status");

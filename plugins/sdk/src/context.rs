@@ -1,6 +1,7 @@
 //! What the host hands a plugin: identity, mesh updates, config, cancellation and metrics.
 
 use crate::mesh::{MeshView, NodeIdentity};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,7 @@ pub struct PluginContext {
     config: Arc<toml::Table>,
     mesh: watch::Receiver<MeshView>,
     cancel: CancellationToken,
+    state_dir: Option<Arc<PathBuf>>,
 }
 
 impl PluginContext {
@@ -30,7 +32,22 @@ impl PluginContext {
             config: Arc::new(config),
             mesh,
             cancel,
+            state_dir: None,
         }
+    }
+
+    /// Gives the plugin a persistent directory of its own (the host makes it, mode 0700, owned
+    /// by the plugin's user).
+    pub fn with_state_dir(mut self, dir: PathBuf) -> Self {
+        self.state_dir = Some(Arc::new(dir));
+        self
+    }
+
+    /// This instance's persistent directory (`[plugins].state_dir/<instance>`): for state that
+    /// must outlive a restart of the plugin, the node or the machine. `None` only in contexts
+    /// built without one (a plugin's own tests).
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.state_dir.as_deref().map(PathBuf::as_path)
     }
 
     /// This node's name, public key and overlay addresses.

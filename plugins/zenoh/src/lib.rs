@@ -218,7 +218,8 @@ fn tracing_line(line: &str) {
 }
 
 /// Keeps a zenoh connection to the router of every peer whose tunnel is up, and refreshes the
-/// status: on every mesh change and every second.
+/// status: every second, and at once when the set of peers that are up changes (not on every
+/// mesh update: those come with every probe, ten times a second per peer).
 async fn connect_loop(
     ctx: PluginContext,
     runtime: Runtime,
@@ -234,13 +235,29 @@ async fn connect_loop(
     let connected_gauge = metrics.gauge("myelin_zenoh_connected_peers");
     let routes_gauge = metrics.gauge("myelin_zenoh_routes");
     let mut tick = myelin_sdk::tokio::time::interval(TICK);
+    // A slow admin query must not make the missed ticks fire back to back.
+    tick.set_missed_tick_behavior(myelin_sdk::tokio::time::MissedTickBehavior::Delay);
+    let mut last_targets: Vec<(String, String)> = Vec::new();
     loop {
         myelin_sdk::tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
-            changed = mesh.changed() => if changed.is_err() { return },
+            changed = mesh.changed() => {
+                if changed.is_err() { return }
+                let now: Vec<(String, String)> = peers::targets(&mesh.borrow(), port)
+                    .into_iter()
+                    .map(|t| (t.zid, t.locator))
+                    .collect();
+                if now == last_targets {
+                    continue;
+                }
+            }
         }
         let view = mesh.borrow_and_update().clone();
+        last_targets = peers::targets(&view, port)
+            .into_iter()
+            .map(|t| (t.zid, t.locator))
+            .collect();
         let connected: HashSet<String> = session
             .info()
             .routers_zid()
