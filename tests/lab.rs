@@ -153,6 +153,20 @@ fn lab_up_meshes_three_nodes_and_ctrl_c_removes_everything() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap().to_string();
     let (mut up, transcript) = common::lab_up(3, &d);
+    // Removes the lab if an assertion below fails.
+    struct Down(String, i32);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                // SAFETY: signals our own child, still unreaped while the test is failing.
+                unsafe { libc::kill(self.1, libc::SIGKILL) };
+                let _ = Command::new(BIN)
+                    .args(["lab", "down", "--dir", &self.0])
+                    .output();
+            }
+        }
+    }
+    let _down = Down(d.clone(), up.id() as i32);
     assert!(transcript.contains("handshakes: 6/6"), "{transcript}");
     assert!(
         transcript.contains("http://10.210.0.1:7800/#token="),

@@ -470,10 +470,10 @@ fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let applied = dir.path().join("applied");
     // `safety`: latched, the lock on /e_stop, an http action that fails 3 times first.
-    // `order`: no latch, a command that takes 2 s to apply `armed`.
+    // `order`: no latch, a command that takes 5 s to apply `armed`.
     let clear_after = 4.0;
     let plugins = format!(
-        "[plugins.zenoh]\n\n[plugins.safety]\nwatch = [\"operator\"]\nlatch = true\nclear_after_s = {clear_after}\n[[plugins.safety.actions]]\nkind = \"ros_lock\"\ntopic = \"/e_stop\"\nrate_hz = 10\n[[plugins.safety.actions]]\nkind = \"http\"\nurl = \"http://{hook}/safety\"\n\n[plugins.order]\nplugin = \"safety\"\nwatch = [\"operator\"]\nlatch = false\nclear_after_s = 1\n[[plugins.order.actions]]\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"if [ $MYELIN_SAFETY_STATE = armed ]; then sleep 2; fi; echo $MYELIN_SAFETY_STATE $MYELIN_SAFETY_GENERATION >> {}\"]\n",
+        "[plugins.zenoh]\n\n[plugins.safety]\nwatch = [\"operator\"]\nlatch = true\nclear_after_s = {clear_after}\n[[plugins.safety.actions]]\nkind = \"ros_lock\"\ntopic = \"/e_stop\"\nrate_hz = 10\n[[plugins.safety.actions]]\nkind = \"http\"\nurl = \"http://{hook}/safety\"\n\n[plugins.order]\nplugin = \"safety\"\nwatch = [\"operator\"]\nlatch = false\nclear_after_s = 1\n[[plugins.order.actions]]\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"if [ $MYELIN_SAFETY_STATE = armed ]; then sleep 5; fi; echo $MYELIN_SAFETY_STATE $MYELIN_SAFETY_GENERATION >> {}\"]\n",
         applied.display()
     );
     // The lock's subscriber runs before the node starts, so it sees the very first message.
@@ -584,6 +584,7 @@ fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
         "generations keep growing across restarts: {s:#}"
     );
 
+    let log_before_crash = robot1.log().len();
     robot1.kill_and_restart();
     for instance in ["zenoh", "safety", "order"] {
         robot1.wait_plugin(instance, LONG, "running after the crash", |p| {
@@ -593,9 +594,10 @@ fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
     let s = status(&robot1, "safety");
     assert_eq!(s["stopped"], true, "after a node crash: {s:#}");
     assert_eq!(s["rearm_required"], true, "after a node crash: {s:#}");
+    let log_after_crash = robot1.log().get(log_before_crash..).unwrap_or("").to_string();
     assert!(
-        robot1.log().matches("re-arm required").count() >= 2,
-        "each restart says why it waits"
+        log_after_crash.contains("re-arm required") && log_after_crash.contains("stopped by latency"),
+        "the restarted node says why it waits:\n{log_after_crash}"
     );
     robot1.wait_peer("operator", LONG, "up with an RTT", |p| {
         p["up"] == true && p["rtt_ms"].is_number()
@@ -638,8 +640,8 @@ fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
         during.len()
     );
 
-    // 4. Order: trip → clear → trip within 1 s while the clear's command still runs (2 s):
-    //    the last state the command applied is `stopped`.
+    // 4. Order: trip → clear → trip (nominally within 1 s) while the clear's command still runs
+    //    (5 s): the last state the command applied is `stopped`.
     wait_state(&robot1, "order", "armed", LONG);
     relay.delay(300);
     wait_state(&robot1, "order", "tripped", LONG);
@@ -648,8 +650,9 @@ fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
     let cleared = Instant::now();
     relay.delay(300);
     let s = wait_state(&robot1, "order", "tripped", LONG);
+    // Well inside the armed run's 5 s (nominally 0.5 s: trip_after late probes).
     assert!(
-        cleared.elapsed() < Duration::from_secs(1),
+        cleared.elapsed() < Duration::from_secs(3),
         "re-tripped {:?} after the clear",
         cleared.elapsed()
     );
@@ -661,8 +664,8 @@ fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
         |s| s["actions"][0]["applied_generation"].as_u64() == Some(generation),
     );
     assert_eq!(s["actions"][0]["applied_state"], "stopped", "{s:#}");
-    // The superseded `armed` run was killed: it never writes, also not after its 2 s.
-    let deadline = Instant::now() + Duration::from_millis(2500);
+    // The superseded `armed` run was killed: it never writes, also not after its 5 s.
+    let deadline = cleared + Duration::from_millis(5500);
     let mut last = String::new();
     while Instant::now() < deadline {
         last = std::fs::read_to_string(&applied)

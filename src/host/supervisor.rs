@@ -253,7 +253,7 @@ impl Supervisor {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut outstanding: Option<(u64, tokio::time::Instant)> = None;
-        let mut mesh = self.shared.mesh.clone();
+        let mut mesh = self.shared.mesh_frames.clone();
         mesh.mark_unchanged();
         let failure = loop {
             let deadline = outstanding
@@ -294,7 +294,7 @@ impl Supervisor {
                 },
                 Ok(()) = mesh.changed() => {
                     let view = mesh.borrow_and_update().clone();
-                    worker.send(HostMsg::Mesh(view));
+                    worker.send_mesh(&view);
                 }
                 cmd = self.commands.recv() => match cmd {
                     Some(c) if c.action == Action::Enable => { let _ = c.ack.send(()); }

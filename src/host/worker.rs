@@ -20,6 +20,8 @@ pub enum WorkerEvent {
 
 pub struct Worker {
     to_plugin: mpsc::UnboundedSender<HostMsg>,
+    /// Frames already encoded (mesh views), for a process; `None` for a thread.
+    frames: Option<mpsc::UnboundedSender<bytes::Bytes>>,
     pub events: mpsc::UnboundedReceiver<WorkerEvent>,
     control: Control,
 }
@@ -39,6 +41,16 @@ pub struct RunAs {
 impl Worker {
     pub fn send(&self, msg: HostMsg) {
         let _ = self.to_plugin.send(msg);
+    }
+
+    /// A mesh view: a process gets the frame encoded once for all; a thread the view itself.
+    pub fn send_mesh(&self, mesh: &super::MeshFrame) {
+        match &self.frames {
+            Some(frames) => {
+                let _ = frames.send(mesh.frame.clone());
+            }
+            None => self.send(HostMsg::Mesh(mesh.view.clone())),
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -248,14 +260,27 @@ pub async fn spawn_process(init: Init, run_as: Option<RunAs>) -> std::io::Result
     let stream = tokio::net::UnixStream::from_std(host_end)?;
     let (mut sink, mut source) = protocol::framed(stream).split();
     let (to_plugin, mut from_host) = mpsc::unbounded_channel::<HostMsg>();
+    let (frames, mut encoded) = mpsc::unbounded_channel::<bytes::Bytes>();
     to_plugin
         .send(HostMsg::Init(Box::new(init)))
         .map_err(|_| std::io::Error::other("channel closed"))?;
     tokio::spawn(async move {
-        while let Some(msg) = from_host.recv().await {
-            let Ok(frame) = protocol::encode(&msg) else {
-                continue;
+        loop {
+            // Messages first: Init, queued above, always precedes any mesh frame.
+            let frame = tokio::select! {
+                biased;
+                msg = from_host.recv() => match msg {
+                    Some(msg) => match protocol::encode(&msg) {
+                        Ok(frame) => frame,
+                        Err(_) => continue,
+                    },
+                    None => break,
+                },
+                Some(frame) = encoded.recv() => frame,
             };
+            if frame.is_empty() {
+                continue;
+            }
             if sink.send(frame).await.is_err() {
                 break;
             }
@@ -299,6 +324,7 @@ pub async fn spawn_process(init: Init, run_as: Option<RunAs>) -> std::io::Result
     });
     Ok(Worker {
         to_plugin,
+        frames: Some(frames),
         events: events_rx,
         control: Control::Process { pid, exited },
     })
@@ -404,6 +430,7 @@ pub fn spawn_thread(init: Init) -> std::io::Result<Worker> {
     });
     Ok(Worker {
         to_plugin,
+        frames: None,
         events: events_rx,
         control: Control::Thread { cancel },
     })

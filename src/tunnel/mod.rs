@@ -430,6 +430,8 @@ fn record_metrics(view: &PeerView, endpoint_changes: u64) {
 const RECENT_PROBES: usize = 10;
 /// The shortest time between two `MeshView`s published because probe answers arrived.
 const ANSWER_PUBLISH_GAP: Duration = Duration::from_millis(5);
+/// The shortest time between two updates of the per-peer gauges.
+const METRICS_GAP: Duration = Duration::from_millis(250);
 
 /// Probes every peer each interval, answers their probes, and publishes the `MeshView`.
 async fn control(
@@ -447,6 +449,7 @@ async fn control(
     // judge the link probe by probe (safety) never act on a view that misses an answer.
     let mut publish_soon: Option<tokio::time::Instant> = None;
     let mut last_publish = tokio::time::Instant::now();
+    let mut last_metrics = last_publish.checked_sub(METRICS_GAP).unwrap_or(last_publish);
     loop {
         let wake = prober
             .poll_timeout()
@@ -489,11 +492,17 @@ async fn control(
                 false
             }
             _ = tokio::time::sleep_until(soon), if publish_soon.is_some() => true,
-            _ = publish.tick() => true,
+            // The tick only publishes what answers did not (ages move on, a silent peer).
+            _ = publish.tick() => last_publish.elapsed() >= interval,
         };
         if publish_now {
             publish_soon = None;
             last_publish = tokio::time::Instant::now();
+            // The gauges follow at most four times a second; scrapes are seconds apart.
+            let record = last_metrics.elapsed() >= METRICS_GAP;
+            if record {
+                last_metrics = last_publish;
+            }
             let now = Instant::now();
             let view = MeshView {
                 peers: shared
@@ -506,7 +515,9 @@ async fn control(
                             prober.stats(i, now),
                             prober.recent(i, now, RECENT_PROBES),
                         );
-                        record_metrics(&v, p.endpoint_changes.load(Ordering::Relaxed));
+                        if record {
+                            record_metrics(&v, p.endpoint_changes.load(Ordering::Relaxed));
+                        }
                         v
                     })
                     .collect(),

@@ -75,7 +75,9 @@ try {
   await safety.locator("#state").filter({ hasText: /^armed$/ }).waitFor({ timeout: 30000 });
   await safety.locator("#links tr", { hasText: "operator" }).first().waitFor({ timeout: 20000 });
   if (!(await safety.locator("#rearm").isDisabled())) throw new Error("the re-arm button is enabled while armed");
-  step("safety panel shows the interlock armed on the operator link");
+  // Its actions: the twist_mux lock has applied the current (armed) generation, no failures.
+  await safety.locator("#actions tr", { hasText: "ros_lock /e_stop" }).filter({ hasText: "applied armed" }).filter({ hasText: "no failures" }).first().waitFor({ timeout: 20000 });
+  step("safety panel shows the interlock armed on the operator link, its lock action applied");
   // Inference at the gateway: the lab robot's orientation classifier and its camera pipeline.
   const ai = page.frameLocator(`section[data-panel="ai"] iframe`);
   await ai.locator("#backend").filter({ hasText: /^tract$/ }).waitFor({ timeout: 30000 });

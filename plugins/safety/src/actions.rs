@@ -185,6 +185,18 @@ pub async fn run_command(
         // children included, before the next one starts.
         .process_group(0)
         .kill_on_drop(true);
+    // If this plugin process dies (killed with its node, or by the supervisor), a run still in
+    // progress dies with it: a restarted interlock's newer run must be the last one applied.
+    // SAFETY: the closure runs in the forked child before exec and only makes one prctl call,
+    // which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(
+                rustix::process::Signal::KILL,
+            ))
+            .map_err(std::io::Error::from)
+        });
+    }
     let child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {program}: {e}"))?;
@@ -204,8 +216,9 @@ pub async fn run_command(
     result
 }
 
-/// A started command: on drop (finished, timed out, or its run cancelled) every process still
-/// left in its group is killed.
+/// A started command. Dropped before its leader was reaped (the run timed out or was
+/// superseded), every process of its group is killed; the group id cannot have been reused while
+/// the leader is unreaped. After a normal exit, what the command left running is its own.
 struct ProcessGroup(Option<tokio::process::Child>);
 
 impl Drop for ProcessGroup {
@@ -234,6 +247,8 @@ pub struct ActionStatus {
     pub applied_state: Option<String>,
     /// Whether the newest generation is still being applied (running or waiting to retry).
     pub pending: bool,
+    /// Whether the latest run failed (cleared once a run applies).
+    pub failing: bool,
     pub attempts: u64,
     pub failures: u64,
     pub last_error: Option<String>,

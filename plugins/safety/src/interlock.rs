@@ -153,6 +153,12 @@ enum Verdict {
     Fine(f64),
 }
 
+/// A probe's milliseconds as a duration; anything that is not a finite, non-negative number
+/// (the view is data from another process) counts as zero.
+fn millis(ms: f64) -> Duration {
+    Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::ZERO)
+}
+
 impl Interlock {
     /// A started interlock: stopped (reason `Startup`) until the link has been good for
     /// `clear_after`, then armed, or latched when `rearm_required` (honoured only with `latch`).
@@ -226,7 +232,7 @@ impl Interlock {
         };
         let max_rtt_ms = self.settings.max_rtt.as_secs_f64() * 1000.0;
         let sent_at = |p: &ProbeSample| {
-            now.checked_sub(Duration::from_secs_f64(p.age_ms.max(0.0) / 1000.0))
+            now.checked_sub(millis(p.age_ms))
                 .unwrap_or(now)
         };
         let mut verdicts = Vec::new();
@@ -238,7 +244,7 @@ impl Interlock {
             for p in &sorted {
                 if let Some(rtt) = p.rtt_ms {
                     let arrived =
-                        (sent_at(p) + Duration::from_secs_f64(rtt.max(0.0) / 1000.0)).min(now);
+                        sent_at(p).checked_add(millis(rtt)).unwrap_or(now).min(now);
                     if !link.answered_once || arrived > link.last_answer {
                         link.last_answer = arrived;
                     }
@@ -400,7 +406,19 @@ impl Interlock {
         }
     }
 
+    /// Applies heartbeats and the clearing rules until the state settles (tripped → clearing →
+    /// armed can all be due at once, e.g. with `clear_after` 0).
     fn evaluate(&mut self, now: Instant) {
+        for _ in 0..4 {
+            let before = self.state;
+            self.evaluate_once(now);
+            if self.state == before {
+                return;
+            }
+        }
+    }
+
+    fn evaluate_once(&mut self, now: Instant) {
         let s = self.settings.clone();
         // Heartbeats.
         for i in 0..self.links.len() {

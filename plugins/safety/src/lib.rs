@@ -86,6 +86,12 @@ impl SafetyConfig {
                 "watch is empty: name the peers whose link guards motion, e.g. watch = [\"operator\"]",
             ));
         }
+        if c.max_rtt_ms > 60_000 || c.heartbeat_timeout_ms > 600_000 || c.trip_after > 10_000 {
+            return Err(config_error(format!(
+                "max_rtt_ms = {}, heartbeat_timeout_ms = {}, trip_after = {}: at most 60000, 600000 and 10000 (an interlock that waits longer protects nothing)",
+                c.max_rtt_ms, c.heartbeat_timeout_ms, c.trip_after
+            )));
+        }
         if c.max_rtt_ms == 0 || c.heartbeat_timeout_ms == 0 || c.trip_after == 0 {
             return Err(config_error(
                 "max_rtt_ms, heartbeat_timeout_ms and trip_after must be at least 1 (defaults: 200, 500, 3)",
@@ -149,6 +155,8 @@ struct Status {
     latch: bool,
     /// Whether the current stop ends only with a re-arm.
     rearm_required: bool,
+    /// The trip that made the re-arm necessary (kept across restarts).
+    rearm_cause: Option<persist::Cause>,
     /// The newest transition's generation; every action applies only this one.
     generation: u64,
     /// Each action: what it applied, whether it is still applying, its failures.
@@ -196,6 +204,8 @@ fn note_error(status: &Mutex<Status>, error: String) {
 struct Reporter {
     status: Arc<Mutex<Status>>,
     failures: Vec<myelin_sdk::metrics::Counter>,
+    /// When each action's failure was last logged: a ROS put failing at 10 Hz logs once a second.
+    logged: Mutex<Vec<Option<Instant>>>,
 }
 
 impl Reporter {
@@ -229,7 +239,12 @@ impl Reporter {
                 })
                 .collect();
         }
-        Reporter { status, failures }
+        let logged = Mutex::new(vec![None; actions.len()]);
+        Reporter {
+            status,
+            failures,
+            logged,
+        }
     }
 
     fn update(&self, index: usize, f: impl FnOnce(&mut ActionStatus)) {
@@ -268,6 +283,7 @@ impl actions::Report for Reporter {
             a.applied_generation = Some(generation);
             a.applied_state = Some(state.to_string());
             a.pending = a.generation > generation;
+            a.failing = false;
         });
     }
 
@@ -283,8 +299,21 @@ impl actions::Report for Reporter {
                 retry_in.as_secs_f64()
             )
         };
-        note_error(&self.status, line);
+        let log_now = self.logged.lock().is_ok_and(|mut l| {
+            let now = Instant::now();
+            match l.get_mut(index) {
+                Some(last) if last.is_none_or(|t| now - t >= Duration::from_secs(1)) => {
+                    *last = Some(now);
+                    true
+                }
+                _ => false,
+            }
+        });
+        if log_now {
+            note_error(&self.status, line);
+        }
         self.update(index, |a| {
+            a.failing = true;
             a.failures += 1;
             a.last_error = Some(error);
             a.last_error_unix_ms = Some(unix_ms());
@@ -333,6 +362,7 @@ impl Plugin for Safety {
             s.stopped = true;
             s.reason = Some("startup".into());
             s.rearm_required = self.config.latch && restored.rearm_required();
+            s.rearm_cause = restored.cause();
             s.latch = self.config.latch;
             s.since_unix_ms = unix_ms();
             s.state_file = state_file.display().to_string();
@@ -421,7 +451,7 @@ impl Plugin for Safety {
                 reason: format!("cannot save the interlock state to {}: {e}", s.state_file),
             };
         }
-        if let Some(a) = s.actions.iter().find(|a| a.pending && a.last_error.is_some()) {
+        if let Some(a) = s.actions.iter().find(|a| a.failing) {
             return Health::Degraded {
                 reason: format!(
                     "actions[{}] ({} {}) failing, retrying: {}",
@@ -540,6 +570,8 @@ async fn interlock_loop(
         out.restored.rearm_required(),
     );
     let mut generation = out.restored.generation();
+    // The trip that made a re-arm necessary, kept across restarts until the re-arm.
+    let mut cause = out.restored.cause();
     let metrics = ctx.metrics();
     let state_gauge = metrics.gauge("myelin_safety_state");
     // Both reasons exist from the start, so a dashboard shows 0 rather than nothing.
@@ -654,12 +686,26 @@ async fn interlock_loop(
         }
         // Saved before any action applies it, so a crash right after never forgets it.
         if transitioned {
-            save(&out, &il, generation, &status);
+            if let Some((reason, peer)) = notices.iter().rev().find_map(|n| {
+                (n.state == "stopped" && n.reason != "startup")
+                    .then(|| (n.reason.clone(), n.peer.clone()))
+            }) {
+                cause = Some(persist::Cause {
+                    reason,
+                    peer,
+                    since_unix_ms: unix_ms(),
+                });
+            }
+            if !il.rearm_required() {
+                cause = None;
+            }
+            save(&out, &il, generation, cause.clone(), &status).await;
         }
         for notice in notices {
+            // Marked pending before any action can report it applied.
+            out.reporter.desired(notice.generation);
             out.stopped
                 .send_replace((notice.generation, notice.state == "stopped"));
-            out.reporter.desired(notice.generation);
             out.desired.send_replace(Some(notice));
         }
         if let Ok(mut s) = status.lock() {
@@ -683,9 +729,16 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Writes the interlock's state to its file; a failure is logged and shown in the status (the
-/// interlock goes on: a stop is still a stop).
-fn save(out: &Loop, il: &Interlock, generation: u64, status: &Mutex<Status>) {
+/// Writes the interlock's state to its file (off the async threads: an fsync on an SD card can
+/// take long); a failure is logged and shown in the status (the interlock goes on: a stop is
+/// still a stop).
+async fn save(
+    out: &Loop,
+    il: &Interlock,
+    generation: u64,
+    cause: Option<persist::Cause>,
+    status: &Mutex<Status>,
+) {
     let trip = il.trip();
     let saved = Saved::new(
         il.state(),
@@ -694,8 +747,13 @@ fn save(out: &Loop, il: &Interlock, generation: u64, status: &Mutex<Status>) {
         il.rearm_required(),
         generation,
         unix_ms(),
+        cause.clone(),
     );
-    let result = persist::store(&out.state_file, &saved);
+    let path = out.state_file.clone();
+    let result = match tokio::task::spawn_blocking(move || persist::store(&path, &saved)).await {
+        Ok(r) => r,
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    };
     if let Err(e) = &result {
         log(&format!(
             "cannot save the interlock state to {}: {e}; a restart now would not know it (fix: make [plugins].state_dir writable)",
@@ -704,6 +762,7 @@ fn save(out: &Loop, il: &Interlock, generation: u64, status: &Mutex<Status>) {
     }
     if let Ok(mut s) = status.lock() {
         s.state_file_error = result.err().map(|e| e.to_string());
+        s.rearm_cause = cause;
     }
 }
 

@@ -25,6 +25,18 @@ pub struct Saved {
     pub generation: u64,
     /// Unix milliseconds of the transition.
     pub since_unix_ms: u128,
+    /// The trip that made a re-arm necessary, carried across restarts until the re-arm.
+    #[serde(default)]
+    pub cause: Option<Cause>,
+}
+
+/// A trip that stopped motion.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cause {
+    pub reason: String,
+    pub peer: Option<String>,
+    pub since_unix_ms: u128,
 }
 
 impl Saved {
@@ -35,6 +47,7 @@ impl Saved {
         rearm_required: bool,
         generation: u64,
         since_unix_ms: u128,
+        cause: Option<Cause>,
     ) -> Saved {
         Saved {
             version: VERSION,
@@ -44,6 +57,7 @@ impl Saved {
             rearm_required,
             generation,
             since_unix_ms,
+            cause,
         }
     }
 }
@@ -69,7 +83,15 @@ impl Restored {
         }
     }
 
-    /// The generation to continue from.
+    /// The trip behind a saved stop that needs a re-arm.
+    pub fn cause(&self) -> Option<Cause> {
+        match self {
+            Restored::Found(s) if self.rearm_required() => s.cause.clone(),
+            _ => None,
+        }
+    }
+
+    /// The generation to continue from (0 without a usable file: the numbers then start over).
     pub fn generation(&self) -> u64 {
         match self {
             Restored::Found(s) => s.generation,
@@ -90,12 +112,23 @@ impl Restored {
                 path.display()
             ),
             Restored::Found(s) => format!(
-                "saved interlock state at {}: {:?}{}{}: {needs}",
+                "saved interlock state at {}: {:?}{}{}{}: {needs}",
                 path.display(),
                 s.state,
                 s.reason
                     .as_deref()
                     .map(|r| format!(", reason {r}"))
+                    .unwrap_or_default(),
+                s.cause
+                    .as_ref()
+                    .map(|c| format!(
+                        ", stopped by {}{}",
+                        c.reason,
+                        c.peer
+                            .as_deref()
+                            .map(|p| format!(" on the link to {p}"))
+                            .unwrap_or_default()
+                    ))
                     .unwrap_or_default(),
                 if s.rearm_required {
                     ", re-arm required"
@@ -116,13 +149,25 @@ pub fn path(dir: &Path) -> PathBuf {
     dir.join(FILE_NAME)
 }
 
+/// Reads the saved state. A damaged file is moved aside (`interlock.json.corrupt`) rather than
+/// overwritten by the next save, so it can still be looked at.
 pub fn load(path: &Path) -> Restored {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Restored::Missing,
         Err(e) => return Restored::Corrupt { why: e.to_string() },
     };
-    parse(&bytes)
+    match parse(&bytes) {
+        Restored::Corrupt { why } => {
+            let aside = path.with_extension("json.corrupt");
+            let why = match std::fs::rename(path, &aside) {
+                Ok(()) => format!("{why}; kept as {}", aside.display()),
+                Err(e) => format!("{why}; cannot move it aside: {e}"),
+            };
+            Restored::Corrupt { why }
+        }
+        restored => restored,
+    }
 }
 
 /// Parses a state file's bytes; never panics, whatever they are.
@@ -165,6 +210,11 @@ mod tests {
             rearm_required,
             7,
             1,
+            rearm_required.then(|| Cause {
+                reason: "latency".into(),
+                peer: Some("operator".into()),
+                since_unix_ms: 1,
+            }),
         )
     }
 
@@ -211,6 +261,12 @@ mod tests {
         let r = load(&p);
         assert!(r.describe(&p, true).contains("assuming the worst"), "{r:?}");
         assert!(r.describe(&p, true).contains("re-arms"));
+        // Moved aside, not overwritten by the next save.
+        assert!(!p.exists());
+        assert_eq!(
+            std::fs::read(dir.path().join("interlock.json.corrupt")).unwrap(),
+            b"garbage"
+        );
     }
 
     proptest::proptest! {

@@ -1,12 +1,15 @@
 //! ROS actions through robotics mode: a zenoh client session to the zenoh plugin's router on
 //! loopback, publishing CDR-encoded messages on the keys the robot's own bridge maps to its
 //! local topics. No in-memory handle is shared with the zenoh plugin.
+//!
+//! Every publisher's first message is a stop (`true` on the lock, a zero twist), whatever the
+//! state: after a start, or when the router comes up late, nothing ever reads `false` first.
 
-use crate::actions::{cdr_bool, cdr_zero_twist, zenoh_key, ActionConfig, Report};
+use crate::actions::{cdr_bool, cdr_zero_twist, retry_delay, zenoh_key, ActionConfig, Report};
 use crate::{log, Reporter, Status};
 use myelin_sdk::CancellationToken;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use zenoh::Wait;
 
@@ -23,7 +26,11 @@ async fn open(port: u16) -> Result<zenoh::Session, String> {
     zenoh::open(c).await.map_err(|e| e.to_string())
 }
 
-/// Connects (retrying every second), then runs one publishing task per ROS action. `stopped`
+/// How long the router may be unreachable after the start before it counts as a failure of
+/// the ROS actions: the zenoh plugin starts alongside this one.
+const START_GRACE: Duration = Duration::from_secs(5);
+
+/// Connects (retrying with backoff), then runs one publishing task per ROS action. `stopped`
 /// carries (generation, stopped); each publish reports the generation it applied.
 pub async fn run(
     actions: Vec<(usize, ActionConfig)>,
@@ -40,22 +47,28 @@ pub async fn run(
         }
     };
     set_connected(false);
+    let started = Instant::now();
+    let mut attempts = 0u32;
     let session = loop {
         match open(port).await {
             Ok(s) => break s,
             Err(e) => {
-                let generation = stopped.borrow().0;
-                for (index, _) in &actions {
-                    report.failed(
-                        *index,
-                        generation,
-                        format!("zenoh router 127.0.0.1:{port}: {e}"),
-                        Duration::from_secs(1),
-                    );
+                attempts = attempts.saturating_add(1);
+                let delay = retry_delay(attempts);
+                if started.elapsed() >= START_GRACE {
+                    let generation = stopped.borrow().0;
+                    for (index, _) in &actions {
+                        report.failed(
+                            *index,
+                            generation,
+                            format!("zenoh router 127.0.0.1:{port}: {e}"),
+                            delay,
+                        );
+                    }
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
@@ -64,75 +77,149 @@ pub async fn run(
     log(&format!(
         "ROS actions publish through the zenoh router on 127.0.0.1:{port}"
     ));
+    let session = Arc::new(session);
     for (index, action) in actions {
-        let (topic, rate_hz, timeout, lock) = match &action {
-            ActionConfig::RosLock { topic, rate_hz, .. } => {
-                (topic.clone(), *rate_hz, action.timeout(), true)
-            }
-            ActionConfig::RosZeroTwist { topic, rate_hz, .. } => {
-                (topic.clone(), *rate_hz, action.timeout(), false)
-            }
+        let (topic, rate_hz, lock) = match &action {
+            ActionConfig::RosLock { topic, rate_hz, .. } => (topic.clone(), *rate_hz, true),
+            ActionConfig::RosZeroTwist { topic, rate_hz, .. } => (topic.clone(), *rate_hz, false),
             _ => continue,
         };
-        let key = zenoh_key(&namespace, &topic);
-        let publisher = match session
-            .declare_publisher(key.clone())
-            .congestion_control(zenoh::qos::CongestionControl::Drop)
-            .priority(zenoh::qos::Priority::RealTime)
-            .express(true)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                report.failed(
-                    index,
-                    stopped.borrow().0,
-                    format!("{topic}: cannot publish on {key}: {e}"),
-                    Duration::ZERO,
-                );
-                continue;
-            }
+        let publish = Publish {
+            index,
+            key: zenoh_key(&namespace, &topic),
+            topic,
+            rate_hz,
+            timeout: action.timeout(),
+            lock,
         };
-        log(&format!(
-            "{} on {topic} (zenoh key {key}) at {rate_hz} Hz",
-            if lock { "twist_mux lock" } else { "zero twist" }
+        tokio::spawn(publish.run(
+            session.clone(),
+            stopped.clone(),
+            report.clone(),
+            cancel.clone(),
         ));
-        let mut stopped = stopped.clone();
-        let cancel = cancel.clone();
-        let report = report.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate_hz));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                // Zero twists while armed: nothing to send, so no tick to wake for.
-                let idle = !lock && !stopped.borrow().1;
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tick.tick(), if !idle => {}
-                    // A change is published at once, not at the next tick.
-                    changed = stopped.changed() => if changed.is_err() { return },
-                }
-                let (generation, stop) = *stopped.borrow_and_update();
-                let state = if stop { "stopped" } else { "armed" };
-                let payload = match (lock, stop) {
-                    (true, s) => cdr_bool(s),
-                    (false, true) => cdr_zero_twist(),
-                    // Zero twists are only sent while stopped: armed is applied by sending none.
-                    (false, false) => {
-                        report.applied(index, generation, state);
-                        continue;
-                    }
-                };
-                let put = publisher.put(payload);
-                match tokio::time::timeout(timeout, async { put.wait() }).await {
-                    Ok(Ok(())) => report.applied(index, generation, state),
-                    Ok(Err(e)) => report.failed(index, generation, format!("{topic}: {e}"), Duration::ZERO),
-                    Err(_) => report.failed(index, generation, format!("{topic}: put took over {timeout:?}"), Duration::ZERO),
-                }
-            }
-        });
     }
     // The session lives as long as the plugin's process.
     cancel.cancelled().await;
     drop(session);
+}
+
+/// One ROS action's publisher.
+struct Publish {
+    index: usize,
+    topic: String,
+    key: String,
+    rate_hz: f64,
+    timeout: Duration,
+    /// `true`: the twist_mux lock (std_msgs/Bool, always); `false`: zero twists while stopped.
+    lock: bool,
+}
+
+impl Publish {
+    async fn run(
+        self,
+        session: Arc<zenoh::Session>,
+        mut stopped: watch::Receiver<(u64, bool)>,
+        report: Arc<Reporter>,
+        cancel: CancellationToken,
+    ) {
+        let mut attempts = 0u32;
+        let publisher = loop {
+            match session
+                .declare_publisher(self.key.clone())
+                .congestion_control(zenoh::qos::CongestionControl::Drop)
+                .priority(zenoh::qos::Priority::RealTime)
+                .express(true)
+                .await
+            {
+                Ok(p) => break p,
+                Err(e) => {
+                    attempts = attempts.saturating_add(1);
+                    let delay = retry_delay(attempts);
+                    report.failed(
+                        self.index,
+                        stopped.borrow().0,
+                        format!("{}: cannot publish on {}: {e}", self.topic, self.key),
+                        delay,
+                    );
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        };
+        log(&format!(
+            "{} on {} (zenoh key {}) at {} Hz",
+            if self.lock {
+                "twist_mux lock"
+            } else {
+                "zero twist"
+            },
+            self.topic,
+            self.key,
+            self.rate_hz
+        ));
+        let stop_payload = if self.lock {
+            cdr_bool(true)
+        } else {
+            cdr_zero_twist()
+        };
+        // A stop first, whatever the state now.
+        let put = publisher.put(stop_payload);
+        let first = match tokio::time::timeout(self.timeout, async { put.wait() }).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("put took over {:?}", self.timeout)),
+        };
+        if let Some(e) = first {
+            let generation = stopped.borrow().0;
+            report.failed(self.index, generation, format!("{}: {e}", self.topic), Duration::ZERO);
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / self.rate_hz));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The loop publishes at once; the first tick is one period later.
+        tick.reset();
+        let mut reported_idle: Option<u64> = None;
+        loop {
+            let (generation, stop) = *stopped.borrow_and_update();
+            let state = if stop { "stopped" } else { "armed" };
+            // Zero twists while armed: nothing to send, so no tick to wake for.
+            let idle = !self.lock && !stop;
+            if idle {
+                if reported_idle != Some(generation) {
+                    report.applied(self.index, generation, state);
+                    reported_idle = Some(generation);
+                }
+            } else {
+                let payload = if self.lock {
+                    cdr_bool(stop)
+                } else {
+                    cdr_zero_twist()
+                };
+                let put = publisher.put(payload);
+                match tokio::time::timeout(self.timeout, async { put.wait() }).await {
+                    Ok(Ok(())) => report.applied(self.index, generation, state),
+                    Ok(Err(e)) => report.failed(
+                        self.index,
+                        generation,
+                        format!("{}: {e}", self.topic),
+                        Duration::ZERO,
+                    ),
+                    Err(_) => report.failed(
+                        self.index,
+                        generation,
+                        format!("{}: put took over {:?}", self.topic, self.timeout),
+                        Duration::ZERO,
+                    ),
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick(), if !idle => {}
+                // A change is published at once, not at the next tick.
+                changed = stopped.changed() => if changed.is_err() { return },
+            }
+        }
+    }
 }
