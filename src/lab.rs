@@ -15,6 +15,8 @@ pub const BRIDGE: &str = "mlab0";
 /// Prefix of every namespace and host-side link the lab makes.
 pub const PREFIX: &str = "mlab-";
 const UNDERLAY: &str = "10.210.0";
+/// Picks another fabric (1..=9) so a test suite's lab never meets the user's own lab.
+pub const FABRIC_ENV: &str = "MYELIN_LAB_FABRIC";
 const STATE_FILE: &str = "lab.json";
 const MAX_NODES: usize = 50;
 
@@ -35,6 +37,8 @@ pub struct LabState {
     pub dir: PathBuf,
     pub token: String,
     pub nodes: Vec<LabNode>,
+    #[serde(default)]
+    pub fabric: Fabric,
 }
 
 impl LabState {
@@ -114,6 +118,23 @@ impl Default for Fabric {
 }
 
 impl Fabric {
+    /// The lab's fabric: the default one, or number N of `MYELIN_LAB_FABRIC=N` (bridge
+    /// `mlabN`, namespaces `mlabN-<node>`, underlay `10.210.N.0/24`).
+    pub fn for_lab() -> anyhow::Result<Fabric> {
+        let Ok(value) = std::env::var(FABRIC_ENV) else {
+            return Ok(Fabric::default());
+        };
+        match value.trim().parse::<u8>() {
+            Ok(0) => Ok(Fabric::default()),
+            Ok(n @ 1..=9) => Ok(Fabric {
+                prefix: format!("mlab{n}-"),
+                bridge: format!("mlab{n}"),
+                subnet: format!("10.210.{n}"),
+            }),
+            _ => bail!("{FABRIC_ENV}={value}: the lab fabric is a number from 0 to 9; fix: unset it for the default lab"),
+        }
+    }
+
     pub fn exists(&self) -> bool {
         Path::new(&format!("/sys/class/net/{}", self.bridge)).exists()
     }
@@ -315,9 +336,12 @@ pub fn create(dir: &Path, count: usize) -> anyhow::Result<LabState> {
             "the lab creates network namespaces and TUN devices; fix: run `myelin lab up` as root"
         );
     }
-    let fabric = Fabric::default();
-    if dir.join(STATE_FILE).exists() || fabric.exists() {
-        bail!("a lab is already running (state in {} or bridge {} present); fix: `myelin lab down --dir {}` first", dir.display(), fabric.bridge, dir.display());
+    let fabric = Fabric::for_lab()?;
+    if dir.join(STATE_FILE).exists() {
+        bail!("a lab is already running with its state in {}; fix: `myelin lab down --dir {}` first", dir.display(), dir.display());
+    }
+    if fabric.exists() {
+        bail!("a lab is already running on bridge {} (started with another --dir?); fix: `myelin lab down --dir <its dir>`, or `myelin lab down` to remove whatever is on that bridge", fabric.bridge);
     }
     // From here on a failure removes whatever was made, so a retry starts clean.
     build(dir, count, &fabric).inspect_err(|_| {
@@ -356,8 +380,9 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
                 continue;
             }
             peers.push_str(&format!(
-                "\n[[peers]]\nname = \"{other}\"\npublic_key = \"{}\"\nendpoint = \"{UNDERLAY}.{}:51820\"\nallowed_ips = [\"10.77.0.{}/32\", \"fd77::{}/128\"]\n",
+                "\n[[peers]]\nname = \"{other}\"\npublic_key = \"{}\"\nendpoint = \"{}.{}:51820\"\nallowed_ips = [\"10.77.0.{}/32\", \"fd77::{}/128\"]\n",
                 keys[j].public_key(),
+                fabric.subnet,
                 j + 1,
                 j + 1,
                 j + 1
@@ -414,6 +439,7 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
         dir: dir.clone(),
         token,
         nodes,
+        fabric: fabric.clone(),
     };
     crate::config::write_atomically(
         &dir.join(STATE_FILE),
@@ -469,13 +495,18 @@ pub async fn wait_up(
 }
 
 /// Removes every namespace, link and process the lab made; safe to run twice or after a crash.
-pub fn destroy(dir: &Path) -> anyhow::Result<()> {
-    let known: Vec<String> = LabState::load(dir)
-        .map(|s| s.nodes.into_iter().map(|n| n.namespace).collect())
-        .unwrap_or_default();
-    Fabric::default().destroy(&known)?;
+/// Returns the fabric it removed.
+pub fn destroy(dir: &Path) -> anyhow::Result<Fabric> {
+    let (fabric, known) = match LabState::load(dir) {
+        Ok(state) => (
+            state.fabric,
+            state.nodes.into_iter().map(|n| n.namespace).collect(),
+        ),
+        Err(_) => (Fabric::for_lab()?, Vec::new()),
+    };
+    fabric.destroy(&known)?;
     if dir.join(STATE_FILE).exists() {
         std::fs::remove_file(dir.join(STATE_FILE))?;
     }
-    Ok(())
+    Ok(fabric)
 }

@@ -47,7 +47,7 @@ fn dashboard_shows_the_fleet_and_toggles_a_plugin() {
         "lab up stops cleanly on Ctrl-C: {stopped:?}"
     );
     assert!(
-        !std::path::Path::new("/sys/class/net/mlab0").exists(),
+        !std::path::Path::new(&format!("/sys/class/net/{}", common::LAB_BRIDGE)).exists(),
         "the lab removed its bridge"
     );
     let stdout = String::from_utf8_lossy(&run.stdout);

@@ -50,7 +50,7 @@ fn process_tree(pid: u32) -> Vec<(u32, String)> {
 
 /// Each node's plugins, as its own CLI lists them inside its namespace.
 fn lab_plugins(dir: &str, node: &str) -> serde_json::Value {
-    let out = Command::new(BIN)
+    let out = common::lab_command()
         .args(["lab", "exec", "--dir", dir, node, "--", BIN, "plugins", "--json"])
         .output()
         .unwrap();
@@ -71,7 +71,7 @@ fn idle_cpu_of_every_process(dir: &str, nodes: &[(String, u32)]) {
                     .filter(|p| p["enabled"] == true)
                     .all(|p| p["state"] == "running");
             let armed = name == "operator"
-                || Command::new(BIN)
+                || common::lab_command()
                     .args(["lab", "exec", "--dir", dir, name, "--", BIN, "safety", "status"])
                     .output()
                     .map(|o| String::from_utf8_lossy(&o.stdout).contains("armed: motion permitted"))
@@ -133,13 +133,13 @@ fn leftovers() -> Vec<String> {
     let mut found = Vec::new();
     let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     for line in String::from_utf8_lossy(&ns.stdout).lines() {
-        if line.starts_with("mlab-") {
+        if line.starts_with(common::LAB_PREFIX) {
             found.push(format!("namespace {line}"));
         }
     }
     for link in std::fs::read_dir("/sys/class/net").unwrap().flatten() {
         let name = link.file_name().to_string_lossy().into_owned();
-        if name == "mlab0" || name.starts_with("mlab0-") {
+        if name == common::LAB_BRIDGE || name.starts_with(&format!("{}-", common::LAB_BRIDGE)) {
             found.push(format!("link {name}"));
         }
     }
@@ -160,7 +160,7 @@ fn lab_up_meshes_three_nodes_and_ctrl_c_removes_everything() {
             if std::thread::panicking() {
                 // SAFETY: signals our own child, still unreaped while the test is failing.
                 unsafe { libc::kill(self.1, libc::SIGKILL) };
-                let _ = Command::new(BIN)
+                let _ = common::lab_command()
                     .args(["lab", "down", "--dir", &self.0])
                     .output();
             }
@@ -169,11 +169,11 @@ fn lab_up_meshes_three_nodes_and_ctrl_c_removes_everything() {
     let _down = Down(d.clone(), up.id() as i32);
     assert!(transcript.contains("handshakes: 6/6"), "{transcript}");
     assert!(
-        transcript.contains("http://10.210.0.1:7800/#token="),
+        transcript.contains(&format!("http://{}.1:7800/#token=", common::LAB_SUBNET)),
         "{transcript}"
     );
 
-    let status = Command::new(BIN)
+    let status = common::lab_command()
         .args(["lab", "status", "--dir", &d, "--json"])
         .output()
         .unwrap();
@@ -200,7 +200,7 @@ fn lab_up_meshes_three_nodes_and_ctrl_c_removes_everything() {
             String::from_utf8_lossy(&ping.stdout)
         );
     }
-    let failing = Command::new(BIN)
+    let failing = common::lab_command()
         .args(["lab", "exec", "--dir", &d, "robot1", "--", "false"])
         .status()
         .unwrap();
@@ -209,7 +209,7 @@ fn lab_up_meshes_three_nodes_and_ctrl_c_removes_everything() {
         Some(1),
         "exec passes the command's exit status on"
     );
-    let unknown = Command::new(BIN)
+    let unknown = common::lab_command()
         .args(["lab", "exec", "--dir", &d, "robot9", "--", "true"])
         .output()
         .unwrap();
@@ -245,7 +245,7 @@ fn lab_up_meshes_three_nodes_and_ctrl_c_removes_everything() {
         Vec::<String>::new(),
         "the lab removed everything"
     );
-    let again = Command::new(BIN)
+    let again = common::lab_command()
         .args(["lab", "down", "--dir", &d])
         .output()
         .unwrap();

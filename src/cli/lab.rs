@@ -78,10 +78,10 @@ pub async fn lab(args: &LabArgs) -> anyhow::Result<()> {
             }
         }
         LabCommand::Down(a) => {
-            lab::destroy(&a.dir)?;
+            let fabric = lab::destroy(&a.dir)?;
             say!(
                 "lab removed (namespaces, bridge {}, node processes)",
-                lab::BRIDGE
+                fabric.bridge
             );
             Ok(())
         }

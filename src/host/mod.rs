@@ -3,6 +3,7 @@
 //! `failed` after too many failures, enable/disable/restart on command).
 
 pub mod child;
+pub mod mesh_feed;
 pub mod metrics_bridge;
 pub mod policy;
 pub mod protocol;
@@ -12,7 +13,6 @@ pub mod worker;
 
 use crate::config::{Config, ConfigError, HostSettings, Isolation, PluginInstanceConfig};
 use myelin_sdk::{Health, MeshView, NodeIdentity};
-use protocol::HostMsg;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -132,9 +132,8 @@ pub(crate) struct Shared {
     pub node: NodeIdentity,
     pub run_as: Option<worker::RunAs>,
     pub epoch: Instant,
-    pub mesh: watch::Receiver<MeshView>,
-    /// The same views, each encoded once for the plugin processes.
-    pub mesh_frames: watch::Receiver<Arc<MeshFrame>>,
+    /// The tunnel's views for the plugins: every one, and a paced feed.
+    pub mesh: mesh_feed::MeshFeeds,
     /// Bumped on every status change of any instance.
     pub changes: watch::Sender<u64>,
 }
@@ -174,14 +173,13 @@ impl PluginHost {
                 cause,
             })?;
         }
-        let mesh_frames = encode_mesh_views(mesh.clone());
+        let mesh = mesh_feed::spawn(mesh);
         let shared = Arc::new(Shared {
             settings,
             node,
             run_as,
             epoch: Instant::now(),
             mesh,
-            mesh_frames,
             changes: watch::Sender::new(0),
         });
         let instances = validated
@@ -361,31 +359,6 @@ fn validate(config: &Config) -> Result<Validated, HostError> {
 
 pub(crate) fn http_socket(settings: &HostSettings, name: &str) -> PathBuf {
     settings.runtime_dir.join(name).join("http.sock")
-}
-
-/// A mesh view and its frame for plugin processes, encoded once for all of them.
-pub struct MeshFrame {
-    pub view: MeshView,
-    pub frame: bytes::Bytes,
-}
-
-/// Encodes every mesh view once as it is published: the views come with every probe answer,
-/// and encoding one per plugin process cost the node more than everything else it does idle.
-fn encode_mesh_views(mut mesh: watch::Receiver<MeshView>) -> watch::Receiver<Arc<MeshFrame>> {
-    let encode = |view: MeshView| {
-        let frame = protocol::encode(&HostMsg::Mesh(view.clone())).unwrap_or_default();
-        Arc::new(MeshFrame { view, frame })
-    };
-    let (tx, rx) = watch::channel(encode(mesh.borrow_and_update().clone()));
-    tokio::spawn(async move {
-        while mesh.changed().await.is_ok() {
-            let view = mesh.borrow_and_update().clone();
-            if tx.send(encode(view)).is_err() {
-                return;
-            }
-        }
-    });
-    rx
 }
 
 fn prepare_dir(dir: &std::path::Path, run_as: Option<worker::RunAs>) -> std::io::Result<()> {

@@ -183,7 +183,7 @@ impl Supervisor {
             http_socket: super::http_socket(&self.shared.settings, &self.inst.name),
             state_dir: self.shared.settings.state_dir.join(&self.inst.name),
             worker_threads: self.inst.worker_threads,
-            mesh: self.shared.mesh.borrow().clone(),
+            mesh: self.shared.mesh.every.borrow().view.clone(),
         }
     }
 
@@ -253,7 +253,15 @@ impl Supervisor {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut outstanding: Option<(u64, tokio::time::Instant)> = None;
-        let mut mesh = self.shared.mesh_frames.clone();
+        // Threads share the view without encoding it, so they take every one.
+        let every_probe = myelin_sdk::registration(&self.inst.kind)
+            .is_none_or(|r| r.mesh_every_probe)
+            || worker.is_thread();
+        let mut mesh = if every_probe {
+            self.shared.mesh.every.clone()
+        } else {
+            self.shared.mesh.paced.clone()
+        };
         mesh.mark_unchanged();
         let failure = loop {
             let deadline = outstanding
@@ -293,8 +301,8 @@ impl Supervisor {
                     None => return RunEnd::Failed("plugin channel closed".into()),
                 },
                 Ok(()) = mesh.changed() => {
-                    let view = mesh.borrow_and_update().clone();
-                    worker.send_mesh(&view);
+                    let frame = mesh.borrow_and_update().clone();
+                    worker.send_mesh(&frame);
                 }
                 cmd = self.commands.recv() => match cmd {
                     Some(c) if c.action == Action::Enable => { let _ = c.ack.send(()); }
@@ -362,3 +370,4 @@ fn shutdown_without_ack() -> Option<Command> {
         ack,
     })
 }
+

@@ -44,10 +44,10 @@ impl Worker {
     }
 
     /// A mesh view: a process gets the frame encoded once for all; a thread the view itself.
-    pub fn send_mesh(&self, mesh: &super::MeshFrame) {
+    pub fn send_mesh(&self, mesh: &super::mesh_feed::MeshFrame) {
         match &self.frames {
             Some(frames) => {
-                let _ = frames.send(mesh.frame.clone());
+                let _ = frames.send(mesh.frame());
             }
             None => self.send(HostMsg::Mesh(mesh.view.clone())),
         }

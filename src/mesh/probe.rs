@@ -172,6 +172,14 @@ impl Prober {
             .collect()
     }
 
+    /// How many probes to `peer` were answered, and the latest round trip: what the caller
+    /// needs per datagram, without the work of `stats`.
+    pub fn answered(&self, peer: usize) -> (u64, Option<Duration>) {
+        self.peers
+            .get(peer)
+            .map_or((0, None), |p| (p.answered, p.last_rtt))
+    }
+
     pub fn stats(&self, peer: usize, now: Instant) -> ProbeStats {
         let Some(p) = self.peers.get(peer) else {
             return ProbeStats::default();

@@ -430,6 +430,9 @@ fn record_metrics(view: &PeerView, endpoint_changes: u64) {
 const RECENT_PROBES: usize = 10;
 /// The shortest time between two `MeshView`s published because probe answers arrived.
 const ANSWER_PUBLISH_GAP: Duration = Duration::from_millis(5);
+/// How long a probe answer waits for the answers of the other peers probed at the same moment,
+/// so one view carries them all (far below any latency limit a plugin judges).
+const ANSWER_BATCH: Duration = Duration::from_millis(2);
 /// The shortest time between two updates of the per-peer gauges.
 const METRICS_GAP: Duration = Duration::from_millis(250);
 
@@ -441,10 +444,17 @@ async fn control(
     mesh_tx: watch::Sender<MeshView>,
 ) {
     let mut prober = Prober::new(shared.peers.len(), interval, Instant::now());
-    let mut publish = tokio::time::interval(interval.max(Duration::from_millis(100)));
-    publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Without answers (no peers up, plain WireGuard peers) the view is still refreshed, so
+    // ages move on and a silent peer shows.
+    let refresh = interval.max(Duration::from_millis(100));
     let mut buf = [0u8; 64];
     let mut answered = vec![0u64; shared.peers.len()];
+    // Looked up once: a registry lookup per answer was most of the loop's idle cost.
+    let rtt_histograms: Vec<metrics::Histogram> = shared
+        .peers
+        .iter()
+        .map(|p| metrics::histogram!("myelin_peer_rtt_seconds", "peer" => p.name.clone()))
+        .collect();
     // A probe answer is published at once (at most every ANSWER_PUBLISH_GAP), so plugins that
     // judge the link probe by probe (safety) never act on a view that misses an answer.
     let mut publish_soon: Option<tokio::time::Instant> = None;
@@ -479,21 +489,20 @@ async fn control(
                         let _ = sock.try_send_to(&pong, from);
                     }
                 }
-                let stats = prober.stats(idx, now);
-                if stats.answered > answered[idx] {
-                    answered[idx] = stats.answered;
-                    if let Some(rtt) = stats.rtt {
-                        metrics::histogram!("myelin_peer_rtt_seconds", "peer" => shared.peers[idx].name.clone()).record(rtt.as_secs_f64());
+                let (count, rtt) = prober.answered(idx);
+                if count > answered[idx] {
+                    answered[idx] = count;
+                    if let (Some(rtt), Some(histogram)) = (rtt, rtt_histograms.get(idx)) {
+                        histogram.record(rtt.as_secs_f64());
                     }
                     if publish_soon.is_none() {
-                        publish_soon = Some((last_publish + ANSWER_PUBLISH_GAP).max(tokio::time::Instant::now()));
+                        publish_soon = Some((last_publish + ANSWER_PUBLISH_GAP).max(tokio::time::Instant::now() + ANSWER_BATCH));
                     }
                 }
                 false
             }
             _ = tokio::time::sleep_until(soon), if publish_soon.is_some() => true,
-            // The tick only publishes what answers did not (ages move on, a silent peer).
-            _ = publish.tick() => last_publish.elapsed() >= interval,
+            _ = tokio::time::sleep_until(last_publish + refresh), if publish_soon.is_none() => true,
         };
         if publish_now {
             publish_soon = None;
@@ -522,7 +531,14 @@ async fn control(
                     })
                     .collect(),
             };
-            mesh_tx.send_replace(view);
+            // An unchanged view (no peers, nothing probed) wakes nobody.
+            mesh_tx.send_if_modified(|current| {
+                let changed = *current != view;
+                if changed {
+                    *current = view;
+                }
+                changed
+            });
         }
     }
 }

@@ -401,11 +401,24 @@ pub fn ping_until(ns: &Netns, addr: &str, timeout: Duration) -> Duration {
     }
 }
 
+/// The tests' lab fabric: its own bridge, namespaces and subnet, so a lab the user left
+/// running (`scripts/lab.sh --detach`) and the tests never meet.
+pub const LAB_BRIDGE: &str = "mlab7";
+pub const LAB_PREFIX: &str = "mlab7-";
+pub const LAB_SUBNET: &str = "10.210.7";
+
+/// `myelin` with the tests' lab fabric chosen.
+pub fn lab_command() -> Command {
+    let mut command = Command::new(BIN);
+    command.env("MYELIN_LAB_FABRIC", "7");
+    command
+}
+
 /// `myelin lab up --nodes <n> --dir <dir>` in the foreground, as a user starts it; returns the
 /// running process and what it printed once it says the lab is up (bounded wait).
 pub fn lab_up(nodes: usize, dir: &str) -> (std::process::Child, String) {
     use std::io::BufRead;
-    let mut up = Command::new(BIN)
+    let mut up = lab_command()
         .args(["lab", "up", "--nodes", &nodes.to_string(), "--dir", dir])
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
@@ -418,7 +431,7 @@ pub fn lab_up(nodes: usize, dir: &str) -> (std::process::Child, String) {
         let mut line = String::new();
         if out.read_line(&mut line).unwrap() == 0 || Instant::now() > deadline {
             let _ = up.kill();
-            let _ = Command::new(BIN)
+            let _ = lab_command()
                 .args(["lab", "down", "--dir", dir])
                 .status();
             panic!("lab up did not come up:\n{transcript}");

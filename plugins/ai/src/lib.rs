@@ -517,5 +517,6 @@ myelin_sdk::inventory::submit! {
         build,
         // ONNX Runtime is C++ and can crash; its API is set once per process.
         process_only: true,
+        mesh_every_probe: false,
     }
 }

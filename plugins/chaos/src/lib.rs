@@ -204,6 +204,7 @@ myelin_sdk::inventory::submit! {
         about: "fails on purpose (panic, abort, error, hang, block) to test plugin isolation",
         build,
         process_only: false,
+        mesh_every_probe: false,
     }
 }
 

@@ -836,6 +836,7 @@ myelin_sdk::inventory::submit! {
         about: "safety interlock: a latched safe stop when the operator link is too slow or silent",
         build,
         process_only: false,
+        mesh_every_probe: true,
     }
 }
 

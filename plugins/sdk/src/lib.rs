@@ -89,7 +89,7 @@
 //! }
 //!
 //! myelin_sdk::inventory::submit! {
-//!     Registration { name: "greeter", about: "greets every peer that comes up", build, process_only: false }
+//!     Registration { name: "greeter", about: "greets every peer that comes up", build, process_only: false, mesh_every_probe: false }
 //! }
 //!
 //! // The binary lists every registered plugin from inventory:
@@ -182,6 +182,11 @@ pub struct Registration {
     /// The plugin can only run in its own process: the host refuses `isolation = "thread"`.
     /// For plugins whose libraries cannot be stopped and started again inside one process.
     pub process_only: bool,
+    /// The plugin judges the link probe by probe (safety) and gets every mesh view, up to
+    /// one per probe answer. Every other plugin in its own process gets the view when a peer
+    /// comes or goes, comes up or goes down, or moves endpoint, and otherwise at most once a
+    /// second: decoding ten views a second per peer is a plugin's whole idle cost.
+    pub mesh_every_probe: bool,
 }
 
 inventory::collect!(Registration);

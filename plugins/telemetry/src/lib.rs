@@ -284,6 +284,7 @@ myelin_sdk::inventory::submit! {
         about: "Prometheus metrics of the VPN, the plugins and the robot's health, served over the VPN",
         build,
         process_only: false,
+        mesh_every_probe: false,
     }
 }
 

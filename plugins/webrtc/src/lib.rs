@@ -573,6 +573,7 @@ myelin_sdk::inventory::submit! {
         about: "streaming mode: robot camera H.264 RTP served over WHEP to browsers on the VPN",
         build,
         process_only: false,
+        mesh_every_probe: false,
     }
 }
 

@@ -365,5 +365,6 @@ myelin_sdk::inventory::submit! {
         about: "robotics mode: ROS 2 topics, services and actions across the VPN (zenoh + ROS 2 DDS bridge)",
         build,
         process_only: true,
+        mesh_every_probe: false,
     }
 }
