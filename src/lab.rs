@@ -338,7 +338,11 @@ pub fn create(dir: &Path, count: usize) -> anyhow::Result<LabState> {
     }
     let fabric = Fabric::for_lab()?;
     if dir.join(STATE_FILE).exists() {
-        bail!("a lab is already running with its state in {}; fix: `myelin lab down --dir {}` first", dir.display(), dir.display());
+        bail!(
+            "a lab is already running with its state in {}; fix: `myelin lab down --dir {}` first",
+            dir.display(),
+            dir.display()
+        );
     }
     if fabric.exists() {
         bail!("a lab is already running on bridge {} (started with another --dir?); fix: `myelin lab down --dir <its dir>`, or `myelin lab down` to remove whatever is on that bridge", fabric.bridge);

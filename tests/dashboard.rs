@@ -57,7 +57,9 @@ fn dashboard_shows_the_fleet_and_toggles_a_plugin() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(
-        stdout.contains("safety panel shows the interlock armed on the operator link, its lock action applied"),
+        stdout.contains(
+            "safety panel shows the interlock armed on the operator link, its lock action applied"
+        ),
         "{stdout}"
     );
     assert!(

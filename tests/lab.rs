@@ -40,7 +40,12 @@ fn process_tree(pid: u32) -> Vec<(u32, String)> {
     let mut todo = vec![pid];
     while let Some(p) = todo.pop() {
         let cmd = std::fs::read(format!("/proc/{p}/cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', " ").trim().to_string())
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .replace('\0', " ")
+                    .trim()
+                    .to_string()
+            })
             .unwrap_or_default();
         out.push((p, cmd));
         todo.extend(parents.get(&p).into_iter().flatten());
@@ -51,7 +56,9 @@ fn process_tree(pid: u32) -> Vec<(u32, String)> {
 /// Each node's plugins, as its own CLI lists them inside its namespace.
 fn lab_plugins(dir: &str, node: &str) -> serde_json::Value {
     let out = common::lab_command()
-        .args(["lab", "exec", "--dir", dir, node, "--", BIN, "plugins", "--json"])
+        .args([
+            "lab", "exec", "--dir", dir, node, "--", BIN, "plugins", "--json",
+        ])
         .output()
         .unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
@@ -64,7 +71,11 @@ fn idle_cpu_of_every_process(dir: &str, nodes: &[(String, u32)]) {
     for (name, _) in nodes {
         loop {
             let v = lab_plugins(dir, name);
-            let list = v["plugins"].as_array().or(v.as_array()).cloned().unwrap_or_default();
+            let list = v["plugins"]
+                .as_array()
+                .or(v.as_array())
+                .cloned()
+                .unwrap_or_default();
             let settled = !list.is_empty()
                 && list
                     .iter()
@@ -72,7 +83,9 @@ fn idle_cpu_of_every_process(dir: &str, nodes: &[(String, u32)]) {
                     .all(|p| p["state"] == "running");
             let armed = name == "operator"
                 || common::lab_command()
-                    .args(["lab", "exec", "--dir", dir, name, "--", BIN, "safety", "status"])
+                    .args([
+                        "lab", "exec", "--dir", dir, name, "--", BIN, "safety", "status",
+                    ])
                     .output()
                     .map(|o| String::from_utf8_lossy(&o.stdout).contains("armed: motion permitted"))
                     .unwrap_or(false);
@@ -116,7 +129,10 @@ fn idle_cpu_of_every_process(dir: &str, nodes: &[(String, u32)]) {
         }
         report.push(line);
     }
-    println!("idle CPU over {elapsed:.1} s, per process:\n{}", report.join("\n"));
+    println!(
+        "idle CPU over {elapsed:.1} s, per process:\n{}",
+        report.join("\n")
+    );
     assert!(
         procs.len() >= nodes.len() * 2,
         "expected plugin children under every node: {report:?}"

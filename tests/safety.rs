@@ -402,7 +402,10 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
 fn hook_server(
     ns: &common::Netns,
     fail_first: usize,
-) -> (std::net::SocketAddr, std::sync::mpsc::Receiver<(u16, Value)>) {
+) -> (
+    std::net::SocketAddr,
+    std::sync::mpsc::Receiver<(u16, Value)>,
+) {
     let listener = ns.enter(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -481,8 +484,18 @@ fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
         &robot_ns,
         "ros_node.py",
         &[
-            "sub", "--topic", "rt/e_stop", "--type", "bool", "--name", "twist_mux", "--print",
-            "--expect", "1000000", "--timeout", "600",
+            "sub",
+            "--topic",
+            "rt/e_stop",
+            "--type",
+            "bool",
+            "--name",
+            "twist_mux",
+            "--print",
+            "--expect",
+            "1000000",
+            "--timeout",
+            "600",
         ],
     );
     e_stop.ready();
@@ -541,10 +554,12 @@ fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
     );
     let metrics = robot1.metrics();
     assert!(
-        metrics.lines().any(|l| l.starts_with("myelin_safety_action_failures_total")
-            && l.contains("action=\"http\"")
-            && l.contains("plugin=\"safety\"")
-            && l.ends_with(" 3")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("myelin_safety_action_failures_total")
+                && l.contains("action=\"http\"")
+                && l.contains("plugin=\"safety\"")
+                && l.ends_with(" 3")),
         "{}",
         metrics
             .lines()
@@ -594,9 +609,14 @@ fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
     let s = status(&robot1, "safety");
     assert_eq!(s["stopped"], true, "after a node crash: {s:#}");
     assert_eq!(s["rearm_required"], true, "after a node crash: {s:#}");
-    let log_after_crash = robot1.log().get(log_before_crash..).unwrap_or("").to_string();
+    let log_after_crash = robot1
+        .log()
+        .get(log_before_crash..)
+        .unwrap_or("")
+        .to_string();
     assert!(
-        log_after_crash.contains("re-arm required") && log_after_crash.contains("stopped by latency"),
+        log_after_crash.contains("re-arm required")
+            && log_after_crash.contains("stopped by latency"),
         "the restarted node says why it waits:\n{log_after_crash}"
     );
     robot1.wait_peer("operator", LONG, "up with an RTT", |p| {
@@ -674,7 +694,11 @@ fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
             .last()
             .unwrap_or("")
             .to_string();
-        assert_eq!(last, format!("stopped {generation}"), "the last applied state");
+        assert_eq!(
+            last,
+            format!("stopped {generation}"),
+            "the last applied state"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     relay.pass();

@@ -32,9 +32,7 @@ impl MeshFrame {
     /// The encoded `HostMsg::Mesh`, shared by every process sent this view.
     pub fn frame(&self) -> bytes::Bytes {
         self.frame
-            .get_or_init(|| {
-                protocol::encode(&HostMsg::Mesh(self.view.clone())).unwrap_or_default()
-            })
+            .get_or_init(|| protocol::encode(&HostMsg::Mesh(self.view.clone())).unwrap_or_default())
             .clone()
     }
 }
@@ -161,7 +159,10 @@ mod tests {
         let sent = pace.release(pace.due()).unwrap();
         assert_eq!(sent.view.peers[0].rtt_ms, Some(3.0));
         assert!(!pace.held());
-        assert!(pace.release(pace.due()).is_none(), "nothing held, nothing sent");
+        assert!(
+            pace.release(pace.due()).is_none(),
+            "nothing held, nothing sent"
+        );
     }
 
     #[test]
@@ -171,7 +172,10 @@ mod tests {
         assert!(pace.offer(frame(2.0, true), t0).is_none());
         let sent = pace.offer(frame(2.0, false), t0 + Duration::from_millis(1));
         assert!(!sent.unwrap().view.peers[0].up);
-        assert!(!pace.held(), "the held view is superseded by the one published");
+        assert!(
+            !pace.held(),
+            "the held view is superseded by the one published"
+        );
     }
 
     #[test]

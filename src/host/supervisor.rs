@@ -370,4 +370,3 @@ fn shutdown_without_ack() -> Option<Command> {
         ack,
     })
 }
-

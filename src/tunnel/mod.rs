@@ -459,7 +459,9 @@ async fn control(
     // judge the link probe by probe (safety) never act on a view that misses an answer.
     let mut publish_soon: Option<tokio::time::Instant> = None;
     let mut last_publish = tokio::time::Instant::now();
-    let mut last_metrics = last_publish.checked_sub(METRICS_GAP).unwrap_or(last_publish);
+    let mut last_metrics = last_publish
+        .checked_sub(METRICS_GAP)
+        .unwrap_or(last_publish);
     loop {
         let wake = prober
             .poll_timeout()

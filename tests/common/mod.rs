@@ -134,12 +134,13 @@ impl Node {
             .append(true)
             .open(&self.log)
             .unwrap();
-        self.child = myelin::lab::node_command(std::path::Path::new(BIN), &self.ns.name, &self.config)
-            .env_remove("RUST_BACKTRACE")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start myelin up again");
+        self.child =
+            myelin::lab::node_command(std::path::Path::new(BIN), &self.ns.name, &self.config)
+                .env_remove("RUST_BACKTRACE")
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .expect("start myelin up again");
         self.wait_api(from);
     }
 
@@ -431,9 +432,7 @@ pub fn lab_up(nodes: usize, dir: &str) -> (std::process::Child, String) {
         let mut line = String::new();
         if out.read_line(&mut line).unwrap() == 0 || Instant::now() > deadline {
             let _ = up.kill();
-            let _ = lab_command()
-                .args(["lab", "down", "--dir", dir])
-                .status();
+            let _ = lab_command().args(["lab", "down", "--dir", dir]).status();
             panic!("lab up did not come up:\n{transcript}");
         }
         transcript.push_str(&line);

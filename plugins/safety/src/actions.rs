@@ -191,10 +191,8 @@ pub async fn run_command(
     // which is async-signal-safe; it touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {
-            rustix::process::set_parent_process_death_signal(Some(
-                rustix::process::Signal::KILL,
-            ))
-            .map_err(std::io::Error::from)
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                .map_err(std::io::Error::from)
         });
     }
     let child = cmd
@@ -224,7 +222,10 @@ struct ProcessGroup(Option<tokio::process::Child>);
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         if let Some(child) = self.0.take() {
-            if let Some(pid) = child.id().and_then(|id| rustix::process::Pid::from_raw(id as i32)) {
+            if let Some(pid) = child
+                .id()
+                .and_then(|id| rustix::process::Pid::from_raw(id as i32))
+            {
                 let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
             }
             // kill_on_drop reaps the leader.
@@ -621,7 +622,10 @@ mod tests {
         let took = start.elapsed();
         let failed = report.failed.lock().unwrap().clone();
         assert_eq!(failed.len(), 3, "{failed:?}");
-        assert!(failed.iter().all(|(g, e, _)| *g == 1 && e.contains("503")), "{failed:?}");
+        assert!(
+            failed.iter().all(|(g, e, _)| *g == 1 && e.contains("503")),
+            "{failed:?}"
+        );
         let delays: Vec<u128> = failed.iter().map(|f| f.2.as_millis()).collect();
         assert_eq!(delays, [200, 400, 800]);
         assert!(took >= Duration::from_millis(1400), "{took:?}");

@@ -231,10 +231,7 @@ impl Interlock {
             return;
         };
         let max_rtt_ms = self.settings.max_rtt.as_secs_f64() * 1000.0;
-        let sent_at = |p: &ProbeSample| {
-            now.checked_sub(millis(p.age_ms))
-                .unwrap_or(now)
-        };
+        let sent_at = |p: &ProbeSample| now.checked_sub(millis(p.age_ms)).unwrap_or(now);
         let mut verdicts = Vec::new();
         {
             let link = &mut self.links[i];
@@ -243,8 +240,7 @@ impl Interlock {
             // Heartbeat: the newest answer, whichever probe it was.
             for p in &sorted {
                 if let Some(rtt) = p.rtt_ms {
-                    let arrived =
-                        sent_at(p).checked_add(millis(rtt)).unwrap_or(now).min(now);
+                    let arrived = sent_at(p).checked_add(millis(rtt)).unwrap_or(now).min(now);
                     if !link.answered_once || arrived > link.last_answer {
                         link.last_answer = arrived;
                     }
@@ -587,7 +583,12 @@ mod tests {
                 // Nothing handled is asked for again: a deadline at or before `t` would make
                 // the plugin's loop wake at once, forever.
                 if let Some(d) = self.il.poll_timeout() {
-                    assert!(d > t, "poll_timeout {:?} is not after the handled {:?}", d - self.t0, t - self.t0);
+                    assert!(
+                        d > t,
+                        "poll_timeout {:?} is not after the handled {:?}",
+                        d - self.t0,
+                        t - self.t0
+                    );
                 }
                 while let Some(e) = self.il.poll_event() {
                     self.events.push((t, e));
@@ -794,7 +795,10 @@ mod tests {
                 .find(|(_, s)| *s == State::Armed)
                 .map(|(t, _)| *t - sim.t0)
                 .unwrap();
-            assert!(armed_at >= Duration::from_millis(7500), "armed at {armed_at:?}");
+            assert!(
+                armed_at >= Duration::from_millis(7500),
+                "armed at {armed_at:?}"
+            );
             assert!(sim.trips().is_empty(), "{:?}", sim.events);
         }
     }

@@ -12,12 +12,12 @@ mod ros;
 
 use actions::{ActionConfig, ActionStatus, Notice};
 use interlock::{Event, Interlock, Settings, State};
-use persist::{Restored, Saved};
 use myelin_sdk::axum::{
     http::StatusCode, response::Html, response::IntoResponse, routing::get, routing::post, Json,
     Router,
 };
 use myelin_sdk::{async_trait, Health, Plugin, PluginContext, PluginError, Registration};
+use persist::{Restored, Saved};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -69,7 +69,9 @@ pub enum Restored {
     Missing,
     Found(Saved),
     /// A file that cannot be read or understood; `why` says what is wrong with it.
-    Corrupt { why: String },
+    Corrupt {
+        why: String,
+    },
 }
 
 impl Restored {
@@ -175,7 +177,10 @@ pub fn parse(bytes: &[u8]) -> Restored {
     match serde_json::from_slice::<Saved>(bytes) {
         Ok(s) if s.version == VERSION => Restored::Found(s),
         Ok(s) => Restored::Corrupt {
-            why: format!("version {} is not the {VERSION} this binary writes", s.version),
+            why: format!(
+                "version {} is not the {VERSION} this binary writes",
+                s.version
+            ),
         },
         Err(e) => Restored::Corrupt {
             why: format!("not a state file: {e}"),

@@ -174,7 +174,12 @@ impl Publish {
         };
         if let Some(e) = first {
             let generation = stopped.borrow().0;
-            report.failed(self.index, generation, format!("{}: {e}", self.topic), Duration::ZERO);
+            report.failed(
+                self.index,
+                generation,
+                format!("{}: {e}", self.topic),
+                Duration::ZERO,
+            );
         }
         let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / self.rate_hz));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
