@@ -170,24 +170,7 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
     let base = 2;
 
     // The twist_mux lock: `false` at 10 Hz while armed (the dead-man heartbeat).
-    let mut e_stop = Py::spawn(
-        &robot_ns,
-        "ros_node.py",
-        &[
-            "sub",
-            "--topic",
-            "rt/e_stop",
-            "--type",
-            "bool",
-            "--name",
-            "twist_mux",
-            "--print",
-            "--expect",
-            "1000000",
-            "--timeout",
-            "600",
-        ],
-    );
+    let mut e_stop = e_stop_subscriber(&robot_ns);
     e_stop.ready();
     let sample = |line: &str| -> Option<(f64, bool)> {
         let v: Value = serde_json::from_str(line).ok()?;
@@ -480,24 +463,7 @@ fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
         applied.display()
     );
     // The lock's subscriber runs before the node starts, so it sees the very first message.
-    let mut e_stop = Py::spawn(
-        &robot_ns,
-        "ros_node.py",
-        &[
-            "sub",
-            "--topic",
-            "rt/e_stop",
-            "--type",
-            "bool",
-            "--name",
-            "twist_mux",
-            "--print",
-            "--expect",
-            "1000000",
-            "--timeout",
-            "600",
-        ],
-    );
+    let mut e_stop = e_stop_subscriber(&robot_ns);
     e_stop.ready();
     let started = unix_ms(SystemTime::now());
     let mut robot1 = Node::start_spec(robot_ns.clone(), &robot, &plugins);
@@ -703,4 +669,27 @@ fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
     }
     relay.pass();
     println!("trip → clear → trip in under 1 s: the command's last applied state is `{last}`");
+}
+
+/// An emulated twist_mux: a Cyclone DDS subscriber of robot1's local `/e_stop` that prints
+/// every message with its arrival time.
+fn e_stop_subscriber(robot_ns: &common::netns::Netns) -> Py {
+    Py::spawn(
+        robot_ns,
+        "ros_node.py",
+        &[
+            "sub",
+            "--topic",
+            "rt/e_stop",
+            "--type",
+            "bool",
+            "--name",
+            "twist_mux",
+            "--print",
+            "--expect",
+            "1000000",
+            "--timeout",
+            "600",
+        ],
+    )
 }
