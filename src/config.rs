@@ -63,8 +63,16 @@ pub struct NodeConfig {
     pub interface: String,
     #[serde(default = "default_mtu")]
     pub mtu: u16,
+    /// Drop packets for the overlay addresses that do not arrive through the TUN device (an
+    /// nftables table the node installs and removes), so overlay-bound services cannot be
+    /// reached from the physical network. `false` only where nftables is unavailable.
+    #[serde(default = "default_overlay_guard")]
+    pub overlay_guard: bool,
 }
 
+fn default_overlay_guard() -> bool {
+    true
+}
 fn default_listen_port() -> u16 {
     51820
 }
@@ -187,6 +195,8 @@ pub enum Isolation {
 /// The plugin host's own settings (plain keys of `[plugins]`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostSettings {
+    /// Who process plugins run as. Unset: the system user `myelin` (created when absent) if
+    /// the node is root, else the node's own user; root only when named (`user = "root"`).
     pub user: Option<String>,
     pub runtime_dir: PathBuf,
     /// Persistent state, one directory per instance (survives reboots, unlike runtime_dir).
@@ -287,6 +297,16 @@ impl Config {
                     config.node.interface
                 ),
                 "e.g. interface = \"myelin0\"",
+            ));
+        }
+        if !config.control.listen.ip().is_loopback() {
+            return Err(invalid(
+                &["control", "listen"],
+                format!(
+                    "control.listen {} is not a loopback address: the API there needs no token",
+                    config.control.listen
+                ),
+                "keep listen = \"127.0.0.1:7800\" and use remote_listen (with a token_file) for access from elsewhere",
             ));
         }
         if config.control.remote_listen.is_some() && config.control.token_file.is_none() {
@@ -645,6 +665,21 @@ mod tests {
             e.contains("line 6") && e.contains("peers.public_key"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_token_free_api_listens_only_on_loopback() {
+        let e = err(&minimal("[control]\nlisten = \"0.0.0.0:7800\"\n"));
+        assert!(
+            e.contains("control.listen") && e.contains("loopback"),
+            "{e}"
+        );
+        assert!(e.contains("remote_listen"), "{e}");
+        let ok = Config::parse(
+            &minimal("[control]\nlisten = \"[::1]:7800\"\n"),
+            Path::new("t.toml"),
+        );
+        assert!(ok.is_ok(), "{:?}", ok.err());
     }
 
     #[test]

@@ -25,6 +25,15 @@ pub fn describe() {
         "Packets read from the TUN device and sent to the peer."
     );
     describe_counter!(
+        "myelin_tunnel_handshake_dh_total",
+        "Handshake initiations that passed the mac1/cookie checks and cost a Diffie-Hellman step."
+    );
+    metrics::counter!("myelin_tunnel_handshake_dh_total").absolute(0);
+    describe_counter!(
+        "myelin_tunnel_handshake_refused_total",
+        "Handshake messages dropped before any Diffie-Hellman work: reason mac1 (bad MAC) or under_load (answered with a cookie reply)."
+    );
+    describe_counter!(
         "myelin_peer_endpoint_changes_total",
         "Times the peer's endpoint moved (roaming)."
     );

@@ -104,26 +104,30 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
             mtu: config.node.mtu,
             offload: tunnel.offload,
         },
+        event_streams: Default::default(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let api_stop = shutdown.clone();
-    let app = api::router(state.clone());
-    let api = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { api_stop.cancelled().await })
-            .await
-    });
+    let app = api::router(state.clone(), api_addr);
+    let limits = myelin_sdk::serve::Limits::default();
+    let api = tokio::spawn(myelin_sdk::serve::serve(
+        listener,
+        app,
+        limits,
+        async move { api_stop.cancelled().await },
+    ));
     let remote_task = remote.map(|(listener, token)| {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!("remote control listener on http://{addr} (bearer token required)");
         }
         let stop = shutdown.clone();
         let app = api::remote_router(state.clone(), token);
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
+        tokio::spawn(myelin_sdk::serve::serve(
+            listener,
+            app,
+            limits,
+            async move { stop.cancelled().await },
+        ))
     });
     tracing::info!(
         node = %node.name,

@@ -67,6 +67,10 @@ fn dashboard_shows_the_fleet_and_toggles_a_plugin() {
         "{stdout}"
     );
     assert!(
+        stdout.contains("a panel's call to %2e%2e/%2e%2e/api/v1/plugins/safety/disable is refused"),
+        "{stdout}"
+    );
+    assert!(
         std::fs::metadata(&shot).unwrap().len() > 10_000,
         "screenshot saved at {}",
         shot.display()

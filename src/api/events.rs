@@ -4,23 +4,49 @@
 
 use super::ApiState;
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use futures::Stream;
+use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-pub async fn stream(
-    State(s): State<Arc<ApiState>>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+/// Event streams open at once, over both listeners: each holds a task and a connection for
+/// as long as the client stays, so there must be a bound.
+pub const MAX_STREAMS: usize = 32;
+
+/// One open stream; gives its place back when the stream ends.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub async fn stream(State(s): State<Arc<ApiState>>) -> Response {
+    let open = s.event_streams.clone();
+    if open.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
+        open.fetch_sub(1, Ordering::Relaxed);
+        return super::ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_STREAMS} event streams are open already"),
+            "close a dashboard tab or an idle `curl .../events`, then retry",
+        )
+        .into_response();
+    }
+    let guard = Open(open);
     let (tx, mut rx) = mpsc::channel::<Event>(256);
     tokio::spawn(produce(s, tx));
     Sse::new(futures::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx).map(|e| e.map(Ok))
+        let _held = &guard;
+        rx.poll_recv(cx).map(|e| e.map(Ok::<_, Infallible>))
     }))
     .keep_alive(KeepAlive::default())
+    .into_response()
 }
 
 fn event(kind: &str, data: serde_json::Value) -> Event {

@@ -24,6 +24,8 @@ pub struct ApiState {
     pub started: Instant,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub tunnel: TunnelInfo,
+    /// Open `/api/v1/events` streams (capped at `events::MAX_STREAMS`).
+    pub event_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// What `status` shows about the data plane.
@@ -120,8 +122,78 @@ pub fn remote_router(state: Arc<ApiState>, token: Arc<str>) -> Router {
     dashboard_routes().merge(api)
 }
 
-pub fn router(state: Arc<ApiState>) -> Router {
-    dashboard_routes().merge(api_routes(state))
+/// The token-free API on the loopback listener at `own`. Every request must name that
+/// listener in `Host` (so a DNS-rebound name cannot read it), and a state-changing request that
+/// carries an `Origin` must come from the API's own origin (so no other web page can post to it).
+pub fn router(state: Arc<ApiState>, own: std::net::SocketAddr) -> Router {
+    dashboard_routes()
+        .merge(api_routes(state))
+        .layer(axum::middleware::from_fn(
+            move |req: Request, next: axum::middleware::Next| async move {
+                match local_request_refusal(&req, own) {
+                    None => next.run(req).await,
+                    Some(e) => e.into_response(),
+                }
+            },
+        ))
+}
+
+/// Why a request to the loopback listener at `own` is refused, if it is.
+fn local_request_refusal(req: &Request, own: std::net::SocketAddr) -> Option<ApiError> {
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+    };
+    let host = header(axum::http::header::HOST);
+    let same = |authority: &str| is_own_authority(authority, own);
+    if !host.is_some_and(same) {
+        return Some(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Host `{}` is not this API's address",
+                host.unwrap_or("(none)")
+            ),
+            format!("address the local API as http://{own} or http://localhost:{}; for remote access use [control].remote_listen with a token", own.port()),
+        ));
+    }
+    let changes_state = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    if changes_state {
+        if let Some(origin) = header(axum::http::header::ORIGIN) {
+            let own_origin = origin
+                .strip_prefix("http://")
+                .is_some_and(|authority| same(authority));
+            if !own_origin {
+                return Some(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!("a {} from origin `{origin}` is refused", req.method()),
+                    format!("only pages served by this API (http://{own}) may change state; scripts and curl send no Origin"),
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// `authority` (a `Host` value or an origin without its scheme) names the listener at `own`:
+/// its own IP or `localhost`, with its port (or no port when that is 80).
+fn is_own_authority(authority: &str, own: std::net::SocketAddr) -> bool {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (h, p.parse::<u16>().ok()),
+        _ => (authority, Some(80)),
+    };
+    if port != Some(own.port()) {
+        return false;
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return own.ip().is_loopback();
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip == own.ip())
 }
 
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -277,6 +349,8 @@ async fn forward(
         ));
     }
     let (mut parts, body) = req.into_parts();
+    // The bearer token is the node's, not the plugin's: a plugin never sees it.
+    parts.headers.remove(axum::http::header::AUTHORIZATION);
     let query = parts
         .uri
         .query()

@@ -1,15 +1,18 @@
 //! Probes: every interval each peer gets a small ping inside the tunnel (to a fixed UDP port on
 //! its overlay address) and answers with a pong. The round trips give RTT, jitter and loss.
-//! Authentication comes from the tunnel: only packets whose source overlay address belongs to
-//! the peer's allowed IPs reach this port through the tunnel.
+//! Authentication comes from the tunnel: the probe socket is bound to the TUN device, so only
+//! packets that WireGuard decapsulated (and whose source is one of the peer's allowed IPs)
+//! reach it. A pong also has to echo this prober's random session nonce, so a forged pong must
+//! have seen the ping it answers.
 //!
-//! Wire format, 16 bytes: `b"MYP1"`, kind (1 = ping, 2 = pong), 3 zero bytes, sequence (u64 BE).
+//! Wire format, 24 bytes: `b"MYP2"`, kind (1 = ping, 2 = pong), 3 zero bytes, sequence (u64 BE),
+//! the pinging node's session nonce (u64 BE; a pong echoes it).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-pub const PROBE_LEN: usize = 16;
-const MAGIC: &[u8; 4] = b"MYP1";
+pub const PROBE_LEN: usize = 24;
+const MAGIC: &[u8; 4] = b"MYP2";
 const PING: u8 = 1;
 const PONG: u8 = 2;
 /// Probes remembered per peer for loss.
@@ -51,31 +54,39 @@ struct PeerProbe {
 /// Probe state for all peers.
 #[derive(Debug)]
 pub struct Prober {
+    /// Random per prober: what a pong must echo to count.
+    session: u64,
     interval: Duration,
     lost_after: Duration,
     peers: Vec<PeerProbe>,
 }
 
-fn encode(kind: u8, seq: u64) -> [u8; PROBE_LEN] {
+fn encode(kind: u8, seq: u64, nonce: u64) -> [u8; PROBE_LEN] {
     let mut out = [0u8; PROBE_LEN];
     out[..4].copy_from_slice(MAGIC);
     out[4] = kind;
-    out[8..].copy_from_slice(&seq.to_be_bytes());
+    out[8..16].copy_from_slice(&seq.to_be_bytes());
+    out[16..].copy_from_slice(&nonce.to_be_bytes());
     out
 }
 
-fn decode(bytes: &[u8]) -> Option<(u8, u64)> {
-    if bytes.len() != PROBE_LEN || &bytes[..4] != MAGIC {
+/// A probe datagram: kind, sequence and nonce; `None` for anything else.
+pub fn decode(bytes: &[u8]) -> Option<(u8, u64, u64)> {
+    if bytes.len() != PROBE_LEN || bytes.get(..4)? != MAGIC {
         return None;
     }
-    let seq = u64::from_be_bytes(bytes[8..16].try_into().ok()?);
-    matches!(bytes[4], PING | PONG).then_some((bytes[4], seq))
+    let seq = u64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
+    let nonce = u64::from_be_bytes(bytes.get(16..24)?.try_into().ok()?);
+    let kind = *bytes.get(4)?;
+    matches!(kind, PING | PONG).then_some((kind, seq, nonce))
 }
 
 impl Prober {
-    pub fn new(peers: usize, interval: Duration, now: Instant) -> Self {
+    /// `session` is the nonce pongs must echo: random, fresh for every run of the node.
+    pub fn new(peers: usize, interval: Duration, now: Instant, session: u64) -> Self {
         let interval = interval.max(Duration::from_millis(1));
         Self {
+            session,
             interval,
             // Long enough for any sane path; a late answer still counts for RTT.
             lost_after: (interval * 5).max(Duration::from_secs(1)),
@@ -117,7 +128,7 @@ impl Prober {
             at: now,
             rtt: None,
         });
-        Some((idx, encode(PING, seq)))
+        Some((idx, encode(PING, seq, self.session)))
     }
 
     /// When `poll_transmit` next has something.
@@ -133,9 +144,12 @@ impl Prober {
         bytes: &[u8],
         now: Instant,
     ) -> Option<[u8; PROBE_LEN]> {
-        let (kind, seq) = decode(bytes)?;
+        let (kind, seq, nonce) = decode(bytes)?;
         if kind == PING {
-            return Some(encode(PONG, seq));
+            return Some(encode(PONG, seq, nonce));
+        }
+        if nonce != self.session {
+            return None;
         }
         let p = self.peers.get_mut(peer)?;
         let sent = p
@@ -211,10 +225,10 @@ mod tests {
     #[test]
     fn recent_probes_are_listed_oldest_first_with_their_ages() {
         let t0 = Instant::now();
-        let mut a = Prober::new(1, 100 * MS, t0);
+        let mut a = Prober::new(1, 100 * MS, t0, 7);
         let (_, p1) = a.poll_transmit(t0).unwrap();
         let (_, _p2) = a.poll_transmit(t0 + 100 * MS).unwrap();
-        let mut b = Prober::new(1, 100 * MS, t0);
+        let mut b = Prober::new(1, 100 * MS, t0, 7);
         let pong = b.handle_input(0, &p1, t0).unwrap();
         a.handle_input(0, &pong, t0 + 30 * MS);
         let r = a.recent(0, t0 + 150 * MS, 10);
@@ -227,8 +241,8 @@ mod tests {
     #[test]
     fn ping_pong_gives_rtt_jitter_and_no_loss() {
         let t0 = Instant::now();
-        let mut a = Prober::new(1, 100 * MS, t0);
-        let mut b = Prober::new(1, 100 * MS, t0);
+        let mut a = Prober::new(1, 100 * MS, t0, 7);
+        let mut b = Prober::new(1, 100 * MS, t0, 7);
         for (i, delay) in [10u64, 14, 10].iter().enumerate() {
             let now = t0 + 100 * MS * i as u32;
             let (peer, ping) = a.poll_transmit(now).unwrap();
@@ -248,9 +262,9 @@ mod tests {
     #[test]
     fn unanswered_probes_count_as_loss_only_once_decided() {
         let t0 = Instant::now();
-        let mut a = Prober::new(1, 100 * MS, t0);
+        let mut a = Prober::new(1, 100 * MS, t0, 7);
         let (_, ping) = a.poll_transmit(t0).unwrap();
-        let pong = encode(PONG, decode(&ping).unwrap().1);
+        let pong = encode(PONG, decode(&ping).unwrap().1, 7);
         a.handle_input(0, &pong, t0 + 5 * MS);
         for i in 1..4 {
             a.poll_transmit(t0 + 100 * MS * i).unwrap();
@@ -262,7 +276,7 @@ mod tests {
     #[test]
     fn a_peer_that_never_answers_has_no_rtt_and_no_loss_figure() {
         let t0 = Instant::now();
-        let mut a = Prober::new(2, 100 * MS, t0);
+        let mut a = Prober::new(2, 100 * MS, t0, 7);
         for i in 0..20 {
             while a.poll_transmit(t0 + 100 * MS * i).is_some() {}
         }
@@ -273,16 +287,16 @@ mod tests {
     #[test]
     fn garbage_duplicates_and_unknown_sequences_are_ignored() {
         let t0 = Instant::now();
-        let mut a = Prober::new(1, 100 * MS, t0);
+        let mut a = Prober::new(1, 100 * MS, t0, 7);
         let (_, ping) = a.poll_transmit(t0).unwrap();
         assert!(a.handle_input(0, b"short", t0).is_none());
         assert!(a.handle_input(0, &[0u8; PROBE_LEN], t0).is_none());
-        assert!(a.handle_input(0, &encode(PONG, 999), t0).is_none());
+        assert!(a.handle_input(0, &encode(PONG, 999, 7), t0).is_none());
         assert!(
-            a.handle_input(7, &encode(PONG, 1), t0).is_none(),
+            a.handle_input(7, &encode(PONG, 1, 7), t0).is_none(),
             "unknown peer"
         );
-        let pong = encode(PONG, decode(&ping).unwrap().1);
+        let pong = encode(PONG, decode(&ping).unwrap().1, 7);
         a.handle_input(0, &pong, t0 + 3 * MS);
         a.handle_input(0, &pong, t0 + 50 * MS);
         assert_eq!(
@@ -293,9 +307,35 @@ mod tests {
     }
 
     #[test]
+    fn a_pong_without_this_sessions_nonce_does_not_count() {
+        let t0 = Instant::now();
+        let mut a = Prober::new(1, 100 * MS, t0, 0x5eed);
+        for i in 0..5 {
+            a.poll_transmit(t0 + 100 * MS * i).unwrap();
+        }
+        // A forger who guesses every sequence number but not the nonce.
+        for seq in 0..10 {
+            for nonce in [0, 1, 7, u64::MAX] {
+                a.handle_input(0, &encode(PONG, seq, nonce), t0 + 450 * MS);
+            }
+        }
+        assert_eq!(a.answered(0), (0, None));
+        a.handle_input(0, &encode(PONG, 3, 0x5eed), t0 + 450 * MS);
+        assert_eq!(a.answered(0).0, 1);
+    }
+
+    #[test]
+    fn a_ping_is_answered_with_its_own_nonce() {
+        let t0 = Instant::now();
+        let mut b = Prober::new(1, 100 * MS, t0, 1);
+        let pong = b.handle_input(0, &encode(PING, 9, 42), t0).unwrap();
+        assert_eq!(decode(&pong), Some((PONG, 9, 42)));
+    }
+
+    #[test]
     fn cadence_does_not_burst_after_a_stall() {
         let t0 = Instant::now();
-        let mut a = Prober::new(1, 100 * MS, t0);
+        let mut a = Prober::new(1, 100 * MS, t0, 7);
         a.poll_transmit(t0).unwrap();
         let late = t0 + 5000 * MS;
         assert!(a.poll_transmit(late).is_some());

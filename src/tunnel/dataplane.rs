@@ -12,6 +12,7 @@
 //! allocates nothing and never panics.
 
 use super::{Peer, Shared};
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
 use rustix::buffer::spare_capacity;
 use rustix::event::{epoll, PollFd, PollFlags, Timespec};
@@ -26,6 +27,8 @@ use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 /// WireGuard data overhead: 16-byte header, 16-byte tag, plaintext padded to 16.
 const OVERHEAD: usize = 32 + 16;
 const HANDSHAKE_INIT_LEN: usize = 148;
+/// The first byte of a WireGuard cookie reply (message type 3, little-endian).
+const COOKIE_REPLY: u8 = 3;
 /// The most one GSO send may carry: an IPv4 UDP payload tops out at 65 507 bytes.
 const MAX_GSO_BYTES: usize = 65_000;
 /// Room for one UDP datagram (a GRO train or a single packet).
@@ -317,12 +320,14 @@ fn flush(shared: &Shared, out: &[u8], batch: &mut Option<Batch>) {
     }
 }
 
-/// Which peer a datagram belongs to.
-fn find_peer(shared: &Shared, datagram: &[u8]) -> Option<usize> {
-    match Tunn::parse_incoming_packet(datagram).ok()? {
+/// Which peer a verified datagram belongs to. Only a handshake initiation that passed the mac1
+/// (and, under load, cookie) check costs a Diffie-Hellman step here.
+fn find_peer(shared: &Shared, packet: &Packet) -> Option<usize> {
+    match packet {
         Packet::HandshakeInit(init) => {
+            metrics::counter!("myelin_tunnel_handshake_dh_total").increment(1);
             let half =
-                parse_handshake_anon(&shared.static_private, &shared.static_public, &init).ok()?;
+                parse_handshake_anon(&shared.static_private, &shared.static_public, init).ok()?;
             shared
                 .peers
                 .iter()
@@ -331,6 +336,35 @@ fn find_peer(shared: &Shared, datagram: &[u8]) -> Option<usize> {
         Packet::HandshakeResponse(r) => Some((r.receiver_idx >> 8) as usize),
         Packet::PacketCookieReply(c) => Some((c.receiver_idx >> 8) as usize),
         Packet::PacketData(d) => Some((d.receiver_idx >> 8) as usize),
+    }
+}
+
+/// Checks a datagram before any peer state sees it: malformed packets and handshakes with a
+/// bad mac1 are dropped; past the handshake rate, a handshake without a valid cookie is
+/// answered with a cookie reply (to `from`, which needs no trust) and goes no further.
+fn verify<'a>(
+    shared: &Shared,
+    from: SocketAddr,
+    datagram: &'a [u8],
+    reply: &mut [u8],
+) -> Option<Packet<'a>> {
+    match shared
+        .handshakes
+        .verify_packet(Some(from.ip()), datagram, reply)
+    {
+        Ok(packet) => Some(packet),
+        Err(TunnResult::WriteToNetwork(cookie)) => {
+            metrics::counter!("myelin_tunnel_handshake_refused_total", "reason" => "under_load")
+                .increment(1);
+            send(shared, from, cookie, None);
+            None
+        }
+        Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
+            metrics::counter!("myelin_tunnel_handshake_refused_total", "reason" => "mac1")
+                .increment(1);
+            None
+        }
+        Err(_) => None,
     }
 }
 
@@ -451,7 +485,10 @@ fn receive(shared: &Shared, io: &mut Inbound) {
 
 /// One datagram: decapsulated into the next TUN buffer, or answered.
 fn receive_datagram(shared: &Shared, out: &mut TunWriter, from: SocketAddr, datagram: &[u8]) {
-    let Some(idx) = find_peer(shared, datagram) else {
+    let Some(packet) = verify(shared, from, datagram, &mut out.reply) else {
+        return;
+    };
+    let Some(idx) = find_peer(shared, &packet) else {
         return;
     };
     let Some(peer) = shared.peers.get(idx) else {
@@ -466,12 +503,13 @@ fn receive_datagram(shared: &Shared, out: &mut TunWriter, from: SocketAddr, data
     // Only the length matters: decapsulation overwrites the packet and tun-rs writes the
     // virtio-net header, so the old bytes need no zeroing on every packet.
     buf.resize(out.off + datagram.len(), 0);
+    let authenticates = !matches!(packet, Packet::PacketCookieReply(_));
     if decapsulate(
         shared,
         peer,
         idx,
         from,
-        datagram,
+        (datagram, authenticates),
         buf,
         out.off,
         &mut out.reply,
@@ -480,14 +518,18 @@ fn receive_datagram(shared: &Shared, out: &mut TunWriter, from: SocketAddr, data
     }
 }
 
-/// Decapsulates one datagram into `buf[off..]`; true when it holds a packet for the TUN.
+/// Decapsulates one verified datagram into `buf[off..]`; true when it holds a packet for the
+/// TUN. The peer's endpoint follows `from` only when the datagram proved the peer's key: a
+/// data packet (keepalives included) or a handshake message that `Tunn` accepted. A cookie
+/// reply proves nothing (anyone who knows a public key can make one), and neither does a
+/// handshake that `Tunn` answered with a cookie reply; `datagram.1` is false for the former.
 #[allow(clippy::too_many_arguments)]
 fn decapsulate(
     shared: &Shared,
     peer: &Peer,
     idx: usize,
     from: SocketAddr,
-    datagram: &[u8],
+    (datagram, authenticates): (&[u8], bool),
     buf: &mut Vec<u8>,
     off: usize,
     reply: &mut [u8],
@@ -526,11 +568,16 @@ fn decapsulate(
     match outcome {
         Outcome::Rejected => false,
         Outcome::Nothing => {
-            peer.saw(from);
+            if authenticates {
+                peer.saw(from);
+            }
             false
         }
         Outcome::Reply(len) => {
-            peer.saw(from);
+            let cookie = reply.first() == Some(&COOKIE_REPLY);
+            if authenticates && !cookie {
+                peer.saw(from);
+            }
             if let Some(r) = reply.get(..len) {
                 send(shared, from, r, None);
             }
@@ -587,6 +634,8 @@ fn write_tun(shared: &Shared, io: &mut TunWriter) {
 
 /// Drives boringtun's timers: handshakes, retries, keepalives, session expiry.
 fn timers(shared: &Shared, buf: &mut [u8]) {
+    // The handshake rate is counted per second (the call is a no-op until a second passed).
+    shared.handshakes.reset_count();
     for peer in &shared.peers {
         let len = match peer.tunn.lock() {
             Ok(mut t) => match t.update_timers(buf) {

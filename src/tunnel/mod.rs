@@ -3,11 +3,13 @@
 //! and in `crate::mesh`; this module only moves bytes and publishes the `MeshView`.
 
 mod dataplane;
+pub mod guard;
 pub mod routes;
 
 use crate::config::Config;
 use crate::keys::PrivateKey;
 use crate::mesh::probe::{ProbeStats, Prober, PROBE_LEN};
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
 use boringtun::x25519;
 use ipnet::IpNet;
@@ -23,9 +25,14 @@ use tokio::sync::watch;
 pub const PROBE_PORT: u16 = 51821;
 /// A session older than this is expired in WireGuard (REJECT_AFTER_TIME).
 const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+/// Handshake messages per second the node takes before it asks senders for a cookie (what
+/// boringtun's own device uses).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
+    #[error(transparent)]
+    Guard(#[from] guard::GuardError),
     #[error("cannot create TUN device `{name}`: {cause}\n  fix: {hint}")]
     Tun {
         name: String,
@@ -113,6 +120,9 @@ pub(crate) struct Shared {
     pub mtu: usize,
     /// Set by `Tunnel::stop`; the data-plane thread ends at its next wake-up.
     pub stop: AtomicBool,
+    /// Checks mac1 of every handshake message and, past its rate, asks for a cookie (mac2),
+    /// before any Diffie-Hellman work is spent on the datagram.
+    pub handshakes: Arc<RateLimiter>,
 }
 
 impl Shared {
@@ -133,6 +143,7 @@ pub struct Tunnel {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     shared: Arc<Shared>,
     dataplane: DataPlaneThread,
+    guard: Option<guard::OverlayGuard>,
     pub interface: String,
     pub offload: bool,
 }
@@ -241,6 +252,7 @@ impl Tunnel {
             })?;
         let static_private = key.secret().clone();
         let static_public = x25519::PublicKey::from(&static_private);
+        let handshakes = Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT));
         let mut peers = Vec::new();
         for (i, p) in config.peers.iter().enumerate() {
             let tunn = Tunn::new(
@@ -251,6 +263,8 @@ impl Tunnel {
                 // boringtun shifts this left by 8 for its session counter; `receiver_idx >> 8`
                 // gives the peer's position back.
                 i as u32,
+                // Its own limiter too (10 handshakes a second for this peer), behind the
+                // node-wide one that checks every datagram first.
                 None,
             );
             let probe_addr = p.allowed_ips.iter().find_map(|n| match n {
@@ -287,12 +301,24 @@ impl Tunnel {
             None => None,
             Some(a) => {
                 let addr = SocketAddr::new(a.addr(), PROBE_PORT);
-                Some(
-                    tokio::net::UdpSocket::bind(addr)
-                        .await
-                        .map_err(|cause| TunnelError::Probe { addr, cause })?,
-                )
+                let socket = tokio::net::UdpSocket::bind(addr)
+                    .await
+                    .map_err(|cause| TunnelError::Probe { addr, cause })?;
+                // Only what came through the tunnel: a datagram for the overlay address that
+                // arrives on another interface (a spoofed pong from the LAN) is not delivered.
+                socket
+                    .bind_device(Some(name.as_bytes()))
+                    .map_err(|cause| TunnelError::Probe { addr, cause })?;
+                Some(socket)
             }
+        };
+        let guard = if !config.node.overlay_guard {
+            tracing::warn!("[node].overlay_guard = false: services bound to the overlay address are reachable from the physical network");
+            None
+        } else if config.node.address.is_empty() {
+            None
+        } else {
+            Some(guard::OverlayGuard::install(&name, &config.node.address)?)
         };
         let shared = Arc::new(Shared {
             peers,
@@ -306,6 +332,7 @@ impl Tunnel {
             offload,
             mtu: usize::from(config.node.mtu),
             stop: AtomicBool::new(false),
+            handshakes,
         });
         let dataplane = spawn_dataplane(&shared).map_err(|cause| TunnelError::Thread { cause })?;
         let cancel = CancellationToken::new();
@@ -325,6 +352,7 @@ impl Tunnel {
             tasks,
             shared,
             dataplane,
+            guard,
             interface: name,
             offload,
         })
@@ -338,6 +366,9 @@ impl Tunnel {
         }
         let (shared, dataplane) = (self.shared, self.dataplane);
         let _ = tokio::task::spawn_blocking(move || stop_dataplane(&shared, dataplane)).await;
+        if let Some(guard) = self.guard {
+            let _ = tokio::task::spawn_blocking(move || guard.remove()).await;
+        }
     }
 }
 
@@ -443,7 +474,14 @@ async fn control(
     interval: Duration,
     mesh_tx: watch::Sender<MeshView>,
 ) {
-    let mut prober = Prober::new(shared.peers.len(), interval, Instant::now());
+    let session = getrandom::u64().unwrap_or_else(|e| {
+        tracing::warn!("no OS randomness for the probe nonce ({e}); using the clock");
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id())
+    });
+    let mut prober = Prober::new(shared.peers.len(), interval, Instant::now(), session);
     // Without answers (no peers up, plain WireGuard peers) the view is still refreshed, so
     // ages move on and a silent peer shows.
     let refresh = interval.max(Duration::from_millis(100));

@@ -59,6 +59,17 @@ try {
     await new Promise((r) => setTimeout(r, 100));
   }
   step(`${plugin} panicked from its panel and was restarted`);
+  // A panel may call only its own plugin's routes: a path that the URL parser turns into
+  // `../../api/...` (percent-encoded dots) would carry the node's token to the API.
+  const panelFrame = await (await page.$(`section[data-panel="${plugin}"] iframe`)).contentFrame();
+  const escape = await panelFrame.evaluate(() => new Promise((resolve) => {
+    window.addEventListener("message", (e) => { if (e.data && e.data.id === "escape") resolve(e.data); });
+    parent.postMessage({ myelin: "call", id: "escape", method: "POST", path: "%2e%2e/%2e%2e/api/v1/plugins/safety/disable" }, "*");
+  }));
+  if (escape.status !== 403) throw new Error(`a panel escaped its routes: ${JSON.stringify(escape)}`);
+  const safetyNow = await (await fetch(`${origin}/api/v1/plugins/safety`, { headers: { Authorization: `Bearer ${token}` } })).json();
+  if (!safetyNow.enabled) throw new Error(`safety was disabled through a panel: ${JSON.stringify(safetyNow)}`);
+  step("a panel's call to %2e%2e/%2e%2e/api/v1/plugins/safety/disable is refused");
   // The telemetry plugin's panel: scrape URL and live figures fetched through the dashboard.
   const telemetry = page.frameLocator(`section[data-panel="telemetry"] iframe`);
   await telemetry.locator("#urls").filter({ hasText: ":9477/metrics" }).waitFor({ timeout: 20000 });

@@ -418,8 +418,14 @@ pub fn lab_command() -> Command {
 /// `myelin lab up --nodes <n> --dir <dir>` in the foreground, as a user starts it; returns the
 /// running process and what it printed once it says the lab is up (bounded wait).
 pub fn lab_up(nodes: usize, dir: &str) -> (std::process::Child, String) {
+    lab_up_on("7", nodes, dir)
+}
+
+/// `lab_up` on lab fabric `fabric` (1..=9), for tests that must not meet the others' labs.
+pub fn lab_up_on(fabric: &str, nodes: usize, dir: &str) -> (std::process::Child, String) {
     use std::io::BufRead;
     let mut up = lab_command()
+        .env(myelin::lab::FABRIC_ENV, fabric)
         .args(["lab", "up", "--nodes", &nodes.to_string(), "--dir", dir])
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
@@ -432,7 +438,10 @@ pub fn lab_up(nodes: usize, dir: &str) -> (std::process::Child, String) {
         let mut line = String::new();
         if out.read_line(&mut line).unwrap() == 0 || Instant::now() > deadline {
             let _ = up.kill();
-            let _ = lab_command().args(["lab", "down", "--dir", dir]).status();
+            let _ = lab_command()
+                .env(myelin::lab::FABRIC_ENV, fabric)
+                .args(["lab", "down", "--dir", dir])
+                .status();
             panic!("lab up did not come up:\n{transcript}");
         }
         transcript.push_str(&line);
