@@ -470,3 +470,70 @@ fn metric_in(metrics: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+#[test]
+fn a_thousand_idle_connections_do_not_stop_a_real_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("api.token");
+    std::fs::write(&token, "0123456789abcdef-remote-token\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let control = format!(
+        "remote_listen = \"127.0.0.2:7801\"\ntoken_file = \"{}\"",
+        token.display()
+    );
+    // 1 000 sockets in this process: lift the soft descriptor limit to the hard one.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on our own process with a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max.max(limit.rlim_cur);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    let ns = Arc::new(Netns::new("idle"));
+    let node = Node::start_full(ns.clone(), &control, FAST_HOST, "");
+    let remote: SocketAddr = "127.0.0.2:7801".parse().unwrap();
+    // A host (127.0.0.3) opens 1 000 connections and sends nothing.
+    let held = ns.enter(move || {
+        let mut held = Vec::new();
+        for _ in 0..1000 {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .unwrap();
+            s.bind(&"127.0.0.3:0".parse::<SocketAddr>().unwrap().into())
+                .unwrap();
+            if s.connect_timeout(&remote.into(), Duration::from_secs(1)).is_ok() {
+                held.push(TcpStream::from(s));
+            }
+        }
+        held
+    });
+    assert!(held.len() >= 100, "the attacker's connections were accepted by the kernel");
+    // A real client still gets its answer at once.
+    let asked = Instant::now();
+    let (code, v) = node.call_at(
+        remote,
+        Some("0123456789abcdef-remote-token"),
+        "GET",
+        "/api/v1/status",
+    );
+    assert_eq!(code, 200, "{v}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "the real client waited {:?}",
+        asked.elapsed()
+    );
+    // Connections that never send a request head are closed by the server.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut first = held.into_iter().next().unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let n = first.read(&mut byte).unwrap_or(0);
+    assert_eq!(n, 0, "an idle connection was closed");
+    assert!(Instant::now() < deadline, "idle connections are closed within the header timeout");
+    let refused = metric(&node, "myelin_http_refused_connections_total{listener=\"127.0.0.2:7801\"}");
+    assert!(refused >= 800.0, "connections over the per-source cap were refused: {refused}");
+}

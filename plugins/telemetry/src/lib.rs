@@ -170,11 +170,12 @@ impl Plugin for Telemetry {
                 })?;
             let cancel = ctx.cancellation();
             let app = app.clone();
-            myelin_sdk::tokio::spawn(async move {
-                let _ = myelin_sdk::axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { cancel.cancelled().await })
-                    .await;
-            });
+            myelin_sdk::tokio::spawn(myelin_sdk::serve::serve(
+                listener,
+                app,
+                myelin_sdk::serve::Limits::default(),
+                async move { cancel.cancelled().await },
+            ));
             bound.push(addr);
         }
         if let Ok(mut l) = self.listening.lock() {
