@@ -80,6 +80,73 @@ fn check(node: &Node, instance: &str, dir: &str) -> Value {
     r
 }
 
+/// Ten 100 MB arrays of zeros deflated into a ~1 MB .npz (numpy.savez_compressed) to the vad
+/// model, then a normal request to it. Prints one JSON line.
+const NPZ_BOMB: &str = r#"
+import io, json, sys, urllib.error, urllib.request
+import numpy as np
+
+api, instance = sys.argv[1], sys.argv[2]
+
+def post(body):
+    req = urllib.request.Request(f"{api}/plugins/{instance}/models/vad/infer", data=body,
+                                 method="POST", headers={"Content-Type": "application/x-npz"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, {"raw": text}
+
+b = io.BytesIO()
+np.savez_compressed(b, **{f"x{i}": np.zeros(100_000_000, np.uint8) for i in range(10)})
+bomb = b.getvalue()
+status, reply = post(bomb)
+b = io.BytesIO()
+np.savez(b, input=np.zeros((1, 576), np.float32), state=np.zeros((2, 1, 128), np.float32))
+after, _ = post(b.getvalue())
+print(json.dumps({"bomb_bytes": len(bomb), "status": status, "reply": reply, "after": after}))
+"#;
+
+/// An .npz bomb gets 413 with the limit and the fix named, and the plugin answers afterwards.
+fn refuses_npz_bomb(node: &Node, instance: &str) {
+    let api = format!("http://{}", node.api);
+    let out = node
+        .ns
+        .command(&venv_python())
+        .args(["-c", NPZ_BOMB, &api, instance])
+        .output()
+        .expect("run the venv's python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{instance} npz bomb: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{instance} npz bomb: {e}: {stdout}"));
+    eprintln!("{instance} npz bomb: {r}");
+    assert!(
+        r["bomb_bytes"].as_u64().unwrap_or(u64::MAX) < 4 << 20,
+        "{r}"
+    );
+    assert_eq!(r["status"], 413, "{instance}: {r}");
+    let error = r["reply"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("67108864 bytes") && error.contains("max_decoded_mib = 64"),
+        "{instance}: {error:?} should name the limit"
+    );
+    let hint = r["reply"]["hint"].as_str().unwrap_or_default();
+    assert!(
+        hint.contains("raise max_decoded_mib"),
+        "{instance}: {hint:?} should say how to raise it"
+    );
+    assert_eq!(r["after"], 200, "{instance} answers after the bomb: {r}");
+}
+
 #[test]
 fn both_backends_match_onnxruntime_and_refuse_bad_input_with_4xx() {
     let dir = models_dir();
@@ -157,6 +224,7 @@ fn both_backends_match_onnxruntime_and_refuse_bad_input_with_4xx() {
             );
         }
         assert_eq!(r["after_bad"], 200);
+        refuses_npz_bomb(&node, instance);
         let p = node.plugin(instance);
         assert_eq!(p["pid"], pid, "{instance} restarted: {p}");
         assert_eq!(p["restarts"], 0, "{p}");

@@ -49,6 +49,10 @@ pub struct AiConfig {
     /// The zenoh plugin's router on loopback.
     #[serde(default = "default_zenoh_port")]
     pub zenoh_port: u16,
+    /// What one request or frame may decode to: all arrays of an `.npz` together, or an
+    /// image's pixels while decoding and resizing. Beyond it the request gets HTTP 413.
+    #[serde(default = "default_max_decoded_mib")]
+    pub max_decoded_mib: usize,
     #[serde(default)]
     pub models: Vec<ModelConfig>,
     #[serde(default)]
@@ -61,6 +65,11 @@ fn default_providers() -> Vec<String> {
 fn default_zenoh_port() -> u16 {
     7447
 }
+fn default_max_decoded_mib() -> usize {
+    crate::tensor::DEFAULT_MAX_DECODED_BYTES >> 20
+}
+/// 64 GiB: beyond any gateway's memory, and far from overflowing as bytes.
+const MAX_DECODED_MIB: usize = 64 * 1024;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -263,7 +272,19 @@ impl AiConfig {
         if let Some(ns) = &c.namespace {
             check_key("namespace", ns.trim_start_matches('/'))?;
         }
+        if !(1..=MAX_DECODED_MIB).contains(&c.max_decoded_mib) {
+            return Err(err(format!(
+                "max_decoded_mib = {} must be from 1 to {MAX_DECODED_MIB} (MiB; default {})",
+                c.max_decoded_mib,
+                default_max_decoded_mib()
+            )));
+        }
         Ok(c)
+    }
+
+    /// `max_decoded_mib` in bytes.
+    pub fn max_decoded_bytes(&self) -> usize {
+        self.max_decoded_mib.saturating_mul(1 << 20)
     }
 
     pub fn backend(&self) -> BackendKind {
@@ -443,6 +464,14 @@ mod tests {
             message(&MODEL.replace("name = \"det\"", "name = \"a b\"")).contains("letters, digits")
         );
         assert!(message(&format!("{MODEL}bogus = 1\n")).contains("bogus"));
+        assert!(message(&format!("max_decoded_mib = 0\n{MODEL}")).contains("max_decoded_mib"));
+    }
+
+    #[test]
+    fn decoded_size_limit_defaults_to_64_mib() {
+        assert_eq!(parse(MODEL).unwrap().max_decoded_bytes(), 64 << 20);
+        let c = parse(&format!("max_decoded_mib = 256\n{MODEL}")).unwrap();
+        assert_eq!(c.max_decoded_bytes(), 256 << 20);
     }
 
     #[test]

@@ -134,7 +134,8 @@ impl Model {
             .inputs
             .iter()
             .map(|i| {
-                let n = crate::tensor::element_count(&i.shape);
+                let n = crate::tensor::element_count(&i.shape)
+                    .map_err(|e| ModelError::Backend(e.to_string()))?;
                 let data = match i.dtype {
                     DType::Float32 => crate::tensor::Data::F32(vec![0.0; n]),
                     DType::Int64 => crate::tensor::Data::I64(vec![0; n]),

@@ -48,6 +48,7 @@ fn unix_ms() -> u128 {
 pub async fn run(
     pipelines: Vec<(PipelineConfig, Arc<Model>, String, Option<String>)>,
     port: u16,
+    max_decoded: usize,
     status: Arc<Mutex<Vec<PipelineStatus>>>,
     connected: Arc<std::sync::atomic::AtomicBool>,
     metrics: PluginMetrics,
@@ -137,6 +138,7 @@ pub async fn run(
             model,
             results_key,
             forward_key,
+            max_decoded,
             session: session.clone(),
             status: status.clone(),
             metrics: metrics.clone(),
@@ -165,6 +167,7 @@ struct Worker {
     model: Arc<Model>,
     results_key: String,
     forward_key: Option<String>,
+    max_decoded: usize,
     session: zenoh::Session,
     status: Arc<Mutex<Vec<PipelineStatus>>>,
     metrics: PluginMetrics,
@@ -263,7 +266,7 @@ impl Worker {
                 .image
                 .as_ref()
                 .ok_or("the model has no [image] section")?;
-            image_tensor(bytes, cfg, &info.shape).map_err(|e| e.to_string())
+            image_tensor(bytes, cfg, &info.shape, self.max_decoded).map_err(|e| e.to_string())
         };
         match self.config.format {
             FrameFormat::Npy => parse_npy(&frame.bytes).map_err(|e| e.to_string()),

@@ -2,10 +2,14 @@
 //! the chosen backend (tract, pure Rust, for static builds; ONNX Runtime loaded from its shared
 //! library for Jetson/GPU builds), answer `POST /models/<name>/infer` over the control API, and
 //! run in zenoh pipelines that publish results and forward only the frames that matter.
+//!
+//! The parsers of untrusted bytes are public so fuzzers can reach them:
+//! [`tensor::parse_npy`], [`tensor::parse_npz`] / [`tensor::parse_npz_limited`],
+//! [`frames::decode_rgb`], [`frames::image_tensor`] and [`frames::compressed_image_data`].
 
 mod config;
 mod engine;
-mod frames;
+pub mod frames;
 #[cfg(feature = "zenoh")]
 mod gateway;
 mod panel;
@@ -225,6 +229,7 @@ impl Plugin for Ai {
             tokio::spawn(gateway::run(
                 runs,
                 self.shared.config.zenoh_port,
+                self.shared.config.max_decoded_bytes(),
                 self.shared.pipelines.clone(),
                 self.shared.zenoh_connected.clone(),
                 ctx.metrics(),
@@ -356,9 +361,19 @@ async fn model(shared: Arc<Shared>, Path(name): Path<String>) -> Response {
     }
 }
 
+/// A request that would decode to more than `max_decoded_mib`.
+fn too_large(error: impl std::fmt::Display, config: &AiConfig) -> HttpError {
+    http_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("{error} (max_decoded_mib = {})", config.max_decoded_mib),
+        "send smaller inputs, or raise max_decoded_mib (in MiB, default 64) in the plugin's section, e.g. [plugins.ai]",
+    )
+}
+
 /// The request body as named input tensors.
 fn inputs_of(
     model: &Model,
+    config: &AiConfig,
     content_type: &str,
     body: &[u8],
 ) -> Result<Vec<(Option<String>, tensor::Tensor)>, HttpError> {
@@ -369,6 +384,7 @@ fn inputs_of(
             "send a PNG/JPEG image, an .npy (numpy.save) or an .npz (numpy.savez) with the model's input shapes",
         )
     };
+    let limit = config.max_decoded_bytes();
     let kind = content_type.split(';').next().unwrap_or("").trim();
     let is_npy = body.starts_with(b"\x93NUMPY");
     let is_zip = body.starts_with(b"PK\x03\x04");
@@ -389,13 +405,19 @@ fn inputs_of(
             .first()
             .map(|i| i.shape.clone())
             .unwrap_or_default();
-        let t = frames::image_tensor(body, img, &shape).map_err(|e| bad(e.to_string()))?;
+        let t = frames::image_tensor(body, img, &shape, limit).map_err(|e| match e {
+            frames::FrameError::TooLarge { .. } => too_large(e, config),
+            e => bad(e.to_string()),
+        })?;
         Ok(vec![(None, t)])
     } else if kind == "application/x-npy" || (octets && is_npy) {
         let t = tensor::parse_npy(body).map_err(|e| bad(e.to_string()))?;
         Ok(vec![(None, t)])
     } else if kind == "application/x-npz" || kind == "application/zip" || (octets && is_zip) {
-        let named = tensor::parse_npz(body).map_err(|e| bad(e.to_string()))?;
+        let named = tensor::parse_npz_limited(body, limit).map_err(|e| match e {
+            tensor::TensorError::TooLarge { .. } => too_large(e, config),
+            e => bad(e.to_string()),
+        })?;
         Ok(named.into_iter().map(|(n, t)| (Some(n), t)).collect())
     } else {
         Err(http_error(
@@ -421,7 +443,7 @@ async fn infer(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let inputs = match inputs_of(&model, &content_type, &body) {
+    let inputs = match inputs_of(&model, &shared.config, &content_type, &body) {
         Ok(i) => i,
         Err(e) => return e.into_response(),
     };
@@ -518,5 +540,54 @@ myelin_sdk::inventory::submit! {
         // ONNX Runtime is C++ and can crash; its API is set once per process.
         process_only: true,
         mesh_every_probe: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoEngine;
+    impl engine::Engine for NoEngine {
+        fn run(&mut self, _: Vec<tensor::Tensor>) -> Result<Vec<tensor::Tensor>, ModelError> {
+            Ok(vec![])
+        }
+    }
+
+    fn answer(e: HttpError) -> (StatusCode, serde_json::Value) {
+        let code = e.code;
+        let body = serde_json::json!({ "error": e.error, "hint": e.hint });
+        (code, body)
+    }
+
+    #[test]
+    fn an_npz_bomb_is_413_naming_the_limit_and_the_fix() {
+        let config = AiConfig::parse(
+            &myelin_sdk::toml::from_str("[[models]]\nname = \"m\"\npath = \"m.onnx\"\n").unwrap(),
+        )
+        .unwrap();
+        let model = Model::new(
+            config.models[0].clone(),
+            config.backend(),
+            "cpu".into(),
+            vec![],
+            vec![],
+            Box::new(NoEngine),
+        );
+        let mib = 1 << 20;
+        let bomb = tensor::tests::zeros_npz(&[("a", 40 * mib), ("b", 40 * mib)]);
+        let Err(e) = inputs_of(&model, &config, "application/x-npz", &bomb) else {
+            panic!("an 80 MiB npz passed a 64 MiB limit");
+        };
+        let (code, body) = answer(e);
+        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains("max_decoded_mib = 64"), "{error}");
+        assert!(body["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("raise max_decoded_mib"));
+        let small = tensor::tests::zeros_npz(&[("a", 16)]);
+        assert!(inputs_of(&model, &config, "application/x-npz", &small).is_ok());
     }
 }

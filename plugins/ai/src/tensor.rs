@@ -52,11 +52,19 @@ pub enum TensorError {
         expected: usize,
         actual: usize,
     },
+    #[error("shape {shape:?} holds more elements than this machine can address")]
+    Overflow { shape: Vec<usize> },
+    /// The arrays of one request decompress to more than the caller's limit.
+    #[error("{what}, more than the limit of {limit} bytes for one request")]
+    TooLarge { what: String, limit: usize },
 }
+
+/// What [`parse_npz`] lets the arrays of one archive decompress to, in total.
+pub const DEFAULT_MAX_DECODED_BYTES: usize = 64 * 1024 * 1024;
 
 impl Tensor {
     pub fn new(shape: Vec<usize>, data: Data) -> Result<Tensor, TensorError> {
-        let expected = element_count(&shape);
+        let expected = element_count(&shape)?;
         let actual = data.len();
         if expected != actual {
             return Err(TensorError::Length {
@@ -107,11 +115,24 @@ impl Data {
     }
 }
 
-pub fn element_count(shape: &[usize]) -> usize {
-    shape.iter().product()
+/// The number of elements a tensor of `shape` holds; an error when the product overflows `usize`
+/// (a hostile header can declare any shape).
+pub fn element_count(shape: &[usize]) -> Result<usize, TensorError> {
+    if shape.contains(&0) {
+        return Ok(0);
+    }
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| TensorError::Overflow {
+            shape: shape.to_vec(),
+        })
 }
 
-/// Parses one `.npy` (format versions 1–3, little-endian, C order).
+/// Parses one `.npy` (format versions 1–3, little-endian, C order) from untrusted bytes.
+///
+/// Never panics; allocates no more than `bytes.len()` for the data, since the header's shape
+/// must match the bytes that follow it.
 pub fn parse_npy(bytes: &[u8]) -> Result<Tensor, TensorError> {
     let bad = |m: &str| TensorError::Npy(m.to_string());
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
@@ -145,7 +166,7 @@ pub fn parse_npy(bytes: &[u8]) -> Result<Tensor, TensorError> {
     let shape_text = dict_value(header, "shape").ok_or_else(|| bad("the header has no 'shape'"))?;
     let shape = parse_shape(shape_text).ok_or_else(|| bad("the shape is not a tuple of sizes"))?;
     let body = &bytes[start + header_len..];
-    let n = element_count(&shape);
+    let n = element_count(&shape)?;
     let data = match descr {
         "<f4" => Data::F32(decode(body, n, f32::from_le_bytes)?),
         "<i8" => Data::I64(decode(body, n, i64::from_le_bytes)?),
@@ -160,10 +181,40 @@ pub fn parse_npy(bytes: &[u8]) -> Result<Tensor, TensorError> {
     Tensor::new(shape, data)
 }
 
-/// Parses an `.npz` archive (numpy.savez / savez_compressed): named arrays.
+/// Parses an `.npz` archive (numpy.savez / savez_compressed) from untrusted bytes: named
+/// arrays, decompressing at most [`DEFAULT_MAX_DECODED_BYTES`] in total.
+///
+/// Never panics; see [`parse_npz_limited`] for the limit's error.
 pub fn parse_npz(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, TensorError> {
+    parse_npz_limited(bytes, DEFAULT_MAX_DECODED_BYTES)
+}
+
+/// [`parse_npz`] with the total decompressed size of all entries capped at `max_decoded` bytes:
+/// beyond it, [`TensorError::TooLarge`], with no more than `max_decoded + 1` bytes inflated.
+pub fn parse_npz_limited(
+    bytes: &[u8],
+    max_decoded: usize,
+) -> Result<Vec<(String, Tensor)>, TensorError> {
+    let too_large = |what: String| TensorError::TooLarge {
+        what,
+        limit: max_decoded,
+    };
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .map_err(|e| TensorError::Npz(e.to_string()))?;
+    // The sizes the archive declares cost nothing to check and turn away a bomb before any
+    // inflating; the counting below holds even when they lie.
+    let declared = (0..archive.len()).try_fold(0u64, |sum, i| {
+        archive
+            .by_index_data(i)
+            .map(|f| sum.saturating_add(f.size()))
+            .map_err(|e| TensorError::Npz(e.to_string()))
+    })?;
+    if declared > max_decoded as u64 {
+        return Err(too_large(format!(
+            "the .npz declares {declared} bytes of arrays"
+        )));
+    }
+    let mut left = max_decoded;
     let mut out = Vec::new();
     for i in 0..archive.len() {
         let mut file = archive
@@ -174,12 +225,16 @@ pub fn parse_npz(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, TensorError> {
             .map_err(|e| TensorError::Npz(e.to_string()))?
             .trim_end_matches(".npy")
             .to_string();
-        // A hostile archive could claim any size; inputs are bounded by the HTTP body limit.
         let mut buf = Vec::new();
         file.by_ref()
-            .take(512 * 1024 * 1024)
+            .take((left as u64).saturating_add(1))
             .read_to_end(&mut buf)
             .map_err(|e| TensorError::Npz(format!("{name}: {e}")))?;
+        left = left.checked_sub(buf.len()).ok_or_else(|| {
+            too_large(format!(
+                "the .npz's arrays decompress to more than {max_decoded} bytes (at \"{name}\")"
+            ))
+        })?;
         let tensor = parse_npy(&buf).map_err(|e| TensorError::Npz(format!("{name}: {e}")))?;
         out.push((name, tensor));
     }
@@ -194,7 +249,9 @@ fn decode<T, const N: usize>(
     n: usize,
     f: impl Fn([u8; N]) -> T,
 ) -> Result<Vec<T>, TensorError> {
-    let need = n.saturating_mul(N);
+    let need = n
+        .checked_mul(N)
+        .ok_or_else(|| TensorError::Npy(format!("{n} elements of {N} bytes overflow")))?;
     if body.len() != need {
         return Err(TensorError::Npy(format!(
             "the data is {} bytes but the header's shape needs {need}",
@@ -354,7 +411,7 @@ pub fn output_json(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -408,6 +465,109 @@ mod tests {
             assert!(parse_npy(&good[..n]).is_err());
         }
         assert!(parse_npz(b"PK\x03\x04 not really").is_err());
+    }
+
+    /// A version 1 `.npy` header for uint8 data of `shape` (Python tuple syntax).
+    fn npy_header(shape: &str) -> Vec<u8> {
+        let h = format!("{{'descr': '|u1', 'fortran_order': False, 'shape': {shape}, }}\n");
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        out.extend_from_slice(h.as_bytes());
+        out
+    }
+
+    /// An .npz of uint8 zero arrays, deflated, streamed so no array is held whole.
+    pub(crate) fn zeros_npz(entries: &[(&str, usize)]) -> Vec<u8> {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        let chunk = vec![0u8; 1 << 20];
+        for &(name, len) in entries {
+            zip.start_file(format!("{name}.npy"), options).unwrap();
+            zip.write_all(&npy_header(&format!("({len},)"))).unwrap();
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                zip.write_all(&chunk[..n]).unwrap();
+                left -= n;
+            }
+        }
+        zip.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn npz_total_decompressed_size_is_capped_not_each_entry() {
+        let ok = zeros_npz(&[("a", 1000), ("b", 24)]);
+        let arrays = parse_npz(&ok).unwrap();
+        assert_eq!(arrays.len(), 2);
+        assert_eq!(arrays[0].1.shape, vec![1000]);
+        // Five 16 MiB arrays: each under the 64 MiB default, together over it; the archive is
+        // a few hundred KiB.
+        let mib = 1024 * 1024;
+        let names = ["a", "b", "c", "d", "e"];
+        let bomb = zeros_npz(&names.map(|n| (n, 16 * mib)));
+        assert!(bomb.len() < mib, "{} bytes", bomb.len());
+        let e = parse_npz(&bomb).unwrap_err();
+        assert!(
+            matches!(e, TensorError::TooLarge { limit, .. } if limit == DEFAULT_MAX_DECODED_BYTES),
+            "{e}"
+        );
+        assert!(e.to_string().contains("67108864 bytes"), "{e}");
+        let e = parse_npz_limited(&ok, 1024).unwrap_err();
+        assert!(
+            matches!(e, TensorError::TooLarge { limit: 1024, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn npz_that_understates_its_sizes_is_still_refused() {
+        let mib = 1024 * 1024;
+        let mut bomb = zeros_npz(&[("a", mib / 2), ("b", mib / 2), ("c", mib / 2)]);
+        // Claim 200 bytes per entry in both the local and the central headers.
+        for (magic, at) in [(b"PK\x03\x04", 22), (b"PK\x01\x02", 24)] {
+            let starts: Vec<usize> = bomb
+                .windows(4)
+                .enumerate()
+                .filter(|(_, w)| w == magic)
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(starts.len(), 3);
+            for i in starts {
+                bomb[i + at..i + at + 4].copy_from_slice(&200u32.to_le_bytes());
+            }
+        }
+        // zip stops at the declared size; were it not to, the running count stops at the cap.
+        let e = parse_npz_limited(&bomb, mib).unwrap_err().to_string();
+        assert!(
+            e.contains("larger than its declared")
+                || e.contains("decompress to more than 1048576 bytes"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn element_count_overflow_is_an_error_not_a_wrap() {
+        assert_eq!(element_count(&[2, 3, 4]), Ok(24));
+        assert_eq!(element_count(&[]), Ok(1));
+        assert_eq!(element_count(&[usize::MAX, 0]), Ok(0));
+        for shape in [
+            vec![usize::MAX, 2],
+            vec![1 << 32, 1 << 32, 1],
+            vec![1 << 63, 2],
+        ] {
+            assert_eq!(
+                element_count(&shape),
+                Err(TensorError::Overflow {
+                    shape: shape.clone()
+                })
+            );
+            assert!(Tensor::new(shape, Data::U8(vec![])).is_err());
+        }
+        // A header whose shape wraps to 0 elements must not pass as an empty array.
+        let e = parse_npy(&npy_header(&format!("({}, 2)", 1u64 << 63))).unwrap_err();
+        assert!(e.to_string().contains("more elements than"), "{e}");
     }
 
     #[test]
