@@ -97,7 +97,7 @@ fn robot_video_reaches_viewers_over_whep() {
         robot_ns.clone(),
         &robot,
         &format!(
-            "[plugins.webrtc]\nmax_viewers = 2\n[[plugins.webrtc.streams]]\nname = \"front\"\nrtp = \"127.0.0.1:5004\"\n\n[plugins.webrtc_secure]\nplugin = \"webrtc\"\nlisten_port = 8890\ntoken_file = \"{}\"\n[[plugins.webrtc_secure.streams]]\nname = \"door\"\nrtp = \"127.0.0.1:5006\"\n",
+            "[plugins.webrtc]\nmax_viewers = 2\n[[plugins.webrtc.streams]]\nname = \"front\"\nrtp = \"127.0.0.1:5004\"\n\n[plugins.webrtc_secure]\nplugin = \"webrtc\"\nlisten_port = 8890\ntoken_file = \"{}\"\n[[plugins.webrtc_secure.streams]]\nname = \"door\"\nrtp = \"127.0.0.1:5006\"\n[[plugins.webrtc_secure.streams]]\nname = \"yard\"\nrtp = \"0.0.0.0:5008\"\nrtp_sources = [\"127.0.0.1\"]\n",
             token_file.display()
         ),
     );
@@ -312,7 +312,103 @@ fn robot_video_reaches_viewers_over_whep() {
     );
     assert!(refused.is_err(), "the underlay answered: {refused:?}");
 
-    let metrics = robot1.metrics();
+    // RTP from a source outside rtp_sources is dropped and counted; the listed one is taken.
+    let yard: SocketAddr = format!("{}:5008", fleet.underlay[0]).parse().unwrap();
+    let stranger = udp_from(&op_ns, "0.0.0.0:0");
+    let camera = udp_from(&robot_ns, "127.0.0.1:0");
+    for seq in 0..5u16 {
+        stranger.send_to(&rtp_packet(seq), yard).unwrap();
+    }
+    camera
+        .send_to(
+            &rtp_packet(5),
+            "127.0.0.1:5008".parse::<SocketAddr>().unwrap(),
+        )
+        .unwrap();
+    let secure_status = || robot1.get("/plugins/webrtc_secure/status");
+    let yard_of = |s: &Value| {
+        s["streams"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == "yard").cloned())
+            .unwrap_or(Value::Null)
+    };
+    let s = robot1.poll(
+        "the yard stream to see all six packets",
+        LONG,
+        secure_status,
+        |s| {
+            let y = yard_of(s);
+            y["rtp_refused"].as_u64().unwrap_or(0) + y["rtp_packets_in"].as_u64().unwrap_or(0) >= 6
+        },
+    );
+    let y = yard_of(&s);
+    assert_eq!(
+        (y["rtp_refused"].as_u64(), y["rtp_packets_in"].as_u64()),
+        (Some(5), Some(1)),
+        "{y}"
+    );
+
+    // A peer announcing unsafe stream names: the operator's namespace answers robot1's
+    // webrtc_secure discovery (it asks peers on its own port, 8890) with a script as a name
+    // and a WHEP URL on another host. Only the safe name is kept, with a WHEP path made here.
+    let rogue = op_ns
+        .enter(|| std::net::TcpListener::bind("10.90.0.2:8890"))
+        .expect("bind the rogue announcer on the operator's overlay address");
+    std::thread::spawn(move || {
+        let body = serde_json::json!([
+            { "name": "<img src=x onerror=alert(1)>", "whep": "/x/whep", "viewers": 0 },
+            { "name": "cam_ok", "whep": "http://evil.example/steal", "viewers": 1 },
+        ])
+        .to_string();
+        for mut c in rogue.incoming().map_while(Result::ok) {
+            let mut request = [0u8; 1024];
+            let _ = c.read(&mut request);
+            let _ = write!(
+                c,
+                "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{body}"
+            );
+        }
+    });
+    let s = robot1.poll(
+        "robot1 to discover the operator's announced streams",
+        LONG,
+        secure_status,
+        |s| s["peers"][0]["peer"] == "operator",
+    );
+    let peer = &s["peers"][0];
+    assert_eq!(peer["refused"], 1, "{peer}");
+    assert_eq!(
+        peer["streams"],
+        serde_json::json!([{ "name": "cam_ok", "whep": "/cam_ok/whep", "viewers": 1 }]),
+        "{peer}"
+    );
+    assert!(
+        robot1
+            .log()
+            .contains("announced a stream named \"<img src=x onerror=alert(1)>\""),
+        "the refusal is logged"
+    );
+
+    let counted = |m: &Value, name: &str, label: &str| {
+        m.as_str()
+            .unwrap_or("")
+            .lines()
+            .any(|l| l.starts_with(name) && l.contains(label) && !l.ends_with(" 0"))
+    };
+    let metrics = robot1.poll(
+        "the refusal counters in /metrics",
+        LONG,
+        || Value::String(robot1.metrics()),
+        |m| {
+            counted(m, "myelin_webrtc_rtp_refused_total", "stream=\"yard\"")
+                && counted(
+                    m,
+                    "myelin_webrtc_peer_streams_refused_total",
+                    "peer=\"operator\"",
+                )
+        },
+    );
+    let metrics = metrics.as_str().unwrap_or("").to_string();
     for name in [
         "myelin_webrtc_frames_sent_total",
         "myelin_webrtc_bytes_sent_total",
@@ -354,4 +450,89 @@ fn robot_video_reaches_viewers_over_whep() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(out.contains("framesDecoded"), "{out}");
+
+    // Peer-supplied names are shown as text in the panel, never parsed as markup: the status
+    // the panel gets is replaced with names that are HTML.
+    let run = op_ns
+        .command("node")
+        .args(["--input-type=module", "-e", PANEL_XSS])
+        .args([&format!("http://{}/", operator.api), XSS_PEER, XSS_STREAM])
+        .current_dir(&browser_dir)
+        .output()
+        .expect("node");
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "browser: {out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let seen: Value = out
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no result from the browser: {out}"));
+    println!("panel with hostile names: {seen}");
+    assert_eq!(seen["xss"], Value::Null, "injected script ran: {seen}");
+    assert_eq!(
+        seen["elements"], 0,
+        "injected markup became elements: {seen}"
+    );
+    let key = format!("{XSS_PEER}/{XSS_STREAM}");
+    assert!(
+        seen["stats"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|s| s["key"] == key.as_str()
+                && s["text"].as_str().is_some_and(|t| t.starts_with(&key)))),
+        "the names are not shown as text: {seen}"
+    );
 }
+
+fn udp_from(ns: &Netns, bind: &'static str) -> std::net::UdpSocket {
+    ns.enter(move || std::net::UdpSocket::bind(bind))
+        .unwrap_or_else(|e| panic!("bind {bind} in {}: {e}", ns.name))
+}
+
+/// An RTP packet holding the start of an H.264 IDR slice.
+fn rtp_packet(seq: u16) -> Vec<u8> {
+    let mut p = vec![0x80, 96];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 7, 0x65, 0x88, 0x80]);
+    p
+}
+
+const XSS_PEER: &str = "<b id=peer>robot9</b>";
+const XSS_STREAM: &str = "<img src=x onerror=window.__xss=1>";
+
+/// Opens the dashboard (argv[1]) in headless Chromium with the webrtc panel's status call
+/// answered by a peer and a stream with hostile names (argv[2], argv[3]), and prints what the
+/// panel made of them as JSON.
+const PANEL_XSS: &str = r#"
+import { chromium } from "playwright-core";
+const [url, peer, name] = process.argv.slice(1);
+const status = { streams: [], listen_port: 8889,
+  peers: [{ peer, base: "http://127.0.0.1:9", streams: [{ name, whep: "/x/whep", viewers: 0 }] }] };
+const browser = await chromium.launch({
+  executablePath: "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await browser.newPage();
+  page.on("pageerror", (e) => console.log(`page error: ${e.message}`));
+  await page.route("**/plugins/webrtc/status", (route) =>
+    route.fulfill({ status: 200, contentType: "application/json", body: JSON.stringify(status) }));
+  await page.goto(url);
+  const iframe = page.locator(`section[data-panel="webrtc"] iframe`);
+  await page.frameLocator(`section[data-panel="webrtc"] iframe`).locator(".stats").first().waitFor({ timeout: 30000 });
+  const frame = await (await iframe.elementHandle()).contentFrame();
+  // Time for an injected image's onerror to fire, and for the failed WHEP fetch to report.
+  await new Promise((r) => setTimeout(r, 1500));
+  const seen = await frame.evaluate(() => ({
+    xss: window.__xss ?? null,
+    elements: document.querySelectorAll("img, b").length,
+    stats: [...document.querySelectorAll(".stats")].map((e) => ({ key: e.dataset.stream, text: e.textContent })),
+  }));
+  console.log(JSON.stringify(seen));
+} finally {
+  await browser.close();
+}
+"#;

@@ -2,28 +2,73 @@
 //! plain `RTCPeerConnection` and a `fetch` to the peer's WHEP URL on its overlay address, with
 //! fps, RTT and jitter from `getStats()`.
 
-use crate::{stream_list, PeerStreams, Shared, StreamInfo};
+use crate::{stream_list, valid_stream_name, PeerStreams, Shared, StreamInfo};
+use serde::Deserialize;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A peer's stream list, from its WHEP server.
-pub async fn fetch_streams(addr: SocketAddr) -> Result<Vec<StreamInfo>, String> {
+/// A peer's answer is read up to this; a real stream list is a few hundred bytes.
+const MAX_ANSWER: u64 = 256 * 1024;
+/// Streams kept per peer.
+const MAX_PEER_STREAMS: usize = 64;
+
+/// What a peer announces, with the streams whose names are unsafe taken out.
+#[derive(Debug, Default)]
+pub struct Announced {
+    pub streams: Vec<StreamInfo>,
+    /// The names refused (at most `MAX_PEER_STREAMS` of them).
+    pub refused: Vec<String>,
+}
+
+/// Only the name and viewer count are taken from a peer; the WHEP path is made here, so a
+/// peer cannot point this node's dashboard at another host.
+#[derive(Deserialize)]
+struct Announcement {
+    name: String,
+    #[serde(default)]
+    viewers: usize,
+}
+
+/// A peer's stream list, from its WHEP server; names outside the safe set are refused.
+pub async fn fetch_streams(addr: SocketAddr) -> Result<Announced, String> {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
     s.write_all(b"GET /streams HTTP/1.0\r\nHost: peer\r\n\r\n")
         .await
         .map_err(|e| e.to_string())?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)
+    let mut raw = Vec::new();
+    (&mut s)
+        .take(MAX_ANSWER + 1)
+        .read_to_end(&mut raw)
         .await
         .map_err(|e| e.to_string())?;
+    if raw.len() as u64 > MAX_ANSWER {
+        return Err(format!(
+            "the stream list from {addr} is over {MAX_ANSWER} bytes; ignored"
+        ));
+    }
+    let body = String::from_utf8(raw).map_err(|_| "the stream list is not UTF-8".to_string())?;
     let (head, json) = body.split_once("\r\n\r\n").ok_or("no HTTP body")?;
     if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
         return Err(head.lines().next().unwrap_or("").to_string());
     }
-    serde_json::from_str(json).map_err(|e| e.to_string())
+    let list: Vec<Announcement> = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let mut out = Announced::default();
+    for a in list.into_iter().take(MAX_PEER_STREAMS) {
+        if valid_stream_name(&a.name) {
+            out.streams.push(StreamInfo {
+                whep: format!("/{}/whep", a.name),
+                name: a.name,
+                viewers: a.viewers,
+            });
+        } else {
+            // Kept short: it is only for the log.
+            out.refused.push(a.name.chars().take(80).collect());
+        }
+    }
+    Ok(out)
 }
 
 /// What `GET /plugins/webrtc/status` answers: local streams with their counters, and peers'.
@@ -38,6 +83,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "rtp": s.rtp.to_string(),
                 "viewers": info.viewers,
                 "rtp_packets_in": c.packets_in.load(Ordering::Relaxed),
+                "rtp_refused": c.rtp_refused.load(Ordering::Relaxed),
                 "frames_sent": c.frames_sent.load(Ordering::Relaxed),
                 "bytes_sent": c.bytes_sent.load(Ordering::Relaxed),
                 "rtp_dropped": c.dropped.load(Ordering::Relaxed),
@@ -49,17 +95,35 @@ pub fn status(shared: &Shared) -> serde_json::Value {
     serde_json::json!({ "streams": local, "peers": peers, "listen_port": shared.port })
 }
 
+/// Everything a peer supplies (peer and stream names, URLs) reaches the page only through
+/// `textContent`, `dataset` and `fetch`, never as markup; the tests check no HTML sink is used.
 pub const HTML: &str = r##"<!doctype html><meta charset="utf-8"><body style="font:13px system-ui;margin:8px">
 <div id="none" style="color:#666">No streams on this node or its peers yet.</div>
 <div id="videos" style="display:flex;flex-wrap:wrap;gap:8px"></div>
 <script>
 const playing = new Map();
+const boxes = new Map();
 const call = () => parent.postMessage({ myelin: "call", id: 1, method: "GET", path: "status" }, "*");
+const resize = () => parent.postMessage({ myelin: "resize", height: document.body.scrollHeight + 16 }, "*");
+function box(key) {
+  if (boxes.has(key)) return boxes.get(key);
+  const div = document.createElement("div");
+  const video = document.createElement("video");
+  video.muted = true; video.autoplay = true; video.playsInline = true;
+  video.setAttribute("muted", ""); video.setAttribute("playsinline", "");
+  video.style.cssText = "width:320px;background:#000";
+  const stats = document.createElement("div");
+  stats.className = "stats";
+  stats.dataset.stream = key;
+  div.append(video, stats);
+  document.getElementById("videos").appendChild(div);
+  const b = { video, stats };
+  boxes.set(key, b);
+  return b;
+}
 async function play(key, url) {
-  const box = document.createElement("div");
-  box.innerHTML = `<video muted autoplay playsinline style="width:320px;background:#000"></video><div class="stats" data-stream="${key}">${key}: connecting…</div>`;
-  document.getElementById("videos").appendChild(box);
-  const video = box.querySelector("video"), stats = box.querySelector(".stats");
+  const { video, stats } = box(key);
+  stats.textContent = `${key}: connecting…`;
   const pc = new RTCPeerConnection({ iceServers: [] });
   pc.addTransceiver("video", { direction: "recvonly" });
   pc.ontrack = (e) => { video.srcObject = e.streams[0] || new MediaStream([e.track]); };
@@ -70,10 +134,10 @@ async function play(key, url) {
     setTimeout(done, 2000);
   });
   const r = await fetch(url, { method: "POST", headers: { "Content-Type": "application/sdp" }, body: pc.localDescription.sdp });
-  if (r.status !== 201) { stats.textContent = `${key}: WHEP answered ${r.status}`; return; }
+  if (r.status !== 201) { pc.close(); stats.textContent = `${key}: WHEP answered ${r.status}`; return; }
   await pc.setRemoteDescription({ type: "answer", sdp: await r.text() });
   playing.set(key, pc);
-  video.onloadedmetadata = () => parent.postMessage({ myelin: "resize", height: document.body.scrollHeight + 16 }, "*");
+  video.onloadedmetadata = resize;
   setInterval(async () => {
     let frames = 0, fps = 0, jitter = 0, rtt = null;
     (await pc.getStats()).forEach((s) => {
@@ -84,16 +148,92 @@ async function play(key, url) {
     stats.textContent = `${key}: ${fps.toFixed(0)} fps · framesDecoded ${frames} · RTT ${rtt == null ? "–" : (rtt * 1000).toFixed(1) + " ms"} · jitter ${(jitter * 1000).toFixed(1)} ms`;
   }, 1000);
 }
+// The WHEP URL must stay on the peer's own origin, whatever the peer announced.
+function whepUrl(base, path) {
+  try {
+    const origin = new URL(base).origin, url = new URL(path, base);
+    return url.origin === origin ? url.href : null;
+  } catch { return null; }
+}
 addEventListener("message", (e) => {
-  if (!e.data || e.data.myelin !== "reply" || e.data.status !== 200) return;
+  // Only the dashboard answers calls; other frames could post look-alike replies.
+  if (e.source !== parent || !e.data || e.data.myelin !== "reply" || e.data.status !== 200) return;
   const s = JSON.parse(e.data.body);
-  for (const p of s.peers) for (const st of p.streams) {
+  for (const p of s.peers || []) for (const st of p.streams || []) {
     const key = `${p.peer}/${st.name}`;
-    if (!playing.has(key)) { playing.set(key, null); play(key, p.base + st.whep).catch((err) => { console.log(`${key}: ${err}`); playing.delete(key); }); }
+    const url = whepUrl(String(p.base), String(st.whep));
+    if (url === null || playing.has(key)) continue;
+    playing.set(key, null);
+    play(key, url).catch((err) => {
+      box(key).stats.textContent = `${key}: ${err}`;
+      playing.delete(key);
+    });
   }
   document.getElementById("none").style.display = playing.size ? "none" : "";
-  parent.postMessage({ myelin: "resize", height: document.body.scrollHeight + 16 }, "*");
+  resize();
 });
 call();
 setInterval(call, 3000);
 </script>"##;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_panel_never_turns_text_into_markup() {
+        for sink in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "srcdoc",
+            "eval(",
+            "new Function",
+        ] {
+            assert!(!HTML.contains(sink), "the panel uses `{sink}`");
+        }
+    }
+
+    /// Serves `body` once as a peer's `GET /streams` answer.
+    async fn peer_answering(body: Vec<u8>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 512];
+            let _ = s.read(&mut request).await;
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n").await;
+            let _ = s.write_all(&body).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn peers_cannot_announce_unsafe_names_or_urls() {
+        let body = serde_json::json!([
+            { "name": "<img src=x onerror=alert(1)>", "whep": "/x/whep", "viewers": 0 },
+            { "name": "front", "whep": "//evil.example/steal", "viewers": 2 },
+            { "name": "a/../b", "whep": "/a/whep", "viewers": 0 },
+        ]);
+        let got = fetch_streams(peer_answering(body.to_string().into_bytes()).await)
+            .await
+            .unwrap();
+        assert_eq!(got.streams.len(), 1);
+        assert_eq!(
+            (
+                got.streams[0].name.as_str(),
+                got.streams[0].whep.as_str(),
+                got.streams[0].viewers
+            ),
+            ("front", "/front/whep", 2)
+        );
+        assert_eq!(got.refused, ["<img src=x onerror=alert(1)>", "a/../b"]);
+
+        let huge = format!("[{}]", "{\"name\":\"a\"},".repeat(30_000));
+        let err = fetch_streams(peer_answering(huge.into_bytes()).await)
+            .await
+            .unwrap_err();
+        assert!(err.contains("bytes"), "{err}");
+    }
+}

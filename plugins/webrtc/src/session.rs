@@ -2,7 +2,7 @@
 //! arrived on), its own track, and the task that replays the cached GOP and then forwards the
 //! live stream, rewriting SSRC, payload type and sequence numbers for this viewer.
 
-use crate::{h264::Ingested, Stream};
+use crate::{h264::Ingested, Slot, Stream, Viewer};
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::Registry;
 use rtc::media_stream::MediaStreamTrack;
@@ -23,8 +23,8 @@ use tokio::sync::{broadcast, watch};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::peer_connection::{
-    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCIceGatheringState,
-    RTCPeerConnectionState,
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCIceConnectionState,
+    RTCIceGatheringState, RTCPeerConnectionState,
 };
 
 #[derive(Debug)]
@@ -41,6 +41,11 @@ const H264_FMTP: &str = "level-asymmetry-allowed=1;packetization-mode=1;profile-
 const ICE_DISCONNECTED: Duration = Duration::from_secs(2);
 const ICE_FAILED: Duration = Duration::from_secs(2);
 const ICE_KEEPALIVE: Duration = Duration::from_millis(500);
+/// From the offer's arrival to ICE connected. A viewer that means it starts its checks as soon
+/// as it has the answer; an offer that never does ICE would otherwise hold a viewer slot.
+pub(crate) const ICE_CONNECT: Duration = Duration::from_secs(2);
+/// From ICE connected to the DTLS handshake done.
+const DTLS_CONNECT: Duration = Duration::from_secs(10);
 
 fn runtime() -> Option<Arc<dyn webrtc::runtime::Runtime>> {
     static RUNTIME: OnceLock<Option<Arc<dyn webrtc::runtime::Runtime>>> = OnceLock::new();
@@ -53,6 +58,7 @@ fn runtime() -> Option<Arc<dyn webrtc::runtime::Runtime>> {
 /// the connection (that would be a reference cycle).
 struct Events {
     gathered: watch::Sender<bool>,
+    ice: watch::Sender<RTCIceConnectionState>,
     state: watch::Sender<RTCPeerConnectionState>,
 }
 
@@ -62,6 +68,10 @@ impl PeerConnectionEventHandler for Events {
         if state == RTCIceGatheringState::Complete {
             self.gathered.send_replace(true);
         }
+    }
+
+    async fn on_ice_connection_state_change(&self, state: RTCIceConnectionState) {
+        self.ice.send_replace(state);
     }
 
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
@@ -104,9 +114,11 @@ fn session_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Answers `offer` and starts the viewer; returns the session id and the answer SDP.
+/// Answers `offer` and starts the viewer in `slot` (given back if this fails); returns the
+/// session id and the answer SDP.
 pub async fn start(
     stream: Arc<Stream>,
+    slot: Slot,
     local: IpAddr,
     offer: String,
 ) -> Result<(String, String), SessionError> {
@@ -134,6 +146,7 @@ pub async fn start(
         .build();
     let (gathered_tx, mut gathered) = watch::channel(false);
     let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
+    let (ice_tx, ice) = watch::channel(RTCIceConnectionState::New);
     let pc = PeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(media)
@@ -141,6 +154,7 @@ pub async fn start(
         .with_interceptor_registry(registry)
         .with_handler(Arc::new(Events {
             gathered: gathered_tx,
+            ice: ice_tx,
             state: state_tx,
         }))
         .with_runtime(runtime)
@@ -203,12 +217,83 @@ pub async fn start(
     };
     let id = session_id();
     let cancel = myelin_sdk::CancellationToken::new();
-    if let Ok(mut v) = stream.viewers.lock() {
-        v.insert(id.clone(), cancel.clone());
+    let ice_deadline = slot.taken + ICE_CONNECT;
+    let viewer = Viewer {
+        cancel: cancel.clone(),
+        _slot: slot,
+    };
+    let inserted = stream
+        .viewers
+        .lock()
+        .map(|mut v| v.insert(id.clone(), viewer))
+        .is_ok();
+    if !inserted {
+        let _ = pc.close().await;
+        return Err(SessionError::Internal(
+            "the viewer table is poisoned (a viewer task panicked)".into(),
+        ));
     }
-    stream.publish_viewers();
-    tokio::spawn(run(stream, pc, track, ssrc, pt, id.clone(), cancel, state));
+    let watches = Watches {
+        ice,
+        state,
+        ice_deadline,
+    };
+    tokio::spawn(run(
+        stream,
+        pc,
+        track,
+        ssrc,
+        pt,
+        id.clone(),
+        cancel,
+        watches,
+    ));
     Ok((id, sdp))
+}
+
+/// What a session task watches of its connection.
+struct Watches {
+    ice: watch::Receiver<RTCIceConnectionState>,
+    state: watch::Receiver<RTCPeerConnectionState>,
+    ice_deadline: tokio::time::Instant,
+}
+
+fn ended(s: &RTCPeerConnectionState) -> bool {
+    matches!(
+        s,
+        RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
+    )
+}
+
+/// True once the viewer is connected; false if ICE misses its deadline or fails, or DTLS does.
+async fn connect(w: &mut Watches) -> bool {
+    let ice_up = |s: &RTCIceConnectionState| {
+        matches!(
+            s,
+            RTCIceConnectionState::Connected | RTCIceConnectionState::Completed
+        )
+    };
+    let ice_ended = |s: &RTCIceConnectionState| {
+        matches!(
+            s,
+            RTCIceConnectionState::Failed | RTCIceConnectionState::Closed
+        )
+    };
+    let connected = |s: &RTCPeerConnectionState| *s == RTCPeerConnectionState::Connected;
+    let (ice, state) = (&mut w.ice, &mut w.state);
+    let ice = tokio::time::timeout_at(w.ice_deadline, async {
+        tokio::select! {
+            r = ice.wait_for(|s| ice_up(s) || ice_ended(s)) => r.is_ok_and(|s| ice_up(&s)),
+            r = state.wait_for(|s| connected(s) || ended(s)) => r.is_ok_and(|s| connected(&s)),
+        }
+    })
+    .await;
+    if !matches!(ice, Ok(true)) {
+        return false;
+    }
+    let dtls =
+        tokio::time::timeout(DTLS_CONNECT, w.state.wait_for(|s| connected(s) || ended(s))).await;
+    dtls.is_ok_and(|r| r.is_ok_and(|s| connected(&s)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -220,20 +305,13 @@ async fn run(
     pt: u8,
     id: String,
     cancel: myelin_sdk::CancellationToken,
-    mut state: watch::Receiver<RTCPeerConnectionState>,
+    mut watches: Watches,
 ) {
-    let ended = |s: &RTCPeerConnectionState| {
-        matches!(
-            s,
-            RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
-        )
-    };
     let connected = tokio::select! {
         _ = cancel.cancelled() => false,
-        r = tokio::time::timeout(Duration::from_secs(15), state.wait_for(|s| *s == RTCPeerConnectionState::Connected || ended(s))) => {
-            matches!(r, Ok(Ok(s)) if *s == RTCPeerConnectionState::Connected)
-        }
+        c = connect(&mut watches) => c,
     };
+    let mut state = watches.state;
     if connected {
         // RTCP from the viewer (receiver reports, PLI) must be drained.
         let rtcp = track.clone();
@@ -248,10 +326,9 @@ async fn run(
         });
         forward(&stream, &track, ssrc, pt, &cancel, &mut state, ended).await;
     }
-    if let Ok(mut v) = stream.viewers.lock() {
-        v.remove(&id);
-    }
-    stream.publish_viewers();
+    // Frees the slot before the (slower) close.
+    let viewer = stream.viewers.lock().ok().and_then(|mut v| v.remove(&id));
+    drop(viewer);
     cancel.cancel();
     let _ = pc.close().await;
 }
