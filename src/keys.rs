@@ -4,20 +4,14 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::Deserialize;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("not a WireGuard key: {0}\n  fix: a key is 44 characters of base64 (32 bytes), as printed by `myelin keygen` or `wg genkey`")]
     Malformed(String),
-    #[error("cannot read secret file {path}: {cause}\n  fix: create it (a key: `myelin keygen > {path}`) and `chmod 600 {path}`")]
-    Read {
-        path: PathBuf,
-        cause: std::io::Error,
-    },
-    #[error("refusing to start: secret file {path} has mode {mode:04o}, readable by group or others\n  fix: chmod 600 {path}")]
-    TooOpen { path: PathBuf, mode: u32 },
+    #[error("refusing to start: {0}")]
+    Secret(myelin_sdk::secret::SecretError),
     #[error("private key file {path}: {inner}")]
     Content { path: PathBuf, inner: Box<KeyError> },
     #[error("the system random number generator failed: {0}")]
@@ -90,21 +84,9 @@ impl PrivateKey {
     }
 }
 
-/// Reads a secret (key or token) file, refusing one that group or others can read.
+/// Reads a secret (key or token) file through the SDK's one check (mode and owner).
 pub fn read_secret(path: &Path) -> Result<String, KeyError> {
-    let read_err = |cause| KeyError::Read {
-        path: path.to_path_buf(),
-        cause,
-    };
-    let meta = std::fs::metadata(path).map_err(read_err)?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::TooOpen {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
-    std::fs::read_to_string(path).map_err(read_err)
+    myelin_sdk::secret::read_secret(path).map_err(KeyError::Secret)
 }
 
 /// Compares two secrets in time independent of where they differ (shared with plugins).
@@ -113,6 +95,7 @@ pub use myelin_sdk::constant_time_eq;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn rfc7748_vector() {

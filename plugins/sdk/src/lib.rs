@@ -102,6 +102,7 @@
 
 mod context;
 mod mesh;
+pub mod secret;
 pub mod serve;
 
 pub use async_trait::async_trait;
