@@ -499,17 +499,22 @@ fn a_thousand_idle_connections_do_not_stop_a_real_client() {
     let held = ns.enter(move || {
         let mut held = Vec::new();
         for _ in 0..1000 {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                .unwrap();
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
             s.bind(&"127.0.0.3:0".parse::<SocketAddr>().unwrap().into())
                 .unwrap();
-            if s.connect_timeout(&remote.into(), Duration::from_secs(1)).is_ok() {
+            if s.connect_timeout(&remote.into(), Duration::from_secs(1))
+                .is_ok()
+            {
                 held.push(TcpStream::from(s));
             }
         }
         held
     });
-    assert!(held.len() >= 100, "the attacker's connections were accepted by the kernel");
+    assert!(
+        held.len() >= 100,
+        "the attacker's connections were accepted by the kernel"
+    );
     // A real client still gets its answer at once.
     let asked = Instant::now();
     let (code, v) = node.call_at(
@@ -533,7 +538,16 @@ fn a_thousand_idle_connections_do_not_stop_a_real_client() {
     let mut byte = [0u8; 1];
     let n = first.read(&mut byte).unwrap_or(0);
     assert_eq!(n, 0, "an idle connection was closed");
-    assert!(Instant::now() < deadline, "idle connections are closed within the header timeout");
-    let refused = metric(&node, "myelin_http_refused_connections_total{listener=\"127.0.0.2:7801\"}");
-    assert!(refused >= 800.0, "connections over the per-source cap were refused: {refused}");
+    assert!(
+        Instant::now() < deadline,
+        "idle connections are closed within the header timeout"
+    );
+    let refused = metric(
+        &node,
+        "myelin_http_refused_connections_total{listener=\"127.0.0.2:7801\"}",
+    );
+    assert!(
+        refused >= 800.0,
+        "connections over the per-source cap were refused: {refused}"
+    );
 }

@@ -93,6 +93,19 @@ fn robot_video_reaches_viewers_over_whep() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("whep.token");
     std::fs::write(&token_file, "s3cret-viewer-token\n").unwrap();
+    // A plugin's secret is the plugin user's alone: 0600, owned by the user plugins run as,
+    // in a directory that user can enter.
+    std::fs::set_permissions(
+        dir.path(),
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(&token_file, Some(common::plugin_uid()), None).unwrap();
     let robot1 = Node::start_spec(
         robot_ns.clone(),
         &robot,

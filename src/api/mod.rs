@@ -39,6 +39,7 @@ pub struct TunnelInfo {
 }
 
 /// A JSON error `{error, hint}` with a status code.
+#[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     error: String,
@@ -163,9 +164,7 @@ fn local_request_refusal(req: &Request, own: std::net::SocketAddr) -> Option<Api
     );
     if changes_state {
         if let Some(origin) = header(axum::http::header::ORIGIN) {
-            let own_origin = origin
-                .strip_prefix("http://")
-                .is_some_and(|authority| same(authority));
+            let own_origin = origin.strip_prefix("http://").is_some_and(same);
             if !own_origin {
                 return Some(ApiError::new(
                     StatusCode::FORBIDDEN,
@@ -328,6 +327,22 @@ async fn proxy(
     forward(state, name, rest, req).await
 }
 
+/// The request as the plugin gets it: its path below `/plugins/<name>`, and without the
+/// node's bearer token (a plugin never sees it).
+fn to_plugin(req: Request, rest: &str) -> Result<Request, ApiError> {
+    let (mut parts, body) = req.into_parts();
+    parts.headers.remove(axum::http::header::AUTHORIZATION);
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    parts.uri = format!("/{rest}{query}")
+        .parse()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed path", ""))?;
+    Ok(Request::from_parts(parts, body))
+}
+
 async fn forward(
     State(s): State<Arc<ApiState>>,
     name: String,
@@ -348,24 +363,69 @@ async fn forward(
             "check GET /api/v1/plugins; enable or restart the plugin",
         ));
     }
-    let (mut parts, body) = req.into_parts();
-    // The bearer token is the node's, not the plugin's: a plugin never sees it.
-    parts.headers.remove(axum::http::header::AUTHORIZATION);
-    let query = parts
-        .uri
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    parts.uri = format!("/{rest}{query}")
-        .parse()
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed path", ""))?;
+    let req = to_plugin(req, &rest)?;
     let socket = s.host.http_socket(&name);
-    match client::unix(&socket, Request::from_parts(parts, body)).await {
+    match client::unix(&socket, req).await {
         Ok(resp) => Ok(resp.map(Body::new)),
         Err(e) => Err(ApiError::new(
             StatusCode::BAD_GATEWAY,
             format!("plugin `{name}` did not answer: {e}"),
             "the plugin may be restarting; GET /api/v1/plugins shows its state",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, host: &str, origin: Option<&str>) -> Request {
+        let mut b = Request::builder()
+            .method(method)
+            .uri("/api/v1/status")
+            .header("host", host);
+        if let Some(o) = origin {
+            b = b.header("origin", o);
+        }
+        b.body(Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn only_the_listeners_own_host_and_origin_pass() {
+        let own: std::net::SocketAddr = "127.0.0.1:7800".parse().unwrap();
+        let refused = |method, host, origin| local_request_refusal(&req(method, host, origin), own);
+        assert!(refused("GET", "127.0.0.1:7800", None).is_none());
+        assert!(refused("GET", "localhost:7800", None).is_none());
+        assert!(refused("GET", "LOCALHOST:7800", None).is_none());
+        assert!(refused("GET", "evil.example:7800", None).is_some());
+        assert!(refused("GET", "127.0.0.1:7801", None).is_some());
+        assert!(
+            refused("GET", "127.0.0.1", None).is_some(),
+            "port 80 is not 7800"
+        );
+        assert!(refused("GET", "127.0.0.1:7800@evil", None).is_some());
+        assert!(refused("POST", "127.0.0.1:7800", None).is_none(), "curl");
+        assert!(refused("POST", "127.0.0.1:7800", Some("http://127.0.0.1:7800")).is_none());
+        assert!(refused("POST", "127.0.0.1:7800", Some("http://localhost:7800")).is_none());
+        assert!(refused("POST", "127.0.0.1:7800", Some("https://127.0.0.1:7800")).is_some());
+        assert!(refused("POST", "127.0.0.1:7800", Some("null")).is_some());
+        assert!(refused("DELETE", "127.0.0.1:7800", Some("http://evil.example")).is_some());
+        let v6: std::net::SocketAddr = "[::1]:7800".parse().unwrap();
+        assert!(local_request_refusal(&req("GET", "[::1]:7800", None), v6).is_none());
+        assert!(local_request_refusal(&req("GET", "localhost:7800", None), v6).is_none());
+    }
+
+    #[test]
+    fn a_plugin_never_sees_the_bearer_token() {
+        let r = Request::builder()
+            .uri("/plugins/cam/trigger/none?x=1")
+            .header("authorization", "Bearer secret-token-0123456789")
+            .header("accept", "application/json")
+            .body(Body::empty())
+            .unwrap();
+        let out = to_plugin(r, "trigger/none").unwrap();
+        assert!(out.headers().get("authorization").is_none());
+        assert_eq!(out.headers()["accept"], "application/json");
+        assert_eq!(out.uri(), "/trigger/none?x=1");
     }
 }

@@ -470,3 +470,29 @@ pub fn meshed_fleet(tag: &str, names: &[&str], overlay: &str) -> (netns::Fleet, 
     }
     (fleet, specs)
 }
+
+/// The uid plugin children run as by default (the `myelin` system user), created here the way
+/// the node creates it when it is missing.
+pub fn plugin_uid() -> u32 {
+    let id = || {
+        Command::new("id")
+            .args(["-u", "myelin"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+    };
+    if let Some(uid) = id() {
+        return uid;
+    }
+    let _ = Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            "myelin",
+        ])
+        .status();
+    id().expect("the myelin system user (useradd failed)")
+}

@@ -601,11 +601,8 @@ impl Plugin for Webrtc {
         let token = match &self.config.token_file {
             None => None,
             Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| PluginError::Io {
-                        context: format!("reading [plugins.webrtc].token_file {}", path.display()),
-                        cause: e,
-                    })?
+                myelin_sdk::secret::read_secret(path)
+                    .map_err(|e| PluginError::Failed(format!("[plugins.webrtc].token_file: {e}")))?
                     .trim()
                     .to_string(),
             ),
@@ -652,11 +649,12 @@ impl Plugin for Webrtc {
                     })?;
             let app = whep_router(shared.clone(), net.addr());
             let cancel = cancel.clone();
-            tokio::spawn(async move {
-                let _ = myelin_sdk::axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { cancel.cancelled().await })
-                    .await;
-            });
+            tokio::spawn(myelin_sdk::serve::serve(
+                listener,
+                app,
+                myelin_sdk::serve::Limits::default(),
+                async move { cancel.cancelled().await },
+            ));
             eprintln!("WHEP on http://{addr}/<stream>/whep");
         }
         tokio::spawn(discover(ctx.clone(), shared.clone()));
