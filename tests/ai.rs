@@ -240,6 +240,12 @@ fn a_model_the_backend_cannot_load_is_refused_with_the_reason() {
     let dir = models_dir();
     let ns = Arc::new(Netns::new("aibad"));
     let tmp = tempfile::tempdir().unwrap();
+    // The plugin reads it as the plugin user (`myelin`).
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let page = tmp.path().join("page.onnx");
     std::fs::write(&page, b"<html>404 Not Found</html>").unwrap();
     let cases = [

@@ -379,6 +379,204 @@ fn children_drop_to_the_configured_user_without_capabilities() {
     assert_eq!(code, 200, "routes still work from the unprivileged child");
 }
 
+/// A field of /proc/<pid>/status, split on whitespace.
+fn proc_status(pid: u64, name: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|rest| rest.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+}
+
+fn owner(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).unwrap().uid()
+}
+
+/// A node whose config is written into `dir` as `Node::start_full` would, with the plugin
+/// directories given.
+fn start_in(
+    dir: tempfile::TempDir,
+    runtime: &std::path::Path,
+    state: &std::path::Path,
+    host: &str,
+    sections: &str,
+) -> Node {
+    let key = common::write_key(dir.path());
+    let config = dir.path().join("myelin.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nname = \"robot1\"\nprivate_key_file = \"{}\"\naddress = [\"10.77.0.1/16\"]\n\n[control]\nlisten = \"127.0.0.1:0\"\n\n[plugins]\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\n{host}\n{sections}\n",
+            key.display(),
+            runtime.display(),
+            state.display()
+        ),
+    )
+    .unwrap();
+    Node::start_with(std::sync::Arc::new(common::Netns::new("user")), dir, config)
+}
+
+fn open_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[test]
+fn by_default_children_run_as_the_unprivileged_myelin_user_without_capabilities() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root");
+    let dir = open_dir();
+    let (runtime, state_dir) = (dir.path().join("run"), dir.path().join("state"));
+    // What a plugin that ran as root before this default left behind, and a link out of its
+    // directory that handing the directory over must not follow.
+    let old = state_dir.join("cam/sub");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join("latched.json"), b"{}").unwrap();
+    std::fs::set_permissions(
+        old.join("latched.json"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::write(&outside, b"root's").unwrap();
+    std::os::unix::fs::symlink(&outside, state_dir.join("cam/escape")).unwrap();
+    let sections = [
+        section("cam", "process", "none"),
+        section("other", "process", "none"),
+        section("inside", "thread", "none"),
+    ]
+    .concat();
+    let node = start_in(dir, &runtime, &state_dir, FAST_HOST, &sections);
+    let mut uids = Vec::new();
+    for name in ["cam", "other"] {
+        let v = node.wait_plugin(name, Duration::from_secs(20), "running", |v| {
+            state(v) == "running"
+        });
+        let pid = v["pid"].as_u64().unwrap();
+        let uid = proc_status(pid, "Uid:");
+        assert!(
+            uid.len() == 4 && uid.iter().all(|u| u == &uid[0]) && uid[0] != "0",
+            "{name}: real, effective, saved and fs uid are one non-root uid: {uid:?}"
+        );
+        for cap in ["CapEff:", "CapPrm:", "CapInh:", "CapAmb:"] {
+            assert_eq!(
+                proc_status(pid, cap),
+                vec!["0000000000000000".to_string()],
+                "{name}: {cap}"
+            );
+        }
+        assert_eq!(proc_status(pid, "NoNewPrivs:"), vec!["1".to_string()]);
+        assert_eq!(proc_status(pid, "Groups:"), Vec::<String>::new(), "{name}");
+        uids.push(uid[0].parse::<u32>().unwrap());
+    }
+    let log = node.log();
+    let myelin = std::process::Command::new("id")
+        .args(["-u", "myelin"])
+        .output()
+        .unwrap();
+    if log.contains("which no user owns") {
+        eprintln!("the myelin user could not be created here; children use a dynamic uid");
+    } else {
+        assert!(
+            myelin.status.success(),
+            "the node creates the user when it is absent; log:\n{log}"
+        );
+        let want: u32 = String::from_utf8_lossy(&myelin.stdout)
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(uids, vec![want, want], "children run as `myelin`");
+    }
+    assert!(
+        log.contains("process plugins run as user `myelin`") || log.contains("which no user owns"),
+        "{log}"
+    );
+    assert!(
+        log.contains("isolation = \"thread\": this plugin runs inside the node"),
+        "in-process plugins keep the node's privileges, and the log says so:\n{log}"
+    );
+    assert_eq!(
+        node.plugin("inside")["pid"],
+        Value::Null,
+        "thread plugins run inside the node"
+    );
+
+    // Its directories are its own, old files included; nothing outside was touched.
+    for p in [
+        state_dir.join("cam"),
+        state_dir.join("cam/sub"),
+        state_dir.join("cam/sub/latched.json"),
+        runtime.join("cam"),
+        runtime.join("cam/http.sock"),
+    ] {
+        assert_eq!(owner(&p), uids[0], "{}", p.display());
+    }
+    assert_eq!(
+        owner(&outside),
+        0,
+        "a symlink in the plugin's directory is not followed"
+    );
+    let (code, v) = node.call("GET", "/plugins/cam/");
+    assert_eq!(code, 200, "routes work from the unprivileged child: {v}");
+}
+
+#[test]
+fn plugins_run_as_root_only_when_asked_and_the_log_warns() {
+    let host = format!("{FAST_HOST}\nuser = \"root\"\n");
+    let node = Node::start(&host, &section("cam", "process", "none"));
+    let v = node.wait_plugin("cam", Duration::from_secs(20), "running", |v| {
+        state(v) == "running"
+    });
+    let pid = v["pid"].as_u64().unwrap();
+    assert!(proc_status(pid, "Uid:").iter().all(|u| u == "0"));
+    let log = node.log();
+    assert!(
+        log.contains("WARN")
+            && log.contains(
+                "[plugins].user = \"root\": process plugins run as root with the node's capabilities"
+            )
+            && log.contains("fix: remove [plugins].user"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_plugin_user_kept_out_of_its_directories_fails_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = open_dir();
+    let private = dir.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (runtime, state) = (private.join("run"), dir.path().join("state"));
+    let host = FAST_HOST.replace("restart_backoff_ms = 200", "restart_backoff_ms = 60000");
+    let node = start_in(
+        dir,
+        &runtime,
+        &state,
+        &host,
+        &section("cam", "process", "none"),
+    );
+    let v = node.wait_plugin("cam", Duration::from_secs(20), "failed once", |v| {
+        v["failures"].as_array().is_some_and(|f| !f.is_empty())
+    });
+    let reason = v["failures"][0]["reason"].as_str().unwrap().to_string();
+    for want in [
+        format!(
+            "cannot use its runtime directory {}",
+            runtime.join("cam").display()
+        ),
+        format!("cannot enter {} (mode 700, owner uid 0)", private.display()),
+        "chmod o+x".to_string(),
+        "[plugins].runtime_dir".to_string(),
+    ] {
+        assert!(reason.contains(&want), "{reason:?} should contain {want:?}");
+    }
+}
+
 #[test]
 fn the_remote_listener_needs_the_bearer_token() {
     let dir = tempfile::tempdir().unwrap();

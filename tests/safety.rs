@@ -123,6 +123,12 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
         }
     });
     let dir = tempfile::tempdir().unwrap();
+    // The command actions run as the plugin user (`myelin`), and write their records here.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let trips = dir.path().join("trips");
     let latched_trips = dir.path().join("latched-trips");
     let record = |file: &Path| {
@@ -474,6 +480,12 @@ fn a_stop_survives_every_restart_and_actions_apply_the_newest_state_in_order() {
     operator.peer(&r, Some(&relay.for_b.to_string()), "");
     let (hook, posted) = hook_server(&robot_ns, 3);
     let dir = tempfile::tempdir().unwrap();
+    // The command action runs as the plugin user (`myelin`), and writes its record here.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let applied = dir.path().join("applied");
     // `safety`: latched, the lock on /e_stop, an http action that fails 3 times first.
     // `order`: no latch, a command that takes 5 s to apply `armed`.

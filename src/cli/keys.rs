@@ -107,6 +107,9 @@ listen = "{control}"
 # public_key = "<its `myelin pubkey`>"
 # endpoint = "192.0.2.2:51820"
 # allowed_ips = ["10.77.0.2/32"]
+
+# Process plugins run as the unprivileged system user `myelin`; [plugins].user changes that
+# (config.example.toml).
 {plugins}"#,
         key = key_path.display(),
         port = args.listen_port,
@@ -121,5 +124,24 @@ listen = "{control}"
     println!("public key: {}", key.public_key());
     println!("config:     {}", config_path.display());
     println!("key:        {} (mode 0600)", key_path.display());
+    println!("plugins:    run as {}", plugin_user());
     Ok(())
+}
+
+/// Creates the plugins' system user when run as root, so the first start needs no /etc write
+/// (the systemd unit keeps /etc read-only).
+fn plugin_user() -> String {
+    use crate::host::user::{ensure_system_user, DEFAULT_USER};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return format!("user `{DEFAULT_USER}` (run `myelin init` as root to create it, or the node creates it when it starts as root)");
+    }
+    match ensure_system_user(DEFAULT_USER) {
+        Ok((user, true)) => format!("user `{DEFAULT_USER}` (uid {}, created)", user.uid),
+        Ok((user, false)) => format!("user `{DEFAULT_USER}` (uid {})", user.uid),
+        Err(e) => {
+            eprintln!("warning: {e}");
+            format!("an unnamed uid until user `{DEFAULT_USER}` exists")
+        }
+    }
 }

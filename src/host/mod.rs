@@ -9,6 +9,7 @@ pub mod policy;
 pub mod protocol;
 pub mod runner;
 mod supervisor;
+pub mod user;
 pub mod worker;
 
 use crate::config::{Config, ConfigError, HostSettings, Isolation, PluginInstanceConfig};
@@ -160,8 +161,12 @@ impl PluginHost {
         node: NodeIdentity,
         mesh: watch::Receiver<MeshView>,
     ) -> Result<PluginHost, HostError> {
-        let (settings, run_as, validated) = validate(config)?;
+        let (settings, validated) = validate(config)?;
+        let run_as = plugin_user(config)?;
         for (inst, _) in &validated {
+            if inst.isolation == Isolation::Thread && run_as.is_some_and(|u| u.uid != 0) {
+                tracing::warn!(plugin = %inst.name, "isolation = \"thread\": this plugin runs inside the node, with the node's user and capabilities ([plugins].user applies to process plugins only)");
+            }
             let dir = settings.runtime_dir.join(&inst.name);
             prepare_dir(&dir, run_as).map_err(|cause| HostError::RuntimeDir {
                 path: dir.clone(),
@@ -274,36 +279,35 @@ impl PluginHost {
     }
 }
 
-type Validated = (
-    HostSettings,
-    Option<worker::RunAs>,
-    Vec<(PluginInstanceConfig, &'static str)>,
-);
+type Validated = (HostSettings, Vec<(PluginInstanceConfig, &'static str)>);
 
 fn validate(config: &Config) -> Result<Validated, HostError> {
     let settings = config.plugins.host.clone();
-    let run_as = match &settings.user {
-        None => None,
-        Some(user) => {
-            // SAFETY: geteuid has no preconditions.
-            if unsafe { libc::geteuid() } != 0 {
-                return Err(config
-                    .error_at(
-                        &["plugins", "user"],
-                        format!("dropping plugins to user `{user}` needs the node to run as root"),
-                        "run the node as root (it needs CAP_NET_ADMIN anyway) or remove [plugins].user",
-                    )
-                    .into());
-            }
-            Some(worker::resolve_user(user).ok_or_else(|| {
-                config.error_at(
+    if let Some(user) = &settings.user {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(config
+                .error_at(
+                    &["plugins", "user"],
+                    format!("running plugins as user `{user}` needs the node to run as root"),
+                    "run the node as root (it needs CAP_NET_ADMIN anyway) or remove [plugins].user",
+                )
+                .into());
+        }
+        if user::lookup_user(user).is_none() {
+            return Err(config
+                .error_at(
                     &["plugins", "user"],
                     format!("no such user `{user}`"),
-                    "create it (`useradd --system myelin`) or name an existing user",
+                    &format!(
+                        "create it (`{}`), name an existing user, or remove the key to use `{}`",
+                        user::useradd_command(user),
+                        user::DEFAULT_USER
+                    ),
                 )
-            })?)
+                .into());
         }
-    };
+    }
     let mut validated = Vec::new();
     for inst in &config.plugins.instances {
         let Some(registration) = myelin_sdk::registration(&inst.kind) else {
@@ -354,7 +358,70 @@ fn validate(config: &Config) -> Result<Validated, HostError> {
         }
         validated.push((inst.clone(), registration.about));
     }
-    Ok((settings, run_as, validated))
+    Ok((settings, validated))
+}
+
+/// Who process plugins run as; `None` keeps the node's user (one that is not root). Logs the
+/// choice, and warns when it is root.
+fn plugin_user(config: &Config) -> Result<Option<worker::RunAs>, HostError> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        // validate() refused an explicit user already.
+        tracing::info!("the node runs as uid {euid}, not root: process plugins keep that uid and drop its capabilities");
+        return Ok(None);
+    }
+    let (name, run_as) = match &config.plugins.host.user {
+        Some(name) => match user::lookup_user(name) {
+            Some(run_as) => (name.as_str(), run_as),
+            None => {
+                return Err(config
+                    .error_at(
+                        &["plugins", "user"],
+                        format!("no such user `{name}` (any more)"),
+                        "name an existing user, or remove the key",
+                    )
+                    .into())
+            }
+        },
+        None => match user::ensure_system_user(user::DEFAULT_USER) {
+            Ok((run_as, created)) => {
+                if created {
+                    tracing::info!(
+                        "created system user `{}` (uid {}) for the plugins",
+                        user::DEFAULT_USER,
+                        run_as.uid
+                    );
+                }
+                (user::DEFAULT_USER, run_as)
+            }
+            Err(e) => {
+                let ids = user::dynamic_ids().unwrap_or(worker::RunAs {
+                    uid: 65534,
+                    gid: 65534,
+                });
+                tracing::warn!(
+                    "process plugins run as uid {} gid {}, which no user owns, without capabilities: {e}\n  once the user exists, restart the node: it hands the plugins' files over at start",
+                    ids.uid,
+                    ids.gid
+                );
+                return Ok(Some(ids));
+            }
+        },
+    };
+    if run_as.uid == 0 {
+        tracing::warn!(
+            "[plugins].user = \"{name}\": process plugins run as root with the node's capabilities, so a bug in any plugin is a root compromise\n  fix: remove [plugins].user to run them as the unprivileged `{}` user",
+            user::DEFAULT_USER
+        );
+    } else {
+        tracing::info!(
+            "process plugins run as user `{name}` (uid {}, gid {}) without capabilities",
+            run_as.uid,
+            run_as.gid
+        );
+    }
+    Ok(Some(run_as))
 }
 
 pub(crate) fn http_socket(settings: &HostSettings, name: &str) -> PathBuf {
@@ -365,10 +432,10 @@ fn prepare_dir(dir: &std::path::Path, run_as: Option<worker::RunAs>) -> std::io:
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    if let Some(user) = run_as {
-        std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))?;
+    match run_as {
+        Some(user) => user::chown_tree(dir, user),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn spawn_supervisor(

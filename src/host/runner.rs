@@ -18,6 +18,9 @@ pub async fn run_plugin(
         let _ = to_host.send(PluginMsg::Failed { reason });
         None
     };
+    if let Some(reason) = unusable_dirs(&init) {
+        return fail(reason);
+    }
     let Some(registration) = myelin_sdk::registration(&init.kind) else {
         return fail(format!(
             "plugin `{}` is not compiled into this binary",
@@ -92,4 +95,66 @@ pub async fn run_plugin(
     let _ = std::fs::remove_file(&init.http_socket);
     let _ = to_host.send(PluginMsg::Stopped);
     Some(plugin)
+}
+
+/// Why this process cannot use the directories the host prepared for it, naming the directory
+/// in the way and the fix; `None` when it can. A plugin user that cannot enter a parent (a
+/// runtime_dir under a 0700 home, say) would otherwise fail later with a bare "permission
+/// denied".
+fn unusable_dirs(init: &Init) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let socket_dir = init
+        .http_socket
+        .parent()
+        .unwrap_or(std::path::Path::new("/"));
+    let denied = |path: &std::path::Path, mode: libc::c_int| {
+        let name = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+        // SAFETY: access only reads the NUL-terminated path.
+        if unsafe { libc::access(name.as_ptr(), mode) } == 0 {
+            None
+        } else {
+            Some(std::io::Error::last_os_error())
+        }
+    };
+    for (what, key, default, dir) in [
+        (
+            "state directory",
+            "state_dir",
+            "/var/lib/myelin/plugins",
+            init.state_dir.as_path(),
+        ),
+        (
+            "runtime directory",
+            "runtime_dir",
+            "/run/myelin",
+            socket_dir,
+        ),
+    ] {
+        let mut steps: Vec<&std::path::Path> = dir
+            .ancestors()
+            .skip(1)
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect();
+        steps.reverse();
+        let blocked = steps
+            .into_iter()
+            .find_map(|p| denied(p, libc::X_OK).map(|e| (p, e, "enter")))
+            .or_else(|| {
+                denied(dir, libc::R_OK | libc::W_OK | libc::X_OK).map(|e| (dir, e, "write to"))
+            });
+        if let Some((path, e, verb)) = blocked {
+            let how = std::fs::metadata(path)
+                .map(|m| format!(" (mode {:o}, owner uid {})", m.mode() & 0o7777, m.uid()))
+                .unwrap_or_default();
+            // SAFETY: getuid has no preconditions.
+            let uid = unsafe { libc::getuid() };
+            return Some(format!(
+                "cannot use its {what} {}: as uid {uid} it cannot {verb} {}{how}: {e}\n  fix: let the plugin user in (`chmod o+x` on the directories above it), or set [plugins].{key} under a directory it can enter (default {default})",
+                dir.display(),
+                path.display()
+            ));
+        }
+    }
+    None
 }

@@ -31,6 +31,26 @@ enum Control {
     Thread { cancel: CancellationToken },
 }
 
+/// capset(2)'s header and data, version 3 (two 32-bit words per set); only the kernel reads
+/// the fields.
+#[repr(C)]
+#[allow(dead_code)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[allow(dead_code)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
 /// A Unix user the plugin children run as.
 #[derive(Clone, Copy, Debug)]
 pub struct RunAs {
@@ -144,8 +164,9 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
 pub async fn spawn_process(init: Init, run_as: Option<RunAs>) -> std::io::Result<Worker> {
     let (host_end, child_end) = std::os::unix::net::UnixStream::pair()?;
     let child_fd = child_end.as_raw_fd();
-    // SAFETY: getpid has no preconditions.
+    // SAFETY: getpid and geteuid have no preconditions.
     let parent = unsafe { libc::getpid() };
+    let drop_caps = run_as.map_or_else(|| unsafe { libc::geteuid() }, |u| u.uid) != 0;
     let mut cmd = std::process::Command::new("/proc/self/exe");
     cmd.arg0("myelin")
         .arg("plugin-run")
@@ -175,8 +196,21 @@ pub async fn spawn_process(init: Init, run_as: Option<RunAs>) -> std::io::Result
                 check(libc::setgroups(0, std::ptr::null()))?;
                 check(libc::setgid(user.gid))?;
                 check(libc::setuid(user.uid))?;
-                check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
             }
+            if drop_caps {
+                // setuid from root to another user already emptied the permitted and effective
+                // sets; this also empties the inheritable and ambient ones, and the sets of a
+                // node that is not root but was given capabilities (ambient or file ones).
+                let mut header = CapHeader {
+                    version: LINUX_CAPABILITY_VERSION_3,
+                    pid: 0,
+                };
+                let data = [CapData::default(); 2];
+                check(libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) as libc::c_int)?;
+            }
+            // Nothing the child executes (this binary with file capabilities, a setuid helper
+            // a plugin runs) can give it privileges back.
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
             // After setuid, which clears the parent-death signal.
             check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
             if libc::getppid() != parent {
@@ -433,31 +467,5 @@ pub fn spawn_thread(init: Init) -> std::io::Result<Worker> {
         frames: None,
         events: events_rx,
         control: Control::Thread { cancel },
-    })
-}
-
-/// Looks up a user for `[plugins].user`.
-pub fn resolve_user(name: &str) -> Option<RunAs> {
-    let cname = std::ffi::CString::new(name).ok()?;
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: all pointers are valid for the call; buf outlives the use of pwd's strings,
-    // and only the numeric ids are read.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            cname.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() {
-        return None;
-    }
-    Some(RunAs {
-        uid: pwd.pw_uid,
-        gid: pwd.pw_gid,
     })
 }

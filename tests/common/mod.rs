@@ -424,6 +424,9 @@ pub fn lab_up(nodes: usize, dir: &str) -> (std::process::Child, String) {
 /// `lab_up` on lab fabric `fabric` (1..=9), for tests that must not meet the others' labs.
 pub fn lab_up_on(fabric: &str, nodes: usize, dir: &str) -> (std::process::Child, String) {
     use std::io::BufRead;
+    // The nodes' plugin directories go in it, and plugins run as the unprivileged `myelin`
+    // user, which must be able to enter it (a tempdir is 0700).
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut up = lab_command()
         .env(myelin::lab::FABRIC_ENV, fabric)
         .args(["lab", "up", "--nodes", &nodes.to_string(), "--dir", dir])
