@@ -61,10 +61,16 @@ pub enum FrameError {
 pub type Framed =
     tokio_util::codec::Framed<tokio::net::UnixStream, tokio_util::codec::LengthDelimitedCodec>;
 
-pub fn framed(stream: tokio::net::UnixStream) -> Framed {
+/// The channel's framing (4-byte big-endian length, at most `MAX_FRAME`), on its own so the
+/// fuzz targets split a byte stream exactly as the host and the plugins do.
+pub fn codec() -> tokio_util::codec::LengthDelimitedCodec {
     tokio_util::codec::LengthDelimitedCodec::builder()
         .max_frame_length(MAX_FRAME)
-        .new_framed(stream)
+        .new_codec()
+}
+
+pub fn framed(stream: tokio::net::UnixStream) -> Framed {
+    tokio_util::codec::Framed::new(stream, codec())
 }
 
 pub fn encode<T: Serialize>(msg: &T) -> Result<bytes::Bytes, FrameError> {
