@@ -44,10 +44,7 @@ pub async fn run_plugin(
         cancel.clone(),
     )
     .with_state_dir(init.state_dir.clone());
-    if let Err(e) = plugin.on_tunnel_up(ctx).await {
-        return fail(format!("on_tunnel_up: {e}"));
-    }
-    if let Err(e) = plugin.start().await {
+    if let Err(e) = plugin.start(ctx).await {
         return fail(format!("start: {e}"));
     }
     let http = match plugin.routes() {

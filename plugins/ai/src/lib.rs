@@ -128,16 +128,8 @@ impl Plugin for Ai {
         "ai"
     }
 
-    async fn on_tunnel_up(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
-        self.ctx = Some(ctx);
-        Ok(())
-    }
-
-    async fn start(&mut self) -> Result<(), PluginError> {
-        let ctx = self
-            .ctx
-            .clone()
-            .ok_or(PluginError::NotReady("start before on_tunnel_up"))?;
+    async fn start(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
+        self.ctx = Some(ctx.clone());
         let shared = self.shared.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             let mut models = Vec::new();

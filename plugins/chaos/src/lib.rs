@@ -89,16 +89,8 @@ impl Plugin for Chaos {
         "chaos"
     }
 
-    async fn on_tunnel_up(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
-        self.ctx = Some(ctx);
-        Ok(())
-    }
-
-    async fn start(&mut self) -> Result<(), PluginError> {
-        let ctx = self
-            .ctx
-            .clone()
-            .ok_or(PluginError::NotReady("start called before on_tunnel_up"))?;
+    async fn start(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
+        self.ctx = Some(ctx.clone());
         myelin_sdk::metrics::describe_counter!(
             "myelin_chaos_health_checks_total",
             "Health checks the chaos plugin answered."

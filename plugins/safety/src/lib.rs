@@ -173,7 +173,6 @@ type RearmReply = oneshot::Sender<Result<(), String>>;
 
 struct Safety {
     config: SafetyConfig,
-    ctx: Option<PluginContext>,
     status: Arc<Mutex<Status>>,
     rearm_tx: Option<mpsc::Sender<RearmReply>>,
 }
@@ -327,16 +326,7 @@ impl Plugin for Safety {
         "safety"
     }
 
-    async fn on_tunnel_up(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
-        self.ctx = Some(ctx);
-        Ok(())
-    }
-
-    async fn start(&mut self) -> Result<(), PluginError> {
-        let ctx = self
-            .ctx
-            .clone()
-            .ok_or(PluginError::NotReady("start called before on_tunnel_up"))?;
+    async fn start(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
         let mesh = ctx.mesh();
         let known: Vec<String> = mesh.borrow().peers.iter().map(|p| p.name.clone()).collect();
         for name in &self.config.watch {
@@ -824,7 +814,6 @@ fn build(section: &myelin_sdk::toml::Table) -> Result<Box<dyn Plugin>, PluginErr
     let config = SafetyConfig::parse(section)?;
     Ok(Box::new(Safety {
         config,
-        ctx: None,
         status: Arc::default(),
         rearm_tx: None,
     }))

@@ -11,11 +11,11 @@
 //! 1. `build(section)` (the [`Registration`]'s function) parses the plugin's own config section.
 //!    It must only validate and construct: the host also calls it once at start-up to reject a
 //!    bad section before anything runs.
-//! 2. [`Plugin::on_tunnel_up`] receives the [`PluginContext`] once the tunnel is up.
-//! 3. [`Plugin::start`] starts the plugin's work and returns; long-running work is spawned with
-//!    [`tokio::spawn`] and ends when [`PluginContext::cancellation`] fires.
-//! 4. [`Plugin::health`] is polled with a deadline. Missing it gets the plugin restarted.
-//! 5. [`Plugin::stop`] is called on disable, restart and shutdown.
+//! 2. [`Plugin::start`] gets the [`PluginContext`] once the tunnel is up, starts the plugin's
+//!    work and returns; long-running work is spawned with [`tokio::spawn`] and ends when
+//!    [`PluginContext::cancellation`] fires.
+//! 3. [`Plugin::health`] is polled with a deadline. Missing it gets the plugin restarted.
+//! 4. [`Plugin::stop`] is called on disable, restart and shutdown.
 //!
 //! A panic, an abort, an `Err` from `start`, an `Unhealthy` health or a missed health deadline
 //! all count as a failure: the host kills the plugin and restarts it with backoff.
@@ -43,17 +43,12 @@
 //! }
 //! fn default_greeting() -> String { "hello".into() }
 //!
-//! struct Greeter { config: GreeterConfig, ctx: Option<PluginContext> }
+//! struct Greeter { config: GreeterConfig }
 //!
 //! #[async_trait]
 //! impl Plugin for Greeter {
 //!     fn name(&self) -> &str { "greeter" }
-//!     async fn on_tunnel_up(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
-//!         self.ctx = Some(ctx);
-//!         Ok(())
-//!     }
-//!     async fn start(&mut self) -> Result<(), PluginError> {
-//!         let ctx = self.ctx.clone().ok_or(PluginError::NotReady("start before on_tunnel_up"))?;
+//!     async fn start(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
 //!         let greets = ctx.metrics().counter("myelin_greeter_greetings_total");
 //!         let mut mesh = ctx.mesh();
 //!         let cancel = ctx.cancellation();
@@ -85,7 +80,7 @@
 //!
 //! fn build(section: &myelin_sdk::toml::Table) -> Result<Box<dyn Plugin>, PluginError> {
 //!     let config: GreeterConfig = myelin_sdk::parse_section(section)?;
-//!     Ok(Box::new(Greeter { config, ctx: None }))
+//!     Ok(Box::new(Greeter { config }))
 //! }
 //!
 //! myelin_sdk::inventory::submit! {
@@ -154,10 +149,9 @@ pub enum PluginError {
 pub trait Plugin: Send + Sync {
     /// The registration name of this plugin.
     fn name(&self) -> &str;
-    /// The tunnel is up; the context stays valid for the life of this plugin instance.
-    async fn on_tunnel_up(&mut self, ctx: PluginContext) -> Result<(), PluginError>;
-    /// Start the plugin's work and return once it runs.
-    async fn start(&mut self) -> Result<(), PluginError>;
+    /// The tunnel is up: start the plugin's work and return once it runs. The context stays
+    /// valid for the life of this plugin instance.
+    async fn start(&mut self, ctx: PluginContext) -> Result<(), PluginError>;
     /// Stop the plugin's work; the host waits for this up to its stop grace period.
     async fn stop(&mut self) -> Result<(), PluginError>;
     /// Answer the host's health check. It must answer within the health deadline.

@@ -137,16 +137,8 @@ impl Plugin for Telemetry {
         "telemetry"
     }
 
-    async fn on_tunnel_up(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
-        self.ctx = Some(ctx);
-        Ok(())
-    }
-
-    async fn start(&mut self) -> Result<(), PluginError> {
-        let ctx = self
-            .ctx
-            .clone()
-            .ok_or(PluginError::NotReady("start called before on_tunnel_up"))?;
+    async fn start(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
+        self.ctx = Some(ctx.clone());
         let port = self.config.listen_port;
         let mut addrs: Vec<SocketAddr> = ctx
             .node()

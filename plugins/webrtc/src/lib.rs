@@ -273,7 +273,6 @@ struct PeerStreams {
 
 struct Webrtc {
     config: WebrtcConfig,
-    ctx: Option<PluginContext>,
     shared: Option<Arc<Shared>>,
 }
 
@@ -588,16 +587,7 @@ impl Plugin for Webrtc {
         "webrtc"
     }
 
-    async fn on_tunnel_up(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
-        self.ctx = Some(ctx);
-        Ok(())
-    }
-
-    async fn start(&mut self) -> Result<(), PluginError> {
-        let ctx = self
-            .ctx
-            .clone()
-            .ok_or(PluginError::NotReady("start called before on_tunnel_up"))?;
+    async fn start(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
         let token = match &self.config.token_file {
             None => None,
             Some(path) => Some(
@@ -702,7 +692,6 @@ fn build(section: &myelin_sdk::toml::Table) -> Result<Box<dyn Plugin>, PluginErr
     let config = WebrtcConfig::parse(section)?;
     Ok(Box::new(Webrtc {
         config,
-        ctx: None,
         shared: None,
     }))
 }

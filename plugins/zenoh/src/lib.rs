@@ -59,7 +59,6 @@ struct Running {
 
 struct Zenoh {
     config: ZenohConfig,
-    ctx: Option<PluginContext>,
     status: Arc<Mutex<Status>>,
     running: Arc<AsyncMutex<Option<Running>>>,
 }
@@ -70,16 +69,7 @@ impl Plugin for Zenoh {
         "zenoh"
     }
 
-    async fn on_tunnel_up(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
-        self.ctx = Some(ctx);
-        Ok(())
-    }
-
-    async fn start(&mut self) -> Result<(), PluginError> {
-        let ctx = self
-            .ctx
-            .clone()
-            .ok_or(PluginError::NotReady("start called before on_tunnel_up"))?;
+    async fn start(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
         let node = ctx.node().clone();
         let zid = peers::zid_for(&node.public_key);
         let namespace = self.config.namespace(&node.name);
@@ -353,7 +343,6 @@ fn build(section: &myelin_sdk::toml::Table) -> Result<Box<dyn Plugin>, PluginErr
     let config = ZenohConfig::parse(section)?;
     Ok(Box::new(Zenoh {
         config,
-        ctx: None,
         status: Arc::default(),
         running: Arc::default(),
     }))
