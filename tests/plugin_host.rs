@@ -644,7 +644,7 @@ fn events_stream_reports_plugin_changes_as_they_happen() {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let mut events = std::net::TcpStream::connect(api).unwrap();
         events.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(events, "GET /api/v1/events HTTP/1.1\r\nHost: node\r\n\r\n").unwrap();
+        write!(events, "GET /api/v1/events HTTP/1.1\r\nHost: {api}\r\n\r\n").unwrap();
         let mut lines = std::io::BufReader::new(events).lines();
         let mut seen = Vec::new();
         let mut kind = String::new();
@@ -659,7 +659,7 @@ fn events_stream_reports_plugin_changes_as_they_happen() {
                     seen.push(v["state"].as_str().unwrap_or("").to_string());
                     if v["state"] == "running" && !disabled_sent {
                         let mut post = std::net::TcpStream::connect(api).unwrap();
-                        write!(post, "POST /api/v1/plugins/cam/disable HTTP/1.1\r\nHost: node\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+                        write!(post, "POST /api/v1/plugins/cam/disable HTTP/1.1\r\nHost: {api}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
                         disabled_sent = true;
                     }
                     if v["state"] == "disabled" {
