@@ -10,9 +10,10 @@ use crate::frames::{compressed_image_data, image_tensor, is_image};
 use crate::pipeline::{crosses, forward_value, Next, Pacer};
 use crate::tensor::{output_json, parse_npy, Tensor};
 use crate::PipelineStatus;
+use myelin_sdk::unix_ms;
 use myelin_sdk::{CancellationToken, PluginMetrics};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use zenoh::bytes::Encoding;
 
@@ -21,26 +22,6 @@ struct Frame {
     bytes: Vec<u8>,
     encoding: Encoding,
     received_unix_ms: u128,
-}
-
-async fn open(port: u16) -> Result<zenoh::Session, String> {
-    let mut c = zenoh::Config::default();
-    for (key, value) in [
-        ("mode", "\"client\"".to_string()),
-        ("connect/endpoints", format!("[\"tcp/127.0.0.1:{port}\"]")),
-        ("scouting/multicast/enabled", "false".to_string()),
-    ] {
-        c.insert_json5(key, &value)
-            .map_err(|e| format!("{key}: {e}"))?;
-    }
-    zenoh::open(c).await.map_err(|e| e.to_string())
-}
-
-fn unix_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
 }
 
 /// Connects (retrying every second), then runs every pipeline until `cancel`.
@@ -58,7 +39,7 @@ pub async fn run(
     // the first failure and every tenth are logged.
     let mut failures = 0u32;
     let session = loop {
-        match open(port).await {
+        match myelin_sdk::zenoh_loopback(port).await {
             Ok(s) => break s,
             Err(e) => {
                 if failures % 10 == 0 {

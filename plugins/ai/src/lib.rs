@@ -32,7 +32,7 @@ use myelin_sdk::axum::{
     routing::{get, post},
     Json, Router,
 };
-use myelin_sdk::{async_trait, Health, Plugin, PluginContext, PluginError, Registration};
+use myelin_sdk::{async_trait, log, Health, Plugin, PluginContext, PluginError, Registration};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,11 +101,6 @@ struct Shared {
 struct Ai {
     shared: Arc<Shared>,
     ctx: Option<PluginContext>,
-}
-
-fn log(line: &str) {
-    // A plugin child's stderr goes into the node's log, tagged with the plugin name.
-    eprintln!("{line}");
 }
 
 fn load_model(ai: &AiConfig, m: &ModelConfig) -> Result<Model, ModelError> {
@@ -284,11 +279,7 @@ struct HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        (
-            self.code,
-            Json(serde_json::json!({ "error": self.error, "hint": self.hint })),
-        )
-            .into_response()
+        myelin_sdk::error_response(self.code, self.error, self.hint)
     }
 }
 

@@ -17,10 +17,11 @@ use myelin_sdk::axum::{
     Router,
 };
 use myelin_sdk::{async_trait, Health, Plugin, PluginContext, PluginError, Registration};
+use myelin_sdk::{config_error, log, unix_ms};
 use persist::{Restored, Saved};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 #[derive(Clone, Debug, Deserialize)]
@@ -70,12 +71,6 @@ fn default_latch() -> bool {
 }
 fn default_zenoh_port() -> u16 {
     7447
-}
-
-fn config_error(message: impl Into<String>) -> PluginError {
-    PluginError::Config {
-        message: message.into(),
-    }
 }
 
 impl SafetyConfig {
@@ -175,18 +170,6 @@ struct Safety {
     config: SafetyConfig,
     status: Arc<Mutex<Status>>,
     rearm_tx: Option<mpsc::Sender<RearmReply>>,
-}
-
-fn unix_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
-}
-
-fn log(line: &str) {
-    // A plugin child's stderr goes into the node's log, tagged with the plugin name.
-    eprintln!("{line}");
 }
 
 fn note_error(status: &Mutex<Status>, error: String) {
@@ -490,12 +473,8 @@ impl Plugin for Safety {
 }
 
 async fn rearm_request(tx: Option<mpsc::Sender<RearmReply>>) -> impl IntoResponse {
-    let refused = |code: StatusCode, error: String, hint: &str| {
-        (
-            code,
-            Json(serde_json::json!({ "error": error, "hint": hint })),
-        )
-    };
+    let refused =
+        |code: StatusCode, error: String, hint: &str| myelin_sdk::error_response(code, error, hint);
     let Some(tx) = tx else {
         return refused(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -517,7 +496,8 @@ async fn rearm_request(tx: Option<mpsc::Sender<RearmReply>>) -> impl IntoRespons
             Json(
                 serde_json::json!({ "state": "armed", "note": "motion is permitted; nothing was commanded" }),
             ),
-        ),
+        )
+            .into_response(),
         Ok(Err(why)) => refused(
             StatusCode::CONFLICT,
             format!("re-arm refused: {why}"),

@@ -13,19 +13,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use zenoh::Wait;
 
-async fn open(port: u16) -> Result<zenoh::Session, String> {
-    let mut c = zenoh::Config::default();
-    for (key, value) in [
-        ("mode", "\"client\"".to_string()),
-        ("connect/endpoints", format!("[\"tcp/127.0.0.1:{port}\"]")),
-        ("scouting/multicast/enabled", "false".to_string()),
-    ] {
-        c.insert_json5(key, &value)
-            .map_err(|e| format!("{key}: {e}"))?;
-    }
-    zenoh::open(c).await.map_err(|e| e.to_string())
-}
-
 /// How long the router may be unreachable after the start before it counts as a failure of
 /// the ROS actions: the zenoh plugin starts alongside this one.
 const START_GRACE: Duration = Duration::from_secs(5);
@@ -50,7 +37,7 @@ pub async fn run(
     let started = Instant::now();
     let mut attempts = 0u32;
     let session = loop {
-        match open(port).await {
+        match myelin_sdk::zenoh_loopback(port).await {
             Ok(s) => break s,
             Err(e) => {
                 attempts = attempts.saturating_add(1);

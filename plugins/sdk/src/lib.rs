@@ -96,6 +96,7 @@
 //! ```
 
 mod context;
+mod kit;
 mod mesh;
 pub mod secret;
 pub mod serve;
@@ -104,11 +105,15 @@ pub use async_trait::async_trait;
 pub use axum;
 pub use context::{PluginContext, PluginMetrics};
 pub use inventory;
+#[cfg(feature = "zenoh")]
+pub use kit::zenoh_loopback;
+pub use kit::{config_error, error_response, log, unix_ms};
 pub use mesh::{MeshView, NodeIdentity, PeerView, ProbeSample};
 pub use metrics;
 pub use tokio;
 pub use tokio_util::sync::CancellationToken;
 pub use toml;
+pub use tracing;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 

@@ -17,7 +17,8 @@ use myelin_sdk::axum::{
     Json, Router,
 };
 use myelin_sdk::{
-    async_trait, CancellationToken, Health, Plugin, PluginContext, PluginError, Registration,
+    async_trait, config_error, CancellationToken, Health, Plugin, PluginContext, PluginError,
+    Registration,
 };
 use rtc::shared::marshal::Unmarshal;
 use serde::{Deserialize, Serialize};
@@ -59,12 +60,6 @@ fn default_port() -> u16 {
 }
 fn default_max_viewers() -> usize {
     8
-}
-
-fn config_error(message: impl Into<String>) -> PluginError {
-    PluginError::Config {
-        message: message.into(),
-    }
 }
 
 impl WebrtcConfig {
@@ -298,13 +293,7 @@ fn cors(mut r: Response) -> Response {
 }
 
 fn error(code: StatusCode, message: String, hint: &str) -> Response {
-    cors(
-        (
-            code,
-            Json(serde_json::json!({ "error": message, "hint": hint })),
-        )
-            .into_response(),
-    )
+    cors(myelin_sdk::error_response(code, message, hint))
 }
 
 fn stream_list(shared: &Shared) -> Vec<StreamInfo> {

@@ -1,7 +1,7 @@
 //! The `[plugins.zenoh]` section: parsing, validation, the ROS namespace rules, and the zenoh and
 //! ros2dds configurations built from it.
 
-use myelin_sdk::PluginError;
+use myelin_sdk::{config_error, PluginError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::net::IpAddr;
@@ -90,12 +90,6 @@ fn default_port() -> u16 {
 
 fn default_distro() -> String {
     "jazzy".into()
-}
-
-fn config_error(message: impl Into<String>) -> PluginError {
-    PluginError::Config {
-        message: message.into(),
-    }
 }
 
 /// Checks a ROS namespace: `/`, or `/`-separated tokens of `[A-Za-z0-9_]` not starting with a
