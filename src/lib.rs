@@ -1,4 +1,5 @@
 //! Myelin: a peer-to-peer VPN for robot fleets, with supervised plugins.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod api;
 pub mod build_info;

@@ -1,4 +1,5 @@
 //! The `myelin` binary: parses the command line and calls one function per subcommand.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use myelin::cli::{self, Args, Command};
 

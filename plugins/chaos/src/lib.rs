@@ -10,6 +10,7 @@
 //! - `block`: blocks every worker thread of the plugin's runtime.
 //!
 //! `after_ms` delays the failure after start.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use myelin_sdk::axum::{
     extract::Path, http::StatusCode, response::Html, routing::get, routing::post, Json, Router,

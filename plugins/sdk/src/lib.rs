@@ -94,6 +94,7 @@
 //! let bad: myelin_sdk::toml::Table = myelin_sdk::toml::from_str("greting = 'hi'").unwrap();
 //! assert!(matches!(build(&bad), Err(PluginError::Config { .. })));
 //! ```
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod context;
 mod kit;

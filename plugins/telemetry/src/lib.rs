@@ -2,6 +2,7 @@
 //! (`listen_port`, default 9477) so an operator's Prometheus scrapes robots over the VPN. A
 //! scrape returns the node's own metrics (VPN, plugins; read from the node's local control API)
 //! followed by the robot's health, read from /proc and /sys at scrape time.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod health;
 

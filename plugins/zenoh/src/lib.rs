@@ -2,6 +2,7 @@
 //! (zenoh-plugin-ros2dds) linked in statically. Local ROS 2 traffic stays on DDS inside the
 //! robot; between nodes it travels as zenoh over the VPN. The routers find each other through
 //! the mesh (no multicast), and each robot's ROS names get its own namespace.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod config;
 mod panel;
