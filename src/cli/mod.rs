@@ -1,8 +1,10 @@
 //! The command line (argh): one function per subcommand.
 
-mod keys;
-mod lab;
+mod init;
+mod keygen;
+mod lab_command;
 mod remote;
+mod safety;
 
 use argh::FromArgs;
 use std::path::PathBuf;
@@ -238,9 +240,11 @@ pub struct PluginRunArgs {
     pub instance: String,
 }
 
-pub use keys::{init, keygen, pubkey};
-pub use lab::lab;
-pub use remote::{peers, plugins, safety, status};
+pub use init::init;
+pub use keygen::{keygen, pubkey};
+pub use lab_command::lab;
+pub use remote::{peers, plugins, status};
+pub use safety::safety;
 
 pub fn version(args: &VersionArgs) -> anyhow::Result<()> {
     let info = crate::build_info::build_info();

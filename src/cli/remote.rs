@@ -1,13 +1,16 @@
 //! `status`, `peers` and `plugins`: talk to a running node's control API.
 
-use super::{PeersArgs, PluginsArgs, SafetyArgs, StatusArgs};
+use super::{PeersArgs, PluginsArgs, StatusArgs};
 use crate::api::client;
 use anyhow::{bail, Context};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-fn api_addr(api: &Option<String>, config: &Option<PathBuf>) -> anyhow::Result<SocketAddr> {
+pub(super) fn api_addr(
+    api: &Option<String>,
+    config: &Option<PathBuf>,
+) -> anyhow::Result<SocketAddr> {
     if let Some(a) = api {
         return a
             .parse()
@@ -24,7 +27,7 @@ fn api_addr(api: &Option<String>, config: &Option<PathBuf>) -> anyhow::Result<So
     Ok(SocketAddr::from(([127, 0, 0, 1], 7800)))
 }
 
-async fn request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<Value> {
+pub(super) async fn request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<Value> {
     let (status, body) = client::call(addr, method, path, None, None)
         .await
         .map_err(|e| {
@@ -42,12 +45,12 @@ async fn request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<V
     Ok(value)
 }
 
-fn print_json(v: &Value) -> anyhow::Result<()> {
+pub(super) fn print_json(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn ms(v: &Value) -> String {
+pub(super) fn ms(v: &Value) -> String {
     v.as_f64()
         .map(|f| format!("{f:.1} ms"))
         .unwrap_or_else(|| "-".into())
@@ -204,91 +207,6 @@ pub async fn plugins(args: &PluginsArgs) -> anyhow::Result<()> {
                 .map(|p| p.to_string())
                 .unwrap_or_else(|| "-".into()),
             last
-        );
-    }
-    Ok(())
-}
-
-/// `myelin safety [status|rearm]`: the safety plugin's routes through the control API.
-pub async fn safety(args: &SafetyArgs) -> anyhow::Result<()> {
-    let addr = api_addr(&args.api, &args.config)?;
-    let base = format!("/plugins/{}", args.instance);
-    let v = match args.action.as_str() {
-        "status" => request(addr, "GET", &format!("{base}/status")).await?,
-        "rearm" => request(addr, "POST", &format!("{base}/rearm")).await?,
-        other => bail!("unknown safety action `{other}`\n  fix: use `myelin safety status` or `myelin safety rearm`"),
-    };
-    if args.json {
-        return print_json(&v);
-    }
-    if args.action == "rearm" {
-        println!("re-armed: motion is permitted (nothing was commanded)");
-        return Ok(());
-    }
-    let state = v["state"].as_str().unwrap_or("unknown");
-    if v["stopped"].as_bool() == Some(true) {
-        println!(
-            "SAFE STOP ({state}): {}{}{}",
-            v["reason"].as_str().unwrap_or("tripped"),
-            v["peer"]
-                .as_str()
-                .map(|p| format!(" on the link to {p}"))
-                .unwrap_or_default(),
-            v["rtt_ms"]
-                .as_f64()
-                .map(|r| format!(", probe {r:.0} ms"))
-                .unwrap_or_default()
-        );
-        if state == "latched" {
-            println!("the link is good again: `myelin safety rearm` permits motion");
-        } else if v["rearm_required"].as_bool() == Some(true) {
-            println!("once the link is good, a re-arm is needed to permit motion");
-        } else if v["reason"].as_str() == Some("startup") {
-            println!("motion is permitted once the link has been good for the clearing time");
-        }
-    } else {
-        println!("armed: motion permitted");
-    }
-    println!("trips since start: {}", v["trips"].as_u64().unwrap_or(0));
-    for a in v["actions"].as_array().into_iter().flatten() {
-        println!(
-            "  action {} {:<28} {}{}",
-            a["kind"].as_str().unwrap_or("?"),
-            a["target"].as_str().unwrap_or(""),
-            if a["pending"].as_bool() == Some(true) {
-                format!("applying generation {}", a["generation"])
-            } else {
-                format!(
-                    "applied {} (generation {})",
-                    a["applied_state"].as_str().unwrap_or("nothing yet"),
-                    a["applied_generation"]
-                )
-            },
-            match a["failures"].as_u64() {
-                Some(0) | None => String::new(),
-                Some(n) => format!(
-                    ", {n} failures, last: {}",
-                    a["last_error"].as_str().unwrap_or("?")
-                ),
-            }
-        );
-    }
-    if let Some(e) = v["state_file_error"].as_str() {
-        println!(
-            "cannot save the state to {}: {e}",
-            v["state_file"].as_str().unwrap_or("?")
-        );
-    }
-    for l in v["links"].as_array().into_iter().flatten() {
-        println!(
-            "  {:<16} rtt {:>10}  last answer {:>6.0} ms ago{}",
-            l["peer"].as_str().unwrap_or("?"),
-            ms(&l["rtt_ms"]),
-            l["since_answer_ms"].as_f64().unwrap_or(f64::NAN),
-            l["good_for_s"]
-                .as_f64()
-                .map(|g| format!("  good for {g:.1} s"))
-                .unwrap_or_default()
         );
     }
     Ok(())

@@ -116,19 +116,19 @@ pub enum Action {
     Shutdown,
 }
 
-pub(crate) struct Command {
+pub(crate) struct ActionRequest {
     pub action: Action,
     pub ack: oneshot::Sender<()>,
 }
 
 struct Instance {
     name: String,
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<ActionRequest>,
     status: watch::Receiver<PluginStatus>,
 }
 
 /// Everything a supervisor needs that is the same for all instances.
-pub(crate) struct Shared {
+pub(crate) struct SupervisorShared {
     pub settings: HostSettings,
     pub node: NodeIdentity,
     pub run_as: Option<worker::RunAs>,
@@ -141,7 +141,7 @@ pub(crate) struct Shared {
 
 pub struct PluginHost {
     instances: Vec<Instance>,
-    shared: Arc<Shared>,
+    shared: Arc<SupervisorShared>,
     config_path: PathBuf,
 }
 
@@ -179,7 +179,7 @@ impl PluginHost {
             })?;
         }
         let mesh = mesh_feed::spawn(mesh);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(SupervisorShared {
             settings,
             node,
             run_as,
@@ -250,7 +250,7 @@ impl PluginHost {
         }
         let (ack, done) = oneshot::channel();
         inst.commands
-            .send(Command { action, ack })
+            .send(ActionRequest { action, ack })
             .await
             .map_err(|_| HostError::ShuttingDown(name.to_string()))?;
         done.await
@@ -265,7 +265,7 @@ impl PluginHost {
             let (ack, done) = oneshot::channel();
             if inst
                 .commands
-                .send(Command {
+                .send(ActionRequest {
                     action: Action::Shutdown,
                     ack,
                 })
@@ -441,7 +441,7 @@ fn prepare_dir(dir: &std::path::Path, run_as: Option<worker::RunAs>) -> std::io:
 fn spawn_supervisor(
     inst: PluginInstanceConfig,
     about: &'static str,
-    shared: Arc<Shared>,
+    shared: Arc<SupervisorShared>,
 ) -> Instance {
     let status = PluginStatus {
         name: inst.name.clone(),

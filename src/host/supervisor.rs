@@ -5,7 +5,7 @@
 use super::policy::{Decision, RestartPolicy};
 use super::protocol::{HostMsg, Init, PluginMsg};
 use super::worker::{self, Worker, WorkerEvent};
-use super::{Action, Command, FailureRecord, PluginState, PluginStatus, Shared};
+use super::{Action, ActionRequest, FailureRecord, PluginState, PluginStatus, SupervisorShared};
 use crate::config::{Isolation, PluginInstanceConfig};
 use myelin_sdk::Health;
 use std::sync::Arc;
@@ -16,24 +16,24 @@ const MAX_FAILURE_RECORDS: usize = 20;
 
 pub(crate) struct Supervisor {
     inst: PluginInstanceConfig,
-    shared: Arc<Shared>,
+    shared: Arc<SupervisorShared>,
     status: watch::Sender<PluginStatus>,
-    commands: mpsc::Receiver<Command>,
+    commands: mpsc::Receiver<ActionRequest>,
     policy: RestartPolicy,
     seq: u64,
 }
 
 enum RunEnd {
     Failed(String),
-    Command(Option<Command>),
+    Command(Option<ActionRequest>),
 }
 
 impl Supervisor {
     pub fn new(
         inst: PluginInstanceConfig,
-        shared: Arc<Shared>,
+        shared: Arc<SupervisorShared>,
         status: watch::Sender<PluginStatus>,
-        commands: mpsc::Receiver<Command>,
+        commands: mpsc::Receiver<ActionRequest>,
     ) -> Self {
         let s = &shared.settings;
         let policy = RestartPolicy::new(
@@ -89,7 +89,7 @@ impl Supervisor {
     }
 
     pub async fn run(mut self) {
-        let mut pending: Option<Command> = None;
+        let mut pending: Option<ActionRequest> = None;
         let mut enabled = self.inst.enabled;
         loop {
             if let Some(cmd) = pending.take() {
@@ -133,7 +133,7 @@ impl Supervisor {
     }
 
     /// Records a failure, then waits out the backoff (or stays failed) unless a command comes.
-    async fn after_failure(&mut self, reason: String) -> Option<Command> {
+    async fn after_failure(&mut self, reason: String) -> Option<ActionRequest> {
         let decision = self.policy.on_failure(Instant::now());
         let restart_after = match decision {
             Decision::RestartAfter(d) => Some(d),
@@ -363,9 +363,9 @@ impl Supervisor {
 }
 
 /// The host's command channel closed: behave as on shutdown.
-fn shutdown_without_ack() -> Option<Command> {
+fn shutdown_without_ack() -> Option<ActionRequest> {
     let (ack, _) = tokio::sync::oneshot::channel();
-    Some(Command {
+    Some(ActionRequest {
         action: Action::Shutdown,
         ack,
     })

@@ -11,7 +11,7 @@
 //! The thread also drives boringtun's timers. Buffers are allocated once; per-packet work
 //! allocates nothing and never panics.
 
-use super::{Peer, Shared};
+use super::{DataPlaneShared, Peer};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
 use rustix::buffer::spare_capacity;
@@ -52,7 +52,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 /// Sends `contents` (one datagram, or equal segments of `segment` bytes) to `to`, waiting
 /// for room in the socket's send buffer when it is full.
-fn send(shared: &Shared, to: SocketAddr, contents: &[u8], segment: Option<usize>) {
+fn send(shared: &DataPlaneShared, to: SocketAddr, contents: &[u8], segment: Option<usize>) {
     let destination = match (to, shared.udp_is_v6) {
         (SocketAddr::V4(v4), true) => {
             SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
@@ -99,7 +99,7 @@ pub(super) struct Poller {
 
 impl Poller {
     /// An epoll that watches the TUN and the UDP socket for input, and the stop eventfd.
-    pub(super) fn new(shared: &Shared) -> std::io::Result<Poller> {
+    pub(super) fn new(shared: &DataPlaneShared) -> std::io::Result<Poller> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let stop = rustix::event::eventfd(
             0,
@@ -142,7 +142,7 @@ struct Ready {
 /// Waits until a source is readable or `timeout` passes; `None` when the loop should end
 /// (stop requested or the epoll broke).
 fn wait(
-    shared: &Shared,
+    shared: &DataPlaneShared,
     poller: &Poller,
     events: &mut Vec<epoll::Event>,
     timeout: Duration,
@@ -192,7 +192,7 @@ struct TunReader {
 const SEGMENTS_PER_READ: usize = 64;
 
 impl TunReader {
-    fn new(shared: &Shared) -> TunReader {
+    fn new(shared: &DataPlaneShared) -> TunReader {
         // A segment never exceeds the MTU; the slack covers a device MTU raised by hand.
         let segment = shared.mtu.max(1500) + 256;
         TunReader {
@@ -210,7 +210,7 @@ impl TunReader {
     /// spares the latency path a read that finds nothing); more, up to `READS_PER_WAKE`,
     /// while reads bring TSO batches. An error is the device's, not a packet's: the TUN was
     /// removed under the node.
-    fn read(&mut self, shared: &Shared) -> std::io::Result<()> {
+    fn read(&mut self, shared: &DataPlaneShared) -> std::io::Result<()> {
         for _ in 0..READS_PER_WAKE {
             let n = match shared.tun.recv_multiple(
                 &mut self.original,
@@ -251,7 +251,7 @@ impl TunReader {
 
 /// Encapsulates one packet from the TUN into the open GSO batch (or a new one).
 fn encapsulate(
-    shared: &Shared,
+    shared: &DataPlaneShared,
     packet: &[u8],
     out: &mut [u8],
     batch: &mut Option<Batch>,
@@ -312,7 +312,7 @@ fn encapsulate(
     }
 }
 
-fn flush(shared: &Shared, out: &[u8], batch: &mut Option<Batch>) {
+fn flush(shared: &DataPlaneShared, out: &[u8], batch: &mut Option<Batch>) {
     if let Some(b) = batch.take() {
         if let Some(contents) = out.get(..b.end) {
             send(shared, b.to, contents, (b.count > 1).then_some(b.segment));
@@ -322,7 +322,7 @@ fn flush(shared: &Shared, out: &[u8], batch: &mut Option<Batch>) {
 
 /// Which peer a verified datagram belongs to. Only a handshake initiation that passed the mac1
 /// (and, under load, cookie) check costs a Diffie-Hellman step here.
-fn find_peer(shared: &Shared, packet: &Packet) -> Option<usize> {
+fn find_peer(shared: &DataPlaneShared, packet: &Packet) -> Option<usize> {
     match packet {
         Packet::HandshakeInit(init) => {
             metrics::counter!("myelin_tunnel_handshake_dh_total").increment(1);
@@ -343,7 +343,7 @@ fn find_peer(shared: &Shared, packet: &Packet) -> Option<usize> {
 /// bad mac1 are dropped; past the handshake rate, a handshake without a valid cookie is
 /// answered with a cookie reply (to `from`, which needs no trust) and goes no further.
 fn verify<'a>(
-    shared: &Shared,
+    shared: &DataPlaneShared,
     from: SocketAddr,
     datagram: &'a [u8],
     reply: &mut [u8],
@@ -386,7 +386,7 @@ struct Inbound {
 
 /// The data-plane thread: waits for the TUN, the UDP socket, the next timer tick or the stop
 /// signal, and serves whatever is ready.
-pub(super) fn run(shared: Arc<Shared>, poller: Poller) {
+pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
     let mut events = Vec::with_capacity(4);
     let Ok(rx): Result<Box<[[u8; RX_SLOT]; RX_BATCH]>, _> =
         vec![[0u8; RX_SLOT]; RX_BATCH].into_boxed_slice().try_into()
@@ -448,7 +448,7 @@ pub(super) fn run(shared: Arc<Shared>, poller: Poller) {
 
 /// Reads the readable UDP socket: one `recvmmsg`, more (up to `READS_PER_WAKE`) while they
 /// come back full.
-fn receive(shared: &Shared, io: &mut Inbound) {
+fn receive(shared: &DataPlaneShared, io: &mut Inbound) {
     for _ in 0..READS_PER_WAKE {
         let received = {
             let mut iovs = io.rx.each_mut().map(|b| IoSliceMut::new(b));
@@ -484,7 +484,12 @@ fn receive(shared: &Shared, io: &mut Inbound) {
 }
 
 /// One datagram: decapsulated into the next TUN buffer, or answered.
-fn receive_datagram(shared: &Shared, out: &mut TunWriter, from: SocketAddr, datagram: &[u8]) {
+fn receive_datagram(
+    shared: &DataPlaneShared,
+    out: &mut TunWriter,
+    from: SocketAddr,
+    datagram: &[u8],
+) {
     let Some(packet) = verify(shared, from, datagram, &mut out.reply) else {
         return;
     };
@@ -525,7 +530,7 @@ fn receive_datagram(shared: &Shared, out: &mut TunWriter, from: SocketAddr, data
 /// handshake that `Tunn` answered with a cookie reply; `datagram.1` is false for the former.
 #[allow(clippy::too_many_arguments)]
 fn decapsulate(
-    shared: &Shared,
+    shared: &DataPlaneShared,
     peer: &Peer,
     idx: usize,
     from: SocketAddr,
@@ -611,7 +616,7 @@ fn decapsulate(
 }
 
 /// Writes the decapsulated packets gathered so far to the TUN.
-fn write_tun(shared: &Shared, io: &mut TunWriter) {
+fn write_tun(shared: &DataPlaneShared, io: &mut TunWriter) {
     let Some(bufs) = io.bufs.get_mut(..io.ready) else {
         return;
     };
@@ -633,7 +638,7 @@ fn write_tun(shared: &Shared, io: &mut TunWriter) {
 }
 
 /// Drives boringtun's timers: handshakes, retries, keepalives, session expiry.
-fn timers(shared: &Shared, buf: &mut [u8]) {
+fn timers(shared: &DataPlaneShared, buf: &mut [u8]) {
     // The handshake rate is counted per second (the call is a no-op until a second passed).
     shared.handshakes.reset_count();
     for peer in &shared.peers {

@@ -105,7 +105,7 @@ impl Peer {
 }
 
 /// State shared by the data-plane tasks.
-pub(crate) struct Shared {
+pub(crate) struct DataPlaneShared {
     pub peers: Vec<Peer>,
     pub routes: RouteTable,
     pub static_private: x25519::StaticSecret,
@@ -125,7 +125,7 @@ pub(crate) struct Shared {
     pub handshakes: Arc<RateLimiter>,
 }
 
-impl Shared {
+impl DataPlaneShared {
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
@@ -141,7 +141,7 @@ struct DataPlaneThread {
 pub struct Tunnel {
     cancel: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    shared: Arc<Shared>,
+    shared: Arc<DataPlaneShared>,
     dataplane: DataPlaneThread,
     guard: Option<guard::OverlayGuard>,
     pub interface: String,
@@ -320,7 +320,7 @@ impl Tunnel {
         } else {
             Some(guard::OverlayGuard::install(&name, &config.node.address)?)
         };
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(DataPlaneShared {
             peers,
             routes,
             static_private,
@@ -373,7 +373,7 @@ impl Tunnel {
 }
 
 /// Starts the data-plane thread, sleeping in its own epoll on the TUN and the UDP socket.
-fn spawn_dataplane(shared: &Arc<Shared>) -> std::io::Result<DataPlaneThread> {
+fn spawn_dataplane(shared: &Arc<DataPlaneShared>) -> std::io::Result<DataPlaneThread> {
     let poller = dataplane::Poller::new(shared)?;
     let stop = poller.stopper()?;
     let shared = shared.clone();
@@ -383,7 +383,7 @@ fn spawn_dataplane(shared: &Arc<Shared>) -> std::io::Result<DataPlaneThread> {
     Ok(DataPlaneThread { stop, thread })
 }
 
-fn stop_dataplane(shared: &Shared, dataplane: DataPlaneThread) {
+fn stop_dataplane(shared: &DataPlaneShared, dataplane: DataPlaneThread) {
     shared.stop.store(true, Ordering::Relaxed);
     if let Err(e) = dataplane::wake(&dataplane.stop) {
         tracing::warn!("cannot wake the data-plane thread to stop it: {e}");
@@ -469,7 +469,7 @@ const METRICS_GAP: Duration = Duration::from_millis(250);
 
 /// Probes every peer each interval, answers their probes, and publishes the `MeshView`.
 async fn control(
-    shared: Arc<Shared>,
+    shared: Arc<DataPlaneShared>,
     probe_socket: Option<tokio::net::UdpSocket>,
     interval: Duration,
     mesh_tx: watch::Sender<MeshView>,

@@ -1,26 +1,10 @@
-//! `keygen`, `pubkey` and `init`: local key and config creation.
+//! `init`: a new node's key and config, with a section for every plugin compiled in.
 
 use super::InitArgs;
 use crate::keys::PrivateKey;
 use anyhow::{bail, Context};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-
-pub fn keygen() -> anyhow::Result<()> {
-    println!("{}", PrivateKey::generate()?.to_base64());
-    Ok(())
-}
-
-pub fn pubkey() -> anyhow::Result<()> {
-    let mut text = String::new();
-    std::io::stdin()
-        .take(1024)
-        .read_to_string(&mut text)
-        .context("reading the private key from stdin")?;
-    let key = PrivateKey::from_base64(&text)?;
-    println!("{}", key.public_key());
-    Ok(())
-}
 
 /// A section for every product plugin compiled in (the chaos test plugin is left out), so a
 /// new node runs what its binary offers; `enabled = false` turns one off.
