@@ -1,82 +1,17 @@
 //! The dashboard panel: this node's streams and every peer's, each played in the browser with a
 //! plain `RTCPeerConnection` and a `fetch` to the peer's WHEP URL on its overlay address, with
-//! fps, RTT and jitter from `getStats()`.
+//! fps, RTT and jitter from `getStats()`; and the status JSON it polls.
 
-use crate::{stream_list, valid_stream_name, PeerStreams, Shared, StreamInfo};
-use serde::Deserialize;
-use std::net::SocketAddr;
+use crate::discovery::PeerStreams;
+use crate::streams::{stream_list, StreamHub};
 use std::sync::atomic::Ordering;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A peer's answer is read up to this; a real stream list is a few hundred bytes.
-const MAX_ANSWER: u64 = 256 * 1024;
-/// Streams kept per peer.
-const MAX_PEER_STREAMS: usize = 64;
-
-/// What a peer announces, with the streams whose names are unsafe taken out.
-#[derive(Debug, Default)]
-pub struct Announced {
-    pub streams: Vec<StreamInfo>,
-    /// The names refused (at most `MAX_PEER_STREAMS` of them).
-    pub refused: Vec<String>,
-}
-
-/// Only the name and viewer count are taken from a peer; the WHEP path is made here, so a
-/// peer cannot point this node's dashboard at another host.
-#[derive(Deserialize)]
-struct Announcement {
-    name: String,
-    #[serde(default)]
-    viewers: usize,
-}
-
-/// A peer's stream list, from its WHEP server; names outside the safe set are refused.
-pub async fn fetch_streams(addr: SocketAddr) -> Result<Announced, String> {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    s.write_all(b"GET /streams HTTP/1.0\r\nHost: peer\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    (&mut s)
-        .take(MAX_ANSWER + 1)
-        .read_to_end(&mut raw)
-        .await
-        .map_err(|e| e.to_string())?;
-    if raw.len() as u64 > MAX_ANSWER {
-        return Err(format!(
-            "the stream list from {addr} is over {MAX_ANSWER} bytes; ignored"
-        ));
-    }
-    let body = String::from_utf8(raw).map_err(|_| "the stream list is not UTF-8".to_string())?;
-    let (head, json) = body.split_once("\r\n\r\n").ok_or("no HTTP body")?;
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        return Err(head.lines().next().unwrap_or("").to_string());
-    }
-    let list: Vec<Announcement> = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    let mut out = Announced::default();
-    for a in list.into_iter().take(MAX_PEER_STREAMS) {
-        if valid_stream_name(&a.name) {
-            out.streams.push(StreamInfo {
-                whep: format!("/{}/whep", a.name),
-                name: a.name,
-                viewers: a.viewers,
-            });
-        } else {
-            // Kept short: it is only for the log.
-            out.refused.push(a.name.chars().take(80).collect());
-        }
-    }
-    Ok(out)
-}
 
 /// What `GET /plugins/webrtc/status` answers: local streams with their counters, and peers'.
-pub fn status(shared: &Shared) -> serde_json::Value {
-    let local: Vec<serde_json::Value> = stream_list(shared)
+pub fn status(hub: &StreamHub) -> serde_json::Value {
+    let local: Vec<serde_json::Value> = stream_list(hub)
         .into_iter()
         .filter_map(|info| {
-            let s = shared.streams.get(&info.name)?;
+            let s = hub.streams.get(&info.name)?;
             let c = &s.counters;
             Some(serde_json::json!({
                 "name": info.name,
@@ -91,8 +26,8 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             }))
         })
         .collect();
-    let peers: Vec<PeerStreams> = shared.remote.lock().map(|r| r.clone()).unwrap_or_default();
-    serde_json::json!({ "streams": local, "peers": peers, "listen_port": shared.port })
+    let peers: Vec<PeerStreams> = hub.remote.lock().map(|r| r.clone()).unwrap_or_default();
+    serde_json::json!({ "streams": local, "peers": peers, "listen_port": hub.port })
 }
 
 /// Everything a peer supplies (peer and stream names, URLs) reaches the page only through
@@ -193,47 +128,5 @@ mod tests {
         ] {
             assert!(!HTML.contains(sink), "the panel uses `{sink}`");
         }
-    }
-
-    /// Serves `body` once as a peer's `GET /streams` answer.
-    async fn peer_answering(body: Vec<u8>) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut request = [0u8; 512];
-            let _ = s.read(&mut request).await;
-            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n").await;
-            let _ = s.write_all(&body).await;
-        });
-        addr
-    }
-
-    #[tokio::test]
-    async fn peers_cannot_announce_unsafe_names_or_urls() {
-        let body = serde_json::json!([
-            { "name": "<img src=x onerror=alert(1)>", "whep": "/x/whep", "viewers": 0 },
-            { "name": "front", "whep": "//evil.example/steal", "viewers": 2 },
-            { "name": "a/../b", "whep": "/a/whep", "viewers": 0 },
-        ]);
-        let got = fetch_streams(peer_answering(body.to_string().into_bytes()).await)
-            .await
-            .unwrap();
-        assert_eq!(got.streams.len(), 1);
-        assert_eq!(
-            (
-                got.streams[0].name.as_str(),
-                got.streams[0].whep.as_str(),
-                got.streams[0].viewers
-            ),
-            ("front", "/front/whep", 2)
-        );
-        assert_eq!(got.refused, ["<img src=x onerror=alert(1)>", "a/../b"]);
-
-        let huge = format!("[{}]", "{\"name\":\"a\"},".repeat(30_000));
-        let err = fetch_streams(peer_answering(huge.into_bytes()).await)
-            .await
-            .unwrap_err();
-        assert!(err.contains("bytes"), "{err}");
     }
 }

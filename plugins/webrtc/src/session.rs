@@ -2,7 +2,9 @@
 //! arrived on), its own track, and the task that replays the cached GOP and then forwards the
 //! live stream, rewriting SSRC, payload type and sequence numbers for this viewer.
 
-use crate::{h264::Ingested, Slot, Stream, Viewer};
+use crate::h264::Ingested;
+use crate::streams::Stream;
+use crate::whep::{Slot, Viewer};
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::Registry;
 use rtc::media_stream::MediaStreamTrack;
