@@ -90,7 +90,7 @@ impl PipelineStatus {
     }
 }
 
-struct Shared {
+struct AiState {
     config: AiConfig,
     models: RwLock<Vec<Arc<Model>>>,
     pipelines: Arc<Mutex<Vec<PipelineStatus>>>,
@@ -99,7 +99,7 @@ struct Shared {
 }
 
 struct Ai {
-    shared: Arc<Shared>,
+    state: Arc<AiState>,
     ctx: Option<PluginContext>,
 }
 
@@ -125,12 +125,12 @@ impl Plugin for Ai {
 
     async fn start(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
         self.ctx = Some(ctx.clone());
-        let shared = self.shared.clone();
+        let state = self.state.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             let mut models = Vec::new();
-            for m in &shared.config.models {
+            for m in &state.config.models {
                 let started = Instant::now();
-                let model = load_model(&shared.config, m)?;
+                let model = load_model(&state.config, m)?;
                 model.warm_up()?;
                 log(&format!(
                     "ai: model {} loaded and warmed up with {} ({}) in {:.0} ms: {}",
@@ -143,8 +143,8 @@ impl Plugin for Ai {
                 models.push(Arc::new(model));
             }
             #[cfg(feature = "onnxruntime")]
-            if shared.config.backend() == BackendKind::Onnxruntime {
-                if let Ok(mut v) = shared.runtime_version.lock() {
+            if state.config.backend() == BackendKind::Onnxruntime {
+                if let Ok(mut v) = state.runtime_version.lock() {
                     *v = Some(backend_ort::version());
                 }
             }
@@ -162,11 +162,11 @@ impl Plugin for Ai {
                     .histogram_with("myelin_ai_inference_seconds", &labels),
             ));
         }
-        if let Ok(mut m) = self.shared.models.write() {
+        if let Ok(mut m) = self.state.models.write() {
             *m = loaded.clone();
         }
         let namespace = self
-            .shared
+            .state
             .config
             .namespace
             .clone()
@@ -175,7 +175,7 @@ impl Plugin for Ai {
             .to_string();
         let mut statuses = Vec::new();
         let mut runs = Vec::new();
-        for p in &self.shared.config.pipelines {
+        for p in &self.state.config.pipelines {
             let Some(model) = loaded.iter().find(|m| m.name() == p.model) else {
                 continue;
             };
@@ -208,17 +208,17 @@ impl Plugin for Ai {
             });
             runs.push((p.clone(), model.clone(), results_key, forward_key));
         }
-        if let Ok(mut s) = self.shared.pipelines.lock() {
+        if let Ok(mut s) = self.state.pipelines.lock() {
             *s = statuses;
         }
         #[cfg(feature = "zenoh")]
         if !runs.is_empty() {
             tokio::spawn(gateway::run(
                 runs,
-                self.shared.config.zenoh_port,
-                self.shared.config.max_decoded_bytes(),
-                self.shared.pipelines.clone(),
-                self.shared.zenoh_connected.clone(),
+                self.state.config.zenoh_port,
+                self.state.config.max_decoded_bytes(),
+                self.state.pipelines.clone(),
+                self.state.zenoh_connected.clone(),
                 ctx.metrics(),
                 ctx.cancellation(),
             ));
@@ -236,12 +236,12 @@ impl Plugin for Ai {
     }
 
     async fn health(&self) -> Health {
-        let has_pipelines = !self.shared.config.pipelines.is_empty();
-        if has_pipelines && !self.shared.zenoh_connected.load(Ordering::Relaxed) {
+        let has_pipelines = !self.state.config.pipelines.is_empty();
+        if has_pipelines && !self.state.zenoh_connected.load(Ordering::Relaxed) {
             return Health::Degraded {
                 reason: format!(
                     "pipelines wait for the zenoh router on 127.0.0.1:{} (enable [plugins.zenoh])",
-                    self.shared.config.zenoh_port
+                    self.state.config.zenoh_port
                 ),
             };
         }
@@ -250,10 +250,10 @@ impl Plugin for Ai {
 
     fn routes(&self) -> Option<Router> {
         let (s1, s2, s3, s4) = (
-            self.shared.clone(),
-            self.shared.clone(),
-            self.shared.clone(),
-            self.shared.clone(),
+            self.state.clone(),
+            self.state.clone(),
+            self.state.clone(),
+            self.state.clone(),
         );
         Some(
             Router::new()
@@ -295,27 +295,27 @@ fn error(code: StatusCode, error: impl Into<String>, hint: &'static str) -> Resp
     http_error(code, error, hint).into_response()
 }
 
-fn loaded(shared: &Shared) -> Vec<Arc<Model>> {
-    shared.models.read().map(|m| m.clone()).unwrap_or_default()
+fn loaded(state: &AiState) -> Vec<Arc<Model>> {
+    state.models.read().map(|m| m.clone()).unwrap_or_default()
 }
 
-async fn models(shared: Arc<Shared>) -> Response {
-    let models: Vec<_> = loaded(&shared).iter().map(|m| m.summary()).collect();
+async fn models(state: Arc<AiState>) -> Response {
+    let models: Vec<_> = loaded(&state).iter().map(|m| m.summary()).collect();
     Json(serde_json::json!({
-        "backend": shared.config.backend().name(),
+        "backend": state.config.backend().name(),
         "models": models,
     }))
     .into_response()
 }
 
-fn find(shared: &Shared, name: &str) -> Result<Arc<Model>, HttpError> {
-    let models = loaded(shared);
+fn find(state: &AiState, name: &str) -> Result<Arc<Model>, HttpError> {
+    let models = loaded(state);
     models
         .iter()
         .find(|m| m.name() == name)
         .cloned()
         .ok_or_else(|| {
-            let names: Vec<&str> = shared
+            let names: Vec<&str> = state
                 .config
                 .models
                 .iter()
@@ -337,8 +337,8 @@ fn find(shared: &Shared, name: &str) -> Result<Arc<Model>, HttpError> {
         })
 }
 
-async fn model(shared: Arc<Shared>, Path(name): Path<String>) -> Response {
-    match find(&shared, &name) {
+async fn model(state: Arc<AiState>, Path(name): Path<String>) -> Response {
+    match find(&state, &name) {
         Ok(m) => Json(m.summary()).into_response(),
         Err(e) => e.into_response(),
     }
@@ -412,12 +412,12 @@ fn inputs_of(
 }
 
 async fn infer(
-    shared: Arc<Shared>,
+    state: Arc<AiState>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let model = match find(&shared, &name) {
+    let model = match find(&state, &name) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
@@ -426,7 +426,7 @@ async fn infer(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let inputs = match inputs_of(&model, &shared.config, &content_type, &body) {
+    let inputs = match inputs_of(&model, &state.config, &content_type, &body) {
         Ok(i) => i,
         Err(e) => return e.into_response(),
     };
@@ -482,19 +482,19 @@ async fn infer(
     .into_response()
 }
 
-async fn status(shared: Arc<Shared>) -> Response {
-    let models: Vec<_> = loaded(&shared).iter().map(|m| m.summary()).collect();
+async fn status(state: Arc<AiState>) -> Response {
+    let models: Vec<_> = loaded(&state).iter().map(|m| m.summary()).collect();
     let now = Instant::now();
-    let pipelines: Vec<PipelineStatus> = shared
+    let pipelines: Vec<PipelineStatus> = state
         .pipelines
         .lock()
         .map(|p| p.iter().map(|s| s.snapshot(now)).collect())
         .unwrap_or_default();
-    let version = shared.runtime_version.lock().ok().and_then(|v| v.clone());
+    let version = state.runtime_version.lock().ok().and_then(|v| v.clone());
     Json(serde_json::json!({
-        "backend": shared.config.backend().name(),
+        "backend": state.config.backend().name(),
         "onnxruntime_version": version,
-        "zenoh_connected": shared.zenoh_connected.load(Ordering::Relaxed),
+        "zenoh_connected": state.zenoh_connected.load(Ordering::Relaxed),
         "models": models,
         "pipelines": pipelines,
     }))
@@ -504,7 +504,7 @@ async fn status(shared: Arc<Shared>) -> Response {
 fn build(section: &myelin_sdk::toml::Table) -> Result<Box<dyn Plugin>, PluginError> {
     let config = AiConfig::parse(section)?;
     Ok(Box::new(Ai {
-        shared: Arc::new(Shared {
+        state: Arc::new(AiState {
             config,
             models: RwLock::new(Vec::new()),
             pipelines: Arc::new(Mutex::new(Vec::new())),
