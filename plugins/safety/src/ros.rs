@@ -6,7 +6,8 @@
 //! state: after a start, or when the router comes up late, nothing ever reads `false` first.
 
 use crate::actions::{cdr_bool, cdr_zero_twist, retry_delay, zenoh_key, ActionConfig, Report};
-use crate::{log, Reporter, Status};
+use crate::status::{Reporter, Status};
+use myelin_sdk::log;
 use myelin_sdk::CancellationToken;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
