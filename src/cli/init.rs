@@ -6,23 +6,13 @@ use anyhow::{bail, Context};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
-/// A section for every product plugin compiled in (the chaos test plugin is left out), so a
-/// new node runs what its binary offers; `enabled = false` turns one off.
+/// A section for every product plugin compiled in (each plugin says what it writes; test
+/// plugins write nothing), so a new node runs what its binary offers.
 fn plugin_sections() -> String {
     myelin_sdk::registrations()
-        .filter(|r| r.name != "chaos")
-        .map(|r| match r.name {
-            // The interlock needs to know which link guards motion: off until that is set.
-            "safety" => format!(
-                "\n# {}\n# Name the peers whose link guards motion, then enable it (docs/safety.md).\n[plugins.safety]\nenabled = false\nwatch = [\"operator\"]\n",
-                r.about
-            ),
-            // Inference needs a model file: off until one is named (docs/ai.md).
-            "ai" => format!(
-                "\n# {}\n# Point path at your model and fix its input shape, then enable it (docs/ai.md).\n[plugins.ai]\nenabled = false\n[[plugins.ai.models]]\nname = \"model\"\npath = \"/var/lib/myelin/models/model.onnx\"\ninput_shape = [1, 3, 224, 224]\n",
-                r.about
-            ),
-            _ => format!("\n# {}\n[plugins.{}]\nenabled = true\n", r.about, r.name),
+        .filter_map(|r| {
+            r.init_section
+                .map(|section| format!("\n# {}\n{}", r.about, section()))
         })
         .collect()
 }

