@@ -218,8 +218,7 @@ impl Fabric {
         // SIGTERM first so nodes stop their plugins and tunnel in order, then SIGKILL.
         for ns in &namespaces {
             for pid in pids(ns) {
-                // SAFETY: signalling processes inside the fabric's own namespaces.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
+                signal(pid, rustix::process::Signal::TERM);
             }
         }
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -228,8 +227,7 @@ impl Fabric {
         }
         for ns in &namespaces {
             for pid in pids(ns) {
-                // SAFETY: as above.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                signal(pid, rustix::process::Signal::KILL);
             }
         }
         // Host-side veths go now: a deleted namespace frees its links later, in the
@@ -312,8 +310,7 @@ pub fn create(dir: &Path, count: usize) -> anyhow::Result<LabState> {
     if !(2..=MAX_NODES).contains(&count) {
         bail!("--nodes {count}: a lab has 2 to {MAX_NODES} nodes");
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         bail!(
             "the lab creates network namespaces and TUN devices; fix: run `myelin lab up` as root"
         );
@@ -483,4 +480,11 @@ pub fn destroy(dir: &Path) -> anyhow::Result<Fabric> {
         std::fs::remove_file(dir.join(STATE_FILE))?;
     }
     Ok(fabric)
+}
+
+/// Signals a process inside the fabric's own namespaces (gone already is fine).
+fn signal(pid: i32, sig: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
 }

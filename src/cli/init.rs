@@ -106,8 +106,7 @@ listen = "{control}"
 /// (the systemd unit keeps /etc read-only).
 fn plugin_user() -> String {
     use crate::host::user::{ensure_system_user, DEFAULT_USER};
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         return format!("user `{DEFAULT_USER}` (run `myelin init` as root to create it, or the node creates it when it starts as root)");
     }
     match ensure_system_user(DEFAULT_USER) {

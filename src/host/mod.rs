@@ -284,8 +284,7 @@ type Validated = (HostSettings, Vec<(PluginInstanceConfig, &'static str)>);
 fn validate(config: &Config) -> Result<Validated, HostError> {
     let settings = config.plugins.host.clone();
     if let Some(user) = &settings.user {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !rustix::process::geteuid().is_root() {
             return Err(config
                 .error_at(
                     &["plugins", "user"],
@@ -364,8 +363,7 @@ fn validate(config: &Config) -> Result<Validated, HostError> {
 /// Who process plugins run as; `None` keeps the node's user (one that is not root). Logs the
 /// choice, and warns when it is root.
 fn plugin_user(config: &Config) -> Result<Option<worker::RunAs>, HostError> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     if euid != 0 {
         // validate() refused an explicit user already.
         tracing::info!("the node runs as uid {euid}, not root: process plugins keep that uid and drop its capabilities");

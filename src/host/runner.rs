@@ -144,8 +144,7 @@ fn unusable_dirs(init: &Init) -> Option<String> {
             let how = std::fs::metadata(path)
                 .map(|m| format!(" (mode {:o}, owner uid {})", m.mode() & 0o7777, m.uid()))
                 .unwrap_or_default();
-            // SAFETY: getuid has no preconditions.
-            let uid = unsafe { libc::getuid() };
+            let uid = rustix::process::getuid().as_raw();
             return Some(format!(
                 "cannot use its {what} {}: as uid {uid} it cannot {verb} {}{how}: {e}\n  fix: let the plugin user in (`chmod o+x` on the directories above it), or set [plugins].{key} under a directory it can enter (default {default})",
                 dir.display(),

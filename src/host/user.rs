@@ -333,8 +333,7 @@ mod tests {
 
     #[test]
     fn chown_tree_changes_the_tree_but_follows_no_link() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !rustix::process::geteuid().is_root() {
             eprintln!("skipped: chown needs root");
             return;
         }

@@ -164,9 +164,8 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
 pub async fn spawn_process(init: Init, run_as: Option<RunAs>) -> std::io::Result<Worker> {
     let (host_end, child_end) = std::os::unix::net::UnixStream::pair()?;
     let child_fd = child_end.as_raw_fd();
-    // SAFETY: getpid and geteuid have no preconditions.
-    let parent = unsafe { libc::getpid() };
-    let drop_caps = run_as.map_or_else(|| unsafe { libc::geteuid() }, |u| u.uid) != 0;
+    let parent = rustix::process::getpid().as_raw_nonzero().get();
+    let drop_caps = run_as.map_or_else(|| rustix::process::geteuid().as_raw(), |u| u.uid) != 0;
     let mut cmd = std::process::Command::new("/proc/self/exe");
     cmd.arg0("myelin")
         .arg("plugin-run")

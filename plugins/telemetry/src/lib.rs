@@ -98,8 +98,9 @@ async fn node_metrics(api: Option<SocketAddr>) -> Result<String, String> {
     let mut stream = myelin_sdk::tokio::net::TcpStream::connect(api)
         .await
         .map_err(|e| format!("control API {api}: {e}"))?;
+    // The API answers only requests that name it in Host (DNS-rebinding defence).
     stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: node\r\n\r\n")
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {api}\r\n\r\n").as_bytes())
         .await
         .map_err(|e| e.to_string())?;
     let mut body = String::new();
