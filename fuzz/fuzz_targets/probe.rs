@@ -6,7 +6,7 @@ use myelin::mesh::probe::{decode, Prober, PROBE_LEN};
 use std::time::{Duration, Instant};
 
 /// The nonce this prober's pongs must echo; comparison tracing lets the fuzzer find it.
-const SESSION: u64 = 0x5eed_0f_c0ffee;
+const SESSION: u64 = 0x5eed_0fc0_ffee;
 /// Enough to wrap the 100-probe window twice; longer inputs only repeat it, slowly.
 const MAX_STEPS: usize = 256;
 
