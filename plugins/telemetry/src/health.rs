@@ -277,14 +277,9 @@ pub fn process(proc_root: &Path, pid: u32) -> Vec<Sample> {
 pub fn filesystems(mounts: &[String]) -> Vec<Sample> {
     let mut out = Vec::new();
     for m in mounts {
-        let Ok(path) = std::ffi::CString::new(m.as_str()) else {
+        let Ok(st) = rustix::fs::statvfs(m.as_str()) else {
             continue;
         };
-        // SAFETY: statvfs writes into the zeroed struct we pass; `path` is NUL-terminated.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-            continue;
-        }
         let frsize = st.f_frsize as f64;
         let labels = vec![("mountpoint", m.clone())];
         out.push(gauge(

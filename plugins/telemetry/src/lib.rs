@@ -48,12 +48,11 @@ fn escape(v: &str) -> String {
 
 /// The robot's health in Prometheus text format, collected now.
 fn robot_health(mounts: &[String]) -> String {
-    // SAFETY: sysconf and getppid have no preconditions.
-    let ticks = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+    let ticks = match rustix::param::clock_ticks_per_second() {
         t if t > 0 => t as f64,
         _ => 100.0,
     };
-    let node_pid = unsafe { libc::getppid() } as u32;
+    let node_pid = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get() as u32);
     let (proc_root, sys_root) = (Path::new("/proc"), Path::new("/sys"));
     let mut samples = [
         health::cpu(proc_root, ticks),
