@@ -28,6 +28,22 @@ async function waitApi(want) {
 try {
   const page = await browser.newPage({ viewport: { width: 1100, height: 700 } });
   page.on("pageerror", (e) => console.log(`page error: ${e.message}`));
+  // Runs `fn` in a plugin's panel; a panel that reloads meanwhile is waited for and asked again.
+  const inPanel = async (name, fn) => {
+    const deadline = Date.now() + 20000;
+    for (;;) {
+      const frame = await (await page.waitForSelector(`section[data-panel="${name}"] iframe`, { timeout: 20000 })).contentFrame();
+      try {
+        if (!frame) throw new Error("panel iframe detached");
+        await frame.waitForLoadState("load", { timeout: 20000 });
+        return await frame.evaluate(fn);
+      } catch (e) {
+        const reloaded = /context was destroyed|detached|navigat/i.test(String(e));
+        if (!reloaded || Date.now() > deadline) throw e;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+  };
   await page.goto(url);
   await page.waitForFunction(
     () => [...document.querySelectorAll("tr[data-peer] .rtt")].filter((td) => td.textContent.endsWith(" ms")).length >= 2,
@@ -61,8 +77,9 @@ try {
   step(`${plugin} panicked from its panel and was restarted`);
   // A panel may call only its own plugin's routes: a path that the URL parser turns into
   // `../../api/...` (percent-encoded dots) would carry the node's token to the API.
-  const panelFrame = await (await page.$(`section[data-panel="${plugin}"] iframe`)).contentFrame();
-  const escape = await panelFrame.evaluate(() => new Promise((resolve) => {
+  // The dashboard reloads a panel when its plugin restarts, so the call is retried (bounded)
+  // when a reload destroys the page it ran in.
+  const escape = await inPanel(plugin, () => new Promise((resolve) => {
     window.addEventListener("message", (e) => { if (e.data && e.data.id === "escape") resolve(e.data); });
     parent.postMessage({ myelin: "call", id: "escape", method: "POST", path: "%2e%2e/%2e%2e/api/v1/plugins/safety/disable" }, "*");
   }));
