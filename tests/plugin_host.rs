@@ -660,6 +660,11 @@ fn events_stream_reports_plugin_changes_as_they_happen() {
                     if v["state"] == "running" && !disabled_sent {
                         let mut post = std::net::TcpStream::connect(api).unwrap();
                         write!(post, "POST /api/v1/plugins/cam/disable HTTP/1.1\r\nHost: {api}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+                        // Wait for the answer: a connection closed before it may cancel the
+                        // request on the server.
+                        let mut answer = String::new();
+                        std::io::Read::read_to_string(&mut post, &mut answer).unwrap();
+                        assert!(answer.starts_with("HTTP/1.1 200"), "disable: {answer}");
                         disabled_sent = true;
                     }
                     if v["state"] == "disabled" {

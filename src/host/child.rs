@@ -65,8 +65,9 @@ pub fn plugin_run(instance: &str) -> Result<(), ChildError> {
     // else in this process owns that descriptor.
     let mut stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(CHANNEL_FD) };
     // Programs the plugin starts must not hold the channel open after this process dies.
-    // SAFETY: fcntl on a descriptor this process owns.
-    unsafe { libc::fcntl(CHANNEL_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    if let Err(e) = rustix::io::fcntl_setfd(&stream, rustix::io::FdFlags::CLOEXEC) {
+        tracing::warn!("cannot mark the host channel close-on-exec: {e}");
+    }
     let init = read_init(&mut stream)?;
     if init.instance != instance {
         return Err(ChildError::WrongInstance {

@@ -99,20 +99,16 @@ pub async fn run_plugin(
 /// runtime_dir under a 0700 home, say) would otherwise fail later with a bare "permission
 /// denied".
 fn unusable_dirs(init: &Init) -> Option<String> {
-    use std::os::unix::ffi::OsStrExt;
+    use rustix::fs::Access;
     use std::os::unix::fs::MetadataExt;
     let socket_dir = init
         .http_socket
         .parent()
         .unwrap_or(std::path::Path::new("/"));
-    let denied = |path: &std::path::Path, mode: libc::c_int| {
-        let name = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-        // SAFETY: access only reads the NUL-terminated path.
-        if unsafe { libc::access(name.as_ptr(), mode) } == 0 {
-            None
-        } else {
-            Some(std::io::Error::last_os_error())
-        }
+    let denied = |path: &std::path::Path, mode: Access| {
+        rustix::fs::access(path, mode)
+            .err()
+            .map(std::io::Error::from)
     };
     for (what, key, default, dir) in [
         (
@@ -136,9 +132,10 @@ fn unusable_dirs(init: &Init) -> Option<String> {
         steps.reverse();
         let blocked = steps
             .into_iter()
-            .find_map(|p| denied(p, libc::X_OK).map(|e| (p, e, "enter")))
+            .find_map(|p| denied(p, Access::EXEC_OK).map(|e| (p, e, "enter")))
             .or_else(|| {
-                denied(dir, libc::R_OK | libc::W_OK | libc::X_OK).map(|e| (dir, e, "write to"))
+                denied(dir, Access::READ_OK | Access::WRITE_OK | Access::EXEC_OK)
+                    .map(|e| (dir, e, "write to"))
             });
         if let Some((path, e, verb)) = blocked {
             let how = std::fs::metadata(path)

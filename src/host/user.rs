@@ -2,9 +2,10 @@
 //! `myelin`, created when absent; `user = "root"` must be asked for by name.
 
 use super::worker::RunAs;
-use std::ffi::{CStr, CString};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use rustix::fs::{chownat, fstat, openat, AtFlags, FileType, Mode, OFlags, Stat, CWD};
+use rustix::process::{Gid, Uid};
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -199,45 +200,24 @@ fn group_exists(name: &str) -> bool {
     rc == 0 && !result.is_null()
 }
 
-fn cvt(r: libc::c_int) -> std::io::Result<libc::c_int> {
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn open_at(dir: libc::c_int, name: &CStr, flags: libc::c_int) -> std::io::Result<OwnedFd> {
-    // SAFETY: `name` is NUL-terminated; a successful openat returns a descriptor we own.
-    let fd = cvt(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC) })?;
-    // SAFETY: fd was just opened and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn stat_fd(fd: &OwnedFd) -> std::io::Result<libc::stat> {
-    // SAFETY: stat is plain data; fstat fills it in.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fd is open; st is valid for writing.
-    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    Ok(st)
+fn open_at(dir: impl AsFd, name: &Path, flags: OFlags) -> std::io::Result<OwnedFd> {
+    Ok(openat(dir, name, flags | OFlags::CLOEXEC, Mode::empty())?)
 }
 
 /// Chowns the inode behind an `O_PATH` descriptor, so what was checked is what changes.
-fn give(fd: &OwnedFd, st: &libc::stat, user: RunAs) -> std::io::Result<()> {
+fn give(fd: &OwnedFd, st: &Stat, user: RunAs) -> std::io::Result<()> {
     if (st.st_uid, st.st_gid) == (user.uid, user.gid) {
         return Ok(());
     }
-    // SAFETY: fd is open; the empty path with AT_EMPTY_PATH names fd itself.
-    cvt(unsafe {
-        libc::fchownat(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            user.uid,
-            user.gid,
-            libc::AT_EMPTY_PATH,
-        )
-    })
-    .map(|_| ())
+    // The empty path with AT_EMPTY_PATH names `fd` itself.
+    chownat(
+        fd,
+        "",
+        Some(Uid::from_raw(user.uid)),
+        Some(Gid::from_raw(user.gid)),
+        AtFlags::EMPTY_PATH,
+    )?;
+    Ok(())
 }
 
 fn at(path: &Path, e: std::io::Error) -> std::io::Error {
@@ -249,15 +229,13 @@ fn at(path: &Path, e: std::io::Error) -> std::io::Error {
 /// plugin user can write here, so nothing is followed: symlinks are skipped, every step is
 /// taken from an open descriptor, and files with other hard links are left alone.
 pub fn chown_tree(dir: &Path, user: RunAs) -> std::io::Result<()> {
-    let name = CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let fd = open_at(
-        libc::AT_FDCWD,
-        &name,
-        libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY,
+        CWD,
+        dir,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::DIRECTORY,
     )
     .map_err(|e| at(dir, e))?;
-    give(&fd, &stat_fd(&fd)?, user).map_err(|e| at(dir, e))?;
+    give(&fd, &fstat(&fd)?, user).map_err(|e| at(dir, e))?;
     walk(&fd, dir, user, 0)
 }
 
@@ -274,17 +252,16 @@ fn walk(dir: &OwnedFd, path: &Path, user: RunAs, depth: usize) -> std::io::Resul
     for entry in entries {
         let entry = entry.map_err(|e| at(path, e))?;
         let child = path.join(entry.file_name());
-        let name = CString::new(entry.file_name().as_bytes())
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let fd = match open_at(dir.as_raw_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW) {
+        let name = Path::new(entry.file_name().as_os_str()).to_path_buf();
+        let fd = match open_at(dir, &name, OFlags::PATH | OFlags::NOFOLLOW) {
             Ok(fd) => fd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(at(&child, e)),
         };
-        let st = stat_fd(&fd).map_err(|e| at(&child, e))?;
-        match st.st_mode & libc::S_IFMT {
-            libc::S_IFLNK => {}
-            libc::S_IFDIR => {
+        let st = fstat(&fd).map_err(|e| at(&child, e.into()))?;
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Symlink => {}
+            FileType::Directory => {
                 give(&fd, &st, user).map_err(|e| at(&child, e))?;
                 walk(&fd, &child, user, depth + 1)?;
             }

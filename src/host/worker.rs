@@ -5,6 +5,7 @@ use crate::host::child::{CHANNEL_ENV, CHANNEL_FD};
 use crate::host::protocol::{self, HostMsg, Init, PluginMsg};
 use futures::{SinkExt, StreamExt};
 use myelin_sdk::CancellationToken;
+use rustix::process::{kill_process, Pid, Signal};
 use std::cell::RefCell;
 use std::io::BufRead;
 use std::os::fd::AsRawFd;
@@ -87,7 +88,7 @@ impl Worker {
     /// Asks a process to terminate (SIGTERM) or cancels a thread's token.
     pub fn terminate(&self) {
         match &self.control {
-            Control::Process { pid, exited } => signal(*pid, exited, libc::SIGTERM),
+            Control::Process { pid, exited } => signal(*pid, exited, Signal::TERM),
             Control::Thread { cancel } => cancel.cancel(),
         }
     }
@@ -96,7 +97,7 @@ impl Worker {
     pub fn kill(&self) -> bool {
         match &self.control {
             Control::Process { pid, exited } => {
-                signal(*pid, exited, libc::SIGKILL);
+                signal(*pid, exited, Signal::KILL);
                 true
             }
             Control::Thread { .. } => false,
@@ -106,11 +107,13 @@ impl Worker {
 
 /// Signals `pid` unless it was already seen to exit. The waiter only reaps the process after
 /// setting `exited` under this lock, so the pid cannot have been reused.
-fn signal(pid: i32, exited: &Mutex<bool>, sig: i32) {
+fn signal(pid: i32, exited: &Mutex<bool>, sig: Signal) {
     if let Ok(exited) = exited.lock() {
         if !*exited {
-            // SAFETY: kill(2) on a pid we own and have not reaped.
-            unsafe { libc::kill(pid, sig) };
+            if let Some(pid) = Pid::from_raw(pid) {
+                // ESRCH cannot happen (not reaped) and EPERM would mean the child is not ours.
+                let _ = kill_process(pid, sig);
+            }
         }
     }
 }
@@ -142,12 +145,12 @@ fn spawner() -> &'static Mutex<std::sync::mpsc::Sender<SpawnRequest>> {
 
 fn describe_exit(status: std::process::ExitStatus) -> String {
     if let Some(sig) = status.signal() {
-        let name = match sig {
-            libc::SIGABRT => " (SIGABRT, abort)",
-            libc::SIGSEGV => " (SIGSEGV, segfault)",
-            libc::SIGKILL => " (SIGKILL)",
-            libc::SIGTERM => " (SIGTERM)",
-            libc::SIGBUS => " (SIGBUS)",
+        let name = match Signal::from_named_raw(sig) {
+            Some(Signal::ABORT) => " (SIGABRT, abort)",
+            Some(Signal::SEGV) => " (SIGSEGV, segfault)",
+            Some(Signal::KILL) => " (SIGKILL)",
+            Some(Signal::TERM) => " (SIGTERM)",
+            Some(Signal::BUS) => " (SIGBUS)",
             _ => "",
         };
         format!("killed by signal {sig}{name}")

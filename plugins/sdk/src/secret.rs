@@ -34,8 +34,7 @@ pub fn read_secret(path: &Path) -> Result<String, SecretError> {
 }
 
 fn effective_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 fn check(path: &Path, meta: &std::fs::Metadata, me: u32) -> Result<(), SecretError> {
