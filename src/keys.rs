@@ -84,6 +84,26 @@ impl PrivateKey {
     }
 }
 
+/// Writes a secret (a key, a token) readable by its owner only: created 0600, and an existing
+/// file is narrowed to 0600 before the secret is written into it.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(text.as_bytes())?;
+    if !text.ends_with('\n') {
+        f.write_all(b"\n")?;
+    }
+    f.sync_all()
+}
+
 /// Reads a secret (key or token) file through the SDK's one check (mode and owner).
 pub fn read_secret(path: &Path) -> Result<String, KeyError> {
     myelin_sdk::secret::read_secret(path).map_err(KeyError::Secret)

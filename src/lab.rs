@@ -292,17 +292,7 @@ fn random_token() -> anyhow::Result<String> {
 }
 
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    writeln!(f, "{text}")?;
-    Ok(())
+    crate::keys::write_private(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Creates the namespaces, links, keys and configs, and starts every node.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{state, Netns, Node, BIN, FAST_HOST};
+use common::{keypair, state, Netns, Node, BIN, FAST_HOST};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output, Stdio};
@@ -342,5 +342,172 @@ fn status_peers_and_plugins_talk_to_the_running_node() {
         stderr(&down).contains("is the node running"),
         "{}",
         stderr(&down)
+    );
+}
+
+/// `myelin ca` in a fresh directory: a CA, a node signed by it, a constrained signer and the
+/// nodes it may and may not sign, each checked by `ca verify` as a user would.
+#[test]
+fn ca_signs_nodes_and_constrained_signers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let in_dir = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("run myelin")
+    };
+    let ok = |o: Output| {
+        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+        stdout(&o)
+    };
+    let out = ok(in_dir(&["ca", "init", "--name", "acme-fleet"]));
+    assert!(out.contains("fingerprint:"), "{out}");
+    let mode = std::fs::metadata(dir.path().join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the CA key is private");
+    let again = in_dir(&["ca", "init", "--name", "acme-fleet"]);
+    assert!(!again.status.success() && stderr(&again).contains("--force"));
+    let (_, public) = keypair();
+    ok(in_dir(&[
+        "ca",
+        "sign",
+        "--name",
+        "robot7",
+        "--pubkey",
+        &public,
+        "--address",
+        "10.77.0.7/16",
+        "--groups",
+        "robots,cameras",
+    ]));
+    let show = ok(in_dir(&["ca", "show", "robot7.crt", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(v[0]["public_key"], public.as_str());
+    assert_eq!(v[0]["groups"], serde_json::json!(["cameras", "robots"]));
+    assert!(ok(in_dir(&["ca", "verify", "robot7.crt"])).contains("valid: `robot7`"));
+
+    // A signer for lighthouses: robots in 10.77.0.0/16 for at most 30 days.
+    ok(in_dir(&[
+        "ca",
+        "sign",
+        "--signer",
+        "--name",
+        "lh1",
+        "--range",
+        "10.77.0.0/16",
+        "--groups",
+        "robots",
+    ]));
+    let by_signer = |name: &str, addr: &str, groups: &str, days: &str| {
+        in_dir(&[
+            "ca",
+            "sign",
+            "--name",
+            name,
+            "--pubkey",
+            &public,
+            "--address",
+            addr,
+            "--groups",
+            groups,
+            "--days",
+            days,
+            "--ca-key",
+            "lh1.key",
+            "--ca-cert",
+            "lh1.crt",
+        ])
+    };
+    ok(by_signer("robot8", "10.77.0.8/16", "robots", "30"));
+    let verified = ok(in_dir(&["ca", "verify", "robot8.crt"]));
+    assert!(verified.contains("signed by `lh1`"), "{verified}");
+    for (addr, groups, days, words) in [
+        (
+            "10.78.0.9/16",
+            "robots",
+            "30",
+            "address 10.78.0.9/16 is outside",
+        ),
+        (
+            "10.77.0.9/16",
+            "operators",
+            "30",
+            "group operators is outside",
+        ),
+        (
+            "10.77.0.9/16",
+            "robots",
+            "31",
+            "lifetime 31 days is outside",
+        ),
+    ] {
+        let o = by_signer("robot9", addr, groups, days);
+        assert!(
+            !o.status.success() && stderr(&o).contains(words),
+            "{}",
+            stderr(&o)
+        );
+        assert!(
+            !dir.path().join("robot9.crt").exists(),
+            "nothing is written on refusal"
+        );
+    }
+
+    // Another fleet's CA does not accept this fleet's node; a tampered file is refused.
+    let other = tempfile::tempdir().unwrap();
+    ok(Command::new(BIN)
+        .args([
+            "ca",
+            "init",
+            "--name",
+            "other",
+            "--dir",
+            other.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap());
+    let foreign = in_dir(&[
+        "ca",
+        "verify",
+        "robot7.crt",
+        "--ca",
+        &format!("{}/ca.crt", other.path().display()),
+    ]);
+    assert!(
+        !foreign.status.success() && stderr(&foreign).contains("not by this fleet's CA"),
+        "{}",
+        stderr(&foreign)
+    );
+    let pem = std::fs::read_to_string(format!("{d}/robot7.crt")).unwrap();
+    let lines: Vec<&str> = pem.lines().collect();
+    let mut body = lines[1].to_string();
+    let flipped = if body.as_bytes()[10] == b'A' {
+        "B"
+    } else {
+        "A"
+    };
+    body.replace_range(10..11, flipped);
+    let tampered = format!("{}\n{}\n{}\n", lines[0], body, lines[2..].join("\n"));
+    std::fs::write(format!("{d}/tampered.crt"), tampered).unwrap();
+    let t = in_dir(&["ca", "verify", "tampered.crt"]);
+    assert!(!t.status.success(), "a tampered certificate verified");
+    let bad_name = in_dir(&[
+        "ca",
+        "sign",
+        "--name",
+        "Robot_9",
+        "--pubkey",
+        &public,
+        "--address",
+        "10.77.0.9/16",
+    ]);
+    assert!(
+        stderr(&bad_name).contains("invalid name `Robot_9`"),
+        "{}",
+        stderr(&bad_name)
     );
 }

@@ -3,8 +3,6 @@
 use super::InitArgs;
 use crate::keys::PrivateKey;
 use anyhow::{bail, Context};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 
 /// A section for every product plugin compiled in (each plugin says what it writes; test
 /// plugins write nothing), so a new node runs what its binary offers.
@@ -50,19 +48,8 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
         }
     }
     let key = PrivateKey::generate()?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&key_path)
+    crate::keys::write_private(&key_path, &key.to_base64())
         .with_context(|| format!("creating {}", key_path.display()))?;
-    std::fs::set_permissions(
-        &key_path,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )?;
-    writeln!(f, "{}", key.to_base64())?;
-    f.sync_all()?;
     let addresses: Vec<String> = args.address.iter().map(|a| format!("{a:?}")).collect();
     let config = format!(
         r#"# Created by `myelin init`. config.example.toml documents every key.

@@ -1,5 +1,6 @@
 //! The command line (argh): one function per subcommand.
 
+mod ca;
 mod init;
 mod keygen;
 mod lab_command;
@@ -35,6 +36,7 @@ pub enum Command {
     Safety(SafetyArgs),
     Version(VersionArgs),
     Lab(LabArgs),
+    Ca(CaArgs),
     PluginRun(PluginRunArgs),
 }
 
@@ -108,6 +110,116 @@ pub struct LabDownArgs {
     /// state directory (default /run/myelin-lab)
     #[argh(option, default = "default_lab_dir()")]
     pub dir: PathBuf,
+}
+
+#[derive(FromArgs)]
+/// The fleet's certificate authority: create it, sign nodes and signers, show and verify.
+#[argh(subcommand, name = "ca")]
+pub struct CaArgs {
+    #[argh(subcommand)]
+    pub command: CaCommand,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+pub enum CaCommand {
+    Init(CaInitArgs),
+    Sign(CaSignArgs),
+    Show(CaShowArgs),
+    Verify(CaVerifyArgs),
+}
+
+#[derive(FromArgs)]
+/// Create the fleet's root: ca.key (mode 0600, keep it offline) and ca.crt.
+#[argh(subcommand, name = "init")]
+pub struct CaInitArgs {
+    /// the fleet's name, e.g. acme-fleet
+    #[argh(option)]
+    pub name: String,
+    /// directory for ca.key and ca.crt (default: the current directory)
+    #[argh(option, default = "PathBuf::from(\".\")")]
+    pub dir: PathBuf,
+    /// validity in days (default 3650)
+    #[argh(option, default = "3650")]
+    pub days: u32,
+    /// limit every certificate of the fleet to this range, e.g. 10.77.0.0/16 (repeatable)
+    #[argh(option)]
+    pub range: Vec<String>,
+    /// limit every certificate of the fleet to these groups, comma-separated
+    #[argh(option)]
+    pub groups: Option<String>,
+    /// overwrite an existing ca.key and ca.crt
+    #[argh(switch)]
+    pub force: bool,
+}
+
+#[derive(FromArgs)]
+/// Sign a node's certificate, or with --signer a constrained signer for a lighthouse.
+#[argh(subcommand, name = "sign")]
+pub struct CaSignArgs {
+    /// the node's (or signer's) name, a DNS label, e.g. robot7
+    #[argh(option)]
+    pub name: String,
+    /// the node's WireGuard public key (`myelin pubkey < private.key`)
+    #[argh(option)]
+    pub pubkey: Option<String>,
+    /// the node's overlay address with prefix, e.g. 10.77.0.7/16 (repeat for IPv6)
+    #[argh(option)]
+    pub address: Vec<String>,
+    /// groups, comma-separated, e.g. robots,cameras (for --signer: the groups it may grant)
+    #[argh(option)]
+    pub groups: Option<String>,
+    /// validity in days (default 365)
+    #[argh(option, default = "365")]
+    pub days: u32,
+    /// make a signer: a key and certificate that may sign nodes within --range and --groups
+    #[argh(switch)]
+    pub signer: bool,
+    /// with --signer: the addresses it may sign, e.g. 10.77.0.0/16 (repeatable)
+    #[argh(option)]
+    pub range: Vec<String>,
+    /// with --signer: the longest lifetime it may sign, in days (default 30; 0 = no limit)
+    #[argh(option, default = "30")]
+    pub max_days: u32,
+    /// directory with ca.key and ca.crt (default: the current directory)
+    #[argh(option, default = "PathBuf::from(\".\")")]
+    pub ca_dir: PathBuf,
+    /// the issuing key instead of CA_DIR/ca.key (a signer's key signs nodes too)
+    #[argh(option)]
+    pub ca_key: Option<PathBuf>,
+    /// the issuing certificate instead of CA_DIR/ca.crt
+    #[argh(option)]
+    pub ca_cert: Option<PathBuf>,
+    /// where to write the certificate (default NAME.crt; a signer's key goes beside it as .key)
+    #[argh(option)]
+    pub out: Option<PathBuf>,
+    /// overwrite existing files
+    #[argh(switch)]
+    pub force: bool,
+}
+
+#[derive(FromArgs)]
+/// Print the certificates in a file.
+#[argh(subcommand, name = "show")]
+pub struct CaShowArgs {
+    /// a certificate file
+    #[argh(positional)]
+    pub file: PathBuf,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// Check a node's certificate file (with its signer, if any) against the fleet's CA now.
+#[argh(subcommand, name = "verify")]
+pub struct CaVerifyArgs {
+    /// the node's certificate file
+    #[argh(positional)]
+    pub file: PathBuf,
+    /// the CA certificate (default ./ca.crt)
+    #[argh(option, default = "PathBuf::from(\"ca.crt\")")]
+    pub ca: PathBuf,
 }
 
 #[derive(FromArgs)]
@@ -240,6 +352,7 @@ pub struct PluginRunArgs {
     pub instance: String,
 }
 
+pub use ca::ca;
 pub use init::init;
 pub use keygen::{keygen, pubkey};
 pub use lab_command::lab;

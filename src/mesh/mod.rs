@@ -1,4 +1,6 @@
 //! The control protocol between Myelin nodes, sans-IO: state machines take bytes and `now`
-//! and return what to send. Today: RTT/jitter/loss probes.
+//! and return what to send. Fleet identity (certificates), enrollment tokens and RTT/jitter/loss probes.
 
+pub mod cert;
 pub mod probe;
+pub mod token;
