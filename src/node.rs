@@ -104,6 +104,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
             mtu: config.node.mtu,
             offload: tunnel.offload,
         },
+        peers: tunnel.peer_control(),
         event_streams: Default::default(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();

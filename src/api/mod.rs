@@ -24,6 +24,8 @@ pub struct ApiState {
     pub started: Instant,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub tunnel: TunnelInfo,
+    /// Adds and removes peers of the running tunnel.
+    pub peers: crate::tunnel::PeerControl,
     /// Open `/api/v1/events` streams (capped at `events::MAX_STREAMS`).
     pub event_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -215,7 +217,8 @@ fn dashboard_routes() -> Router {
 fn api_routes(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/api/v1/status", get(status))
-        .route("/api/v1/peers", get(peers))
+        .route("/api/v1/peers", get(peers).post(add_peer))
+        .route("/api/v1/peers/{name}", axum::routing::delete(remove_peer))
         .route("/api/v1/plugins", get(plugins))
         .route("/api/v1/plugins/{name}", get(plugin))
         .route("/api/v1/plugins/{name}/{action}", post(plugin_action))
@@ -235,7 +238,7 @@ fn api_routes(state: Arc<ApiState>) -> Router {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed here",
-                "reads are GET; enable, disable and restart are POST",
+                "reads are GET; enable, disable, restart and adding a peer are POST; removing a peer is DELETE",
             )
         })
         .with_state(state)
@@ -259,6 +262,109 @@ async fn status(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {
 
 async fn peers(State(s): State<Arc<ApiState>>) -> Json<MeshView> {
     Json(s.mesh.borrow().clone())
+}
+
+/// A peer to add at run time, as `POST /api/v1/peers` takes it (the fields of `[[peers]]`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewPeer {
+    name: String,
+    public_key: String,
+    allowed_ips: Vec<String>,
+    #[serde(default)]
+    endpoint: Option<String>,
+    #[serde(default)]
+    persistent_keepalive: Option<u16>,
+}
+
+fn bad_peer(error: String, hint: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, error, hint)
+}
+
+fn peer_spec(body: &[u8]) -> Result<crate::tunnel::PeerSpec, ApiError> {
+    const EXAMPLE: &str = r#"{"name": "robot3", "public_key": "<44 base64 chars>", "allowed_ips": ["10.77.0.3/32"], "endpoint": "192.0.2.3:51820", "persistent_keepalive": 25}"#;
+    let p: NewPeer = serde_json::from_slice(body)
+        .map_err(|e| bad_peer(format!("the peer is not valid JSON: {e}"), EXAMPLE))?;
+    if crate::config::sanitize_name(&p.name).as_deref() != Ok(p.name.as_str()) {
+        return Err(bad_peer(
+            format!(
+                "peer name `{}` must be letters, digits and `_`, not starting with a digit",
+                p.name
+            ),
+            "e.g. \"robot3\"",
+        ));
+    }
+    let key = crate::keys::PublicKey::try_from(p.public_key.clone())
+        .map_err(|e| bad_peer(format!("public_key: {e}"), EXAMPLE))?;
+    if p.allowed_ips.is_empty() {
+        return Err(bad_peer(
+            "allowed_ips is empty".into(),
+            "give the peer's overlay address, e.g. [\"10.77.0.3/32\"]",
+        ));
+    }
+    let allowed_ips = p
+        .allowed_ips
+        .iter()
+        .map(|a| {
+            a.parse::<ipnet::IpNet>().map_err(|e| {
+                bad_peer(
+                    format!("allowed_ips `{a}`: {e}"),
+                    "use address/prefix, e.g. 10.77.0.3/32",
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let endpoint = p
+        .endpoint
+        .as_deref()
+        .map(|e| {
+            e.parse::<std::net::SocketAddr>().map_err(|err| {
+                bad_peer(
+                    format!("endpoint `{e}`: {err}"),
+                    "use ip:port, e.g. 192.0.2.3:51820",
+                )
+            })
+        })
+        .transpose()?;
+    Ok(crate::tunnel::PeerSpec {
+        name: p.name,
+        public_key: key.0,
+        allowed_ips,
+        endpoint,
+        persistent_keepalive: p.persistent_keepalive,
+    })
+}
+
+/// Adds a peer to the running tunnel (or updates the one with that key) without touching
+/// the others' sessions. Not written to the config: like `wg set`, it lasts until the node stops.
+async fn add_peer(
+    State(s): State<Arc<ApiState>>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let spec = peer_spec(&body)?;
+    let name = spec.name.clone();
+    let changed = s.peers.upsert(spec).map_err(|e| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            e.to_string(),
+            "GET /api/v1/peers lists the peers",
+        )
+    })?;
+    Ok(Json(json!({ "peer": name, "changed": changed })).into_response())
+}
+
+async fn remove_peer(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    s.peers.remove(&name).map_err(|e| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            e.to_string(),
+            "GET /api/v1/peers lists the peers",
+        )
+    })?;
+    Ok(Json(json!({ "peer": name, "removed": true })).into_response())
 }
 
 async fn plugins(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {

@@ -49,6 +49,23 @@ struct PeerProbe {
     jitter: Option<f64>,
     last_seen: Option<Instant>,
     answered: u64,
+    /// Whether the slot holds a peer; an empty slot is never probed.
+    active: bool,
+}
+
+impl PeerProbe {
+    fn fresh(now: Instant) -> Self {
+        Self {
+            next_seq: 1,
+            due: now,
+            window: VecDeque::with_capacity(WINDOW),
+            last_rtt: None,
+            jitter: None,
+            last_seen: None,
+            answered: 0,
+            active: true,
+        }
+    }
 }
 
 /// Probe state for all peers.
@@ -90,17 +107,30 @@ impl Prober {
             interval,
             // Long enough for any sane path; a late answer still counts for RTT.
             lost_after: (interval * 5).max(Duration::from_secs(1)),
-            peers: (0..peers)
-                .map(|_| PeerProbe {
-                    next_seq: 1,
-                    due: now,
-                    window: VecDeque::with_capacity(WINDOW),
-                    last_rtt: None,
-                    jitter: None,
-                    last_seen: None,
-                    answered: 0,
-                })
-                .collect(),
+            peers: (0..peers).map(|_| PeerProbe::fresh(now)).collect(),
+        }
+    }
+
+    /// Starts probing `peer` afresh (a peer was added to, or replaced in, that slot).
+    pub fn track(&mut self, peer: usize, now: Instant) {
+        if self.peers.len() <= peer {
+            self.peers.resize_with(peer + 1, || PeerProbe {
+                active: false,
+                ..PeerProbe::fresh(now)
+            });
+        }
+        if let Some(p) = self.peers.get_mut(peer) {
+            *p = PeerProbe::fresh(now);
+        }
+    }
+
+    /// Stops probing `peer` (its slot was emptied); its figures are dropped.
+    pub fn untrack(&mut self, peer: usize) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            *p = PeerProbe {
+                active: false,
+                ..PeerProbe::fresh(p.due)
+            };
         }
     }
 
@@ -111,7 +141,7 @@ impl Prober {
             .peers
             .iter_mut()
             .enumerate()
-            .find(|(_, p)| p.due <= now)?;
+            .find(|(_, p)| p.active && p.due <= now)?;
         let seq = p.next_seq;
         p.next_seq += 1;
         // Keep a steady cadence, but never try to catch up on missed intervals.
@@ -133,7 +163,7 @@ impl Prober {
 
     /// When `poll_transmit` next has something.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.peers.iter().map(|p| p.due).min()
+        self.peers.iter().filter(|p| p.active).map(|p| p.due).min()
     }
 
     /// A datagram from `peer` arrived on the probe port. Returns the pong to send back for a
@@ -221,6 +251,27 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn peers_added_and_removed_are_probed_and_forgotten() {
+        let t0 = Instant::now();
+        let mut a = Prober::new(0, 100 * MS, t0, 7);
+        assert_eq!(a.poll_timeout(), None, "nobody to probe: no wake-up");
+        a.track(2, t0);
+        assert_eq!(a.poll_timeout(), Some(t0));
+        let (idx, _) = a.poll_transmit(t0).unwrap();
+        assert_eq!(idx, 2, "empty slots 0 and 1 are never probed");
+        assert!(a.poll_transmit(t0).is_none());
+        a.untrack(2);
+        assert_eq!(a.poll_timeout(), None);
+        assert!(a.poll_transmit(t0 + 1000 * MS).is_none());
+        a.track(2, t0 + 1000 * MS);
+        assert_eq!(
+            a.answered(2),
+            (0, None),
+            "a new peer in the slot starts afresh"
+        );
+    }
 
     #[test]
     fn recent_probes_are_listed_oldest_first_with_their_ages() {

@@ -11,7 +11,7 @@
 //! The thread also drives boringtun's timers. Buffers are allocated once; per-packet work
 //! allocates nothing and never panics.
 
-use super::{DataPlaneShared, Peer};
+use super::{DataPlaneShared, Peer, PeerTable};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
 use rustix::buffer::spare_capacity;
@@ -260,7 +260,8 @@ fn encapsulate(
     let Some(dst) = Tunn::dst_address(packet) else {
         return;
     };
-    let Some(peer) = shared.routes.lookup(dst).and_then(|p| shared.peers.get(p)) else {
+    let table = shared.table.load();
+    let Some(peer) = table.route(dst).and_then(|p| table.get(p)) else {
         return;
     };
     let Some(to) = peer.endpoint() else { return };
@@ -322,16 +323,13 @@ fn flush(shared: &DataPlaneShared, out: &[u8], batch: &mut Option<Batch>) {
 
 /// Which peer a verified datagram belongs to. Only a handshake initiation that passed the mac1
 /// (and, under load, cookie) check costs a Diffie-Hellman step here.
-fn find_peer(shared: &DataPlaneShared, packet: &Packet) -> Option<usize> {
+fn find_peer(shared: &DataPlaneShared, table: &PeerTable, packet: &Packet) -> Option<usize> {
     match packet {
         Packet::HandshakeInit(init) => {
             metrics::counter!("myelin_tunnel_handshake_dh_total").increment(1);
             let half =
                 parse_handshake_anon(&shared.static_private, &shared.static_public, init).ok()?;
-            shared
-                .peers
-                .iter()
-                .position(|p| p.public_key_bytes == half.peer_static_public)
+            table.by_key(&half.peer_static_public).map(|(slot, _)| slot)
         }
         Packet::HandshakeResponse(r) => Some((r.receiver_idx >> 8) as usize),
         Packet::PacketCookieReply(c) => Some((c.receiver_idx >> 8) as usize),
@@ -493,10 +491,11 @@ fn receive_datagram(
     let Some(packet) = verify(shared, from, datagram, &mut out.reply) else {
         return;
     };
-    let Some(idx) = find_peer(shared, &packet) else {
+    let table = shared.table.load();
+    let Some(idx) = find_peer(shared, &table, &packet) else {
         return;
     };
-    let Some(peer) = shared.peers.get(idx) else {
+    let Some(peer) = table.get(idx) else {
         return;
     };
     if out.ready == out.bufs.len() {
@@ -604,7 +603,7 @@ fn decapsulate(
         Outcome::Packet(len, src) => {
             peer.saw(from);
             // Cryptokey routing: the inner source must be one of this peer's allowed IPs.
-            if shared.routes.lookup(src) != Some(idx) {
+            if shared.table.load().route(src) != Some(idx) {
                 tracing::debug!(peer = %peer.name, "dropped a packet from {src}, outside its allowed IPs");
                 return false;
             }
@@ -641,7 +640,8 @@ fn write_tun(shared: &DataPlaneShared, io: &mut TunWriter) {
 fn timers(shared: &DataPlaneShared, buf: &mut [u8]) {
     // The handshake rate is counted per second (the call is a no-op until a second passed).
     shared.handshakes.reset_count();
-    for peer in &shared.peers {
+    let table = shared.table.load();
+    for (_, peer) in table.iter() {
         let len = match peer.tunn.lock() {
             Ok(mut t) => match t.update_timers(buf) {
                 TunnResult::WriteToNetwork(p) => p.len(),

@@ -4,19 +4,20 @@
 
 mod dataplane;
 pub mod guard;
+pub mod peers;
 pub mod routes;
 
 use crate::config::Config;
 use crate::keys::PrivateKey;
 use crate::mesh::probe::{ProbeStats, Prober, PROBE_LEN};
+use arc_swap::ArcSwap;
 use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::Tunn;
 use boringtun::x25519;
 use ipnet::IpNet;
 use myelin_sdk::{CancellationToken, MeshView, PeerView};
-use routes::RouteTable;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+pub use peers::{Peer, PeerChangeError, PeerSpec, PeerTable};
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -31,6 +32,8 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
+    #[error(transparent)]
+    Peer(#[from] PeerChangeError),
     #[error(transparent)]
     Guard(#[from] guard::GuardError),
     #[error("cannot create TUN device `{name}`: {cause}\n  fix: {hint}")]
@@ -69,45 +72,14 @@ fn tun_hint(e: &std::io::Error, name: &str) -> String {
     }
 }
 
-/// One configured peer and its live state.
-pub struct Peer {
-    pub name: String,
-    pub public_key: String,
-    pub public_key_bytes: [u8; 32],
-    pub allowed_ips: Vec<IpNet>,
-    pub tunn: Mutex<Tunn>,
-    pub endpoint: Mutex<Option<SocketAddr>>,
-    pub endpoint_changes: AtomicU64,
-    /// Packets between the TUN and this peer, counted by the data plane.
-    pub rx_packets: AtomicU64,
-    pub tx_packets: AtomicU64,
-    /// The peer's own overlay address (its first host-length allowed IP), for probes.
-    pub probe_addr: Option<IpAddr>,
-}
-
-impl Peer {
-    pub fn endpoint(&self) -> Option<SocketAddr> {
-        self.endpoint.lock().ok().and_then(|e| *e)
-    }
-
-    /// Roaming: an authenticated packet came from `from`.
-    fn saw(&self, from: SocketAddr) {
-        if let Ok(mut e) = self.endpoint.lock() {
-            if *e != Some(from) {
-                if e.is_some() {
-                    tracing::info!(peer = %self.name, "endpoint moved to {from}");
-                }
-                *e = Some(from);
-                self.endpoint_changes.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
 /// State shared by the data-plane tasks.
 pub(crate) struct DataPlaneShared {
-    pub peers: Vec<Peer>,
-    pub routes: RouteTable,
+    /// Loaded per packet batch; replaced whole on every change.
+    pub table: ArcSwap<PeerTable>,
+    /// Serialises changes to `table`, so two changes never race and lose one.
+    table_writer: Mutex<()>,
+    /// Wakes the control task when the peers change.
+    pub table_changed: tokio::sync::Notify,
     pub static_private: x25519::StaticSecret,
     pub static_public: x25519::PublicKey,
     /// Non-blocking; the data-plane thread waits for it in epoll.
@@ -128,6 +100,45 @@ pub(crate) struct DataPlaneShared {
 impl DataPlaneShared {
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    fn change(
+        &self,
+        f: impl FnOnce(&PeerTable) -> Result<Option<PeerTable>, PeerChangeError>,
+    ) -> Result<bool, PeerChangeError> {
+        let _writer = self.table_writer.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.table.load_full();
+        match f(&current)? {
+            Some(next) => {
+                self.table.store(Arc::new(next));
+                self.table_changed.notify_one();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+/// Changes a running tunnel's peers (the control API, the mesh roster).
+#[derive(Clone)]
+pub struct PeerControl(Arc<DataPlaneShared>);
+
+impl PeerControl {
+    /// Adds a peer, or updates the peer with the same key, while traffic flows. Returns
+    /// whether anything changed.
+    pub fn upsert(&self, spec: PeerSpec) -> Result<bool, PeerChangeError> {
+        let key = &self.0.static_private;
+        self.0.change(|t| t.upsert(key, spec))
+    }
+
+    /// Removes a peer while traffic to the others flows.
+    pub fn remove(&self, name: &str) -> Result<(), PeerChangeError> {
+        self.0.change(|t| t.remove(name).map(Some)).map(|_| ())
+    }
+
+    /// The peers as they are now.
+    pub fn table(&self) -> Arc<PeerTable> {
+        self.0.table.load_full()
     }
 }
 
@@ -253,44 +264,19 @@ impl Tunnel {
         let static_private = key.secret().clone();
         let static_public = x25519::PublicKey::from(&static_private);
         let handshakes = Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT));
-        let mut peers = Vec::new();
-        for (i, p) in config.peers.iter().enumerate() {
-            let tunn = Tunn::new(
-                static_private.clone(),
-                x25519::PublicKey::from(p.public_key.0),
-                None,
-                p.persistent_keepalive.filter(|k| *k > 0),
-                // boringtun shifts this left by 8 for its session counter; `receiver_idx >> 8`
-                // gives the peer's position back.
-                i as u32,
-                // Its own limiter too (10 handshakes a second for this peer), behind the
-                // node-wide one that checks every datagram first.
-                None,
-            );
-            let probe_addr = p.allowed_ips.iter().find_map(|n| match n {
-                IpNet::V4(v) if v.prefix_len() == 32 => Some(IpAddr::V4(v.addr())),
-                IpNet::V6(v) if v.prefix_len() == 128 => Some(IpAddr::V6(v.addr())),
-                _ => None,
-            });
-            peers.push(Peer {
+        let mut table = PeerTable::default();
+        for p in &config.peers {
+            let spec = PeerSpec {
                 name: p.name.to_string(),
-                public_key: p.public_key.to_string(),
-                public_key_bytes: p.public_key.0,
+                public_key: p.public_key.0,
                 allowed_ips: p.allowed_ips.clone(),
-                tunn: Mutex::new(tunn),
-                endpoint: Mutex::new(p.endpoint),
-                endpoint_changes: AtomicU64::new(0),
-                rx_packets: AtomicU64::new(0),
-                tx_packets: AtomicU64::new(0),
-                probe_addr,
-            });
+                endpoint: p.endpoint,
+                persistent_keepalive: p.persistent_keepalive,
+            };
+            if let Some(next) = table.upsert(&static_private, spec)? {
+                table = next;
+            }
         }
-        let routes = RouteTable::new(
-            peers
-                .iter()
-                .enumerate()
-                .flat_map(|(i, p)| p.allowed_ips.iter().map(move |n| (n, i))),
-        );
         let probe_socket = match config
             .node
             .address
@@ -321,8 +307,9 @@ impl Tunnel {
             Some(guard::OverlayGuard::install(&name, &config.node.address)?)
         };
         let shared = Arc::new(DataPlaneShared {
-            peers,
-            routes,
+            table: ArcSwap::from_pointee(table),
+            table_writer: Mutex::new(()),
+            table_changed: tokio::sync::Notify::new(),
             static_private,
             static_public,
             udp,
@@ -356,6 +343,11 @@ impl Tunnel {
             interface: name,
             offload,
         })
+    }
+
+    /// A handle that changes this tunnel's peers while it runs.
+    pub fn peer_control(&self) -> PeerControl {
+        PeerControl(self.shared.clone())
     }
 
     /// Stops the data plane; the TUN device goes away with the last task.
@@ -467,6 +459,73 @@ const ANSWER_BATCH: Duration = Duration::from_millis(2);
 /// The shortest time between two updates of the per-peer gauges.
 const METRICS_GAP: Duration = Duration::from_millis(250);
 
+/// What the control task keeps per slot, following the peer table.
+#[derive(Default)]
+struct ControlSlots {
+    /// The peer each slot held when last looked at, to tell a new peer from the same one.
+    peers: Vec<Option<Arc<Peer>>>,
+    answered: Vec<u64>,
+    /// Looked up once per peer: a registry lookup per answer was most of the loop's idle cost.
+    rtt_histograms: Vec<Option<metrics::Histogram>>,
+}
+
+impl ControlSlots {
+    /// Loads the current table and starts or stops probing the slots that changed.
+    fn follow(
+        &mut self,
+        table: &mut Arc<PeerTable>,
+        shared: &DataPlaneShared,
+        prober: &mut Prober,
+    ) {
+        *table = shared.table.load_full();
+        let n = table.slot_count().max(self.peers.len());
+        self.peers.resize(n, None);
+        self.answered.resize(n, 0);
+        self.rtt_histograms.resize(n, None);
+        let now = Instant::now();
+        for slot in 0..n {
+            let current = table.get(slot);
+            let same = match (current, self.peers.get(slot).and_then(Option::as_ref)) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            self.answered[slot] = 0;
+            match current {
+                Some(p) => {
+                    prober.track(slot, now);
+                    self.rtt_histograms[slot] = Some(
+                        metrics::histogram!("myelin_peer_rtt_seconds", "peer" => p.name.clone()),
+                    );
+                }
+                None => {
+                    prober.untrack(slot);
+                    self.rtt_histograms[slot] = None;
+                }
+            }
+            self.peers[slot] = current.cloned();
+        }
+    }
+
+    /// Whether `count` answers for `slot` is more than last seen (and remembers it).
+    fn newly_answered(&mut self, slot: usize, count: u64) -> bool {
+        match self.answered.get_mut(slot) {
+            Some(seen) if count > *seen => {
+                *seen = count;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn rtt_histogram(&self, slot: usize) -> Option<&metrics::Histogram> {
+        self.rtt_histograms.get(slot)?.as_ref()
+    }
+}
+
 /// Probes every peer each interval, answers their probes, and publishes the `MeshView`.
 async fn control(
     shared: Arc<DataPlaneShared>,
@@ -481,18 +540,14 @@ async fn control(
             .map_or(0, |d| d.as_nanos() as u64)
             ^ u64::from(std::process::id())
     });
-    let mut prober = Prober::new(shared.peers.len(), interval, Instant::now(), session);
+    let mut prober = Prober::new(0, interval, Instant::now(), session);
     // Without answers (no peers up, plain WireGuard peers) the view is still refreshed, so
     // ages move on and a silent peer shows.
     let refresh = interval.max(Duration::from_millis(100));
     let mut buf = [0u8; 64];
-    let mut answered = vec![0u64; shared.peers.len()];
-    // Looked up once: a registry lookup per answer was most of the loop's idle cost.
-    let rtt_histograms: Vec<metrics::Histogram> = shared
-        .peers
-        .iter()
-        .map(|p| metrics::histogram!("myelin_peer_rtt_seconds", "peer" => p.name.clone()))
-        .collect();
+    let mut table: Arc<PeerTable> = Arc::new(PeerTable::default());
+    let mut slots = ControlSlots::default();
+    slots.follow(&mut table, &shared, &mut prober);
     // A probe answer is published at once (at most every ANSWER_PUBLISH_GAP), so plugins that
     // judge the link probe by probe (safety) never act on a view that misses an answer.
     let mut publish_soon: Option<tokio::time::Instant> = None;
@@ -507,10 +562,14 @@ async fn control(
             .unwrap_or_else(|| tokio::time::Instant::now() + interval);
         let soon = publish_soon.unwrap_or_else(|| tokio::time::Instant::now() + interval * 10);
         let publish_now = tokio::select! {
+            _ = shared.table_changed.notified() => {
+                slots.follow(&mut table, &shared, &mut prober);
+                true
+            }
             _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
                 while let Some((idx, ping)) = prober.poll_transmit(now) {
-                    let (Some(sock), Some(to)) = (&probe_socket, shared.peers[idx].probe_addr) else { continue };
+                    let (Some(sock), Some(to)) = (&probe_socket, table.get(idx).and_then(|p| p.probe_addr)) else { continue };
                     let _ = sock.try_send_to(&ping, SocketAddr::new(to, PROBE_PORT));
                 }
                 false
@@ -522,7 +581,7 @@ async fn control(
                 }
             } => {
                 let Ok((n, from)) = received else { continue };
-                let Some(idx) = shared.routes.lookup(from.ip()) else { continue };
+                let Some(idx) = table.route(from.ip()) else { continue };
                 let now = Instant::now();
                 if let Some(pong) = prober.handle_input(idx, &buf[..n.min(PROBE_LEN + 1)], now) {
                     if let Some(sock) = &probe_socket {
@@ -530,9 +589,8 @@ async fn control(
                     }
                 }
                 let (count, rtt) = prober.answered(idx);
-                if count > answered[idx] {
-                    answered[idx] = count;
-                    if let (Some(rtt), Some(histogram)) = (rtt, rtt_histograms.get(idx)) {
+                if slots.newly_answered(idx, count) {
+                    if let (Some(rtt), Some(histogram)) = (rtt, slots.rtt_histogram(idx)) {
                         histogram.record(rtt.as_secs_f64());
                     }
                     if publish_soon.is_none() {
@@ -554,10 +612,8 @@ async fn control(
             }
             let now = Instant::now();
             let view = MeshView {
-                peers: shared
-                    .peers
+                peers: table
                     .iter()
-                    .enumerate()
                     .map(|(i, p)| {
                         let v = peer_view(
                             p,

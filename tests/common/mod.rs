@@ -152,6 +152,24 @@ impl Node {
         self.call_at(self.api, None, method, path)
     }
 
+    /// A request with a JSON body to this node's local API.
+    pub fn call_json(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
+        let (api, m, p) = (self.api, method.to_string(), path.to_string());
+        let (status, answer) = self
+            .ns
+            .enter(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(myelin::api::client::call(api, &m, &p, Some(body), None))
+            })
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\nlog:\n{}", self.log()));
+        let value = serde_json::from_slice(&answer)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&answer).into()));
+        (status, value)
+    }
+
     /// A request to `api` (any listener of this node) with an optional bearer token.
     pub fn call_at(
         &self,
