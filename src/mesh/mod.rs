@@ -2,5 +2,7 @@
 //! and return what to send. Fleet identity (certificates), enrollment tokens and RTT/jitter/loss probes.
 
 pub mod cert;
+pub mod control;
 pub mod probe;
 pub mod token;
+pub mod wire;

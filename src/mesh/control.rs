@@ -1,0 +1,657 @@
+//! The mesh control state machine, sans-IO: a member registers with its lighthouses, presents
+//! its certificate to every peer, and turns the rosters lighthouses push into peers; a
+//! lighthouse keeps the registrations and pushes each member the part of the roster it may
+//! see. Messages and `now` go in; messages to send and peer changes come out.
+
+use super::cert::{self, Certificate, VerifiedNode};
+use super::wire::{roster_pages, Message, RosterEntry};
+use ipnet::IpNet;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Keepalive for mesh peers: keeps NAT mappings and sessions warm.
+pub const MESH_KEEPALIVE: u16 = 25;
+
+/// A lighthouse this node registers with, pinned by configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LighthouseConfig {
+    pub name: String,
+    pub public_key: [u8; 32],
+    pub overlay: std::net::IpAddr,
+    pub endpoint: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    pub ca: Certificate,
+    /// This node's certificate, then its signer's.
+    pub chain: Vec<Certificate>,
+    pub lighthouses: Vec<LighthouseConfig>,
+    /// Groups whose members this node learns from the lighthouses.
+    pub talk_to: Vec<String>,
+    /// This node's own addresses (interfaces and listen port), offered to peers.
+    pub candidates: Vec<SocketAddr>,
+    /// Serve registrations and rosters.
+    pub lighthouse: bool,
+    /// How often a member registers again; a lighthouse forgets a member after three.
+    pub refresh: Duration,
+}
+
+/// A peer change for the data plane. A peer's allowed IPs are its certificate's addresses as
+/// host routes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Send { to: [u8; 32], message: Message },
+    Upsert(crate::tunnel::PeerSpec),
+    Remove { name: String, key: [u8; 32] },
+}
+
+/// How this node knows a member.
+#[derive(Clone, Debug, serde::Serialize, PartialEq, Eq)]
+pub struct MemberView {
+    pub name: String,
+    pub public_key: String,
+    pub addresses: Vec<IpNet>,
+    pub groups: Vec<String>,
+    pub fingerprint: String,
+    pub not_after: String,
+    /// Where its datagrams were last seen from (a lighthouse's observation).
+    pub endpoint: Option<SocketAddr>,
+    /// `roster` (pushed by a lighthouse), `hello` (it introduced itself), `registered` (it
+    /// registered here, on a lighthouse).
+    pub source: &'static str,
+    /// Its talk_to, as registered (lighthouses only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub talk_to: Vec<String>,
+}
+
+struct Known {
+    node: VerifiedNode,
+    chain: Vec<Vec<u8>>,
+    endpoint: Option<SocketAddr>,
+    source: &'static str,
+}
+
+/// A member registered at this lighthouse.
+struct Registration {
+    talk_to: Vec<String>,
+    last_seen: Instant,
+}
+
+/// One lighthouse's latest complete roster, as this member received it.
+struct RosterCopy {
+    generation: u64,
+    pages: Vec<Option<Vec<RosterEntry>>>,
+    /// Members of the latest complete generation, and when it completed.
+    complete: Option<(HashSet<[u8; 32]>, Instant)>,
+}
+
+pub struct Mesh {
+    config: MeshConfig,
+    own_key: [u8; 32],
+    chain_bytes: Vec<Vec<u8>>,
+    /// Verified members, by WireGuard key.
+    known: HashMap<[u8; 32], Known>,
+    /// Lighthouses that acknowledged our Hello.
+    welcomed: HashSet<[u8; 32]>,
+    rosters: HashMap<[u8; 32], RosterCopy>,
+    registrations: HashMap<[u8; 32], Registration>,
+    generation: u64,
+    started: Instant,
+    next_register: Instant,
+    next_check: Instant,
+    out: VecDeque<Output>,
+}
+
+fn host_routes(addresses: &[IpNet]) -> Vec<IpNet> {
+    addresses
+        .iter()
+        .map(|a| IpNet::from(a.addr()))
+        .collect()
+}
+
+impl Mesh {
+    pub fn new(config: MeshConfig, now: Instant) -> Self {
+        let own_key = config
+            .chain
+            .first()
+            .map(|c| c.body().public_key)
+            .unwrap_or_default();
+        let chain_bytes = config.chain.iter().map(|c| c.to_bytes().to_vec()).collect();
+        // Generations count from a random point, so a restarted lighthouse's rosters are
+        // never mistaken for pages of its previous life.
+        let generation = getrandom::u64().unwrap_or(0) >> 16;
+        let mut mesh = Self {
+            config,
+            own_key,
+            chain_bytes,
+            known: HashMap::new(),
+            welcomed: HashSet::new(),
+            rosters: HashMap::new(),
+            registrations: HashMap::new(),
+            generation,
+            started: now,
+            next_register: now,
+            next_check: now,
+            out: VecDeque::new(),
+        };
+        for l in mesh.config.lighthouses.clone() {
+            if l.public_key == mesh.own_key {
+                continue;
+            }
+            mesh.out.push_back(Output::Upsert(crate::tunnel::PeerSpec {
+                name: l.name.clone(),
+                public_key: l.public_key,
+                allowed_ips: vec![IpNet::from(l.overlay)],
+                endpoint: Some(l.endpoint),
+                persistent_keepalive: Some(MESH_KEEPALIVE),
+            }));
+        }
+        mesh
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_register.min(self.next_check)
+    }
+
+    fn is_lighthouse_key(&self, key: &[u8; 32]) -> bool {
+        self.config.lighthouses.iter().any(|l| &l.public_key == key)
+    }
+
+    fn send(&mut self, to: [u8; 32], message: Message) {
+        self.out.push_back(Output::Send { to, message });
+    }
+
+    /// Verifies a chain someone presented for `key` at `unix` (seconds).
+    fn verify(&self, key: &[u8; 32], chain: &[Vec<u8>], unix: u64) -> Option<VerifiedNode> {
+        let certs: Vec<Certificate> = chain
+            .iter()
+            .map(|c| Certificate::decode(c))
+            .collect::<Result<_, _>>()
+            .ok()?;
+        match cert::verify(&certs, &self.config.ca, unix) {
+            Ok(node) if &node.public_key == key => Some(node),
+            Ok(node) => {
+                tracing::debug!(name = %node.name, "a certificate presented by another key is ignored");
+                None
+            }
+            Err(e) => {
+                tracing::info!("refused a member's certificate: {e}");
+                None
+            }
+        }
+    }
+
+    /// Makes a verified member a peer (replacing a restricted, not-yet-introduced one).
+    fn admit(&mut self, node: VerifiedNode, chain: Vec<Vec<u8>>, endpoint: Option<SocketAddr>, source: &'static str) {
+        if node.public_key == self.own_key || self.is_lighthouse_key(&node.public_key) {
+            return;
+        }
+        let spec = crate::tunnel::PeerSpec {
+            name: node.name.clone(),
+            public_key: node.public_key,
+            allowed_ips: host_routes(&node.addresses),
+            endpoint,
+            persistent_keepalive: Some(MESH_KEEPALIVE),
+        };
+        let previous = self.known.insert(
+            node.public_key,
+            Known {
+                node,
+                chain,
+                endpoint,
+                source,
+            },
+        );
+        if previous.is_none_or(|p| p.endpoint != endpoint || host_routes(&p.node.addresses) != spec.allowed_ips) {
+            self.out.push_back(Output::Upsert(spec));
+        }
+    }
+
+    fn forget(&mut self, key: &[u8; 32]) {
+        if let Some(k) = self.known.remove(key) {
+            self.out.push_back(Output::Remove {
+                name: k.node.name,
+                key: *key,
+            });
+        }
+    }
+
+    /// A control message from the peer with WireGuard key `from`, whose datagrams come from
+    /// `endpoint`. `unix` is wall-clock seconds, for certificate validity.
+    pub fn handle(&mut self, from: [u8; 32], endpoint: Option<SocketAddr>, bytes: &[u8], now: Instant, unix: u64) {
+        let Ok(message) = Message::decode(bytes) else {
+            tracing::debug!("dropped a malformed mesh message");
+            return;
+        };
+        match message {
+            Message::Hello { chain } => {
+                let Some(node) = self.verify(&from, &chain, unix) else {
+                    return;
+                };
+                let known_endpoint = self.known.get(&from).and_then(|k| k.endpoint).or(endpoint);
+                let source = self.known.get(&from).map_or("hello", |k| k.source);
+                self.admit(node, chain, known_endpoint, source);
+                self.send(from, Message::Welcome);
+            }
+            Message::Welcome => {
+                if self.is_lighthouse_key(&from) {
+                    self.welcomed.insert(from);
+                }
+            }
+            Message::Register { talk_to, .. } => {
+                if !self.config.lighthouse {
+                    return;
+                }
+                // Only a member that introduced itself (and whose certificate holds) registers.
+                let Some(groups) = self.known.get(&from).map(|k| k.node.groups.clone()) else {
+                    self.send(from, Message::Hello { chain: self.chain_bytes.clone() });
+                    return;
+                };
+                if let Some(k) = self.known.get_mut(&from) {
+                    k.endpoint = endpoint.or(k.endpoint);
+                    k.source = "registered";
+                }
+                let changed = match self.registrations.insert(
+                    from,
+                    Registration {
+                        talk_to: talk_to.clone(),
+                        last_seen: now,
+                    },
+                ) {
+                    None => true,
+                    Some(old) => old.talk_to != talk_to,
+                };
+                if changed {
+                    self.generation += 1;
+                    self.push_to_affected(&groups, Some(from), now);
+                }
+                self.push_roster(from, now);
+            }
+            Message::Roster {
+                generation,
+                page,
+                pages,
+                members,
+            } => {
+                if !self.is_lighthouse_key(&from) {
+                    return;
+                }
+                let copy = self.rosters.entry(from).or_insert_with(|| RosterCopy {
+                    generation,
+                    pages: Vec::new(),
+                    complete: None,
+                });
+                if copy.generation != generation || copy.pages.len() != pages as usize {
+                    copy.generation = generation;
+                    copy.pages = vec![None; pages as usize];
+                }
+                if let Some(slot) = copy.pages.get_mut(page as usize) {
+                    *slot = Some(members);
+                }
+                if copy.pages.iter().all(Option::is_some) {
+                    let entries: Vec<RosterEntry> = copy.pages.iter_mut().flat_map(|p| p.take().unwrap_or_default()).collect();
+                    copy.pages.clear();
+                    self.take_roster(from, entries, now, unix);
+                }
+            }
+        }
+    }
+
+    /// A complete roster from lighthouse `from`.
+    fn take_roster(&mut self, from: [u8; 32], entries: Vec<RosterEntry>, now: Instant, unix: u64) {
+        let mut listed = HashSet::new();
+        for e in entries {
+            let Some(leaf) = e.chain.first().and_then(|c| Certificate::decode(c).ok()) else {
+                continue;
+            };
+            let key = leaf.body().public_key;
+            let Some(node) = self.verify(&key, &e.chain, unix) else {
+                continue;
+            };
+            listed.insert(key);
+            let endpoint = self.known.get(&key).and_then(|k| k.endpoint).or(e.endpoint);
+            self.admit(node, e.chain, endpoint, "roster");
+        }
+        if let Some(copy) = self.rosters.get_mut(&from) {
+            copy.complete = Some((listed, now));
+        }
+        self.drop_unlisted(now);
+    }
+
+    /// Removes roster members that no fresh roster lists any more. Without any fresh roster
+    /// (every lighthouse silent) nobody is removed: existing sessions outlive the lighthouses.
+    fn drop_unlisted(&mut self, now: Instant) {
+        let fresh_for = self.config.refresh * 3;
+        let fresh: Vec<&HashSet<[u8; 32]>> = self
+            .rosters
+            .values()
+            .filter_map(|r| r.complete.as_ref())
+            .filter(|(_, at)| now.saturating_duration_since(*at) <= fresh_for)
+            .map(|(set, _)| set)
+            .collect();
+        if fresh.is_empty() || self.config.lighthouse {
+            return;
+        }
+        let gone: Vec<[u8; 32]> = self
+            .known
+            .iter()
+            .filter(|(key, k)| k.source == "roster" && !fresh.iter().any(|s| s.contains(*key)))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in gone {
+            self.forget(&key);
+        }
+    }
+
+    /// The roster member `to` may see: registered members in the groups it talks to.
+    fn roster_for(&self, to: &[u8; 32]) -> Vec<RosterEntry> {
+        let Some(reg) = self.registrations.get(to) else {
+            return Vec::new();
+        };
+        let mut entries: Vec<(&String, RosterEntry)> = self
+            .registrations
+            .keys()
+            .filter(|k| *k != to)
+            .filter_map(|k| self.known.get(k))
+            .filter(|k| k.node.groups.iter().any(|g| reg.talk_to.contains(g)))
+            .map(|k| {
+                (
+                    &k.node.name,
+                    RosterEntry {
+                        chain: k.chain.clone(),
+                        endpoint: k.endpoint,
+                    },
+                )
+            })
+            .collect();
+        entries.sort_by(|a, b| a.0.cmp(b.0));
+        entries.into_iter().map(|(_, e)| e).collect()
+    }
+
+    fn push_roster(&mut self, to: [u8; 32], _now: Instant) {
+        let roster = self.roster_for(&to);
+        for page in roster_pages(self.generation, &roster) {
+            self.send(to, page);
+        }
+    }
+
+    /// Pushes fresh rosters to every member that talks to one of `groups` (and to `also`).
+    fn push_to_affected(&mut self, groups: &[String], also: Option<[u8; 32]>, now: Instant) {
+        let affected: Vec<[u8; 32]> = self
+            .registrations
+            .iter()
+            .filter(|(k, r)| Some(**k) != also && r.talk_to.iter().any(|g| groups.contains(g)))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in affected {
+            self.push_roster(k, now);
+        }
+    }
+
+    /// Timers: registration refresh, expiry of certificates and registrations.
+    pub fn handle_timeout(&mut self, now: Instant, unix: u64) {
+        if now >= self.next_register {
+            self.next_register = now + self.config.refresh;
+            for l in self.config.lighthouses.clone() {
+                if l.public_key == self.own_key {
+                    continue;
+                }
+                if !self.welcomed.contains(&l.public_key) || now.saturating_duration_since(self.started) < self.config.refresh * 2 {
+                    self.send(l.public_key, Message::Hello { chain: self.chain_bytes.clone() });
+                }
+                self.send(
+                    l.public_key,
+                    Message::Register {
+                        talk_to: self.config.talk_to.clone(),
+                        candidates: self.config.candidates.clone(),
+                    },
+                );
+            }
+        }
+        if now >= self.next_check {
+            self.next_check = now + Duration::from_secs(1);
+            let expired: Vec<[u8; 32]> = self
+                .known
+                .iter()
+                .filter(|(_, k)| k.node.not_after < unix)
+                .map(|(key, _)| *key)
+                .collect();
+            let stale: Vec<[u8; 32]> = self
+                .registrations
+                .iter()
+                .filter(|(_, r)| now.saturating_duration_since(r.last_seen) > self.config.refresh * 3)
+                .map(|(k, _)| *k)
+                .collect();
+            for key in expired.iter().chain(&stale) {
+                if let Some(k) = self.known.get(key) {
+                    tracing::info!(member = %k.node.name, "dropped: {}", if expired.contains(key) { "its certificate expired" } else { "it stopped registering" });
+                }
+                let groups = self.known.get(key).map(|k| k.node.groups.clone()).unwrap_or_default();
+                let was_registered = self.registrations.remove(key).is_some();
+                self.forget(key);
+                if was_registered {
+                    self.generation += 1;
+                    self.push_to_affected(&groups, None, now);
+                }
+            }
+            self.drop_unlisted(now);
+        }
+    }
+
+    /// Whether a peer with this key has presented a valid certificate (or is a lighthouse).
+    pub fn admitted(&self, key: &[u8; 32]) -> bool {
+        self.known.contains_key(key) || self.is_lighthouse_key(key)
+    }
+
+    /// Members as this node knows them, by name.
+    pub fn members(&self) -> Vec<MemberView> {
+        let mut v: Vec<MemberView> = self
+            .known
+            .values()
+            .map(|k| MemberView {
+                name: k.node.name.clone(),
+                public_key: crate::keys::PublicKey(k.node.public_key).to_string(),
+                addresses: k.node.addresses.clone(),
+                groups: k.node.groups.clone(),
+                fingerprint: k.node.fingerprint.clone(),
+                not_after: cert::utc(k.node.not_after),
+                endpoint: k.endpoint,
+                source: k.source,
+                talk_to: self
+                    .registrations
+                    .get(&k.node.public_key)
+                    .map(|r| r.talk_to.clone())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::cert::{CertBody, Role};
+    use ed25519_dalek::SigningKey;
+
+    const UNIX: u64 = 1_800_000_000;
+    const REFRESH: Duration = Duration::from_secs(10);
+
+    fn ca_key() -> SigningKey {
+        SigningKey::from_bytes(&[1; 32])
+    }
+
+    fn ca(k: &SigningKey) -> Certificate {
+        Certificate::sign(
+            CertBody {
+                role: Role::Ca,
+                name: "fleet".into(),
+                public_key: k.verifying_key().to_bytes(),
+                networks: vec![],
+                groups: vec![],
+                not_before: UNIX - 10,
+                not_after: UNIX + 1_000_000,
+                max_days: 0,
+                issuer: [0; 32],
+            },
+            k,
+        )
+        .unwrap()
+    }
+
+    fn node_cert(by: &SigningKey, name: &str, key: u8, addr: &str, groups: &[&str], not_after: u64) -> Certificate {
+        Certificate::sign(
+            CertBody {
+                role: Role::Node,
+                name: name.into(),
+                public_key: [key; 32],
+                networks: vec![addr.parse().unwrap()],
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+                not_before: UNIX - 10,
+                not_after,
+                max_days: 0,
+                issuer: [0; 32],
+            },
+            by,
+        )
+        .unwrap()
+    }
+
+    fn lighthouse_ref() -> LighthouseConfig {
+        LighthouseConfig {
+            name: "lighthouse".into(),
+            public_key: [10; 32],
+            overlay: "10.77.0.1".parse().unwrap(),
+            endpoint: "192.0.2.1:51820".parse().unwrap(),
+        }
+    }
+
+    fn mesh(cert: Certificate, talk_to: &[&str], lighthouse: bool, now: Instant) -> Mesh {
+        let k = ca_key();
+        Mesh::new(
+            MeshConfig {
+                ca: ca(&k),
+                chain: vec![cert],
+                lighthouses: vec![lighthouse_ref()],
+                talk_to: talk_to.iter().map(|g| g.to_string()).collect(),
+                candidates: vec![],
+                lighthouse,
+                refresh: REFRESH,
+            },
+            now,
+        )
+    }
+
+    /// Nodes by key; delivers every Send until nothing moves; returns the peer changes seen.
+    fn settle(nodes: &mut [(u8, &mut Mesh)], now: Instant) -> Vec<(u8, Output)> {
+        let mut changes = Vec::new();
+        loop {
+            let mut moved = false;
+            for i in 0..nodes.len() {
+                let from = nodes[i].0;
+                while let Some(o) = nodes[i].1.poll_output() {
+                    match o {
+                        Output::Send { to, message } => {
+                            moved = true;
+                            if let Some((_, m)) = nodes.iter_mut().find(|(k, _)| [*k; 32] == to) {
+                                m.handle([from; 32], Some(format!("192.0.2.{from}:51820").parse().unwrap()), &message.encode(), now, UNIX);
+                            }
+                        }
+                        other => changes.push((from, other)),
+                    }
+                }
+            }
+            if !moved {
+                return changes;
+            }
+        }
+    }
+
+    fn upserted(changes: &[(u8, Output)], at: u8, name: &str) -> bool {
+        changes.iter().any(|(n, o)| *n == at && matches!(o, Output::Upsert(s) if s.name == name))
+    }
+
+    #[test]
+    fn members_find_the_groups_they_talk_to_through_the_lighthouse() {
+        let t0 = Instant::now();
+        let k = ca_key();
+        let mut lh = mesh(node_cert(&k, "lighthouse", 10, "10.77.0.1/16", &["lighthouses"], UNIX + 1000), &[], true, t0);
+        let mut robot = mesh(node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000), &["operators"], false, t0);
+        let mut op = mesh(node_cert(&k, "operator", 12, "10.77.0.12/16", &["operators"], UNIX + 1000), &["robots", "operators"], false, t0);
+        let mut other_robot = mesh(node_cert(&k, "robot2", 13, "10.77.0.13/16", &["robots"], UNIX + 1000), &["operators"], false, t0);
+        for m in [&mut robot, &mut op, &mut other_robot] {
+            m.handle_timeout(t0, UNIX);
+        }
+        let changes = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op), (13, &mut other_robot)], t0);
+        assert!(upserted(&changes, 11, "lighthouse"), "the lighthouse is a peer from the config");
+        assert!(upserted(&changes, 11, "operator"));
+        assert!(upserted(&changes, 12, "robot1") && upserted(&changes, 12, "robot2"));
+        assert!(!upserted(&changes, 11, "robot2"), "robots do not talk to robots");
+        let spec = changes.iter().find_map(|(n, o)| match o {
+            Output::Upsert(s) if *n == 12 && s.name == "robot1" => Some(s.clone()),
+            _ => None,
+        }).unwrap();
+        assert_eq!(spec.allowed_ips, vec!["10.77.0.11/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(spec.endpoint, Some("192.0.2.11:51820".parse().unwrap()), "as the lighthouse saw it");
+        assert_eq!(lh.members().len(), 3);
+        assert_eq!(op.members().iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["robot1", "robot2"]);
+
+        // robot2 stops registering: the lighthouse drops it and the operator follows.
+        let later = t0 + REFRESH * 4;
+        robot.handle_timeout(later, UNIX);
+        op.handle_timeout(later, UNIX);
+        let mut changes = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], later);
+        lh.handle_timeout(later, UNIX);
+        changes.extend(settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], later));
+        assert!(changes.iter().any(|(n, o)| *n == 12 && matches!(o, Output::Remove { name, .. } if name == "robot2")), "{changes:?}");
+        assert!(changes.iter().all(|(_, o)| !matches!(o, Output::Remove { name, .. } if name == "robot1")));
+    }
+
+    #[test]
+    fn foreign_expired_and_borrowed_certificates_are_never_admitted() {
+        let t0 = Instant::now();
+        let k = ca_key();
+        let mut lh = mesh(node_cert(&k, "lighthouse", 10, "10.77.0.1/16", &[], UNIX + 1000), &[], true, t0);
+        let other_ca = SigningKey::from_bytes(&[2; 32]);
+        let mut foreign = mesh(node_cert(&other_ca, "intruder", 20, "10.77.0.20/16", &["robots"], UNIX + 1000), &["robots"], false, t0);
+        foreign.handle_timeout(t0, UNIX);
+        settle(&mut [(10, &mut lh), (20, &mut foreign)], t0);
+        assert!(!lh.admitted(&[20; 32]), "signed by another CA");
+        // A valid certificate presented by a key that is not the one it names.
+        let stolen = node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000);
+        lh.handle([21; 32], None, &Message::Hello { chain: vec![stolen.to_bytes().to_vec()] }.encode(), t0, UNIX);
+        assert!(!lh.admitted(&[21; 32]) && !lh.admitted(&[11; 32]));
+        // Expiry: admitted while valid, dropped once expired.
+        let short = node_cert(&k, "robot3", 13, "10.77.0.13/16", &["robots"], UNIX + 5);
+        lh.handle([13; 32], None, &Message::Hello { chain: vec![short.to_bytes().to_vec()] }.encode(), t0, UNIX);
+        assert!(lh.admitted(&[13; 32]));
+        lh.handle_timeout(t0 + Duration::from_secs(2), UNIX + 6);
+        assert!(!lh.admitted(&[13; 32]));
+        assert!(std::iter::from_fn(|| lh.poll_output()).any(|o| matches!(o, Output::Remove { name, .. } if name == "robot3")));
+    }
+
+    #[test]
+    fn silent_lighthouses_remove_nobody() {
+        let t0 = Instant::now();
+        let k = ca_key();
+        let mut lh = mesh(node_cert(&k, "lighthouse", 10, "10.77.0.1/16", &[], UNIX + 1000), &[], true, t0);
+        let mut a = mesh(node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000), &["operators"], false, t0);
+        let mut b = mesh(node_cert(&k, "operator", 12, "10.77.0.12/16", &["operators"], UNIX + 1000), &["robots"], false, t0);
+        a.handle_timeout(t0, UNIX);
+        b.handle_timeout(t0, UNIX);
+        settle(&mut [(10, &mut lh), (11, &mut a), (12, &mut b)], t0);
+        assert!(a.admitted(&[12; 32]));
+        // The lighthouse is gone: a keeps its peer however long it waits.
+        let much_later = t0 + REFRESH * 30;
+        a.handle_timeout(much_later, UNIX);
+        assert!(a.admitted(&[12; 32]));
+        assert!(std::iter::from_fn(|| a.poll_output()).all(|o| !matches!(o, Output::Remove { .. })));
+    }
+}

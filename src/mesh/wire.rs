@@ -1,0 +1,333 @@
+//! The mesh control messages and their encoding. They travel inside WireGuard, as UDP to
+//! port `MESH_PORT` on the overlay, so WireGuard has authenticated the sending key before a
+//! byte here is parsed; the parser still treats every byte as untrusted.
+
+use std::net::{IpAddr, SocketAddr};
+
+/// Overlay UDP port of mesh control messages (intercepted by the data plane, never a socket).
+pub const MESH_PORT: u16 = 51822;
+const MAGIC: &[u8; 4] = b"MYM1";
+/// A control message fits one unfragmented datagram inside the tunnel.
+pub const MAX_MESSAGE: usize = 1200;
+pub const MAX_CERT: usize = 1024;
+const MAX_CANDIDATES: usize = 8;
+const MAX_TALK_TO: usize = 32;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed mesh message: {0}")]
+pub struct WireError(pub &'static str);
+
+/// A member as a lighthouse lists it: its certificate chain and where it was seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RosterEntry {
+    pub chain: Vec<Vec<u8>>,
+    /// The address the lighthouse sees the member's datagrams come from.
+    pub endpoint: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// "This is who I am": the sender's certificate chain (node, then its signer).
+    Hello { chain: Vec<Vec<u8>> },
+    /// "I verified your Hello": stops the sender's retries.
+    Welcome,
+    /// A member to a lighthouse: the groups it wants to talk to and its own addresses.
+    Register {
+        talk_to: Vec<String>,
+        candidates: Vec<SocketAddr>,
+    },
+    /// A lighthouse to a member: one page of the roster generation `generation`.
+    Roster {
+        generation: u64,
+        page: u16,
+        pages: u16,
+        members: Vec<RosterEntry>,
+    },
+}
+
+fn put_sock(out: &mut Vec<u8>, a: Option<SocketAddr>) {
+    match a {
+        None => out.push(0),
+        Some(SocketAddr::V4(v)) => {
+            out.push(4);
+            out.extend_from_slice(&v.ip().octets());
+            out.extend_from_slice(&v.port().to_be_bytes());
+        }
+        Some(SocketAddr::V6(v)) => {
+            out.push(6);
+            out.extend_from_slice(&v.ip().octets());
+            out.extend_from_slice(&v.port().to_be_bytes());
+        }
+    }
+}
+
+fn put_chain(out: &mut Vec<u8>, chain: &[Vec<u8>]) {
+    out.push(chain.len().min(2) as u8);
+    for c in chain.iter().take(2) {
+        let c = &c[..c.len().min(MAX_CERT)];
+        out.extend_from_slice(&(c.len() as u16).to_be_bytes());
+        out.extend_from_slice(c);
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError("truncated"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn sock(&mut self) -> Result<Option<SocketAddr>, WireError> {
+        let ip: IpAddr = match self.u8()? {
+            0 => return Ok(None),
+            4 => {
+                let mut a = [0u8; 4];
+                a.copy_from_slice(self.take(4)?);
+                a.into()
+            }
+            6 => {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(self.take(16)?);
+                a.into()
+            }
+            _ => return Err(WireError("unknown address family")),
+        };
+        Ok(Some(SocketAddr::new(ip, self.u16()?)))
+    }
+    fn chain(&mut self) -> Result<Vec<Vec<u8>>, WireError> {
+        let n = self.u8()? as usize;
+        if n == 0 || n > 2 {
+            return Err(WireError("a chain has one or two certificates"));
+        }
+        (0..n)
+            .map(|_| {
+                let len = self.u16()? as usize;
+                if len > MAX_CERT {
+                    return Err(WireError("certificate too long"));
+                }
+                Ok(self.take(len)?.to_vec())
+            })
+            .collect()
+    }
+    fn text(&mut self) -> Result<String, WireError> {
+        let n = self.u8()? as usize;
+        if n > 63 {
+            return Err(WireError("a group name is at most 63 bytes"));
+        }
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| WireError("text is not UTF-8"))
+    }
+}
+
+impl Message {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        match self {
+            Message::Hello { chain } => {
+                out.push(1);
+                put_chain(&mut out, chain);
+            }
+            Message::Welcome => out.push(2),
+            Message::Register {
+                talk_to,
+                candidates,
+            } => {
+                out.push(3);
+                out.push(talk_to.len().min(MAX_TALK_TO) as u8);
+                for g in talk_to.iter().take(MAX_TALK_TO) {
+                    let g = &g.as_bytes()[..g.len().min(63)];
+                    out.push(g.len() as u8);
+                    out.extend_from_slice(g);
+                }
+                out.push(candidates.len().min(MAX_CANDIDATES) as u8);
+                for c in candidates.iter().take(MAX_CANDIDATES) {
+                    put_sock(&mut out, Some(*c));
+                }
+            }
+            Message::Roster {
+                generation,
+                page,
+                pages,
+                members,
+            } => {
+                out.push(4);
+                out.extend_from_slice(&generation.to_be_bytes());
+                out.extend_from_slice(&page.to_be_bytes());
+                out.extend_from_slice(&pages.to_be_bytes());
+                out.push(members.len().min(255) as u8);
+                for m in members.iter().take(255) {
+                    put_chain(&mut out, &m.chain);
+                    put_sock(&mut out, m.endpoint);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader(bytes);
+        if r.take(4)? != MAGIC {
+            return Err(WireError("not a mesh message"));
+        }
+        let m = match r.u8()? {
+            1 => Message::Hello { chain: r.chain()? },
+            2 => Message::Welcome,
+            3 => {
+                let n = r.u8()? as usize;
+                if n > MAX_TALK_TO {
+                    return Err(WireError("too many groups"));
+                }
+                let talk_to = (0..n).map(|_| r.text()).collect::<Result<_, _>>()?;
+                let n = r.u8()? as usize;
+                if n > MAX_CANDIDATES {
+                    return Err(WireError("too many candidates"));
+                }
+                let candidates = (0..n)
+                    .map(|_| r.sock()?.ok_or(WireError("empty candidate")))
+                    .collect::<Result<_, _>>()?;
+                Message::Register {
+                    talk_to,
+                    candidates,
+                }
+            }
+            4 => {
+                let generation = r.u64()?;
+                let page = r.u16()?;
+                let pages = r.u16()?;
+                if pages == 0 || page >= pages {
+                    return Err(WireError("page out of range"));
+                }
+                let n = r.u8()? as usize;
+                let members = (0..n)
+                    .map(|_| {
+                        Ok(RosterEntry {
+                            chain: r.chain()?,
+                            endpoint: r.sock()?,
+                        })
+                    })
+                    .collect::<Result<_, WireError>>()?;
+                Message::Roster {
+                    generation,
+                    page,
+                    pages,
+                    members,
+                }
+            }
+            _ => return Err(WireError("unknown message kind")),
+        };
+        if !r.0.is_empty() {
+            return Err(WireError("trailing bytes"));
+        }
+        Ok(m)
+    }
+}
+
+/// Splits a roster into pages that each fit one message.
+pub fn roster_pages(generation: u64, members: &[RosterEntry]) -> Vec<Message> {
+    let mut pages: Vec<Vec<RosterEntry>> = vec![Vec::new()];
+    let mut size = 0;
+    for m in members {
+        let len = 4 + m.chain.iter().map(|c| c.len() + 2).sum::<usize>() + 19;
+        if size + len > MAX_MESSAGE - 32 && pages.last().is_some_and(|p| !p.is_empty()) {
+            pages.push(Vec::new());
+            size = 0;
+        }
+        size += len;
+        if let Some(p) = pages.last_mut() {
+            p.push(m.clone());
+        }
+    }
+    let count = pages.len().min(u16::MAX as usize) as u16;
+    pages
+        .into_iter()
+        .take(count as usize)
+        .enumerate()
+        .map(|(i, members)| Message::Roster {
+            generation,
+            page: i as u16,
+            pages: count,
+            members,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn every_message_roundtrips() {
+        let entry = RosterEntry {
+            chain: vec![vec![1; 180], vec![2; 180]],
+            endpoint: Some("192.0.2.1:51820".parse().unwrap()),
+        };
+        for m in [
+            Message::Hello {
+                chain: vec![vec![7; 200]],
+            },
+            Message::Welcome,
+            Message::Register {
+                talk_to: vec!["robots".into(), "operators".into()],
+                candidates: vec!["10.0.0.1:51820".parse().unwrap(), "[2001:db8::1]:51820".parse().unwrap()],
+            },
+            Message::Roster {
+                generation: 9,
+                page: 0,
+                pages: 1,
+                members: vec![entry.clone(), RosterEntry { endpoint: None, ..entry }],
+            },
+        ] {
+            assert_eq!(Message::decode(&m.encode()), Ok(m));
+        }
+    }
+
+    #[test]
+    fn a_roster_of_fifty_splits_into_pages_that_fit() {
+        let members: Vec<RosterEntry> = (0..50)
+            .map(|i| RosterEntry {
+                chain: vec![vec![i; 190], vec![i; 190]],
+                endpoint: Some("192.0.2.1:51820".parse().unwrap()),
+            })
+            .collect();
+        let pages = roster_pages(3, &members);
+        assert!(pages.len() > 1);
+        let mut back = Vec::new();
+        for p in &pages {
+            let bytes = p.encode();
+            assert!(bytes.len() <= MAX_MESSAGE, "{}", bytes.len());
+            if let Message::Roster { members, .. } = Message::decode(&bytes).unwrap() {
+                back.extend(members);
+            }
+        }
+        assert_eq!(back, members);
+        assert_eq!(roster_pages(1, &[]).len(), 1, "an empty roster is one empty page");
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1300)) {
+            let _ = Message::decode(&bytes);
+            let mut framed = MAGIC.to_vec();
+            framed.extend_from_slice(&bytes);
+            if let Ok(m) = Message::decode(&framed) {
+                prop_assert_eq!(Message::decode(&m.encode()), Ok(m));
+            }
+        }
+    }
+}
