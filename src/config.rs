@@ -4,7 +4,7 @@
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,11 @@ pub struct Config {
     pub peers: Vec<PeerConfig>,
     #[serde(default)]
     pub probe: ProbeConfig,
+    /// Membership in a certificate-based mesh (lighthouses, roster).
+    #[serde(default)]
+    pub mesh: Option<MeshSection>,
+    #[serde(default)]
+    pub lighthouse: LighthouseSection,
     #[serde(default, rename = "plugins")]
     plugins_raw: toml::Table,
     #[serde(skip)]
@@ -111,6 +116,48 @@ fn default_control_listen() -> SocketAddr {
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSection {
+    /// The fleet's CA certificate.
+    pub ca: PathBuf,
+    /// This node's certificate (followed by its signer's, when a signer issued it).
+    pub cert: PathBuf,
+    #[serde(default)]
+    pub lighthouses: Vec<LighthouseRefConfig>,
+    /// Groups whose members this node learns about.
+    #[serde(default)]
+    pub talk_to: Vec<String>,
+    #[serde(default = "default_refresh_s")]
+    pub refresh_s: u64,
+}
+
+fn default_refresh_s() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LighthouseRefConfig {
+    #[serde(default = "default_lighthouse_name")]
+    pub name: NodeName,
+    pub endpoint: SocketAddr,
+    pub public_key: crate::keys::PublicKey,
+    /// The lighthouse's overlay address.
+    pub overlay: IpAddr,
+}
+
+fn default_lighthouse_name() -> NodeName {
+    NodeName("lighthouse".into())
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LighthouseSection {
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     pub name: NodeName,
@@ -332,6 +379,37 @@ impl Config {
                     "give every peer, and this node, its own name",
                 ));
             }
+        }
+        if let Some(mesh) = &config.mesh {
+            if mesh.refresh_s == 0 || mesh.refresh_s > 3600 {
+                return Err(invalid(
+                    &["mesh", "refresh_s"],
+                    format!("refresh_s {} is outside 1..=3600", mesh.refresh_s),
+                    "the default is 30",
+                ));
+            }
+            for g in &mesh.talk_to {
+                if let Err(e) = crate::mesh::cert::check_group(g) {
+                    return Err(invalid(
+                        &["mesh", "talk_to"],
+                        e.to_string(),
+                        "e.g. talk_to = [\"operators\"]",
+                    ));
+                }
+            }
+            if mesh.lighthouses.is_empty() && !config.lighthouse.enabled {
+                return Err(invalid(
+                    &["mesh", "lighthouses"],
+                    "a mesh member needs at least one lighthouse".into(),
+                    "lighthouses = [{ endpoint = \"192.0.2.1:51820\", public_key = \"...\", overlay = \"10.77.0.1\" }], or [lighthouse] enabled = true on the lighthouse itself",
+                ));
+            }
+        } else if config.lighthouse.enabled {
+            return Err(invalid(
+                &["lighthouse", "enabled"],
+                "a lighthouse needs a [mesh] section with the fleet's ca and its own cert".into(),
+                "add [mesh] ca = \"/etc/myelin/ca.crt\" and cert = \"/etc/myelin/node.crt\"",
+            ));
         }
         config.plugins = parse_plugins(&config.plugins_raw).map_err(|(keys, message, hint)| {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();

@@ -40,6 +40,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Up(a) => runtime()?.block_on(myelin::node::up(&a.config)),
         Command::Status(a) => runtime()?.block_on(cli::status(a)),
         Command::Peers(a) => runtime()?.block_on(cli::peers(a)),
+        Command::Members(a) => runtime()?.block_on(cli::members(a)),
         Command::Plugins(a) => runtime()?.block_on(cli::plugins(a)),
         Command::Safety(a) => runtime()?.block_on(cli::safety(a)),
         Command::Lab(a) => runtime()?.block_on(cli::lab(a)),

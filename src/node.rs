@@ -79,8 +79,37 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         Some(token_file) if config.control.remote_listen.is_some() => Some(load_token(token_file)?),
         _ => None,
     };
+    let mesh_config = crate::mesh::shell::mesh_config(&config, key.public_key().0)?;
     let (mesh_tx, mesh_rx) = watch::channel(configured_mesh(&config));
     let tunnel = Tunnel::start(&config, &key, mesh_tx).await?;
+    let (members_tx, members_rx) = watch::channel(Vec::new());
+    let mesh_stop = tokio_util::sync::CancellationToken::new();
+    let mesh_task = match mesh_config {
+        None => None,
+        Some(mesh_config) => {
+            let control = tunnel.peer_control();
+            let rx = control
+                .attach_mesh(true)
+                .context("the mesh controller is attached once")?;
+            tracing::info!(
+                lighthouse = mesh_config.lighthouse,
+                lighthouses = mesh_config.lighthouses.len(),
+                "mesh member: {}",
+                mesh_config
+                    .chain
+                    .first()
+                    .map(|c| c.name().to_string())
+                    .unwrap_or_default()
+            );
+            Some(tokio::spawn(crate::mesh::shell::run(
+                mesh_config,
+                control,
+                rx,
+                members_tx,
+                mesh_stop.clone(),
+            )))
+        }
+    };
     // After the tunnel, so remote_listen may be an overlay address.
     let remote = match (config.control.remote_listen, token) {
         (Some(addr), Some(token)) => {
@@ -105,6 +134,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
             offload: tunnel.offload,
         },
         peers: tunnel.peer_control(),
+        members: members_rx,
         event_streams: Default::default(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -142,6 +172,10 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = api.await;
     if let Some(t) = remote_task {
+        let _ = t.await;
+    }
+    mesh_stop.cancel();
+    if let Some(t) = mesh_task {
         let _ = t.await;
     }
     tunnel.stop().await;

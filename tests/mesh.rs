@@ -136,3 +136,256 @@ fn peers_join_and_leave_live_without_disturbing_the_others() {
     let (status, answer) = alpha.call("DELETE", "/api/v1/peers/gamma");
     assert_eq!(status, 404, "{answer}");
 }
+
+/// The fleet's CA, made with the CLI as a user would, and certificates signed by it.
+struct Fleetca {
+    dir: tempfile::TempDir,
+}
+
+impl Fleetca {
+    fn new(name: &str) -> Fleetca {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let out = std::process::Command::new(common::BIN)
+            .args([
+                "ca",
+                "init",
+                "--name",
+                name,
+                "--dir",
+                dir.path().to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Fleetca { dir }
+    }
+
+    fn ca(&self) -> String {
+        format!("{}/ca.crt", self.dir.path().display())
+    }
+
+    fn sign(&self, spec: &Spec, groups: &str) -> String {
+        let out_path = format!("{}/{}.crt", self.dir.path().display(), spec.name);
+        let out = std::process::Command::new(common::BIN)
+            .args([
+                "ca",
+                "sign",
+                "--ca-dir",
+                self.dir.path().to_str().unwrap(),
+                "--name",
+                &spec.name,
+                "--pubkey",
+                &spec.public,
+                "--address",
+                &spec.addresses[0],
+                "--groups",
+                groups,
+                "--out",
+                &out_path,
+                "--force",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out_path
+    }
+}
+
+fn mesh_section(ca: &str, cert: &str, lighthouse: Option<(&Spec, &str)>, talk_to: &str) -> String {
+    let lighthouses = match lighthouse {
+        Some((l, endpoint)) => format!(
+            "lighthouses = [{{ endpoint = \"{endpoint}\", public_key = \"{}\", overlay = \"{}\" }}]\n",
+            l.public,
+            l.addresses[0].split('/').next().unwrap()
+        ),
+        None => String::new(),
+    };
+    format!("[mesh]\nca = \"{ca}\"\ncert = \"{cert}\"\ntalk_to = [{talk_to}]\nrefresh_s = 2\n{lighthouses}")
+}
+
+/// Polls `node`'s members until `pred` holds; fails after `timeout` saying `what`.
+fn wait_members(node: &Node, what: &str, timeout: Duration, pred: impl Fn(&[String]) -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let names = member_names(node);
+        if pred(&names) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; members: {names:?}\nlog:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn member_names(node: &Node) -> Vec<String> {
+    node.get("/api/v1/members")["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A lighthouse, an operator and two robots with certificates and no static peers: the
+/// operator reaches both robots, each robot reaches the operator but not the other robot, and
+/// a node with another fleet's certificate, or one that expires, never keeps a session.
+#[test]
+fn a_fleet_forms_its_mesh_through_a_lighthouse() {
+    let names = [
+        "lighthouse",
+        "operator",
+        "robot1",
+        "robot2",
+        "intruder",
+        "ephemeral",
+    ];
+    let fleet = Fleet::new("lh", &names);
+    let specs: Vec<Spec> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Spec::new(n, &[&format!("10.94.0.{}/16", i + 1)]))
+        .collect();
+    let ca = Fleetca::new("test-fleet");
+    let other = Fleetca::new("other-fleet");
+    let lh_endpoint = format!("{}:51820", fleet.underlay[0]);
+    let lighthouse = Some((&specs[0], lh_endpoint.as_str()));
+    let mut configs = Vec::new();
+    configs.push(format!(
+        "{}[lighthouse]\nenabled = true\n",
+        mesh_section(&ca.ca(), &ca.sign(&specs[0], "lighthouses"), None, "")
+    ));
+    configs.push(mesh_section(
+        &ca.ca(),
+        &ca.sign(&specs[1], "operators"),
+        lighthouse,
+        "\"robots\", \"operators\"",
+    ));
+    configs.push(mesh_section(
+        &ca.ca(),
+        &ca.sign(&specs[2], "robots"),
+        lighthouse,
+        "\"operators\"",
+    ));
+    configs.push(mesh_section(
+        &ca.ca(),
+        &ca.sign(&specs[3], "robots"),
+        lighthouse,
+        "\"operators\"",
+    ));
+    // The intruder trusts its own CA (so its node starts) and knows the lighthouse's key.
+    configs.push(mesh_section(
+        &other.ca(),
+        &other.sign(&specs[4], "robots"),
+        lighthouse,
+        "\"operators\"",
+    ));
+    // Ephemeral: valid for 25 seconds from now, signed with the library as `ca sign` does.
+    let ephemeral_until = myelin::mesh::shell::unix_now() + 25;
+    let ephemeral_cert = {
+        use myelin::mesh::cert::{signing_key_from_pem, CertBody, Certificate, Role};
+        let key_text = std::fs::read_to_string(ca.dir.path().join("ca.key")).unwrap();
+        let key = signing_key_from_pem(&key_text).unwrap();
+        let now = myelin::mesh::shell::unix_now();
+        let public = myelin::keys::PublicKey::try_from(specs[5].public.clone()).unwrap();
+        let cert = Certificate::sign(
+            CertBody {
+                role: Role::Node,
+                name: "ephemeral".into(),
+                public_key: public.0,
+                networks: vec![specs[5].addresses[0].parse().unwrap()],
+                groups: vec!["robots".into()],
+                not_before: now,
+                not_after: ephemeral_until,
+                max_days: 0,
+                issuer: [0; 32],
+            },
+            &key,
+        )
+        .unwrap();
+        let path = ca.dir.path().join("ephemeral.crt");
+        std::fs::write(&path, cert.to_pem()).unwrap();
+        path.display().to_string()
+    };
+    configs.push(mesh_section(
+        &ca.ca(),
+        &ephemeral_cert,
+        lighthouse,
+        "\"operators\"",
+    ));
+    let nodes: Vec<Node> = specs
+        .iter()
+        .zip(&configs)
+        .zip(&fleet.nodes)
+        .map(|((spec, mesh), ns)| {
+            let mut spec = spec.clone();
+            spec.rest = mesh.clone();
+            Node::start_spec(ns.clone(), &spec, "")
+        })
+        .collect();
+    let (lh, operator, robot1) = (&nodes[0], &nodes[1], &nodes[2]);
+    let ns = |i: usize| &fleet.nodes[i];
+    // Every robot reaches the operator and back, found through the lighthouse alone.
+    ping_until(ns(1), "10.94.0.3", LONG);
+    ping_until(ns(1), "10.94.0.4", LONG);
+    ping_until(ns(2), "10.94.0.2", LONG);
+    ping_until(ns(3), "10.94.0.2", LONG);
+    let started = Instant::now();
+    wait_members(operator, "the operator to list both robots", LONG, |m| {
+        m.contains(&"robot1".to_string()) && m.contains(&"robot2".to_string())
+    });
+    assert!(
+        !member_names(robot1).contains(&"robot2".to_string()),
+        "robots talk to operators only"
+    );
+    assert!(!pings(ns(2), "10.94.0.4"), "robot1 has no path to robot2");
+    let peer = operator.peer("robot1");
+    assert_eq!(peer["overlay_ips"], json!(["10.94.0.3/32"]), "{peer}");
+    // The intruder never joins: the lighthouse does not list it, and nobody reaches it.
+    let lh_members = member_names(lh);
+    assert!(
+        !lh_members.contains(&"intruder".to_string()),
+        "{lh_members:?}"
+    );
+    assert!(!pings(ns(1), "10.94.0.5"));
+    assert!(
+        !pings(ns(4), "10.94.0.2"),
+        "the intruder reaches the operator"
+    );
+    // The ephemeral robot is admitted while valid, then dropped within 5 s of expiry.
+    wait_members(operator, "the ephemeral robot to be listed", LONG, |m| {
+        m.contains(&"ephemeral".to_string())
+    });
+    wait_members(
+        operator,
+        "the expired robot to be dropped",
+        Duration::from_secs(40),
+        |m| !m.contains(&"ephemeral".to_string()),
+    );
+    let late = myelin::mesh::shell::unix_now().saturating_sub(ephemeral_until);
+    assert!(
+        late <= 5,
+        "the expired robot was dropped {late} s after its certificate expired"
+    );
+    eprintln!("mesh formed and checked in {:?}", started.elapsed());
+    assert!(
+        operator.peer("ephemeral").is_null(),
+        "an expired member is no peer"
+    );
+    assert!(!pings(ns(1), "10.94.0.6"));
+}

@@ -26,6 +26,8 @@ pub struct ApiState {
     pub tunnel: TunnelInfo,
     /// Adds and removes peers of the running tunnel.
     pub peers: crate::tunnel::PeerControl,
+    /// Mesh members as this node knows them (empty without [mesh]).
+    pub members: watch::Receiver<Vec<crate::mesh::control::MemberView>>,
     /// Open `/api/v1/events` streams (capped at `events::MAX_STREAMS`).
     pub event_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -219,6 +221,7 @@ fn api_routes(state: Arc<ApiState>) -> Router {
         .route("/api/v1/status", get(status))
         .route("/api/v1/peers", get(peers).post(add_peer))
         .route("/api/v1/peers/{name}", axum::routing::delete(remove_peer))
+        .route("/api/v1/members", get(members))
         .route("/api/v1/plugins", get(plugins))
         .route("/api/v1/plugins/{name}", get(plugin))
         .route("/api/v1/plugins/{name}/{action}", post(plugin_action))
@@ -231,7 +234,7 @@ fn api_routes(state: Arc<ApiState>) -> Router {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "no such endpoint",
-                "the API lives under /api/v1/ (status, peers, plugins, events)",
+                "the API lives under /api/v1/ (status, peers, members, plugins, events)",
             )
         })
         .method_not_allowed_fallback(|| async {
@@ -365,6 +368,10 @@ async fn remove_peer(
         )
     })?;
     Ok(Json(json!({ "peer": name, "removed": true })).into_response())
+}
+
+async fn members(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {
+    Json(json!({ "members": *s.members.borrow() }))
 }
 
 async fn plugins(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {

@@ -32,6 +32,7 @@ pub enum Command {
     Up(UpArgs),
     Status(StatusArgs),
     Peers(PeersArgs),
+    Members(MembersArgs),
     Plugins(PluginsArgs),
     Safety(SafetyArgs),
     Version(VersionArgs),
@@ -281,6 +282,21 @@ pub struct StatusArgs {
 }
 
 #[derive(FromArgs)]
+/// List the mesh members this node knows: name, addresses, groups, where it learned them.
+#[argh(subcommand, name = "members")]
+pub struct MembersArgs {
+    #[argh(option)]
+    /// control API address (default: $MYELIN_API, the config's [control].listen, or 127.0.0.1:7800)
+    pub api: Option<String>,
+    #[argh(option)]
+    /// read the control API address from this config file
+    pub config: Option<PathBuf>,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
 /// List the peers with endpoint, handshake, traffic and RTT.
 #[argh(subcommand, name = "peers")]
 pub struct PeersArgs {
@@ -356,7 +372,7 @@ pub use ca::ca;
 pub use init::init;
 pub use keygen::{keygen, pubkey};
 pub use lab_command::lab;
-pub use remote::{peers, plugins, status};
+pub use remote::{members, peers, plugins, status};
 pub use safety::safety;
 
 pub fn version(args: &VersionArgs) -> anyhow::Result<()> {

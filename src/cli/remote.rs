@@ -1,6 +1,6 @@
 //! `status`, `peers` and `plugins`: talk to a running node's control API.
 
-use super::{PeersArgs, PluginsArgs, StatusArgs};
+use super::{MembersArgs, PeersArgs, PluginsArgs, StatusArgs};
 use crate::api::client;
 use anyhow::{bail, Context};
 use serde_json::Value;
@@ -110,6 +110,40 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
             plugins.join(", ")
         }
     );
+    Ok(())
+}
+
+pub async fn members(args: &MembersArgs) -> anyhow::Result<()> {
+    let addr = api_addr(&args.api, &args.config)?;
+    let v = request(addr, "GET", "/api/v1/members").await?;
+    if args.json {
+        return print_json(&v);
+    }
+    let members = v["members"].as_array().cloned().unwrap_or_default();
+    if members.is_empty() {
+        println!("no mesh members known (is [mesh] configured, and is a lighthouse reachable?)");
+    }
+    let list = |v: &Value| -> String {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    for m in members {
+        println!(
+            "{:<16} {:<20} groups [{}]  via {}  endpoint {}  valid until {}",
+            m["name"].as_str().unwrap_or("?"),
+            list(&m["addresses"]),
+            list(&m["groups"]),
+            m["source"].as_str().unwrap_or("?"),
+            m["endpoint"].as_str().unwrap_or("-"),
+            m["not_after"].as_str().unwrap_or("?"),
+        );
+    }
     Ok(())
 }
 

@@ -105,10 +105,7 @@ pub struct Mesh {
 }
 
 fn host_routes(addresses: &[IpNet]) -> Vec<IpNet> {
-    addresses
-        .iter()
-        .map(|a| IpNet::from(a.addr()))
-        .collect()
+    addresses.iter().map(|a| IpNet::from(a.addr())).collect()
 }
 
 impl Mesh {
@@ -188,7 +185,13 @@ impl Mesh {
     }
 
     /// Makes a verified member a peer (replacing a restricted, not-yet-introduced one).
-    fn admit(&mut self, node: VerifiedNode, chain: Vec<Vec<u8>>, endpoint: Option<SocketAddr>, source: &'static str) {
+    fn admit(
+        &mut self,
+        node: VerifiedNode,
+        chain: Vec<Vec<u8>>,
+        endpoint: Option<SocketAddr>,
+        source: &'static str,
+    ) {
         if node.public_key == self.own_key || self.is_lighthouse_key(&node.public_key) {
             return;
         }
@@ -208,12 +211,15 @@ impl Mesh {
                 source,
             },
         );
-        if previous.is_none_or(|p| p.endpoint != endpoint || host_routes(&p.node.addresses) != spec.allowed_ips) {
+        if previous.is_none_or(|p| {
+            p.endpoint != endpoint || host_routes(&p.node.addresses) != spec.allowed_ips
+        }) {
             self.out.push_back(Output::Upsert(spec));
         }
     }
 
     fn forget(&mut self, key: &[u8; 32]) {
+        self.welcomed.remove(key);
         if let Some(k) = self.known.remove(key) {
             self.out.push_back(Output::Remove {
                 name: k.node.name,
@@ -224,7 +230,14 @@ impl Mesh {
 
     /// A control message from the peer with WireGuard key `from`, whose datagrams come from
     /// `endpoint`. `unix` is wall-clock seconds, for certificate validity.
-    pub fn handle(&mut self, from: [u8; 32], endpoint: Option<SocketAddr>, bytes: &[u8], now: Instant, unix: u64) {
+    pub fn handle(
+        &mut self,
+        from: [u8; 32],
+        endpoint: Option<SocketAddr>,
+        bytes: &[u8],
+        now: Instant,
+        unix: u64,
+    ) {
         let Ok(message) = Message::decode(bytes) else {
             tracing::debug!("dropped a malformed mesh message");
             return;
@@ -240,7 +253,7 @@ impl Mesh {
                 self.send(from, Message::Welcome);
             }
             Message::Welcome => {
-                if self.is_lighthouse_key(&from) {
+                if self.admitted(&from) {
                     self.welcomed.insert(from);
                 }
             }
@@ -250,7 +263,12 @@ impl Mesh {
                 }
                 // Only a member that introduced itself (and whose certificate holds) registers.
                 let Some(groups) = self.known.get(&from).map(|k| k.node.groups.clone()) else {
-                    self.send(from, Message::Hello { chain: self.chain_bytes.clone() });
+                    self.send(
+                        from,
+                        Message::Hello {
+                            chain: self.chain_bytes.clone(),
+                        },
+                    );
                     return;
                 };
                 if let Some(k) = self.known.get_mut(&from) {
@@ -295,7 +313,11 @@ impl Mesh {
                     *slot = Some(members);
                 }
                 if copy.pages.iter().all(Option::is_some) {
-                    let entries: Vec<RosterEntry> = copy.pages.iter_mut().flat_map(|p| p.take().unwrap_or_default()).collect();
+                    let entries: Vec<RosterEntry> = copy
+                        .pages
+                        .iter_mut()
+                        .flat_map(|p| p.take().unwrap_or_default())
+                        .collect();
                     copy.pages.clear();
                     self.take_roster(from, entries, now, unix);
                 }
@@ -316,7 +338,17 @@ impl Mesh {
             };
             listed.insert(key);
             let endpoint = self.known.get(&key).and_then(|k| k.endpoint).or(e.endpoint);
+            let new = !self.known.contains_key(&key);
             self.admit(node, e.chain, endpoint, "roster");
+            // Introduce ourselves: the member may not have us in its roster.
+            if new && self.known.contains_key(&key) {
+                self.send(
+                    key,
+                    Message::Hello {
+                        chain: self.chain_bytes.clone(),
+                    },
+                );
+            }
         }
         if let Some(copy) = self.rosters.get_mut(&from) {
             copy.complete = Some((listed, now));
@@ -402,14 +434,36 @@ impl Mesh {
                 if l.public_key == self.own_key {
                     continue;
                 }
-                if !self.welcomed.contains(&l.public_key) || now.saturating_duration_since(self.started) < self.config.refresh * 2 {
-                    self.send(l.public_key, Message::Hello { chain: self.chain_bytes.clone() });
+                if !self.welcomed.contains(&l.public_key)
+                    || now.saturating_duration_since(self.started) < self.config.refresh * 2
+                {
+                    self.send(
+                        l.public_key,
+                        Message::Hello {
+                            chain: self.chain_bytes.clone(),
+                        },
+                    );
                 }
                 self.send(
                     l.public_key,
                     Message::Register {
                         talk_to: self.config.talk_to.clone(),
                         candidates: self.config.candidates.clone(),
+                    },
+                );
+            }
+            // Members that have not confirmed our Hello hear it again.
+            let unconfirmed: Vec<[u8; 32]> = self
+                .known
+                .keys()
+                .filter(|k| !self.welcomed.contains(*k))
+                .copied()
+                .collect();
+            for key in unconfirmed {
+                self.send(
+                    key,
+                    Message::Hello {
+                        chain: self.chain_bytes.clone(),
                     },
                 );
             }
@@ -425,14 +479,20 @@ impl Mesh {
             let stale: Vec<[u8; 32]> = self
                 .registrations
                 .iter()
-                .filter(|(_, r)| now.saturating_duration_since(r.last_seen) > self.config.refresh * 3)
+                .filter(|(_, r)| {
+                    now.saturating_duration_since(r.last_seen) > self.config.refresh * 3
+                })
                 .map(|(k, _)| *k)
                 .collect();
             for key in expired.iter().chain(&stale) {
                 if let Some(k) = self.known.get(key) {
                     tracing::info!(member = %k.node.name, "dropped: {}", if expired.contains(key) { "its certificate expired" } else { "it stopped registering" });
                 }
-                let groups = self.known.get(key).map(|k| k.node.groups.clone()).unwrap_or_default();
+                let groups = self
+                    .known
+                    .get(key)
+                    .map(|k| k.node.groups.clone())
+                    .unwrap_or_default();
                 let was_registered = self.registrations.remove(key).is_some();
                 self.forget(key);
                 if was_registered {
@@ -506,7 +566,14 @@ mod tests {
         .unwrap()
     }
 
-    fn node_cert(by: &SigningKey, name: &str, key: u8, addr: &str, groups: &[&str], not_after: u64) -> Certificate {
+    fn node_cert(
+        by: &SigningKey,
+        name: &str,
+        key: u8,
+        addr: &str,
+        groups: &[&str],
+        not_after: u64,
+    ) -> Certificate {
         Certificate::sign(
             CertBody {
                 role: Role::Node,
@@ -561,7 +628,13 @@ mod tests {
                         Output::Send { to, message } => {
                             moved = true;
                             if let Some((_, m)) = nodes.iter_mut().find(|(k, _)| [*k; 32] == to) {
-                                m.handle([from; 32], Some(format!("192.0.2.{from}:51820").parse().unwrap()), &message.encode(), now, UNIX);
+                                m.handle(
+                                    [from; 32],
+                                    Some(format!("192.0.2.{from}:51820").parse().unwrap()),
+                                    &message.encode(),
+                                    now,
+                                    UNIX,
+                                );
                             }
                         }
                         other => changes.push((from, other)),
@@ -575,33 +648,99 @@ mod tests {
     }
 
     fn upserted(changes: &[(u8, Output)], at: u8, name: &str) -> bool {
-        changes.iter().any(|(n, o)| *n == at && matches!(o, Output::Upsert(s) if s.name == name))
+        changes
+            .iter()
+            .any(|(n, o)| *n == at && matches!(o, Output::Upsert(s) if s.name == name))
     }
 
     #[test]
     fn members_find_the_groups_they_talk_to_through_the_lighthouse() {
         let t0 = Instant::now();
         let k = ca_key();
-        let mut lh = mesh(node_cert(&k, "lighthouse", 10, "10.77.0.1/16", &["lighthouses"], UNIX + 1000), &[], true, t0);
-        let mut robot = mesh(node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000), &["operators"], false, t0);
-        let mut op = mesh(node_cert(&k, "operator", 12, "10.77.0.12/16", &["operators"], UNIX + 1000), &["robots", "operators"], false, t0);
-        let mut other_robot = mesh(node_cert(&k, "robot2", 13, "10.77.0.13/16", &["robots"], UNIX + 1000), &["operators"], false, t0);
+        let mut lh = mesh(
+            node_cert(
+                &k,
+                "lighthouse",
+                10,
+                "10.77.0.1/16",
+                &["lighthouses"],
+                UNIX + 1000,
+            ),
+            &[],
+            true,
+            t0,
+        );
+        let mut robot = mesh(
+            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
+            &["operators"],
+            false,
+            t0,
+        );
+        let mut op = mesh(
+            node_cert(
+                &k,
+                "operator",
+                12,
+                "10.77.0.12/16",
+                &["operators"],
+                UNIX + 1000,
+            ),
+            &["robots", "operators"],
+            false,
+            t0,
+        );
+        let mut other_robot = mesh(
+            node_cert(&k, "robot2", 13, "10.77.0.13/16", &["robots"], UNIX + 1000),
+            &["operators"],
+            false,
+            t0,
+        );
         for m in [&mut robot, &mut op, &mut other_robot] {
             m.handle_timeout(t0, UNIX);
         }
-        let changes = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op), (13, &mut other_robot)], t0);
-        assert!(upserted(&changes, 11, "lighthouse"), "the lighthouse is a peer from the config");
+        let changes = settle(
+            &mut [
+                (10, &mut lh),
+                (11, &mut robot),
+                (12, &mut op),
+                (13, &mut other_robot),
+            ],
+            t0,
+        );
+        assert!(
+            upserted(&changes, 11, "lighthouse"),
+            "the lighthouse is a peer from the config"
+        );
         assert!(upserted(&changes, 11, "operator"));
         assert!(upserted(&changes, 12, "robot1") && upserted(&changes, 12, "robot2"));
-        assert!(!upserted(&changes, 11, "robot2"), "robots do not talk to robots");
-        let spec = changes.iter().find_map(|(n, o)| match o {
-            Output::Upsert(s) if *n == 12 && s.name == "robot1" => Some(s.clone()),
-            _ => None,
-        }).unwrap();
-        assert_eq!(spec.allowed_ips, vec!["10.77.0.11/32".parse::<IpNet>().unwrap()]);
-        assert_eq!(spec.endpoint, Some("192.0.2.11:51820".parse().unwrap()), "as the lighthouse saw it");
+        assert!(
+            !upserted(&changes, 11, "robot2"),
+            "robots do not talk to robots"
+        );
+        let spec = changes
+            .iter()
+            .find_map(|(n, o)| match o {
+                Output::Upsert(s) if *n == 12 && s.name == "robot1" => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(
+            spec.allowed_ips,
+            vec!["10.77.0.11/32".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            spec.endpoint,
+            Some("192.0.2.11:51820".parse().unwrap()),
+            "as the lighthouse saw it"
+        );
         assert_eq!(lh.members().len(), 3);
-        assert_eq!(op.members().iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["robot1", "robot2"]);
+        assert_eq!(
+            op.members()
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>(),
+            ["robot1", "robot2"]
+        );
 
         // robot2 stops registering: the lighthouse drops it and the operator follows.
         let later = t0 + REFRESH * 4;
@@ -609,41 +748,110 @@ mod tests {
         op.handle_timeout(later, UNIX);
         let mut changes = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], later);
         lh.handle_timeout(later, UNIX);
-        changes.extend(settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], later));
-        assert!(changes.iter().any(|(n, o)| *n == 12 && matches!(o, Output::Remove { name, .. } if name == "robot2")), "{changes:?}");
-        assert!(changes.iter().all(|(_, o)| !matches!(o, Output::Remove { name, .. } if name == "robot1")));
+        changes.extend(settle(
+            &mut [(10, &mut lh), (11, &mut robot), (12, &mut op)],
+            later,
+        ));
+        assert!(
+            changes
+                .iter()
+                .any(|(n, o)| *n == 12
+                    && matches!(o, Output::Remove { name, .. } if name == "robot2")),
+            "{changes:?}"
+        );
+        assert!(changes
+            .iter()
+            .all(|(_, o)| !matches!(o, Output::Remove { name, .. } if name == "robot1")));
     }
 
     #[test]
     fn foreign_expired_and_borrowed_certificates_are_never_admitted() {
         let t0 = Instant::now();
         let k = ca_key();
-        let mut lh = mesh(node_cert(&k, "lighthouse", 10, "10.77.0.1/16", &[], UNIX + 1000), &[], true, t0);
+        let mut lh = mesh(
+            node_cert(&k, "lighthouse", 10, "10.77.0.1/16", &[], UNIX + 1000),
+            &[],
+            true,
+            t0,
+        );
         let other_ca = SigningKey::from_bytes(&[2; 32]);
-        let mut foreign = mesh(node_cert(&other_ca, "intruder", 20, "10.77.0.20/16", &["robots"], UNIX + 1000), &["robots"], false, t0);
+        let mut foreign = mesh(
+            node_cert(
+                &other_ca,
+                "intruder",
+                20,
+                "10.77.0.20/16",
+                &["robots"],
+                UNIX + 1000,
+            ),
+            &["robots"],
+            false,
+            t0,
+        );
         foreign.handle_timeout(t0, UNIX);
         settle(&mut [(10, &mut lh), (20, &mut foreign)], t0);
         assert!(!lh.admitted(&[20; 32]), "signed by another CA");
         // A valid certificate presented by a key that is not the one it names.
         let stolen = node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000);
-        lh.handle([21; 32], None, &Message::Hello { chain: vec![stolen.to_bytes().to_vec()] }.encode(), t0, UNIX);
+        lh.handle(
+            [21; 32],
+            None,
+            &Message::Hello {
+                chain: vec![stolen.to_bytes().to_vec()],
+            }
+            .encode(),
+            t0,
+            UNIX,
+        );
         assert!(!lh.admitted(&[21; 32]) && !lh.admitted(&[11; 32]));
         // Expiry: admitted while valid, dropped once expired.
         let short = node_cert(&k, "robot3", 13, "10.77.0.13/16", &["robots"], UNIX + 5);
-        lh.handle([13; 32], None, &Message::Hello { chain: vec![short.to_bytes().to_vec()] }.encode(), t0, UNIX);
+        lh.handle(
+            [13; 32],
+            None,
+            &Message::Hello {
+                chain: vec![short.to_bytes().to_vec()],
+            }
+            .encode(),
+            t0,
+            UNIX,
+        );
         assert!(lh.admitted(&[13; 32]));
         lh.handle_timeout(t0 + Duration::from_secs(2), UNIX + 6);
         assert!(!lh.admitted(&[13; 32]));
-        assert!(std::iter::from_fn(|| lh.poll_output()).any(|o| matches!(o, Output::Remove { name, .. } if name == "robot3")));
+        assert!(std::iter::from_fn(|| lh.poll_output())
+            .any(|o| matches!(o, Output::Remove { name, .. } if name == "robot3")));
     }
 
     #[test]
     fn silent_lighthouses_remove_nobody() {
         let t0 = Instant::now();
         let k = ca_key();
-        let mut lh = mesh(node_cert(&k, "lighthouse", 10, "10.77.0.1/16", &[], UNIX + 1000), &[], true, t0);
-        let mut a = mesh(node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000), &["operators"], false, t0);
-        let mut b = mesh(node_cert(&k, "operator", 12, "10.77.0.12/16", &["operators"], UNIX + 1000), &["robots"], false, t0);
+        let mut lh = mesh(
+            node_cert(&k, "lighthouse", 10, "10.77.0.1/16", &[], UNIX + 1000),
+            &[],
+            true,
+            t0,
+        );
+        let mut a = mesh(
+            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
+            &["operators"],
+            false,
+            t0,
+        );
+        let mut b = mesh(
+            node_cert(
+                &k,
+                "operator",
+                12,
+                "10.77.0.12/16",
+                &["operators"],
+                UNIX + 1000,
+            ),
+            &["robots"],
+            false,
+            t0,
+        );
         a.handle_timeout(t0, UNIX);
         b.handle_timeout(t0, UNIX);
         settle(&mut [(10, &mut lh), (11, &mut a), (12, &mut b)], t0);

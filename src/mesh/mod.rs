@@ -4,5 +4,6 @@
 pub mod cert;
 pub mod control;
 pub mod probe;
+pub mod shell;
 pub mod token;
 pub mod wire;

@@ -284,13 +284,22 @@ mod tests {
             Message::Welcome,
             Message::Register {
                 talk_to: vec!["robots".into(), "operators".into()],
-                candidates: vec!["10.0.0.1:51820".parse().unwrap(), "[2001:db8::1]:51820".parse().unwrap()],
+                candidates: vec![
+                    "10.0.0.1:51820".parse().unwrap(),
+                    "[2001:db8::1]:51820".parse().unwrap(),
+                ],
             },
             Message::Roster {
                 generation: 9,
                 page: 0,
                 pages: 1,
-                members: vec![entry.clone(), RosterEntry { endpoint: None, ..entry }],
+                members: vec![
+                    entry.clone(),
+                    RosterEntry {
+                        endpoint: None,
+                        ..entry
+                    },
+                ],
             },
         ] {
             assert_eq!(Message::decode(&m.encode()), Ok(m));
@@ -316,7 +325,11 @@ mod tests {
             }
         }
         assert_eq!(back, members);
-        assert_eq!(roster_pages(1, &[]).len(), 1, "an empty roster is one empty page");
+        assert_eq!(
+            roster_pages(1, &[]).len(),
+            1,
+            "an empty roster is one empty page"
+        );
     }
 
     proptest! {

@@ -323,18 +323,141 @@ fn flush(shared: &DataPlaneShared, out: &[u8], batch: &mut Option<Batch>) {
 
 /// Which peer a verified datagram belongs to. Only a handshake initiation that passed the mac1
 /// (and, under load, cookie) check costs a Diffie-Hellman step here.
-fn find_peer(shared: &DataPlaneShared, table: &PeerTable, packet: &Packet) -> Option<usize> {
+fn find_peer(
+    shared: &DataPlaneShared,
+    table: &PeerTable,
+    packet: &Packet,
+    from: SocketAddr,
+) -> Option<usize> {
     match packet {
         Packet::HandshakeInit(init) => {
             metrics::counter!("myelin_tunnel_handshake_dh_total").increment(1);
             let half =
                 parse_handshake_anon(&shared.static_private, &shared.static_public, init).ok()?;
-            table.by_key(&half.peer_static_public).map(|(slot, _)| slot)
+            match table.by_key(&half.peer_static_public) {
+                Some((slot, _)) => Some(slot),
+                None => restricted_peer(shared, table, half.peer_static_public, from),
+            }
         }
         Packet::HandshakeResponse(r) => Some((r.receiver_idx >> 8) as usize),
         Packet::PacketCookieReply(c) => Some((c.receiver_idx >> 8) as usize),
         Packet::PacketData(d) => Some((d.receiver_idx >> 8) as usize),
     }
+}
+
+/// A mesh node answers a handshake from a key it does not know with a restricted peer: no
+/// allowed IPs, so only mesh control messages (its certificate) get through, until the mesh
+/// admits it. Their number is capped; the mesh controller expires the ones never admitted.
+fn restricted_peer(
+    shared: &DataPlaneShared,
+    table: &PeerTable,
+    key: [u8; 32],
+    from: SocketAddr,
+) -> Option<usize> {
+    if !shared.mesh.get().is_some_and(|m| m.accept_unknown) {
+        return None;
+    }
+    let restricted = table
+        .iter()
+        .filter(|(_, p)| p.allowed_ips.is_empty())
+        .count();
+    if restricted >= super::MAX_RESTRICTED {
+        metrics::counter!("myelin_mesh_restricted_refused_total").increment(1);
+        return None;
+    }
+    let spec = super::PeerSpec {
+        name: format!("pending-{}", crate::mesh::cert::hex(&key[..6])),
+        public_key: key,
+        allowed_ips: Vec::new(),
+        endpoint: Some(from),
+        persistent_keepalive: None,
+    };
+    let key_of = spec.public_key;
+    match shared.change(|t| t.upsert(&shared.static_private, spec)) {
+        Ok(_) => shared.table.load().by_key(&key_of).map(|(slot, _)| slot),
+        Err(e) => {
+            tracing::debug!("no restricted peer for an unknown key: {e}");
+            None
+        }
+    }
+}
+
+/// The UDP payload of a mesh control message (IPv4 or IPv6 UDP to `MESH_PORT`), if it is one.
+fn mesh_payload(packet: &[u8]) -> Option<&[u8]> {
+    let (udp_at, proto) = match packet.first()? >> 4 {
+        4 => (usize::from(packet.first()? & 0x0f) * 4, *packet.get(9)?),
+        6 => (40, *packet.get(6)?),
+        _ => return None,
+    };
+    if proto != 17 {
+        return None;
+    }
+    let udp = packet.get(udp_at..)?;
+    let dst_port = u16::from_be_bytes([*udp.get(2)?, *udp.get(3)?]);
+    if dst_port != crate::mesh::wire::MESH_PORT {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([*udp.get(4)?, *udp.get(5)?]));
+    udp.get(8..len)
+}
+
+/// Wraps `payload` in IPv4/UDP from this node's overlay address to the peer's, and sends it
+/// through the peer's tunnel.
+pub(super) fn send_control(shared: &DataPlaneShared, peer: &Peer, payload: &[u8]) -> bool {
+    let (Some(src), Some(IpAddr::V4(dst))) = (
+        shared.overlay_v4,
+        peer.probe_addr
+            .or_else(|| peer.allowed_ips.first().map(|n| n.addr())),
+    ) else {
+        tracing::debug!(peer = %peer.name, "no IPv4 overlay path for a mesh message");
+        return false;
+    };
+    let Some(to) = peer.endpoint() else {
+        return false;
+    };
+    let port = crate::mesh::wire::MESH_PORT.to_be_bytes();
+    let udp_len = 8 + payload.len();
+    let total = 20 + udp_len;
+    let (Ok(total16), Ok(udp16)) = (u16::try_from(total), u16::try_from(udp_len)) else {
+        return false;
+    };
+    let mut packet = Vec::with_capacity(total);
+    packet.extend_from_slice(&[0x45, 0]);
+    packet.extend_from_slice(&total16.to_be_bytes());
+    packet.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+    packet.extend_from_slice(&src.octets());
+    packet.extend_from_slice(&dst.octets());
+    let checksum = ipv4_checksum(&packet);
+    packet[10..12].copy_from_slice(&checksum.to_be_bytes());
+    packet.extend_from_slice(&port);
+    packet.extend_from_slice(&port);
+    packet.extend_from_slice(&udp16.to_be_bytes());
+    // IPv4 allows a zero UDP checksum; WireGuard's tag already covers the bytes.
+    packet.extend_from_slice(&[0, 0]);
+    packet.extend_from_slice(payload);
+    let mut out = vec![0u8; (total + OVERHEAD).max(HANDSHAKE_INIT_LEN)];
+    let len = match peer.tunn.lock() {
+        Ok(mut t) => match t.encapsulate(&packet, &mut out) {
+            TunnResult::WriteToNetwork(p) => p.len(),
+            _ => return true,
+        },
+        Err(_) => return false,
+    };
+    if let Some(p) = out.get(..len) {
+        send(shared, to, p, None);
+    }
+    true
+}
+
+fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 /// Checks a datagram before any peer state sees it: malformed packets and handshakes with a
@@ -491,10 +614,14 @@ fn receive_datagram(
     let Some(packet) = verify(shared, from, datagram, &mut out.reply) else {
         return;
     };
-    let table = shared.table.load();
-    let Some(idx) = find_peer(shared, &table, &packet) else {
+    let mut table = shared.table.load();
+    let Some(idx) = find_peer(shared, &table, &packet, from) else {
         return;
     };
+    if table.get(idx).is_none() {
+        // A restricted peer was just made for this handshake.
+        table = shared.table.load();
+    }
     let Some(peer) = table.get(idx) else {
         return;
     };
@@ -602,6 +729,19 @@ fn decapsulate(
         }
         Outcome::Packet(len, src) => {
             peer.saw(from);
+            if let Some(hook) = shared.mesh.get() {
+                if let Some(payload) = buf.get(off..off + len).and_then(mesh_payload) {
+                    let datagram = super::ControlDatagram {
+                        from: peer.public_key_bytes,
+                        endpoint: Some(from),
+                        payload: payload.to_vec(),
+                    };
+                    if hook.tx.try_send(datagram).is_err() {
+                        metrics::counter!("myelin_mesh_control_dropped_total").increment(1);
+                    }
+                    return false;
+                }
+            }
             // Cryptokey routing: the inner source must be one of this peer's allowed IPs.
             if shared.table.load().route(src) != Some(idx) {
                 tracing::debug!(peer = %peer.name, "dropped a packet from {src}, outside its allowed IPs");

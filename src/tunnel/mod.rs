@@ -95,7 +95,30 @@ pub(crate) struct DataPlaneShared {
     /// Checks mac1 of every handshake message and, past its rate, asks for a cookie (mac2),
     /// before any Diffie-Hellman work is spent on the datagram.
     pub handshakes: Arc<RateLimiter>,
+    /// This node's first IPv4 overlay address: the source of its mesh control messages.
+    pub overlay_v4: Option<std::net::Ipv4Addr>,
+    /// Set once a mesh controller runs.
+    pub mesh: std::sync::OnceLock<MeshHook>,
 }
+
+/// Where the data plane hands mesh control messages, and whether a handshake from a key it
+/// does not know makes a restricted peer (one that may send control messages only).
+pub struct MeshHook {
+    pub tx: tokio::sync::mpsc::Sender<ControlDatagram>,
+    pub accept_unknown: bool,
+}
+
+/// A mesh control message as it came out of the tunnel: who sent it (a key WireGuard has
+/// authenticated) and from where.
+#[derive(Debug)]
+pub struct ControlDatagram {
+    pub from: [u8; 32],
+    pub endpoint: Option<SocketAddr>,
+    pub payload: Vec<u8>,
+}
+
+/// Restricted peers (handshake done, certificate not yet shown) a node keeps at most.
+pub const MAX_RESTRICTED: usize = 256;
 
 impl DataPlaneShared {
     pub fn stopping(&self) -> bool {
@@ -139,6 +162,29 @@ impl PeerControl {
     /// The peers as they are now.
     pub fn table(&self) -> Arc<PeerTable> {
         self.0.table.load_full()
+    }
+
+    /// Routes mesh control messages to the returned receiver from now on (once per tunnel).
+    pub fn attach_mesh(
+        &self,
+        accept_unknown: bool,
+    ) -> Option<tokio::sync::mpsc::Receiver<ControlDatagram>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        self.0
+            .mesh
+            .set(MeshHook { tx, accept_unknown })
+            .ok()
+            .map(|()| rx)
+    }
+
+    /// Sends a mesh control message to the peer with key `to`, inside its tunnel (a handshake
+    /// first, if there is no session). False when there is no such peer or no path.
+    pub fn send_control(&self, to: &[u8; 32], payload: &[u8]) -> bool {
+        let table = self.0.table.load();
+        match table.by_key(to) {
+            Some((_, peer)) => dataplane::send_control(&self.0, peer, payload),
+            None => false,
+        }
     }
 }
 
@@ -320,6 +366,11 @@ impl Tunnel {
             mtu: usize::from(config.node.mtu),
             stop: AtomicBool::new(false),
             handshakes,
+            overlay_v4: config.node.address.iter().find_map(|a| match a {
+                IpNet::V4(v) => Some(v.addr()),
+                IpNet::V6(_) => None,
+            }),
+            mesh: std::sync::OnceLock::new(),
         });
         let dataplane = spawn_dataplane(&shared).map_err(|cause| TunnelError::Thread { cause })?;
         let cancel = CancellationToken::new();
@@ -612,8 +663,10 @@ async fn control(
             }
             let now = Instant::now();
             let view = MeshView {
+                // Restricted peers (certificate not yet shown) are nobody's business yet.
                 peers: table
                     .iter()
+                    .filter(|(_, p)| !p.allowed_ips.is_empty())
                     .map(|(i, p)| {
                         let v = peer_view(
                             p,

@@ -46,7 +46,11 @@ pub struct Peer {
     pub public_key: String,
     pub public_key_bytes: [u8; 32],
     pub allowed_ips: Vec<IpNet>,
-    pub tunn: Mutex<Tunn>,
+    /// Shared with the peer's next version when an update leaves key and keepalive alone, so
+    /// the session survives it.
+    pub tunn: Arc<Mutex<Tunn>>,
+    /// When this peer (this version) was created: restricted peers expire by it.
+    pub created: std::time::Instant,
     pub endpoint: Mutex<Option<SocketAddr>>,
     pub endpoint_changes: AtomicU64,
     /// Packets between the TUN and this peer, counted by the data plane.
@@ -80,7 +84,8 @@ impl Peer {
             public_key: crate::keys::PublicKey(spec.public_key).to_string(),
             public_key_bytes: spec.public_key,
             allowed_ips: spec.allowed_ips.clone(),
-            tunn: Mutex::new(tunn),
+            tunn: Arc::new(Mutex::new(tunn)),
+            created: std::time::Instant::now(),
             endpoint: Mutex::new(spec.endpoint),
             endpoint_changes: AtomicU64::new(0),
             rx_packets: AtomicU64::new(0),
@@ -161,8 +166,8 @@ impl PeerTable {
     }
 
     /// The table with `spec` added, or updated in place when its key is already a peer. An
-    /// unchanged peer keeps its session; a changed one gets a fresh `Tunn` (its endpoint and
-    /// counters carry over), and only that peer re-handshakes.
+    /// updated peer keeps its session (its `Tunn`) unless its keepalive changed; its endpoint
+    /// and counters carry over.
     pub fn upsert(
         &self,
         static_private: &x25519::StaticSecret,
@@ -213,7 +218,14 @@ impl PeerTable {
             },
         };
         let learned = existing.as_ref().and_then(|(_, p)| p.endpoint());
-        let peer = Peer::new(static_private, spec, slot);
+        let keepalive_same = existing
+            .as_ref()
+            .is_some_and(|(_, p)| p.spec.persistent_keepalive == spec.persistent_keepalive);
+        let mut peer = Peer::new(static_private, spec, slot);
+        if let (Some((_, old)), true) = (&existing, keepalive_same) {
+            peer.tunn = old.tunn.clone();
+            peer.created = old.created;
+        }
         if let (Some(old), Ok(mut e)) = (&existing, peer.endpoint.lock()) {
             // A roster or API update never moves an endpoint an authenticated packet set.
             *e = learned.or(*e);
@@ -279,6 +291,10 @@ mod tests {
         let t2 = t.upsert(&k, spec("a", 1, "10.0.0.9/32")).unwrap().unwrap();
         assert_eq!(t2.route("10.0.0.9".parse().unwrap()), Some(0));
         assert!(!Arc::ptr_eq(t2.get(0).unwrap(), &a));
+        assert!(
+            Arc::ptr_eq(&t2.get(0).unwrap().tunn, &a.tunn),
+            "the session survives"
+        );
         assert!(Arc::ptr_eq(t2.get(1).unwrap(), t.get(1).unwrap()));
         let t3 = t2.remove("a").unwrap();
         assert_eq!(t3.len(), 1);

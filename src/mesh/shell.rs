@@ -1,0 +1,192 @@
+//! The I/O shell of the mesh state machine: feeds it the control messages the data plane
+//! intercepts and its timers, applies the peer changes it asks for, and publishes the members
+//! it knows. Also expires restricted peers that never showed a certificate.
+
+use super::cert::{self, Certificate};
+use super::control::{LighthouseConfig, MemberView, Mesh, MeshConfig, Output};
+use crate::config::Config;
+use crate::tunnel::{ControlDatagram, PeerControl};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// How long a restricted peer (handshake done, no certificate shown) may stay.
+const RESTRICTED_FOR: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshSetupError {
+    #[error("{path}: {error}")]
+    File { path: String, error: String },
+    #[error("[mesh].cert {path} is not valid for this node: {error}\n  fix: {hint}")]
+    OwnCert {
+        path: String,
+        error: String,
+        hint: String,
+    },
+}
+
+fn read_chain(path: &Path) -> Result<Vec<Certificate>, MeshSetupError> {
+    let file = |error: String| MeshSetupError::File {
+        path: path.display().to_string(),
+        error,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+    Certificate::parse_pem(&text).map_err(|e| file(e.to_string()))
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Reads and checks this node's mesh identity: the CA, and its own chain, which must verify
+/// now, name this node's WireGuard key and only addresses this node has.
+pub fn mesh_config(
+    config: &Config,
+    public_key: [u8; 32],
+) -> Result<Option<MeshConfig>, MeshSetupError> {
+    let Some(section) = &config.mesh else {
+        return Ok(None);
+    };
+    let ca = read_chain(&section.ca)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| MeshSetupError::File {
+            path: section.ca.display().to_string(),
+            error: "holds no certificate".into(),
+        })?;
+    let chain = read_chain(&section.cert)?;
+    let own = |error: String, hint: &str| MeshSetupError::OwnCert {
+        path: section.cert.display().to_string(),
+        error,
+        hint: hint.into(),
+    };
+    let node = cert::verify(&chain, &ca, unix_now()).map_err(|e| {
+        own(
+            e.to_string(),
+            "get a current certificate from the fleet's CA (`myelin ca sign`, or `myelin join`)",
+        )
+    })?;
+    if node.public_key != public_key {
+        return Err(own(
+            "it names another WireGuard key than [node].private_key_file's".into(),
+            "sign this node's own public key (`myelin pubkey < private.key`)",
+        ));
+    }
+    for a in &node.addresses {
+        if !config
+            .node
+            .address
+            .iter()
+            .any(|mine| mine.addr() == a.addr())
+        {
+            return Err(own(
+                format!("it grants {a}, which is not in [node].address"),
+                &format!("add \"{a}\" to [node].address"),
+            ));
+        }
+    }
+    let lighthouses = section
+        .lighthouses
+        .iter()
+        .map(|l| LighthouseConfig {
+            name: l.name.to_string(),
+            public_key: l.public_key.0,
+            overlay: l.overlay,
+            endpoint: l.endpoint,
+        })
+        .collect();
+    Ok(Some(MeshConfig {
+        ca,
+        chain,
+        lighthouses,
+        talk_to: section.talk_to.clone(),
+        candidates: Vec::new(),
+        lighthouse: config.lighthouse.enabled,
+        refresh: Duration::from_secs(section.refresh_s),
+    }))
+}
+
+/// Runs the mesh until `cancel`.
+pub async fn run(
+    config: MeshConfig,
+    peers: PeerControl,
+    mut control: tokio::sync::mpsc::Receiver<ControlDatagram>,
+    members: watch::Sender<Vec<MemberView>>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut mesh = Mesh::new(config, Instant::now());
+    let mut next_sweep = Instant::now() + RESTRICTED_FOR;
+    loop {
+        while let Some(output) = mesh.poll_output() {
+            apply(&peers, output);
+        }
+        let view = mesh.members();
+        members.send_if_modified(|current| {
+            let changed = *current != view;
+            if changed {
+                *current = view;
+            }
+            changed
+        });
+        let wake = mesh.poll_timeout().min(next_sweep);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            received = control.recv() => {
+                let Some(d) = received else { return };
+                mesh.handle(d.from, d.endpoint, &d.payload, Instant::now(), unix_now());
+            }
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
+                let now = Instant::now();
+                mesh.handle_timeout(now, unix_now());
+                if now >= next_sweep {
+                    next_sweep = now + RESTRICTED_FOR / 3;
+                    sweep_restricted(&peers, &mesh);
+                }
+            }
+        }
+    }
+}
+
+fn apply(peers: &PeerControl, output: Output) {
+    match output {
+        Output::Send { to, message } => {
+            peers.send_control(&to, &message.encode());
+        }
+        Output::Upsert(spec) => {
+            let name = spec.name.clone();
+            match peers.upsert(spec) {
+                Ok(true) => tracing::info!(peer = %name, "mesh peer added or updated"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("mesh peer `{name}` not added: {e}"),
+            }
+        }
+        Output::Remove { name, key } => {
+            // Only the peer the mesh added: never a static peer that happens to share a name.
+            let ours = peers
+                .table()
+                .by_key(&key)
+                .is_some_and(|(_, p)| p.name == name);
+            if ours {
+                match peers.remove(&name) {
+                    Ok(()) => tracing::info!(peer = %name, "mesh peer removed"),
+                    Err(e) => tracing::warn!("mesh peer `{name}` not removed: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Removes restricted peers older than `RESTRICTED_FOR` that the mesh never admitted.
+fn sweep_restricted(peers: &PeerControl, mesh: &Mesh) {
+    let table = peers.table();
+    for (_, p) in table.iter() {
+        if p.allowed_ips.is_empty()
+            && p.created.elapsed() >= RESTRICTED_FOR
+            && !mesh.admitted(&p.public_key_bytes)
+        {
+            let _ = peers.remove(&p.name);
+        }
+    }
+}
