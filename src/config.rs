@@ -155,6 +155,21 @@ fn default_lighthouse_name() -> NodeName {
 pub struct LighthouseSection {
     #[serde(default)]
     pub enabled: bool,
+    /// TCP address for enrollments with tokens (`myelin join`); none: no enrollment here.
+    #[serde(default)]
+    pub enroll_listen: Option<SocketAddr>,
+    /// The key and certificate that sign enrolled members (a signer's, or the CA's).
+    #[serde(default)]
+    pub signer_key: Option<PathBuf>,
+    #[serde(default)]
+    pub signer_cert: Option<PathBuf>,
+    /// Spent tokens and allocated addresses.
+    #[serde(default = "default_lighthouse_state")]
+    pub state_file: PathBuf,
+}
+
+fn default_lighthouse_state() -> PathBuf {
+    PathBuf::from("/var/lib/myelin/lighthouse.json")
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -402,6 +417,16 @@ impl Config {
                     &["mesh", "lighthouses"],
                     "a mesh member needs at least one lighthouse".into(),
                     "lighthouses = [{ endpoint = \"192.0.2.1:51820\", public_key = \"...\", overlay = \"10.77.0.1\" }], or [lighthouse] enabled = true on the lighthouse itself",
+                ));
+            }
+            if config.lighthouse.enroll_listen.is_some()
+                && (config.lighthouse.signer_key.is_none()
+                    || config.lighthouse.signer_cert.is_none())
+            {
+                return Err(invalid(
+                    &["lighthouse", "enroll_listen"],
+                    "enrollment needs signer_key and signer_cert: the key that signs new members".into(),
+                    "signer_key = \"/etc/myelin/signer.key\" and signer_cert = \"/etc/myelin/signer.crt\" (from `myelin ca sign --signer`)",
                 ));
             }
         } else if config.lighthouse.enabled {

@@ -36,6 +36,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Pubkey(_) => cli::pubkey(),
         Command::Init(a) => cli::init(a),
         Command::Ca(a) => cli::ca(a),
+        Command::Join(a) => runtime()?.block_on(cli::join(a)),
         Command::Version(a) => cli::version(a),
         Command::Up(a) => runtime()?.block_on(myelin::node::up(&a.config)),
         Command::Status(a) => runtime()?.block_on(cli::status(a)),

@@ -80,10 +80,31 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         _ => None,
     };
     let mesh_config = crate::mesh::shell::mesh_config(&config, key.public_key().0)?;
+    let enroller = crate::mesh::shell::enroller(&config)?;
+    let enroll_listener = match (config.lighthouse.enroll_listen, &enroller) {
+        (Some(addr), Some(_)) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for enrollments; fix: free the port or change [lighthouse].enroll_listen")
+        })?),
+        _ => None,
+    };
     let (mesh_tx, mesh_rx) = watch::channel(configured_mesh(&config));
     let tunnel = Tunnel::start(&config, &key, mesh_tx).await?;
     let (members_tx, members_rx) = watch::channel(Vec::new());
     let mesh_stop = tokio_util::sync::CancellationToken::new();
+    let enroll_task = match (enroll_listener, enroller) {
+        (Some(listener), Some(enroller)) => {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!("enrollment desk on {addr} (myelin join)");
+            }
+            Some(tokio::spawn(crate::mesh::enroll::serve(
+                listener,
+                enroller,
+                config.lighthouse.state_file.clone(),
+                mesh_stop.clone(),
+            )))
+        }
+        _ => None,
+    };
     let mesh_task = match mesh_config {
         None => None,
         Some(mesh_config) => {
@@ -175,7 +196,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         let _ = t.await;
     }
     mesh_stop.cancel();
-    if let Some(t) = mesh_task {
+    for t in [mesh_task, enroll_task].into_iter().flatten() {
         let _ = t.await;
     }
     tunnel.stop().await;

@@ -389,3 +389,242 @@ fn a_fleet_forms_its_mesh_through_a_lighthouse() {
     );
     assert!(!pings(ns(1), "10.94.0.6"));
 }
+
+fn myelin_in(ns: &common::Netns, args: &[&str]) -> std::process::Output {
+    ns.command(common::BIN)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+/// `myelin join` with a token from `myelin ca token`: a robot enrolls with the lighthouse's
+/// signer and reaches the operator. The token works once; an expired token, another fleet's
+/// token and an unreachable lighthouse are refused with those words.
+#[test]
+fn a_robot_joins_with_a_token_once() {
+    let names = ["lighthouse", "operator", "robot7", "robot8"];
+    let fleet = Fleet::new("join", &names);
+    let specs: Vec<Spec> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Spec::new(n, &[&format!("10.95.0.{}/16", i + 1)]))
+        .collect();
+    let ca = Fleetca::new("join-fleet");
+    let dir = ca.dir.path().display().to_string();
+    // The lighthouse's signer: robots in 10.95.0.0/16, at most 30 days.
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "ca",
+            "sign",
+            "--signer",
+            "--name",
+            "lh-signer",
+            "--range",
+            "10.95.0.0/16",
+            "--groups",
+            "robots",
+            "--ca-dir",
+            &dir,
+            "--out",
+            &format!("{dir}/signer.crt"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lh_endpoint = format!("{}:51820", fleet.underlay[0]);
+    let state_dir = tempfile::tempdir().unwrap();
+    let lighthouse_rest = format!(
+        "{}[lighthouse]\nenabled = true\nenroll_listen = \"0.0.0.0:51823\"\nsigner_key = \"{dir}/signer.key\"\nsigner_cert = \"{dir}/signer.crt\"\nstate_file = \"{}/lighthouse.json\"\n",
+        mesh_section(&ca.ca(), &ca.sign(&specs[0], "lighthouses"), None, ""),
+        state_dir.path().display()
+    );
+    let mut lh_spec = specs[0].clone();
+    lh_spec.rest = lighthouse_rest;
+    let lh = Node::start_spec(fleet.nodes[0].clone(), &lh_spec, "");
+    let mut op_spec = specs[1].clone();
+    op_spec.rest = mesh_section(
+        &ca.ca(),
+        &ca.sign(&specs[1], "operators"),
+        Some((&specs[0], &lh_endpoint)),
+        "\"robots\"",
+    );
+    let operator = Node::start_spec(fleet.nodes[1].clone(), &op_spec, "");
+
+    // The lighthouse's config is where tokens are made.
+    let token_out = myelin_in(
+        &fleet.nodes[0],
+        &[
+            "ca",
+            "token",
+            "--name",
+            "robot7",
+            "--groups",
+            "robots",
+            "--talk-to",
+            "operators",
+            "--ttl",
+            "10m",
+            "--config",
+            lh.config.to_str().unwrap(),
+            "--endpoint",
+            &fleet.underlay[0],
+        ],
+    );
+    assert!(
+        token_out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token_out.stderr)
+    );
+    let token = String::from_utf8(token_out.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(token.starts_with("myelin1-"), "{token}");
+
+    let robot_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        robot_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let rd = robot_dir.path().to_str().unwrap();
+    let joined = myelin_in(&fleet.nodes[2], &["join", &token, "--dir", rd]);
+    assert!(
+        joined.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&joined.stdout),
+        String::from_utf8_lossy(&joined.stderr)
+    );
+    let said = String::from_utf8_lossy(&joined.stdout).to_string();
+    assert!(
+        said.contains("joined fleet `join-fleet` as `robot7`"),
+        "{said}"
+    );
+    let key_mode = std::fs::metadata(robot_dir.path().join("private.key"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key_mode) & 0o777,
+        0o600
+    );
+    // The config `join` wrote, with the plugins' directories moved into the test's.
+    let config_path = robot_dir.path().join("myelin.toml");
+    let written = std::fs::read_to_string(&config_path).unwrap();
+    assert!(
+        written.contains("[mesh]") && written.contains("talk_to = [\"operators\"]"),
+        "{written}"
+    );
+    let head = written.split("# Process plugins run as").next().unwrap();
+    let config = format!(
+        "{}\n[plugins]\nruntime_dir = \"{rd}/run\"\nstate_dir = \"{rd}/state\"\n",
+        head.replace("127.0.0.1:7800", "127.0.0.1:0")
+    );
+    std::fs::write(&config_path, config).unwrap();
+    let robot = Node::start_with(fleet.nodes[2].clone(), robot_dir, config_path);
+    ping_until(&fleet.nodes[2], "10.95.0.2", LONG);
+    wait_members(&operator, "the operator to see robot7", LONG, |m| {
+        m.contains(&"robot7".to_string())
+    });
+    let robot_address = robot.get("/api/v1/status")["node"]["overlay_addresses"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(robot_address.starts_with("10.95.0."), "{robot_address}");
+    ping_until(
+        &fleet.nodes[1],
+        robot_address.split('/').next().unwrap(),
+        LONG,
+    );
+
+    // Once only.
+    let again_dir = tempfile::tempdir().unwrap();
+    let again = myelin_in(
+        &fleet.nodes[3],
+        &["join", &token, "--dir", again_dir.path().to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(
+        !again.status.success() && err.contains("already used"),
+        "{err}"
+    );
+    assert!(
+        !again_dir.path().join("myelin.toml").exists(),
+        "a refused join writes no config"
+    );
+
+    // An expired token: made with the lighthouse's own key, so only time is wrong.
+    let expired = {
+        use myelin::mesh::token::{enroll_key, Token};
+        let signer = myelin::mesh::cert::signing_key_from_pem(
+            &std::fs::read_to_string(format!("{dir}/signer.key")).unwrap(),
+        )
+        .unwrap();
+        let mut t = Token::parse(&token).unwrap();
+        t.grant.id = [9; 16];
+        t.grant.expires = myelin::mesh::shell::unix_now() - 60;
+        Token::issue(t.grant, &enroll_key(&signer.to_bytes())).to_text()
+    };
+    let out = myelin_in(
+        &fleet.nodes[3],
+        &[
+            "join",
+            &expired,
+            "--dir",
+            again_dir.path().to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && err.contains("expired"), "{err}");
+
+    // Another fleet's token that names this lighthouse.
+    let foreign = {
+        use myelin::mesh::token::{enroll_key, Token};
+        let mut t = Token::parse(&token).unwrap();
+        t.grant.id = [8; 16];
+        Token::issue(t.grant, &enroll_key(&[5; 32])).to_text()
+    };
+    let out = myelin_in(
+        &fleet.nodes[3],
+        &[
+            "join",
+            &foreign,
+            "--dir",
+            again_dir.path().to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("not issued by this lighthouse's fleet"),
+        "{err}"
+    );
+
+    // A lighthouse nobody answers at.
+    let unreachable = {
+        use myelin::mesh::token::{enroll_key, Token};
+        let mut t = Token::parse(&token).unwrap();
+        for l in &mut t.grant.lighthouses {
+            l.enroll = format!("{}:9", fleet.underlay[1]).parse().unwrap();
+        }
+        Token::issue(t.grant, &enroll_key(&[5; 32])).to_text()
+    };
+    let out = myelin_in(
+        &fleet.nodes[3],
+        &[
+            "join",
+            &unreachable,
+            "--dir",
+            again_dir.path().to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("lighthouse unreachable"),
+        "{err}"
+    );
+    drop(lh);
+}

@@ -1,7 +1,7 @@
 //! `ca`: the fleet's certificate authority on the command line: create the root, sign nodes
 //! and constrained signers, show and verify certificate files.
 
-use super::{CaArgs, CaCommand, CaInitArgs, CaShowArgs, CaSignArgs, CaVerifyArgs};
+use super::{CaArgs, CaCommand, CaInitArgs, CaShowArgs, CaSignArgs, CaTokenArgs, CaVerifyArgs};
 use crate::keys::{read_secret, write_private, PublicKey};
 use crate::mesh::cert::{self, CertBody, Certificate, Role};
 use anyhow::{bail, Context};
@@ -15,6 +15,7 @@ pub fn ca(args: &CaArgs) -> anyhow::Result<()> {
         CaCommand::Sign(a) => sign(a),
         CaCommand::Show(a) => show(a),
         CaCommand::Verify(a) => verify(a),
+        CaCommand::Token(a) => token(a),
     }
 }
 
@@ -338,6 +339,111 @@ fn verify(a: &CaVerifyArgs) -> anyhow::Result<()> {
         v.groups.join(", "),
         v.issuer,
         cert::utc(v.not_after)
+    );
+    Ok(())
+}
+
+/// "90s", "30m", "1h", "7d" or plain seconds.
+fn parse_ttl(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--ttl {text}: use a number with s, m, h or d, e.g. 1h"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => DAY,
+        _ => bail!("--ttl {text}: the unit is s, m, h or d, e.g. 1h"),
+    };
+    match n.checked_mul(scale) {
+        Some(0) | None => bail!("--ttl {text}: use a positive time of at most years"),
+        Some(s) => Ok(s),
+    }
+}
+
+fn token(a: &CaTokenArgs) -> anyhow::Result<()> {
+    use crate::mesh::token::{Grant, LighthouseRef, Token};
+    cert::check_name(Role::Node, &a.name)?;
+    let groups = split_groups(a.groups.as_deref());
+    let talk_to = split_groups(a.talk_to.as_deref());
+    for g in groups.iter().chain(&talk_to) {
+        cert::check_group(g)?;
+    }
+    let ttl = parse_ttl(&a.ttl)?;
+    let config = crate::config::Config::load(&a.config)?;
+    let hint = "run it on the lighthouse, with its config: [lighthouse] enroll_listen, signer_key and signer_cert, and [mesh] ca";
+    let Some(enroller) = crate::mesh::shell::enroller(&config)? else {
+        bail!(
+            "{} is not an enrolling lighthouse's config; {hint}",
+            a.config.display()
+        );
+    };
+    let enroll_port = config
+        .lighthouse
+        .enroll_listen
+        .map_or(crate::mesh::enroll::ENROLL_PORT, |l| l.port());
+    let endpoint: std::net::SocketAddr = match a.endpoint.parse::<std::net::SocketAddr>() {
+        Ok(e) => e,
+        Err(_) => std::net::SocketAddr::new(
+            a.endpoint.parse().map_err(|e| {
+                anyhow::anyhow!("--endpoint {}: {e}; give the lighthouse's IP address as members reach it, e.g. 203.0.113.7", a.endpoint)
+            })?,
+            config.node.listen_port,
+        ),
+    };
+    let key = crate::keys::PrivateKey::load(&config.node.private_key_file)?;
+    let Some(overlay) = config.node.address.first().map(|a| a.addr()) else {
+        bail!("the lighthouse has no [node].address");
+    };
+    let mut lighthouses = vec![LighthouseRef {
+        endpoint,
+        public_key: key.public_key().0,
+        overlay,
+        enroll: std::net::SocketAddr::new(endpoint.ip(), enroll_port),
+    }];
+    if let Some(mesh) = &config.mesh {
+        for l in &mesh.lighthouses {
+            lighthouses.push(LighthouseRef {
+                endpoint: l.endpoint,
+                public_key: l.public_key.0,
+                overlay: l.overlay,
+                enroll: std::net::SocketAddr::new(
+                    l.endpoint.ip(),
+                    crate::mesh::enroll::ENROLL_PORT,
+                ),
+            });
+        }
+    }
+    let address = match a.address.as_str() {
+        "auto" => None,
+        text => Some(text.parse::<ipnet::IpNet>().map_err(|e| {
+            anyhow::anyhow!(
+                "--address {text}: {e}; use auto or an address with prefix, e.g. 10.77.0.7/16"
+            )
+        })?),
+    };
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).map_err(|e| anyhow::anyhow!("random token id: {e}"))?;
+    let grant = Grant {
+        id,
+        ca_fingerprint: enroller.ca_fingerprint(),
+        lighthouses,
+        name: a.name.clone(),
+        groups,
+        talk_to,
+        address,
+        expires: unix_now()? + ttl,
+    };
+    let enroll_key = crate::mesh::token::enroll_key(&enroller.key.to_bytes());
+    println!("{}", Token::issue(grant, &enroll_key).to_text());
+    eprintln!(
+        "single use, valid until {}; on the new machine: myelin join <token>",
+        cert::utc(unix_now()? + ttl)
     );
     Ok(())
 }

@@ -15,6 +15,50 @@ fn plugin_sections() -> String {
         .collect()
 }
 
+/// What a new node's config says; `mesh` is a complete `[mesh]` section or none.
+pub(super) struct NodeText<'a> {
+    pub origin: &'a str,
+    pub name: &'a str,
+    pub key_path: &'a std::path::Path,
+    pub listen_port: u16,
+    pub addresses: &'a [String],
+    pub control: &'a str,
+    pub mesh: Option<String>,
+}
+
+/// A new node's config: the node, its control API, static peers (commented) or its mesh
+/// section, and a section for every plugin compiled in.
+pub(super) fn node_config_text(t: &NodeText) -> String {
+    let addresses: Vec<String> = t.addresses.iter().map(|a| format!("{a:?}")).collect();
+    let peers = match &t.mesh {
+        Some(mesh) => mesh.clone(),
+        None => "# Add one [[peers]] table per peer:\n# [[peers]]\n# name = \"operator\"\n# public_key = \"<its `myelin pubkey`>\"\n# endpoint = \"192.0.2.2:51820\"\n# allowed_ips = [\"10.77.0.2/32\"]\n".to_string(),
+    };
+    format!(
+        r#"# Created by `{origin}`. config.example.toml documents every key.
+[node]
+name = "{name}"
+private_key_file = "{key}"
+listen_port = {port}
+address = [{addresses}]
+
+[control]
+listen = "{control}"
+
+{peers}
+# Process plugins run as the unprivileged system user `myelin`; [plugins].user changes that
+# (config.example.toml).
+{plugins}"#,
+        origin = t.origin,
+        name = t.name,
+        key = t.key_path.display(),
+        port = t.listen_port,
+        plugins = plugin_sections(),
+        addresses = addresses.join(", "),
+        control = t.control,
+    )
+}
+
 pub fn init(args: &InitArgs) -> anyhow::Result<()> {
     let name =
         crate::config::sanitize_name(&args.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
@@ -50,34 +94,15 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
     let key = PrivateKey::generate()?;
     crate::keys::write_private(&key_path, &key.to_base64())
         .with_context(|| format!("creating {}", key_path.display()))?;
-    let addresses: Vec<String> = args.address.iter().map(|a| format!("{a:?}")).collect();
-    let config = format!(
-        r#"# Created by `myelin init`. config.example.toml documents every key.
-[node]
-name = "{name}"
-private_key_file = "{key}"
-listen_port = {port}
-address = [{addresses}]
-
-[control]
-listen = "{control}"
-
-# Add one [[peers]] table per peer:
-# [[peers]]
-# name = "operator"
-# public_key = "<its `myelin pubkey`>"
-# endpoint = "192.0.2.2:51820"
-# allowed_ips = ["10.77.0.2/32"]
-
-# Process plugins run as the unprivileged system user `myelin`; [plugins].user changes that
-# (config.example.toml).
-{plugins}"#,
-        key = key_path.display(),
-        port = args.listen_port,
-        plugins = plugin_sections(),
-        addresses = addresses.join(", "),
-        control = args.control,
-    );
+    let config = node_config_text(&NodeText {
+        origin: "myelin init",
+        name: &name,
+        key_path: &key_path,
+        listen_port: args.listen_port,
+        addresses: &args.address,
+        control: &args.control,
+        mesh: None,
+    });
     crate::config::write_atomically(&config_path, config.as_bytes())
         .with_context(|| format!("writing {}", config_path.display()))?;
     crate::config::Config::load(&config_path)?;
@@ -91,7 +116,7 @@ listen = "{control}"
 
 /// Creates the plugins' system user when run as root, so the first start needs no /etc write
 /// (the systemd unit keeps /etc read-only).
-fn plugin_user() -> String {
+pub(super) fn plugin_user() -> String {
     use crate::host::user::{ensure_system_user, DEFAULT_USER};
     if !rustix::process::geteuid().is_root() {
         return format!("user `{DEFAULT_USER}` (run `myelin init` as root to create it, or the node creates it when it starts as root)");

@@ -2,6 +2,7 @@
 
 mod ca;
 mod init;
+mod join;
 mod keygen;
 mod lab_command;
 mod remote;
@@ -38,6 +39,7 @@ pub enum Command {
     Version(VersionArgs),
     Lab(LabArgs),
     Ca(CaArgs),
+    Join(JoinArgs),
     PluginRun(PluginRunArgs),
 }
 
@@ -128,6 +130,34 @@ pub enum CaCommand {
     Sign(CaSignArgs),
     Show(CaShowArgs),
     Verify(CaVerifyArgs),
+    Token(CaTokenArgs),
+}
+
+#[derive(FromArgs)]
+/// Print a single-use enrollment token for a new member (run on the lighthouse).
+#[argh(subcommand, name = "token")]
+pub struct CaTokenArgs {
+    /// the new member's name, a DNS label, e.g. robot7
+    #[argh(option)]
+    pub name: String,
+    /// its groups, comma-separated, e.g. robots
+    #[argh(option)]
+    pub groups: Option<String>,
+    /// the groups it will learn about, comma-separated (its [mesh].talk_to), e.g. operators
+    #[argh(option)]
+    pub talk_to: Option<String>,
+    /// its overlay address with prefix, or `auto` for the next free one (default auto)
+    #[argh(option, default = "String::from(\"auto\")")]
+    pub address: String,
+    /// how long the token works: 90s, 30m, 1h, 7d (default 1h)
+    #[argh(option, default = "String::from(\"1h\")")]
+    pub ttl: String,
+    /// the lighthouse's config (default /etc/myelin/myelin.toml)
+    #[argh(option, default = "PathBuf::from(\"/etc/myelin/myelin.toml\")")]
+    pub config: PathBuf,
+    /// the lighthouse's address as new members reach it, e.g. 203.0.113.7 (port: its listen_port)
+    #[argh(option)]
+    pub endpoint: String,
 }
 
 #[derive(FromArgs)]
@@ -221,6 +251,27 @@ pub struct CaVerifyArgs {
     /// the CA certificate (default ./ca.crt)
     #[argh(option, default = "PathBuf::from(\"ca.crt\")")]
     pub ca: PathBuf,
+}
+
+#[derive(FromArgs)]
+/// Join a fleet with a token: make this node's key, enroll with the lighthouse, write its config.
+#[argh(subcommand, name = "join")]
+pub struct JoinArgs {
+    /// the token from `myelin ca token`
+    #[argh(positional)]
+    pub token: String,
+    /// directory for private.key, the certificates and myelin.toml (default /etc/myelin)
+    #[argh(option, default = "PathBuf::from(\"/etc/myelin\")")]
+    pub dir: PathBuf,
+    /// wireGuard UDP port (default 51820)
+    #[argh(option, default = "51820")]
+    pub listen_port: u16,
+    /// control API address (default 127.0.0.1:7800)
+    #[argh(option, default = "String::from(\"127.0.0.1:7800\")")]
+    pub control: String,
+    /// overwrite an existing config, key and certificates
+    #[argh(switch)]
+    pub force: bool,
 }
 
 #[derive(FromArgs)]
@@ -370,6 +421,7 @@ pub struct PluginRunArgs {
 
 pub use ca::ca;
 pub use init::init;
+pub use join::join;
 pub use keygen::{keygen, pubkey};
 pub use lab_command::lab;
 pub use remote::{members, peers, plugins, status};

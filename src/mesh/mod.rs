@@ -3,6 +3,7 @@
 
 pub mod cert;
 pub mod control;
+pub mod enroll;
 pub mod probe;
 pub mod shell;
 pub mod token;

@@ -108,6 +108,47 @@ pub fn mesh_config(
     }))
 }
 
+/// The lighthouse's enrollment desk, when `[lighthouse].enroll_listen` is set.
+pub fn enroller(config: &Config) -> Result<Option<super::enroll::Enroller>, MeshSetupError> {
+    let (Some(mesh), Some(_), Some(key_path), Some(cert_path)) = (
+        &config.mesh,
+        config.lighthouse.enroll_listen,
+        &config.lighthouse.signer_key,
+        &config.lighthouse.signer_cert,
+    ) else {
+        return Ok(None);
+    };
+    let file = |path: &Path, error: String| MeshSetupError::File {
+        path: path.display().to_string(),
+        error,
+    };
+    let ca = read_chain(&mesh.ca)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| file(&mesh.ca, "holds no certificate".into()))?;
+    let issuer = read_chain(cert_path)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| file(cert_path, "holds no certificate".into()))?;
+    let text = crate::keys::read_secret(key_path).map_err(|e| file(key_path, e.to_string()))?;
+    let key = cert::signing_key_from_pem(&text).map_err(|e| file(key_path, e.to_string()))?;
+    if issuer.body().public_key != key.verifying_key().to_bytes() {
+        return Err(file(
+            key_path,
+            format!("is not the key of {}", cert_path.display()),
+        ));
+    }
+    let state = super::enroll::load_state(&config.lighthouse.state_file)
+        .map_err(|e| file(&config.lighthouse.state_file, e))?;
+    Ok(Some(super::enroll::Enroller {
+        ca,
+        issuer,
+        key,
+        reserved: config.node.address.iter().map(|a| a.addr()).collect(),
+        state,
+    }))
+}
+
 /// Runs the mesh until `cancel`.
 pub async fn run(
     config: MeshConfig,

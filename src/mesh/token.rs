@@ -60,6 +60,8 @@ pub struct Grant {
     pub lighthouses: Vec<LighthouseRef>,
     pub name: String,
     pub groups: Vec<String>,
+    /// The groups the new member will learn about (its `[mesh].talk_to`).
+    pub talk_to: Vec<String>,
     /// `None`: the lighthouse picks a free address from its signer's range.
     pub address: Option<IpNet>,
     pub expires: u64,
@@ -170,9 +172,11 @@ impl Grant {
             put_sock(&mut out, l.enroll);
         }
         put_str(&mut out, &self.name);
-        out.push(self.groups.len().min(255) as u8);
-        for g in self.groups.iter().take(255) {
-            put_str(&mut out, g);
+        for list in [&self.groups, &self.talk_to] {
+            out.push(list.len().min(255) as u8);
+            for g in list.iter().take(255) {
+                put_str(&mut out, g);
+            }
         }
         match self.address {
             None => out.push(0),
@@ -206,11 +210,12 @@ impl Grant {
             });
         }
         let name = r.str()?;
-        let count = r.u8()? as usize;
-        let mut groups = Vec::with_capacity(count);
-        for _ in 0..count {
-            groups.push(r.str()?);
-        }
+        let mut list = || -> Result<Vec<String>, TokenError> {
+            let count = r.u8()? as usize;
+            (0..count).map(|_| r.str()).collect()
+        };
+        let groups = list()?;
+        let talk_to = list()?;
         let address = match r.u8()? {
             0 => None,
             1 => {
@@ -229,6 +234,7 @@ impl Grant {
             lighthouses,
             name,
             groups,
+            talk_to,
             address,
             expires: r.u64()?,
         })
@@ -487,6 +493,7 @@ mod tests {
             }],
             name: "robot7".into(),
             groups: vec!["robots".into()],
+            talk_to: vec!["operators".into()],
             address: None,
             expires: NOW + 3600,
         }
