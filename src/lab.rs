@@ -1,10 +1,13 @@
 //! `myelin lab`: a whole fleet on one machine. Each node gets a network namespace joined to a
-//! host bridge by a veth, its own key and config, and a full mesh of static peers. The host can
-//! reach every node's control API on its underlay address with the lab's token. The
-//! integration tests use the same code.
+//! host bridge by a veth. The lab makes a CA and a lighthouse; every other node enrolls with
+//! a token through `myelin join` and finds its peers through the lighthouse (no static peers).
+//! The host can reach every node's control API on its underlay address with the lab's token.
+//! The integration tests use the same code.
 
 use crate::keys::PrivateKey;
+use crate::mesh::cert::{self, CertBody, Certificate, Role};
 use anyhow::{bail, Context};
+use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -322,6 +325,85 @@ pub fn create(dir: &Path, count: usize) -> anyhow::Result<LabState> {
     })
 }
 
+/// Where the lab's lighthouse sits on the fabric and the overlay (members are 1..=50).
+const LIGHTHOUSE_INDEX: usize = 250;
+/// The lab's overlay ranges: what its signer may sign.
+const LAB_RANGES: [&str; 2] = ["10.77.0.0/16", "fd77::/64"];
+const DAY: u64 = 86_400;
+
+fn write_cert(path: &Path, chain: &[Certificate]) -> anyhow::Result<()> {
+    let text: String = chain.iter().map(Certificate::to_pem).collect();
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The lab's fleet identity, made as `myelin ca init` and `myelin ca sign --signer` make it:
+/// the CA and the lighthouse's signer (robots and operators in the lab's ranges).
+fn lab_ca(dir: &Path) -> anyhow::Result<(Certificate, SigningKey, Certificate, SigningKey)> {
+    let ca_dir = dir.join("ca");
+    std::fs::create_dir_all(&ca_dir)?;
+    let now = crate::mesh::shell::unix_now();
+    let ca_key = cert::generate_signing_key()?;
+    let ca = Certificate::sign(
+        CertBody {
+            role: Role::Ca,
+            name: "myelin-lab".into(),
+            public_key: ca_key.verifying_key().to_bytes(),
+            networks: Vec::new(),
+            groups: Vec::new(),
+            not_before: now,
+            not_after: now + 365 * DAY,
+            max_days: 0,
+            issuer: [0; 32],
+        },
+        &ca_key,
+    )?;
+    write_private(&ca_dir.join("ca.key"), &cert::signing_key_to_pem(&ca_key))?;
+    write_cert(&ca_dir.join("ca.crt"), std::slice::from_ref(&ca))?;
+    let signer_key = cert::generate_signing_key()?;
+    let signer = Certificate::sign(
+        CertBody {
+            role: Role::Signer,
+            name: "lighthouse".into(),
+            public_key: signer_key.verifying_key().to_bytes(),
+            networks: LAB_RANGES.iter().filter_map(|r| r.parse().ok()).collect(),
+            groups: vec!["operators".into(), "robots".into()],
+            not_before: now,
+            not_after: now + 60 * DAY,
+            max_days: 30,
+            issuer: [0; 32],
+        },
+        &ca_key,
+    )?;
+    Ok((ca, ca_key, signer, signer_key))
+}
+
+fn overlay(n: usize) -> [String; 2] {
+    [format!("10.77.0.{n}/16"), format!("fd77::{n}/64")]
+}
+
+fn control_section(api: &str, token_file: &Path) -> String {
+    format!(
+        "[control]\nlisten = \"127.0.0.1:7800\"\nremote_listen = \"{api}\"\ntoken_file = \"{}\"\n",
+        token_file.display()
+    )
+}
+
+/// Waits until `addr` accepts TCP connections (the lighthouse's enrollment desk is open).
+fn wait_listening(addr: &str, what: &str, log: &Path) -> anyhow::Result<()> {
+    let addr: std::net::SocketAddr = addr.parse()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "{what} did not open {addr} within 30 s; fix: read {}",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
@@ -329,13 +411,85 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
     let token_file = dir.join("api.token");
     write_private(&token_file, &token)?;
     let names = node_names(count);
-    let keys: Vec<PrivateKey> = names
-        .iter()
-        .map(|_| PrivateKey::generate())
-        .collect::<Result<_, _>>()?;
-
+    let (ca, ca_key, signer, signer_key) = lab_ca(&dir)?;
     fabric.create()?;
-    let mut nodes = Vec::new();
+
+    // The lighthouse: a node with a CA-signed certificate, the signer and an enrollment desk.
+    let lh = fabric.attach(LIGHTHOUSE_INDEX, "lighthouse")?;
+    let lh_dir = dir.join("lighthouse");
+    std::fs::create_dir_all(&lh_dir)?;
+    let lh_key = PrivateKey::generate()?;
+    write_private(&lh_dir.join("private.key"), &lh_key.to_base64())?;
+    write_private(
+        &lh_dir.join("signer.key"),
+        &cert::signing_key_to_pem(&signer_key),
+    )?;
+    write_cert(&lh_dir.join("signer.crt"), std::slice::from_ref(&signer))?;
+    write_cert(&lh_dir.join("ca.crt"), std::slice::from_ref(&ca))?;
+    let now = crate::mesh::shell::unix_now();
+    let lh_cert = Certificate::sign(
+        CertBody {
+            role: Role::Node,
+            name: "lighthouse".into(),
+            public_key: lh_key.public_key().0,
+            networks: overlay(LIGHTHOUSE_INDEX)
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            groups: vec!["lighthouses".into()],
+            not_before: now,
+            not_after: now + 30 * DAY,
+            max_days: 0,
+            issuer: [0; 32],
+        },
+        &ca_key,
+    )?;
+    write_cert(&lh_dir.join("node.crt"), &[lh_cert])?;
+    let lh_api = format!("{}:7800", lh.underlay);
+    let enroll = format!("{}:{}", lh.underlay, crate::mesh::enroll::ENROLL_PORT);
+    let [lh_v4, lh_v6] = overlay(LIGHTHOUSE_INDEX);
+    let lh_config = format!(
+        "# Made by `myelin lab up`: the fleet's lighthouse.\n[node]\nname = \"lighthouse\"\nprivate_key_file = \"{key}\"\naddress = [\"{lh_v4}\", \"{lh_v6}\"]\n\n{control}\n[mesh]\nca = \"{d}/ca.crt\"\ncert = \"{d}/node.crt\"\n\n[lighthouse]\nenabled = true\nenroll_listen = \"{enroll}\"\nsigner_key = \"{d}/signer.key\"\nsigner_cert = \"{d}/signer.crt\"\nstate_file = \"{d}/lighthouse.json\"\n\n[plugins]\nruntime_dir = \"{d}/run\"\nstate_dir = \"{d}/state\"\n",
+        key = lh_dir.join("private.key").display(),
+        control = control_section(&lh_api, &token_file),
+        d = lh_dir.display(),
+    );
+    let lh_config_path = lh_dir.join("myelin.toml");
+    std::fs::write(&lh_config_path, lh_config)?;
+    let mut lighthouse = LabNode {
+        name: "lighthouse".into(),
+        namespace: lh.namespace.clone(),
+        underlay: lh.underlay.clone(),
+        overlay: vec![
+            format!("10.77.0.{LIGHTHOUSE_INDEX}"),
+            format!("fd77::{LIGHTHOUSE_INDEX}"),
+        ],
+        api: lh_api,
+        config: lh_config_path,
+        log: dir.join("lighthouse.log"),
+        pid: None,
+    };
+    lighthouse.pid =
+        Some(spawn_node(&lighthouse.namespace, &lighthouse.config, &lighthouse.log)?.id());
+    wait_listening(&enroll, "the lighthouse", &lighthouse.log)?;
+    let desk = crate::mesh::enroll::Enroller {
+        ca: ca.clone(),
+        issuer: signer,
+        key: signer_key,
+        reserved: Vec::new(),
+        state: Default::default(),
+    };
+    let lighthouse_ref = crate::mesh::token::LighthouseRef {
+        endpoint: format!("{}:51820", lh.underlay).parse()?,
+        public_key: lh_key.public_key().0,
+        overlay: format!("10.77.0.{LIGHTHOUSE_INDEX}").parse()?,
+        enroll: enroll.parse()?,
+    };
+
+    // Every member joins with a token, as a user would on a real machine.
+    let exe = std::env::current_exe().context("locating the myelin binary")?;
+    let talk_to = vec!["operators".to_string(), "robots".to_string()];
+    let mut nodes = vec![lighthouse];
     for (i, name) in names.iter().enumerate() {
         let n = i + 1;
         let Attachment {
@@ -345,21 +499,32 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
         } = fabric.attach(n, name)?;
         let node_dir = dir.join(name);
         std::fs::create_dir_all(&node_dir)?;
-        let key_file = node_dir.join("private.key");
-        write_private(&key_file, &keys[i].to_base64())?;
-        let mut peers = String::new();
-        for (j, other) in names.iter().enumerate() {
-            if j == i {
-                continue;
-            }
-            peers.push_str(&format!(
-                "\n[[peers]]\nname = \"{other}\"\npublic_key = \"{}\"\nendpoint = \"{}.{}:51820\"\nallowed_ips = [\"10.77.0.{}/32\", \"fd77::{}/128\"]\n",
-                keys[j].public_key(),
-                fabric.subnet,
-                j + 1,
-                j + 1,
-                j + 1
-            ));
+        let group = if name == "operator" {
+            "operators"
+        } else {
+            "robots"
+        };
+        let addresses = overlay(n).iter().filter_map(|a| a.parse().ok()).collect();
+        let token = desk.issue(
+            vec![lighthouse_ref.clone()],
+            name,
+            vec![group.to_string()],
+            talk_to.clone(),
+            addresses,
+            now + 600,
+        )?;
+        let joined = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&exe)
+            .args(["join", &token.to_text(), "--force", "--dir"])
+            .arg(&node_dir)
+            .output()
+            .context("running `myelin join`")?;
+        if !joined.status.success() {
+            bail!(
+                "`myelin join` failed for {name}: {}",
+                String::from_utf8_lossy(&joined.stderr).trim()
+            );
         }
         let role = myelin_sdk::LabNode {
             name: name.as_str(),
@@ -372,12 +537,16 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
             })
             .collect();
         let api = format!("{underlay}:7800");
+        let [v4, v6] = overlay(n);
+        // `join` wrote the key, the certificates and a config; the lab's config adds the
+        // remote API and every plugin's lab section.
         let config = format!(
-            "# Made by `myelin lab up`.\n[node]\nname = \"{name}\"\nprivate_key_file = \"{}\"\naddress = [\"10.77.0.{n}/16\", \"fd77::{n}/64\"]\n\n[control]\nlisten = \"127.0.0.1:7800\"\nremote_listen = \"{api}\"\ntoken_file = \"{}\"\n{peers}\n[plugins]\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\n{plugins}",
-            key_file.display(),
-            token_file.display(),
-            node_dir.join("run").display(),
-            node_dir.join("state").display()
+            "# Made by `myelin lab up` after `myelin join`.\n[node]\nname = \"{name}\"\nprivate_key_file = \"{d}/private.key\"\naddress = [\"{v4}\", \"{v6}\"]\n\n{control}\n[mesh]\nca = \"{d}/ca.crt\"\ncert = \"{d}/node.crt\"\ntalk_to = [\"operators\", \"robots\"]\nlighthouses = [{{ name = \"lighthouse\", endpoint = \"{}\", public_key = \"{}\", overlay = \"{}\" }}]\n\n[plugins]\nruntime_dir = \"{d}/run\"\nstate_dir = \"{d}/state\"\n{plugins}",
+            lighthouse_ref.endpoint,
+            crate::keys::PublicKey(lighthouse_ref.public_key),
+            lighthouse_ref.overlay,
+            d = node_dir.display(),
+            control = control_section(&api, &token_file),
         );
         let config_path = node_dir.join("myelin.toml");
         std::fs::write(&config_path, config)?;
@@ -392,7 +561,7 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
             pid: None,
         });
     }
-    for node in &mut nodes {
+    for node in nodes.iter_mut().skip(1) {
         let child = spawn_node(&node.namespace, &node.config, &node.log)?;
         node.pid = Some(child.id());
     }

@@ -335,6 +335,7 @@ fn peer_spec(body: &[u8]) -> Result<crate::tunnel::PeerSpec, ApiError> {
         allowed_ips,
         endpoint,
         persistent_keepalive: p.persistent_keepalive,
+        probe_interval: None,
     })
 }
 

@@ -16,7 +16,11 @@ macro_rules! say {
 pub async fn lab(args: &LabArgs) -> anyhow::Result<()> {
     match &args.command {
         LabCommand::Up(a) => {
-            say!("starting a lab of {} nodes in {}", a.nodes, a.dir.display());
+            say!(
+                "starting a lab of {} nodes and a lighthouse in {}: a CA, a token per node, `myelin join` on each",
+                a.nodes,
+                a.dir.display()
+            );
             let state = lab::create(&a.dir, a.nodes)?;
             say!("waiting for every node to reach every other:");
             if let Err(e) = lab::wait_up(&state, Duration::from_secs(60), |up, want| {

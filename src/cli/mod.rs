@@ -146,9 +146,10 @@ pub struct CaTokenArgs {
     /// the groups it will learn about, comma-separated (its [mesh].talk_to), e.g. operators
     #[argh(option)]
     pub talk_to: Option<String>,
-    /// its overlay address with prefix, or `auto` for the next free one (default auto)
-    #[argh(option, default = "String::from(\"auto\")")]
-    pub address: String,
+    /// its overlay address with prefix (repeat for IPv6), or `auto` for the next free IPv4
+    /// address (the default)
+    #[argh(option)]
+    pub address: Vec<String>,
     /// how long the token works: 90s, 30m, 1h, 7d (default 1h)
     #[argh(option, default = "String::from(\"1h\")")]
     pub ttl: String,

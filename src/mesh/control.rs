@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 /// Keepalive for mesh peers: keeps NAT mappings and sessions warm.
 pub const MESH_KEEPALIVE: u16 = 25;
+/// How often a node probes peers whose RTT guards nothing: lighthouses, and members of its
+/// own groups (robot to robot). Robots probe operators, and operators robots, at the full
+/// `[probe]` rate, which is what the safety interlock and the fleet view judge.
+pub const SLOW_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A lighthouse this node registers with, pinned by configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,6 +147,7 @@ impl Mesh {
                 allowed_ips: vec![IpNet::from(l.overlay)],
                 endpoint: Some(l.endpoint),
                 persistent_keepalive: Some(MESH_KEEPALIVE),
+                probe_interval: Some(SLOW_PROBE_INTERVAL),
             }));
         }
         mesh
@@ -154,6 +159,13 @@ impl Mesh {
 
     pub fn poll_timeout(&self) -> Instant {
         self.next_register.min(self.next_check)
+    }
+
+    fn shares_a_group(&self, groups: &[String]) -> bool {
+        self.config
+            .chain
+            .first()
+            .is_some_and(|c| c.body().groups.iter().any(|g| groups.contains(g)))
     }
 
     fn is_lighthouse_key(&self, key: &[u8; 32]) -> bool {
@@ -201,6 +213,8 @@ impl Mesh {
             allowed_ips: host_routes(&node.addresses),
             endpoint,
             persistent_keepalive: Some(MESH_KEEPALIVE),
+            probe_interval: (self.config.lighthouse || self.shares_a_group(&node.groups))
+                .then_some(SLOW_PROBE_INTERVAL),
         };
         let previous = self.known.insert(
             node.public_key,

@@ -50,6 +50,35 @@ impl Enroller {
         super::token::fingerprint_bytes(&self.ca.fingerprint()).unwrap_or_default()
     }
 
+    /// A single-use token for a new member, valid until `expires` (unix seconds).
+    pub fn issue(
+        &self,
+        lighthouses: Vec<super::token::LighthouseRef>,
+        name: &str,
+        groups: Vec<String>,
+        talk_to: Vec<String>,
+        addresses: Vec<IpNet>,
+        expires: u64,
+    ) -> Result<super::token::Token, cert::CertError> {
+        cert::check_name(Role::Node, name)?;
+        for g in groups.iter().chain(&talk_to) {
+            cert::check_group(g)?;
+        }
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|e| cert::CertError::Malformed(format!("random: {e}")))?;
+        let grant = super::token::Grant {
+            id,
+            ca_fingerprint: self.ca_fingerprint(),
+            lighthouses,
+            name: name.to_string(),
+            groups,
+            talk_to,
+            addresses,
+            expires,
+        };
+        Ok(super::token::Token::issue(grant, &self.enroll_key()))
+    }
+
     /// Picks the first free host address in the issuer's ranges.
     fn allocate(&self) -> Option<IpNet> {
         for range in &self.issuer.body().networks {
@@ -101,16 +130,22 @@ impl Enroller {
                 false,
             )
         };
-        let address = match req.grant.address.or_else(|| self.allocate()) {
-            Some(a) => a,
-            None => return refuse("no free address left in the signer's range".into()),
+        let addresses = if req.grant.addresses.is_empty() {
+            match self.allocate() {
+                Some(a) => vec![a],
+                None => return refuse("no free address left in the signer's range".into()),
+            }
+        } else {
+            req.grant.addresses.clone()
         };
-        if let Some(holder) = self.state.allocated.get(&address.addr()) {
-            if holder != &req.grant.name {
-                return refuse(format!(
-                    "address {} is already given to `{holder}`",
-                    address.addr()
-                ));
+        for address in &addresses {
+            if let Some(holder) = self.state.allocated.get(&address.addr()) {
+                if holder != &req.grant.name {
+                    return refuse(format!(
+                        "address {} is already given to `{holder}`",
+                        address.addr()
+                    ));
+                }
             }
         }
         let max_days = match self.issuer.body().max_days {
@@ -121,7 +156,7 @@ impl Enroller {
             role: Role::Node,
             name: req.grant.name.clone(),
             public_key: req.public_key,
-            networks: vec![address],
+            networks: addresses.clone(),
             groups: req.grant.groups.clone(),
             not_before: now,
             not_after: (now + max_days * DAY).min(self.issuer.body().not_after),
@@ -140,10 +175,12 @@ impl Enroller {
             return refuse(e.to_string());
         }
         self.state.used.insert(id, req.grant.expires);
-        self.state
-            .allocated
-            .insert(address.addr(), req.grant.name.clone());
-        tracing::info!(name = %signed.name(), address = %address, "enrolled a member");
+        for address in &addresses {
+            self.state
+                .allocated
+                .insert(address.addr(), req.grant.name.clone());
+        }
+        tracing::info!(name = %signed.name(), addresses = ?addresses, "enrolled a member");
         let answer = EnrollAnswer::Enrolled {
             chain_pem: chain.iter().map(Certificate::to_pem).collect(),
             ca_pem: self.ca.to_pem(),
@@ -323,7 +360,7 @@ mod tests {
                 name: name.into(),
                 groups: groups.iter().map(|g| g.to_string()).collect(),
                 talk_to: vec![],
-                address: None,
+                addresses: vec![],
                 expires: NOW + 3600,
             },
             &e.enroll_key(),

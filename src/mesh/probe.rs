@@ -51,6 +51,8 @@ struct PeerProbe {
     answered: u64,
     /// Whether the slot holds a peer; an empty slot is never probed.
     active: bool,
+    /// This peer's own cadence, when slower than the prober's.
+    interval: Option<Duration>,
 }
 
 impl PeerProbe {
@@ -64,6 +66,7 @@ impl PeerProbe {
             last_seen: None,
             answered: 0,
             active: true,
+            interval: None,
         }
     }
 }
@@ -111,8 +114,9 @@ impl Prober {
         }
     }
 
-    /// Starts probing `peer` afresh (a peer was added to, or replaced in, that slot).
-    pub fn track(&mut self, peer: usize, now: Instant) {
+    /// Starts probing `peer` afresh (a peer was added to, or replaced in, that slot), every
+    /// `interval` if given, else at the prober's cadence.
+    pub fn track(&mut self, peer: usize, now: Instant, interval: Option<Duration>) {
         if self.peers.len() <= peer {
             self.peers.resize_with(peer + 1, || PeerProbe {
                 active: false,
@@ -120,7 +124,10 @@ impl Prober {
             });
         }
         if let Some(p) = self.peers.get_mut(peer) {
-            *p = PeerProbe::fresh(now);
+            *p = PeerProbe {
+                interval: interval.map(|i| i.max(self.interval)),
+                ..PeerProbe::fresh(now)
+            };
         }
     }
 
@@ -136,12 +143,13 @@ impl Prober {
 
     /// The next ping that is due at `now`, with the peer it goes to.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<(usize, [u8; PROBE_LEN])> {
-        let interval = self.interval;
+        let default = self.interval;
         let (idx, p) = self
             .peers
             .iter_mut()
             .enumerate()
             .find(|(_, p)| p.active && p.due <= now)?;
+        let interval = p.interval.unwrap_or(default);
         let seq = p.next_seq;
         p.next_seq += 1;
         // Keep a steady cadence, but never try to catch up on missed intervals.
@@ -257,7 +265,7 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Prober::new(0, 100 * MS, t0, 7);
         assert_eq!(a.poll_timeout(), None, "nobody to probe: no wake-up");
-        a.track(2, t0);
+        a.track(2, t0, None);
         assert_eq!(a.poll_timeout(), Some(t0));
         let (idx, _) = a.poll_transmit(t0).unwrap();
         assert_eq!(idx, 2, "empty slots 0 and 1 are never probed");
@@ -265,7 +273,7 @@ mod tests {
         a.untrack(2);
         assert_eq!(a.poll_timeout(), None);
         assert!(a.poll_transmit(t0 + 1000 * MS).is_none());
-        a.track(2, t0 + 1000 * MS);
+        a.track(2, t0 + 1000 * MS, None);
         assert_eq!(
             a.answered(2),
             (0, None),

@@ -62,8 +62,8 @@ pub struct Grant {
     pub groups: Vec<String>,
     /// The groups the new member will learn about (its `[mesh].talk_to`).
     pub talk_to: Vec<String>,
-    /// `None`: the lighthouse picks a free address from its signer's range.
-    pub address: Option<IpNet>,
+    /// Empty: the lighthouse picks a free IPv4 address from its signer's range.
+    pub addresses: Vec<IpNet>,
     pub expires: u64,
 }
 
@@ -178,13 +178,10 @@ impl Grant {
                 put_str(&mut out, g);
             }
         }
-        match self.address {
-            None => out.push(0),
-            Some(a) => {
-                out.push(1);
-                put_addr(&mut out, a.addr());
-                out.push(a.prefix_len());
-            }
+        out.push(self.addresses.len().min(8) as u8);
+        for a in self.addresses.iter().take(8) {
+            put_addr(&mut out, a.addr());
+            out.push(a.prefix_len());
         }
         out.extend_from_slice(&self.expires.to_be_bytes());
         out
@@ -216,18 +213,19 @@ impl Grant {
         };
         let groups = list()?;
         let talk_to = list()?;
-        let address = match r.u8()? {
-            0 => None,
-            1 => {
-                let addr = r.addr()?;
-                let prefix = r.u8()?;
-                Some(
-                    IpNet::new(addr, prefix)
-                        .map_err(|_| TokenError::Malformed("address prefix too long".into()))?,
-                )
-            }
-            _ => return Err(TokenError::Malformed("bad address tag".into())),
-        };
+        let count = r.u8()? as usize;
+        if count > 8 {
+            return Err(TokenError::Malformed("too many addresses".into()));
+        }
+        let mut addresses = Vec::with_capacity(count);
+        for _ in 0..count {
+            let addr = r.addr()?;
+            let prefix = r.u8()?;
+            addresses.push(
+                IpNet::new(addr, prefix)
+                    .map_err(|_| TokenError::Malformed("address prefix too long".into()))?,
+            );
+        }
         Ok(Self {
             id,
             ca_fingerprint,
@@ -235,7 +233,7 @@ impl Grant {
             name,
             groups,
             talk_to,
-            address,
+            addresses,
             expires: r.u64()?,
         })
     }
@@ -494,7 +492,7 @@ mod tests {
             name: "robot7".into(),
             groups: vec!["robots".into()],
             talk_to: vec!["operators".into()],
-            address: None,
+            addresses: vec![],
             expires: NOW + 3600,
         }
     }

@@ -371,6 +371,7 @@ fn restricted_peer(
         allowed_ips: Vec::new(),
         endpoint: Some(from),
         persistent_keepalive: None,
+        probe_interval: None,
     };
     let key_of = spec.public_key;
     match shared.change(|t| t.upsert(&shared.static_private, spec)) {

@@ -318,6 +318,7 @@ impl Tunnel {
                 allowed_ips: p.allowed_ips.clone(),
                 endpoint: p.endpoint,
                 persistent_keepalive: p.persistent_keepalive,
+                probe_interval: None,
             };
             if let Some(next) = table.upsert(&static_private, spec)? {
                 table = next;
@@ -547,7 +548,7 @@ impl ControlSlots {
             self.answered[slot] = 0;
             match current {
                 Some(p) => {
-                    prober.track(slot, now);
+                    prober.track(slot, now, p.spec.probe_interval);
                     self.rtt_histograms[slot] = Some(
                         metrics::histogram!("myelin_peer_rtt_seconds", "peer" => p.name.clone()),
                     );

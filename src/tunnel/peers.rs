@@ -37,6 +37,9 @@ pub struct PeerSpec {
     pub allowed_ips: Vec<IpNet>,
     pub endpoint: Option<SocketAddr>,
     pub persistent_keepalive: Option<u16>,
+    /// Probe this peer less often than `[probe].interval_ms` (a lighthouse: its RTT guards
+    /// nothing, and every probe costs both ends a wake-up).
+    pub probe_interval: Option<std::time::Duration>,
 }
 
 /// One peer and its live state.
@@ -268,6 +271,7 @@ mod tests {
             allowed_ips: vec![ip.parse().unwrap()],
             endpoint: None,
             persistent_keepalive: None,
+            probe_interval: None,
         }
     }
 

@@ -19,7 +19,7 @@ use actions::{ActionConfig, Notice};
 use config::SafetyConfig;
 use interlock::State;
 use myelin_sdk::axum::{response::Html, routing::get, routing::post, Json, Router};
-use myelin_sdk::{async_trait, config_error, log, unix_ms};
+use myelin_sdk::{async_trait, log, unix_ms};
 use myelin_sdk::{Health, Plugin, PluginContext, PluginError, Registration};
 use shell::{interlock_loop, rearm_request, Loop, RearmReply};
 use status::{Reporter, Status};
@@ -41,12 +41,14 @@ impl Plugin for Safety {
     async fn start(&mut self, ctx: PluginContext) -> Result<(), PluginError> {
         let mesh = ctx.mesh();
         let known: Vec<String> = mesh.borrow().peers.iter().map(|p| p.name.clone()).collect();
+        // Mesh peers arrive with the roster, after the plugins start: a watched peer that is not
+        // there yet is a link that is down, which keeps the robot stopped, not a config error.
         for name in &self.config.watch {
             if !known.contains(name) {
-                return Err(config_error(format!(
-                    "watch: no peer named `{name}` (peers: {}); fix the name in [plugins.safety].watch",
-                    known.join(", ")
-                )));
+                log(&format!(
+                    "watch: no peer named `{name}` yet (peers now: {}); stopped until it appears and its link is good (check the name in [plugins.safety].watch if it never does)",
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                ));
             }
         }
         let state_dir = ctx.state_dir().ok_or(PluginError::NotReady(
