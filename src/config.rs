@@ -129,6 +129,9 @@ pub struct MeshSection {
     pub talk_to: Vec<String>,
     #[serde(default = "default_refresh_s")]
     pub refresh_s: u64,
+    /// The CA's revocation list (`myelin ca revoke`), re-read when it changes.
+    #[serde(default)]
+    pub revocations: Option<PathBuf>,
 }
 
 fn default_refresh_s() -> u64 {

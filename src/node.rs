@@ -123,6 +123,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
                     .unwrap_or_default()
             );
             Some(tokio::spawn(crate::mesh::shell::run(
+                config.mesh.as_ref().and_then(|m| m.revocations.clone()),
                 mesh_config,
                 control,
                 rx,

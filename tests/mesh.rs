@@ -266,8 +266,9 @@ fn a_fleet_forms_its_mesh_through_a_lighthouse() {
     let lh_endpoint = format!("{}:51820", fleet.underlay[0]);
     let lighthouse = Some((&specs[0], lh_endpoint.as_str()));
     let mut configs = Vec::new();
+    let revocations = format!("{}/revoked.crl", ca.dir.path().display());
     configs.push(format!(
-        "{}[lighthouse]\nenabled = true\n",
+        "{}revocations = \"{revocations}\"\n[lighthouse]\nenabled = true\n",
         mesh_section(&ca.ca(), &ca.sign(&specs[0], "lighthouses"), None, "")
     ));
     configs.push(mesh_section(
@@ -388,6 +389,48 @@ fn a_fleet_forms_its_mesh_through_a_lighthouse() {
         "an expired member is no peer"
     );
     assert!(!pings(ns(1), "10.94.0.6"));
+
+    // Revoking robot2 by name at the CA, with the list dropped where the lighthouse reads it:
+    // every member lets go of robot2 within 5 s.
+    eprintln!(
+        "members before revocation: {:?}; robot2 peer: {}",
+        member_names(operator),
+        operator.peer("robot2")
+    );
+    ping_until(ns(1), "10.94.0.4", LONG);
+    let revoked_at = Instant::now();
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "ca",
+            "revoke",
+            "robot2",
+            "--ca-dir",
+            ca.dir.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("every certificate for `robot2`"));
+    wait_members(
+        operator,
+        "the operator to drop revoked robot2",
+        Duration::from_secs(10),
+        |m| !m.contains(&"robot2".to_string()),
+    );
+    let took = revoked_at.elapsed();
+    eprintln!("revocation took effect at the operator in {took:?}");
+    assert!(took <= Duration::from_secs(5), "revocation took {took:?}");
+    assert!(operator.peer("robot2").is_null());
+    assert!(
+        !pings(ns(1), "10.94.0.4"),
+        "the operator still reaches revoked robot2"
+    );
+    assert!(!member_names(lh).contains(&"robot2".to_string()));
+    ping_until(ns(1), "10.94.0.3", LONG);
 }
 
 fn myelin_in(ns: &common::Netns, args: &[&str]) -> std::process::Output {

@@ -1,9 +1,11 @@
 //! Certificates: presented by strangers in Hello messages and rosters, read from files. Decoding
-//! must refuse every non-canonical form, and verification must never accept a forgery.
+//! must refuse every non-canonical form, and verification must never accept a forgery. Also the
+//! CA's revocation lists.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use myelin::mesh::cert::{verify, CertBody, Certificate, Role};
+use myelin::mesh::revoke::RevocationList;
 use std::sync::OnceLock;
 
 fn ca() -> &'static Certificate {
@@ -35,4 +37,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(verify(&[c], ca(), 1_800_000_000).is_err());
     }
     let _ = Certificate::parse_pem(&String::from_utf8_lossy(data));
+    // Revocation lists arrive in pages from lighthouses; nothing random carries the CA's signature.
+    if let Ok(list) = RevocationList::decode(data) {
+        assert!(list.verify(&ca().body().public_key).is_err());
+    }
 });

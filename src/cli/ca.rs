@@ -1,7 +1,9 @@
 //! `ca`: the fleet's certificate authority on the command line: create the root, sign nodes
 //! and constrained signers, show and verify certificate files.
 
-use super::{CaArgs, CaCommand, CaInitArgs, CaShowArgs, CaSignArgs, CaTokenArgs, CaVerifyArgs};
+use super::{
+    CaArgs, CaCommand, CaInitArgs, CaRevokeArgs, CaShowArgs, CaSignArgs, CaTokenArgs, CaVerifyArgs,
+};
 use crate::keys::{read_secret, write_private, PublicKey};
 use crate::mesh::cert::{self, CertBody, Certificate, Role};
 use anyhow::{bail, Context};
@@ -16,6 +18,7 @@ pub fn ca(args: &CaArgs) -> anyhow::Result<()> {
         CaCommand::Show(a) => show(a),
         CaCommand::Verify(a) => verify(a),
         CaCommand::Token(a) => token(a),
+        CaCommand::Revoke(a) => revoke(a),
     }
 }
 
@@ -439,6 +442,59 @@ fn token(a: &CaTokenArgs) -> anyhow::Result<()> {
     eprintln!(
         "single use, valid until {}; on the new machine: myelin join <token>",
         cert::utc(unix_now()? + ttl)
+    );
+    Ok(())
+}
+
+fn revoke(a: &CaRevokeArgs) -> anyhow::Result<()> {
+    use crate::mesh::revoke::{describe, RevocationList, Revoked};
+    let (key, ca) = load_issuer(&a.ca_dir.join("ca.key"), &a.ca_dir.join("ca.crt"))?;
+    if ca.body().role != Role::Ca {
+        bail!(
+            "{} is not a CA certificate: only the CA revokes",
+            a.ca_dir.join("ca.crt").display()
+        );
+    }
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| a.ca_dir.join("revoked.crl"));
+    let (mut entries, previous) = match std::fs::read_to_string(&out) {
+        Ok(text) => {
+            let list = RevocationList::parse_pem(&text)
+                .with_context(|| format!("reading {}", out.display()))?;
+            list.verify(&ca.body().public_key)
+                .with_context(|| format!("{} was not signed by this CA", out.display()))?;
+            (list.entries, Some(list.issued_at))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
+    };
+    let now = unix_now()?;
+    let entry = match crate::mesh::token::fingerprint_bytes(&a.what.to_ascii_lowercase()) {
+        Some(f) => Revoked::Fingerprint(f),
+        None => {
+            cert::check_name(Role::Node, &a.what).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}\n  (give a member's name, or a certificate's 64-digit fingerprint)"
+                )
+            })?;
+            Revoked::Name {
+                name: a.what.clone(),
+                before: now,
+            }
+        }
+    };
+    let what = describe(&entry);
+    entries.push(entry);
+    // Issued strictly after any list it replaces, so members take it.
+    let issued_at = previous.map_or(now, |p| now.max(p + 1));
+    let list = RevocationList::sign(entries, issued_at, &key);
+    write_public(&out, &list.to_pem())?;
+    println!(
+        "revoked {what}\n  list: {} ({} entries); copy it to every lighthouse's [mesh].revocations: members drop the revoked within seconds",
+        out.display(),
+        list.entries.len()
     );
     Ok(())
 }

@@ -131,6 +131,23 @@ pub enum CaCommand {
     Show(CaShowArgs),
     Verify(CaVerifyArgs),
     Token(CaTokenArgs),
+    Revoke(CaRevokeArgs),
+}
+
+#[derive(FromArgs)]
+/// Revoke a certificate (by fingerprint) or a name (every certificate for it issued until now);
+/// writes the CA's signed revocation list, for [mesh].revocations on the lighthouses.
+#[argh(subcommand, name = "revoke")]
+pub struct CaRevokeArgs {
+    /// a member's name, or a certificate's fingerprint (64 hex digits, `myelin ca show`)
+    #[argh(positional)]
+    pub what: String,
+    /// directory with ca.key and ca.crt (default: the current directory)
+    #[argh(option, default = "PathBuf::from(\".\")")]
+    pub ca_dir: PathBuf,
+    /// the revocation list to extend (default CA_DIR/revoked.crl)
+    #[argh(option)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(FromArgs)]

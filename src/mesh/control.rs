@@ -4,7 +4,8 @@
 //! see. Messages and `now` go in; messages to send and peer changes come out.
 
 use super::cert::{self, Certificate, VerifiedNode};
-use super::wire::{roster_pages, Message, RosterEntry};
+use super::revoke::RevocationList;
+use super::wire::{revocation_pages, roster_pages, Message, RosterEntry};
 use ipnet::IpNet;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -40,6 +41,8 @@ pub struct MeshConfig {
     pub lighthouse: bool,
     /// How often a member registers again; a lighthouse forgets a member after three.
     pub refresh: Duration,
+    /// The CA's revocation list, if this node has one (lighthouses push theirs to members).
+    pub revocations: Option<RevocationList>,
 }
 
 /// A peer change for the data plane. A peer's allowed IPs are its certificate's addresses as
@@ -72,6 +75,8 @@ pub struct MemberView {
 
 struct Known {
     node: VerifiedNode,
+    /// Its certificate's not-before: revocation by name covers certificates up to a moment.
+    not_before: u64,
     chain: Vec<Vec<u8>>,
     endpoint: Option<SocketAddr>,
     source: &'static str,
@@ -82,6 +87,9 @@ struct Registration {
     talk_to: Vec<String>,
     last_seen: Instant,
 }
+
+/// A revocation list arriving in pages: its issue time and the pages so far.
+type PagedList = (u64, Vec<Option<Vec<u8>>>);
 
 /// One lighthouse's latest complete roster, as this member received it.
 struct RosterCopy {
@@ -100,6 +108,12 @@ pub struct Mesh {
     /// Lighthouses that acknowledged our Hello.
     welcomed: HashSet<[u8; 32]>,
     rosters: HashMap<[u8; 32], RosterCopy>,
+    revocations: Option<RevocationList>,
+    /// Roster members no fresh roster lists, since when: dropped after a refresh interval, so
+    /// a member missing from one roster (a late registration) keeps its session.
+    unlisted_since: HashMap<[u8; 32], Instant>,
+    /// Pages of a revocation list being received, per lighthouse.
+    revocation_pages: HashMap<[u8; 32], PagedList>,
     registrations: HashMap<[u8; 32], Registration>,
     generation: u64,
     started: Instant,
@@ -130,6 +144,9 @@ impl Mesh {
             known: HashMap::new(),
             welcomed: HashSet::new(),
             rosters: HashMap::new(),
+            revocations: None,
+            unlisted_since: HashMap::new(),
+            revocation_pages: HashMap::new(),
             registrations: HashMap::new(),
             generation,
             started: now,
@@ -137,6 +154,9 @@ impl Mesh {
             next_check: now,
             out: VecDeque::new(),
         };
+        if let Some(list) = mesh.config.revocations.take() {
+            mesh.set_revocations(list, now);
+        }
         for l in mesh.config.lighthouses.clone() {
             if l.public_key == mesh.own_key {
                 continue;
@@ -176,15 +196,26 @@ impl Mesh {
         self.out.push_back(Output::Send { to, message });
     }
 
-    /// Verifies a chain someone presented for `key` at `unix` (seconds).
-    fn verify(&self, key: &[u8; 32], chain: &[Vec<u8>], unix: u64) -> Option<VerifiedNode> {
+    /// Verifies a chain someone presented for `key` at `unix` (seconds): signed by the CA,
+    /// valid now, naming `key`, and not revoked. Returns the member and its not-before.
+    fn verify(&self, key: &[u8; 32], chain: &[Vec<u8>], unix: u64) -> Option<(VerifiedNode, u64)> {
         let certs: Vec<Certificate> = chain
             .iter()
             .map(|c| Certificate::decode(c))
             .collect::<Result<_, _>>()
             .ok()?;
+        let not_before = certs.first()?.body().not_before;
         match cert::verify(&certs, &self.config.ca, unix) {
-            Ok(node) if &node.public_key == key => Some(node),
+            Ok(node)
+                if self
+                    .revocations
+                    .as_ref()
+                    .is_some_and(|r| r.revokes(&node, not_before)) =>
+            {
+                tracing::info!(name = %node.name, "refused a revoked certificate");
+                None
+            }
+            Ok(node) if &node.public_key == key => Some((node, not_before)),
             Ok(node) => {
                 tracing::debug!(name = %node.name, "a certificate presented by another key is ignored");
                 None
@@ -199,7 +230,7 @@ impl Mesh {
     /// Makes a verified member a peer (replacing a restricted, not-yet-introduced one).
     fn admit(
         &mut self,
-        node: VerifiedNode,
+        (node, not_before): (VerifiedNode, u64),
         chain: Vec<Vec<u8>>,
         endpoint: Option<SocketAddr>,
         source: &'static str,
@@ -220,6 +251,7 @@ impl Mesh {
             node.public_key,
             Known {
                 node,
+                not_before,
                 chain,
                 endpoint,
                 source,
@@ -304,6 +336,41 @@ impl Mesh {
                     self.push_to_affected(&groups, Some(from), now);
                 }
                 self.push_roster(from, now);
+                self.push_revocations(from);
+            }
+            Message::Revocations {
+                issued_at,
+                page,
+                pages,
+                bytes,
+            } => {
+                if !self.is_lighthouse_key(&from) {
+                    return;
+                }
+                let entry = self
+                    .revocation_pages
+                    .entry(from)
+                    .or_insert_with(|| (issued_at, Vec::new()));
+                if entry.0 != issued_at || entry.1.len() != pages as usize {
+                    *entry = (issued_at, vec![None; pages as usize]);
+                }
+                if let Some(slot) = entry.1.get_mut(page as usize) {
+                    *slot = Some(bytes);
+                }
+                if entry.1.iter().all(Option::is_some) {
+                    let bytes: Vec<u8> = entry
+                        .1
+                        .iter_mut()
+                        .flat_map(|p| p.take().unwrap_or_default())
+                        .collect();
+                    self.revocation_pages.remove(&from);
+                    match RevocationList::decode(&bytes) {
+                        Ok(list) => self.set_revocations(list, now),
+                        Err(e) => {
+                            tracing::info!("a lighthouse sent a malformed revocation list: {e}")
+                        }
+                    }
+                }
             }
             Message::Roster {
                 generation,
@@ -384,13 +451,26 @@ impl Mesh {
         if fresh.is_empty() || self.config.lighthouse {
             return;
         }
-        let gone: Vec<[u8; 32]> = self
+        let unlisted: HashSet<[u8; 32]> = self
             .known
             .iter()
             .filter(|(key, k)| k.source == "roster" && !fresh.iter().any(|s| s.contains(*key)))
             .map(|(key, _)| *key)
             .collect();
+        self.unlisted_since.retain(|k, _| unlisted.contains(k));
+        let grace = self.config.refresh;
+        let mut gone = Vec::new();
+        for key in unlisted {
+            let since = *self.unlisted_since.entry(key).or_insert(now);
+            if now.saturating_duration_since(since) >= grace {
+                gone.push(key);
+            }
+        }
         for key in gone {
+            if let Some(k) = self.known.get(&key) {
+                tracing::info!(member = %k.node.name, "dropped: no lighthouse lists it any more");
+            }
+            self.unlisted_since.remove(&key);
             self.forget(&key);
         }
     }
@@ -437,6 +517,61 @@ impl Mesh {
             .collect();
         for k in affected {
             self.push_roster(k, now);
+        }
+    }
+
+    fn push_revocations(&mut self, to: [u8; 32]) {
+        if let Some(list) = &self.revocations {
+            for page in revocation_pages(list.issued_at, &list.encode()) {
+                self.out.push_back(Output::Send { to, message: page });
+            }
+        }
+    }
+
+    /// Takes a revocation list signed by the CA (from a file, or pushed by a lighthouse) if it
+    /// is newer than the one held, drops every member it revokes, and, on a lighthouse,
+    /// passes it on to every registered member.
+    pub fn set_revocations(&mut self, list: RevocationList, now: Instant) {
+        if let Err(e) = list.verify(&self.config.ca.body().public_key) {
+            tracing::warn!("ignored a revocation list: {e}");
+            return;
+        }
+        if self
+            .revocations
+            .as_ref()
+            .is_some_and(|r| r.issued_at >= list.issued_at)
+        {
+            return;
+        }
+        tracing::info!(entries = list.entries.len(), issued = %cert::utc(list.issued_at), "revocation list in force");
+        let revoked: Vec<[u8; 32]> = self
+            .known
+            .iter()
+            .filter(|(_, k)| list.revokes(&k.node, k.not_before))
+            .map(|(key, _)| *key)
+            .collect();
+        self.revocations = Some(list);
+        for key in revoked {
+            if let Some(k) = self.known.get(&key) {
+                tracing::info!(member = %k.node.name, "dropped: its certificate is revoked");
+            }
+            let groups = self
+                .known
+                .get(&key)
+                .map(|k| k.node.groups.clone())
+                .unwrap_or_default();
+            let was_registered = self.registrations.remove(&key).is_some();
+            self.forget(&key);
+            if was_registered {
+                self.generation += 1;
+                self.push_to_affected(&groups, None, now);
+            }
+        }
+        if self.config.lighthouse {
+            let members: Vec<[u8; 32]> = self.registrations.keys().copied().collect();
+            for m in members {
+                self.push_revocations(m);
+            }
         }
     }
 
@@ -625,6 +760,7 @@ mod tests {
                 candidates: vec![],
                 lighthouse,
                 refresh: REFRESH,
+                revocations: None,
             },
             now,
         )
@@ -766,6 +902,12 @@ mod tests {
             &mut [(10, &mut lh), (11, &mut robot), (12, &mut op)],
             later,
         ));
+        // The operator waits one refresh interval before it lets go of an unlisted member.
+        assert!(changes
+            .iter()
+            .all(|(n, o)| !(*n == 12 && matches!(o, Output::Remove { .. }))));
+        op.handle_timeout(later + REFRESH, UNIX);
+        changes.extend(std::iter::from_fn(|| op.poll_output()).map(|o| (12, o)));
         assert!(
             changes
                 .iter()

@@ -5,6 +5,7 @@ pub mod cert;
 pub mod control;
 pub mod enroll;
 pub mod probe;
+pub mod revoke;
 pub mod shell;
 pub mod token;
 pub mod wire;

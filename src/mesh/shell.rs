@@ -4,6 +4,7 @@
 
 use super::cert::{self, Certificate};
 use super::control::{LighthouseConfig, MemberView, Mesh, MeshConfig, Output};
+use super::revoke::RevocationList;
 use crate::config::Config;
 use crate::tunnel::{ControlDatagram, PeerControl};
 use std::path::Path;
@@ -32,6 +33,23 @@ fn read_chain(path: &Path) -> Result<Vec<Certificate>, MeshSetupError> {
     };
     let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
     Certificate::parse_pem(&text).map_err(|e| file(e.to_string()))
+}
+
+/// Reads `[mesh].revocations` (absent file: none yet).
+fn read_revocations(path: &Path) -> Result<Option<RevocationList>, MeshSetupError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => RevocationList::parse_pem(&text)
+            .map(Some)
+            .map_err(|e| MeshSetupError::File {
+                path: path.display().to_string(),
+                error: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(MeshSetupError::File {
+            path: path.display().to_string(),
+            error: e.to_string(),
+        }),
+    }
 }
 
 pub fn unix_now() -> u64 {
@@ -105,6 +123,10 @@ pub fn mesh_config(
         candidates: Vec::new(),
         lighthouse: config.lighthouse.enabled,
         refresh: Duration::from_secs(section.refresh_s),
+        revocations: match &section.revocations {
+            Some(path) => read_revocations(path)?,
+            None => None,
+        },
     }))
 }
 
@@ -151,6 +173,7 @@ pub fn enroller(config: &Config) -> Result<Option<super::enroll::Enroller>, Mesh
 
 /// Runs the mesh until `cancel`.
 pub async fn run(
+    revocations_file: Option<std::path::PathBuf>,
     config: MeshConfig,
     peers: PeerControl,
     mut control: tokio::sync::mpsc::Receiver<ControlDatagram>,
@@ -159,6 +182,8 @@ pub async fn run(
 ) {
     let mut mesh = Mesh::new(config, Instant::now());
     let mut next_sweep = Instant::now() + RESTRICTED_FOR;
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut revocations_seen = revocations_file.as_deref().and_then(modified);
     loop {
         while let Some(output) = mesh.poll_output() {
             apply(&peers, output);
@@ -181,6 +206,18 @@ pub async fn run(
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
                 let now = Instant::now();
                 mesh.handle_timeout(now, unix_now());
+                // A new revocation list in [mesh].revocations takes effect within a second.
+                if let Some(path) = &revocations_file {
+                    let stamp = modified(path);
+                    if stamp != revocations_seen {
+                        revocations_seen = stamp;
+                        match read_revocations(path) {
+                            Ok(Some(list)) => mesh.set_revocations(list, now),
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!("{e}"),
+                        }
+                    }
+                }
                 if now >= next_sweep {
                     next_sweep = now + RESTRICTED_FOR / 3;
                     sweep_restricted(&peers, &mesh);

@@ -36,6 +36,13 @@ pub enum Message {
         talk_to: Vec<String>,
         candidates: Vec<SocketAddr>,
     },
+    /// A lighthouse to a member: one page of the CA's revocation list issued at `issued_at`.
+    Revocations {
+        issued_at: u64,
+        page: u16,
+        pages: u16,
+        bytes: Vec<u8>,
+    },
     /// A lighthouse to a member: one page of the roster generation `generation`.
     Roster {
         generation: u64,
@@ -159,6 +166,20 @@ impl Message {
                     put_sock(&mut out, Some(*c));
                 }
             }
+            Message::Revocations {
+                issued_at,
+                page,
+                pages,
+                bytes,
+            } => {
+                out.push(5);
+                out.extend_from_slice(&issued_at.to_be_bytes());
+                out.extend_from_slice(&page.to_be_bytes());
+                out.extend_from_slice(&pages.to_be_bytes());
+                let b = &bytes[..bytes.len().min(MAX_MESSAGE)];
+                out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+                out.extend_from_slice(b);
+            }
             Message::Roster {
                 generation,
                 page,
@@ -228,6 +249,24 @@ impl Message {
                     members,
                 }
             }
+            5 => {
+                let issued_at = r.u64()?;
+                let page = r.u16()?;
+                let pages = r.u16()?;
+                if pages == 0 || page >= pages {
+                    return Err(WireError("page out of range"));
+                }
+                let len = r.u16()? as usize;
+                if len > MAX_MESSAGE {
+                    return Err(WireError("page too long"));
+                }
+                Message::Revocations {
+                    issued_at,
+                    page,
+                    pages,
+                    bytes: r.take(len)?.to_vec(),
+                }
+            }
             _ => return Err(WireError("unknown message kind")),
         };
         if !r.0.is_empty() {
@@ -235,6 +274,23 @@ impl Message {
         }
         Ok(m)
     }
+}
+
+/// Splits an encoded revocation list into pages that each fit one message.
+pub fn revocation_pages(issued_at: u64, list: &[u8]) -> Vec<Message> {
+    let chunks: Vec<&[u8]> = list.chunks(MAX_MESSAGE - 64).collect();
+    let pages = chunks.len().clamp(1, u16::MAX as usize) as u16;
+    chunks
+        .into_iter()
+        .take(pages as usize)
+        .enumerate()
+        .map(|(i, c)| Message::Revocations {
+            issued_at,
+            page: i as u16,
+            pages,
+            bytes: c.to_vec(),
+        })
+        .collect()
 }
 
 /// Splits a roster into pages that each fit one message.
@@ -282,6 +338,12 @@ mod tests {
                 chain: vec![vec![7; 200]],
             },
             Message::Welcome,
+            Message::Revocations {
+                issued_at: 5,
+                page: 1,
+                pages: 2,
+                bytes: vec![3; 900],
+            },
             Message::Register {
                 talk_to: vec!["robots".into(), "operators".into()],
                 candidates: vec![
