@@ -100,6 +100,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
                 listener,
                 enroller,
                 config.lighthouse.state_file.clone(),
+                members_rx.clone(),
                 mesh_stop.clone(),
             )))
         }

@@ -11,6 +11,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+/// How often a lighthouse that has not answered with a roster yet is asked again (the first
+/// exchange can be lost, or the lighthouse may be starting).
+const REGISTER_RETRY: Duration = Duration::from_secs(2);
 /// Keepalive for mesh peers: keeps NAT mappings and sessions warm.
 pub const MESH_KEEPALIVE: u16 = 25;
 /// How often a node probes peers whose RTT guards nothing: lighthouses, and members of its
@@ -86,6 +89,8 @@ struct Known {
 struct Registration {
     talk_to: Vec<String>,
     last_seen: Instant,
+    /// Three of the member's own refresh intervals.
+    expires_after: Duration,
 }
 
 /// A revocation list arriving in pages: its issue time and the pages so far.
@@ -118,6 +123,8 @@ pub struct Mesh {
     generation: u64,
     started: Instant,
     next_register: Instant,
+    /// Lighthouses that have not sent a complete roster yet are asked again this often.
+    next_retry: Instant,
     next_check: Instant,
     out: VecDeque<Output>,
 }
@@ -151,6 +158,7 @@ impl Mesh {
             generation,
             started: now,
             next_register: now,
+            next_retry: now + REGISTER_RETRY,
             next_check: now,
             out: VecDeque::new(),
         };
@@ -178,7 +186,7 @@ impl Mesh {
     }
 
     pub fn poll_timeout(&self) -> Instant {
-        self.next_register.min(self.next_check)
+        self.next_register.min(self.next_check).min(self.next_retry)
     }
 
     fn shares_a_group(&self, groups: &[String]) -> bool {
@@ -303,7 +311,9 @@ impl Mesh {
                     self.welcomed.insert(from);
                 }
             }
-            Message::Register { talk_to, .. } => {
+            Message::Register {
+                talk_to, refresh_s, ..
+            } => {
                 if !self.config.lighthouse {
                     return;
                 }
@@ -326,6 +336,7 @@ impl Mesh {
                     Registration {
                         talk_to: talk_to.clone(),
                         last_seen: now,
+                        expires_after: Duration::from_secs(u64::from(refresh_s.clamp(1, 3600)) * 3),
                     },
                 ) {
                     None => true,
@@ -575,8 +586,36 @@ impl Mesh {
         }
     }
 
+    fn register_message(&self) -> Message {
+        Message::Register {
+            talk_to: self.config.talk_to.clone(),
+            candidates: self.config.candidates.clone(),
+            refresh_s: self.config.refresh.as_secs().clamp(1, 3600) as u16,
+        }
+    }
+
     /// Timers: registration refresh, expiry of certificates and registrations.
     pub fn handle_timeout(&mut self, now: Instant, unix: u64) {
+        if now >= self.next_retry {
+            self.next_retry = now + self.config.refresh.min(REGISTER_RETRY);
+            let unanswered: Vec<[u8; 32]> = self
+                .config
+                .lighthouses
+                .iter()
+                .map(|l| l.public_key)
+                .filter(|k| *k != self.own_key)
+                .filter(|k| self.rosters.get(k).is_none_or(|r| r.complete.is_none()))
+                .collect();
+            for key in unanswered {
+                self.send(
+                    key,
+                    Message::Hello {
+                        chain: self.chain_bytes.clone(),
+                    },
+                );
+                self.send(key, self.register_message());
+            }
+        }
         if now >= self.next_register {
             self.next_register = now + self.config.refresh;
             for l in self.config.lighthouses.clone() {
@@ -593,13 +632,7 @@ impl Mesh {
                         },
                     );
                 }
-                self.send(
-                    l.public_key,
-                    Message::Register {
-                        talk_to: self.config.talk_to.clone(),
-                        candidates: self.config.candidates.clone(),
-                    },
-                );
+                self.send(l.public_key, self.register_message());
             }
             // Members that have not confirmed our Hello hear it again.
             let unconfirmed: Vec<[u8; 32]> = self
@@ -628,9 +661,7 @@ impl Mesh {
             let stale: Vec<[u8; 32]> = self
                 .registrations
                 .iter()
-                .filter(|(_, r)| {
-                    now.saturating_duration_since(r.last_seen) > self.config.refresh * 3
-                })
+                .filter(|(_, r)| now.saturating_duration_since(r.last_seen) > r.expires_after)
                 .map(|(k, _)| *k)
                 .collect();
             for key in expired.iter().chain(&stale) {

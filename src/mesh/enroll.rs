@@ -79,13 +79,17 @@ impl Enroller {
         Ok(super::token::Token::issue(grant, &self.enroll_key()))
     }
 
-    /// Picks the first free host address in the issuer's ranges.
-    fn allocate(&self) -> Option<IpNet> {
+    /// Picks the first free host address in the issuer's ranges: not reserved, not allocated
+    /// before, not held by a member the mesh knows (`in_use`).
+    fn allocate(&self, in_use: &[IpAddr]) -> Option<IpNet> {
         for range in &self.issuer.body().networks {
             let IpNet::V4(v4) = range else { continue };
             for host in v4.hosts() {
                 let ip = IpAddr::V4(host);
-                if !self.reserved.contains(&ip) && !self.state.allocated.contains_key(&ip) {
+                if !self.reserved.contains(&ip)
+                    && !in_use.contains(&ip)
+                    && !self.state.allocated.contains_key(&ip)
+                {
                     return IpNet::new(ip, range.prefix_len()).ok();
                 }
             }
@@ -95,7 +99,7 @@ impl Enroller {
 
     /// Decides one request. Returns the encoded answer and whether `state` changed (then it
     /// must be persisted before the answer is sent).
-    pub fn handle(&mut self, request: &[u8], now: u64) -> (Vec<u8>, bool) {
+    pub fn handle(&mut self, request: &[u8], now: u64, in_use: &[IpAddr]) -> (Vec<u8>, bool) {
         let req = match EnrollRequest::decode(request) {
             Ok(r) => r,
             Err(e) => {
@@ -131,7 +135,7 @@ impl Enroller {
             )
         };
         let addresses = if req.grant.addresses.is_empty() {
-            match self.allocate() {
+            match self.allocate(in_use) {
                 Some(a) => vec![a],
                 None => return refuse("no free address left in the signer's range".into()),
             }
@@ -139,6 +143,14 @@ impl Enroller {
             req.grant.addresses.clone()
         };
         for address in &addresses {
+            if in_use.contains(&address.addr())
+                && !self.state.allocated.contains_key(&address.addr())
+            {
+                return refuse(format!(
+                    "address {} is held by a member of the mesh",
+                    address.addr()
+                ));
+            }
             if let Some(holder) = self.state.allocated.get(&address.addr()) {
                 if holder != &req.grant.name {
                     return refuse(format!(
@@ -213,6 +225,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     enroller: Enroller,
     state_path: PathBuf,
+    members: tokio::sync::watch::Receiver<Vec<super::control::MemberView>>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let enroller = std::sync::Arc::new(tokio::sync::Mutex::new(enroller));
@@ -230,6 +243,11 @@ pub async fn serve(
         };
         let enroller = enroller.clone();
         let state_path = state_path.clone();
+        let in_use: Vec<IpAddr> = members
+            .borrow()
+            .iter()
+            .flat_map(|m| m.addresses.iter().map(|a| a.addr()))
+            .collect();
         tokio::spawn(async move {
             let _permit = permit;
             let result = tokio::time::timeout(IO_TIMEOUT, async {
@@ -243,7 +261,7 @@ pub async fn serve(
                 let answer = {
                     let mut e = enroller.lock().await;
                     let now = super::shell::unix_now();
-                    let (answer, changed) = e.handle(&request, now);
+                    let (answer, changed) = e.handle(&request, now, &in_use);
                     if changed {
                         let state = e.state.clone();
                         let path = state_path.clone();
@@ -369,7 +387,7 @@ mod tests {
 
     fn enroll(e: &mut Enroller, t: &Token, key: u8, now: u64) -> Result<EnrollAnswer, TokenError> {
         let req = EnrollRequest::new(t, [key; 32], [key; 16]);
-        let (answer, _) = e.handle(&req.encode(), now);
+        let (answer, _) = e.handle(&req.encode(), now, &[]);
         EnrollAnswer::decode(&answer, t, &[key; 16])
     }
 

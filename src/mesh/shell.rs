@@ -166,7 +166,14 @@ pub fn enroller(config: &Config) -> Result<Option<super::enroll::Enroller>, Mesh
         ca,
         issuer,
         key,
-        reserved: config.node.address.iter().map(|a| a.addr()).collect(),
+        // Its own addresses and every lighthouse's: no member may be given one.
+        reserved: config
+            .node
+            .address
+            .iter()
+            .map(|a| a.addr())
+            .chain(mesh.lighthouses.iter().map(|l| l.overlay))
+            .collect(),
         state,
     }))
 }

@@ -31,10 +31,12 @@ pub enum Message {
     Hello { chain: Vec<Vec<u8>> },
     /// "I verified your Hello": stops the sender's retries.
     Welcome,
-    /// A member to a lighthouse: the groups it wants to talk to and its own addresses.
+    /// A member to a lighthouse: the groups it wants to talk to, its own addresses, and how
+    /// often it registers (the lighthouse forgets it after three missed refreshes).
     Register {
         talk_to: Vec<String>,
         candidates: Vec<SocketAddr>,
+        refresh_s: u16,
     },
     /// A lighthouse to a member: one page of the CA's revocation list issued at `issued_at`.
     Revocations {
@@ -153,8 +155,10 @@ impl Message {
             Message::Register {
                 talk_to,
                 candidates,
+                refresh_s,
             } => {
                 out.push(3);
+                out.extend_from_slice(&refresh_s.to_be_bytes());
                 out.push(talk_to.len().min(MAX_TALK_TO) as u8);
                 for g in talk_to.iter().take(MAX_TALK_TO) {
                     let g = &g.as_bytes()[..g.len().min(63)];
@@ -209,6 +213,7 @@ impl Message {
             1 => Message::Hello { chain: r.chain()? },
             2 => Message::Welcome,
             3 => {
+                let refresh_s = r.u16()?;
                 let n = r.u8()? as usize;
                 if n > MAX_TALK_TO {
                     return Err(WireError("too many groups"));
@@ -224,6 +229,7 @@ impl Message {
                 Message::Register {
                     talk_to,
                     candidates,
+                    refresh_s,
                 }
             }
             4 => {
@@ -350,6 +356,7 @@ mod tests {
                     "10.0.0.1:51820".parse().unwrap(),
                     "[2001:db8::1]:51820".parse().unwrap(),
                 ],
+                refresh_s: 30,
             },
             Message::Roster {
                 generation: 9,

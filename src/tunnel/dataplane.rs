@@ -370,7 +370,9 @@ fn restricted_peer(
         public_key: key,
         allowed_ips: Vec::new(),
         endpoint: Some(from),
-        persistent_keepalive: None,
+        // The keepalive a mesh peer gets, so that admitting it keeps this very session (an
+        // update with another keepalive would start a fresh `Tunn`).
+        persistent_keepalive: Some(crate::mesh::control::MESH_KEEPALIVE),
         probe_interval: None,
     };
     let key_of = spec.public_key;
