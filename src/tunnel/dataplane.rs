@@ -376,7 +376,12 @@ fn restricted_peer(
         probe_interval: None,
     };
     let key_of = spec.public_key;
-    match shared.change(|t| t.upsert(&shared.static_private, spec)) {
+    // The mesh may have admitted this key since `table` was loaded: never overwrite a peer.
+    let made = shared.change(|t| match t.by_key(&key_of) {
+        Some(_) => Ok(None),
+        None => t.upsert(&shared.static_private, spec),
+    });
+    match made {
         Ok(_) => shared.table.load().by_key(&key_of).map(|(slot, _)| slot),
         Err(e) => {
             tracing::debug!("no restricted peer for an unknown key: {e}");
