@@ -127,7 +127,12 @@ fn idle_cpu_of_every_process(dir: &str, nodes: &[(String, u32)]) {
         };
         let share = (after - before) as f64 / hz / elapsed;
         let line = format!("{node:<9} {pid:>7} {:>6.2} %  {cmd}", share * 100.0);
-        if share >= 0.02 {
+        // A node is never idle in the strict sense: it probes each robot/operator peer ten times
+        // a second both ways (what the interlock judges) and feeds safety every answer; in a
+        // test build that is 1.1–2.2 % with the lighthouse. A plugin has nothing to do. A busy
+        // loop (the bug this guards against) costs tens of per cent.
+        let limit = if cmd.contains("myelin up") { 0.03 } else { 0.02 };
+        if share >= limit {
             over.push(line.clone());
         }
         report.push(line);
@@ -142,7 +147,7 @@ fn idle_cpu_of_every_process(dir: &str, nodes: &[(String, u32)]) {
     );
     assert!(
         over.is_empty(),
-        "processes at or over 2 % of a core while idle:\n{}\nall:\n{}",
+        "processes at or over their idle limit (nodes 3 %, plugins 2 % of a core):\n{}\nall:\n{}",
         over.join("\n"),
         report.join("\n")
     );
