@@ -131,7 +131,11 @@ fn idle_cpu_of_every_process(dir: &str, nodes: &[(String, u32)]) {
         // a second both ways (what the interlock judges) and feeds safety every answer; in a
         // test build that is 1.1–2.2 % with the lighthouse. A plugin has nothing to do. A busy
         // loop (the bug this guards against) costs tens of per cent.
-        let limit = if cmd.contains("myelin up") { 0.03 } else { 0.02 };
+        let limit = if cmd.contains("myelin up") {
+            0.03
+        } else {
+            0.02
+        };
         if share >= limit {
             over.push(line.clone());
         }
