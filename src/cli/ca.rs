@@ -29,14 +29,15 @@ pub(crate) fn unix_now() -> anyhow::Result<u64> {
         .as_secs())
 }
 
-fn refuse_overwrite(paths: &[&Path], force: bool) -> anyhow::Result<()> {
+/// Refuses to replace any of `paths` unless `--force` was given.
+pub(super) fn refuse_overwrite(paths: &[&Path], force: bool) -> anyhow::Result<()> {
     if force {
         return Ok(());
     }
     for p in paths {
         if p.exists() {
             bail!(
-                "{} already exists; pass --force to overwrite it, or choose another --dir/--out",
+                "{} already exists; pass --force to overwrite it, or choose another --dir (or --out)",
                 p.display()
             );
         }

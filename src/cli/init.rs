@@ -15,6 +15,15 @@ fn plugin_sections() -> String {
         .collect()
 }
 
+/// Checks `--control` and makes `dir`, for a new node's key and config; returns it absolute.
+pub(super) fn node_dir(dir: &std::path::Path, control: &str) -> anyhow::Result<std::path::PathBuf> {
+    control.parse::<std::net::SocketAddr>().map_err(|e| {
+        anyhow::anyhow!("--control {control}: {e}; use ip:port, e.g. 127.0.0.1:7800")
+    })?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(std::fs::canonicalize(dir)?)
+}
+
 /// What a new node's config says; `mesh` is a complete `[mesh]` section or none.
 pub(super) struct NodeText<'a> {
     pub origin: &'a str,
@@ -70,27 +79,10 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
             anyhow::anyhow!("--address {a}: {e}; use an address with prefix, e.g. 10.77.0.1/16")
         })?;
     }
-    args.control.parse::<std::net::SocketAddr>().map_err(|e| {
-        anyhow::anyhow!(
-            "--control {}: {e}; use ip:port, e.g. 127.0.0.1:7800",
-            args.control
-        )
-    })?;
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating {}", args.dir.display()))?;
-    let dir = std::fs::canonicalize(&args.dir)?;
+    let dir = node_dir(&args.dir, &args.control)?;
     let key_path = dir.join("private.key");
     let config_path = dir.join("myelin.toml");
-    if !args.force {
-        for p in [&key_path, &config_path] {
-            if p.exists() {
-                bail!(
-                    "{} already exists; pass --force to overwrite it, or choose another --dir",
-                    p.display()
-                );
-            }
-        }
-    }
+    super::ca::refuse_overwrite(&[&key_path, &config_path], args.force)?;
     let key = PrivateKey::generate()?;
     crate::keys::write_private(&key_path, &key.to_base64())
         .with_context(|| format!("creating {}", key_path.display()))?;

@@ -18,24 +18,10 @@ pub async fn join(args: &JoinArgs) -> anyhow::Result<()> {
             now
         });
     }
-    args.control.parse::<std::net::SocketAddr>().map_err(|e| {
-        anyhow::anyhow!(
-            "--control {}: {e}; use ip:port, e.g. 127.0.0.1:7800",
-            args.control
-        )
-    })?;
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating {}", args.dir.display()))?;
-    let dir = std::fs::canonicalize(&args.dir)?;
+    let dir = super::init::node_dir(&args.dir, &args.control)?;
     let (key_path, config_path) = (dir.join("private.key"), dir.join("myelin.toml"));
     let (ca_path, cert_path) = (dir.join("ca.crt"), dir.join("node.crt"));
-    if !args.force {
-        for p in [&key_path, &config_path, &cert_path] {
-            if p.exists() {
-                bail!("{} already exists; pass --force to replace this node's identity, or choose another --dir", p.display());
-            }
-        }
-    }
+    super::ca::refuse_overwrite(&[&key_path, &config_path, &cert_path], args.force)?;
     let key = PrivateKey::generate()?;
     let mut nonce = [0u8; 16];
     getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random nonce: {e}"))?;

@@ -20,8 +20,6 @@ const KEY_LABEL: &str = "MYELIN ED25519 PRIVATE KEY";
 pub const MAX_NAME: usize = 63;
 pub const MAX_GROUPS: usize = 32;
 pub const MAX_NETWORKS: usize = 8;
-/// A chain is a node certificate, optionally followed by the signer that issued it.
-pub const MAX_CHAIN: usize = 2;
 const DAY: u64 = 86_400;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -639,7 +637,7 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn armour(label: &str, bytes: &[u8]) -> String {
+pub(super) fn armour(label: &str, bytes: &[u8]) -> String {
     let b64 = STANDARD.encode(bytes);
     let mut out = format!("-----BEGIN {label}-----\n");
     for chunk in b64.as_bytes().chunks(64) {
@@ -651,7 +649,7 @@ fn armour(label: &str, bytes: &[u8]) -> String {
 }
 
 /// The contents of every `label` block in `text`, in order.
-fn dearmour(label: &str, text: &str) -> Result<Vec<Vec<u8>>, CertError> {
+pub(super) fn dearmour(label: &str, text: &str) -> Result<Vec<Vec<u8>>, CertError> {
     let begin = format!("-----BEGIN {label}-----");
     let end = format!("-----END {label}-----");
     let mut blocks = Vec::new();

@@ -319,12 +319,7 @@ impl Mesh {
                 }
                 // Only a member that introduced itself (and whose certificate holds) registers.
                 let Some(groups) = self.known.get(&from).map(|k| k.node.groups.clone()) else {
-                    self.send(
-                        from,
-                        Message::Hello {
-                            chain: self.chain_bytes.clone(),
-                        },
-                    );
+                    self.send(from, self.hello());
                     return;
                 };
                 if let Some(k) = self.known.get_mut(&from) {
@@ -434,12 +429,7 @@ impl Mesh {
             self.admit(node, e.chain, endpoint, "roster");
             // Introduce ourselves: the member may not have us in its roster.
             if new && self.known.contains_key(&key) {
-                self.send(
-                    key,
-                    Message::Hello {
-                        chain: self.chain_bytes.clone(),
-                    },
-                );
+                self.send(key, self.hello());
             }
         }
         if let Some(copy) = self.rosters.get_mut(&from) {
@@ -586,6 +576,22 @@ impl Mesh {
         }
     }
 
+    /// The configured lighthouses other than this node.
+    fn lighthouse_keys(&self) -> Vec<[u8; 32]> {
+        self.config
+            .lighthouses
+            .iter()
+            .map(|l| l.public_key)
+            .filter(|k| *k != self.own_key)
+            .collect()
+    }
+
+    fn hello(&self) -> Message {
+        Message::Hello {
+            chain: self.chain_bytes.clone(),
+        }
+    }
+
     fn register_message(&self) -> Message {
         Message::Register {
             talk_to: self.config.talk_to.clone(),
@@ -598,41 +604,21 @@ impl Mesh {
     pub fn handle_timeout(&mut self, now: Instant, unix: u64) {
         if now >= self.next_retry {
             self.next_retry = now + self.config.refresh.min(REGISTER_RETRY);
-            let unanswered: Vec<[u8; 32]> = self
-                .config
-                .lighthouses
-                .iter()
-                .map(|l| l.public_key)
-                .filter(|k| *k != self.own_key)
-                .filter(|k| self.rosters.get(k).is_none_or(|r| r.complete.is_none()))
-                .collect();
-            for key in unanswered {
-                self.send(
-                    key,
-                    Message::Hello {
-                        chain: self.chain_bytes.clone(),
-                    },
-                );
-                self.send(key, self.register_message());
+            for key in self.lighthouse_keys() {
+                if self.rosters.get(&key).is_none_or(|r| r.complete.is_none()) {
+                    self.send(key, self.hello());
+                    self.send(key, self.register_message());
+                }
             }
         }
         if now >= self.next_register {
             self.next_register = now + self.config.refresh;
-            for l in self.config.lighthouses.clone() {
-                if l.public_key == self.own_key {
-                    continue;
+            let young = now.saturating_duration_since(self.started) < self.config.refresh * 2;
+            for key in self.lighthouse_keys() {
+                if young || !self.welcomed.contains(&key) {
+                    self.send(key, self.hello());
                 }
-                if !self.welcomed.contains(&l.public_key)
-                    || now.saturating_duration_since(self.started) < self.config.refresh * 2
-                {
-                    self.send(
-                        l.public_key,
-                        Message::Hello {
-                            chain: self.chain_bytes.clone(),
-                        },
-                    );
-                }
-                self.send(l.public_key, self.register_message());
+                self.send(key, self.register_message());
             }
             // Members that have not confirmed our Hello hear it again.
             let unconfirmed: Vec<[u8; 32]> = self
@@ -642,12 +628,7 @@ impl Mesh {
                 .copied()
                 .collect();
             for key in unconfirmed {
-                self.send(
-                    key,
-                    Message::Hello {
-                        chain: self.chain_bytes.clone(),
-                    },
-                );
+                self.send(key, self.hello());
             }
         }
         if now >= self.next_check {

@@ -3,8 +3,6 @@
 //! push the list to members, which check its signature themselves.
 
 use super::cert::{self, CertError, VerifiedNode};
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 
 const MAGIC: &[u8; 4] = b"MYR1";
@@ -168,31 +166,17 @@ impl RevocationList {
     }
 
     pub fn to_pem(&self) -> String {
-        let b64 = STANDARD.encode(self.encode());
-        let mut out = format!("-----BEGIN {PEM_LABEL}-----\n");
-        for chunk in b64.as_bytes().chunks(64) {
-            out.push_str(&String::from_utf8_lossy(chunk));
-            out.push('\n');
-        }
-        out.push_str(&format!("-----END {PEM_LABEL}-----\n"));
-        out
+        cert::armour(PEM_LABEL, &self.encode())
     }
 
     pub fn parse_pem(text: &str) -> Result<Self, CertError> {
-        let b64: String = text
-            .lines()
-            .map(str::trim)
-            .skip_while(|l| *l != format!("-----BEGIN {PEM_LABEL}-----"))
-            .skip(1)
-            .take_while(|l| *l != format!("-----END {PEM_LABEL}-----"))
-            .collect();
-        if b64.is_empty() {
-            return Err(malformed(&format!("no -----BEGIN {PEM_LABEL}----- block")));
+        match cert::dearmour(PEM_LABEL, text)?.as_slice() {
+            [bytes] => Self::decode(bytes),
+            blocks => Err(malformed(&format!(
+                "expected one -----BEGIN {PEM_LABEL}----- block, found {}",
+                blocks.len()
+            ))),
         }
-        let bytes = STANDARD
-            .decode(b64)
-            .map_err(|e| malformed(&format!("bad base64: {e}")))?;
-        Self::decode(&bytes)
     }
 }
 

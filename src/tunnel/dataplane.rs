@@ -645,8 +645,7 @@ fn receive_datagram(
     let authenticates = !matches!(packet, Packet::PacketCookieReply(_));
     if decapsulate(
         shared,
-        peer,
-        idx,
+        (&table, peer, idx),
         from,
         (datagram, authenticates),
         buf,
@@ -662,11 +661,9 @@ fn receive_datagram(
 /// data packet (keepalives included) or a handshake message that `Tunn` accepted. A cookie
 /// reply proves nothing (anyone who knows a public key can make one), and neither does a
 /// handshake that `Tunn` answered with a cookie reply; `datagram.1` is false for the former.
-#[allow(clippy::too_many_arguments)]
 fn decapsulate(
     shared: &DataPlaneShared,
-    peer: &Peer,
-    idx: usize,
+    (table, peer, idx): (&PeerTable, &Peer, usize),
     from: SocketAddr,
     (datagram, authenticates): (&[u8], bool),
     buf: &mut Vec<u8>,
@@ -751,7 +748,8 @@ fn decapsulate(
                 }
             }
             // Cryptokey routing: the inner source must be one of this peer's allowed IPs.
-            if shared.table.load().route(src) != Some(idx) {
+            // The snapshot the peer came from: one table load per datagram.
+            if table.route(src) != Some(idx) {
                 tracing::debug!(peer = %peer.name, "dropped a packet from {src}, outside its allowed IPs");
                 return false;
             }
