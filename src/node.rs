@@ -88,7 +88,23 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         _ => None,
     };
     let (mesh_tx, mesh_rx) = watch::channel(configured_mesh(&config));
-    let tunnel = Tunnel::start(&config, &key, mesh_tx).await?;
+    let mut tunnel = Tunnel::start(&config, &key).await?;
+    let view_stop = tokio_util::sync::CancellationToken::new();
+    let view_task = {
+        let view = crate::mesh::view::run(
+            tunnel.peer_control(),
+            tunnel.probe_socket.take(),
+            std::time::Duration::from_millis(config.probe.interval_ms),
+            mesh_tx,
+        );
+        let stop = view_stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = view => {}
+            }
+        })
+    };
     let (members_tx, members_rx) = watch::channel(Vec::new());
     let mesh_stop = tokio_util::sync::CancellationToken::new();
     let enroll_task = match (enroll_listener, enroller) {
@@ -201,6 +217,8 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
     for t in [mesh_task, enroll_task].into_iter().flatten() {
         let _ = t.await;
     }
+    view_stop.cancel();
+    let _ = view_task.await;
     tunnel.stop().await;
     tracing::info!("stopped");
     Ok(())

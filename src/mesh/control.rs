@@ -20,6 +20,10 @@ pub const MESH_KEEPALIVE: u16 = 25;
 /// own groups (robot to robot). Robots probe operators, and operators robots, at the full
 /// `[probe]` rate, which is what the safety interlock and the fleet view judge.
 pub const SLOW_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// A lighthouse pushes one member at most one roster this often on churn: the first change goes
+/// out at once, later ones are coalesced, so a burst of joins costs each watcher a few rosters
+/// instead of one per join.
+pub const ROSTER_MIN_GAP: Duration = Duration::from_millis(500);
 
 /// A lighthouse this node registers with, pinned by configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,6 +95,9 @@ struct Registration {
     last_seen: Instant,
     /// Three of the member's own refresh intervals.
     expires_after: Duration,
+    /// When it was last sent a roster, and whether a change since then is still unsent.
+    last_pushed: Option<Instant>,
+    dirty: bool,
 }
 
 /// A revocation list arriving in pages: its issue time and the pages so far.
@@ -126,6 +133,8 @@ pub struct Mesh {
     /// Lighthouses that have not sent a complete roster yet are asked again this often.
     next_retry: Instant,
     next_check: Instant,
+    /// When the earliest coalesced roster push is due.
+    next_flush: Option<Instant>,
     out: VecDeque<Output>,
 }
 
@@ -160,6 +169,7 @@ impl Mesh {
             next_register: now,
             next_retry: now + REGISTER_RETRY,
             next_check: now,
+            next_flush: None,
             out: VecDeque::new(),
         };
         if let Some(list) = mesh.config.revocations.take() {
@@ -186,7 +196,8 @@ impl Mesh {
     }
 
     pub fn poll_timeout(&self) -> Instant {
-        self.next_register.min(self.next_check).min(self.next_retry)
+        let t = self.next_register.min(self.next_check).min(self.next_retry);
+        self.next_flush.map_or(t, |f| t.min(f))
     }
 
     fn shares_a_group(&self, groups: &[String]) -> bool {
@@ -326,16 +337,28 @@ impl Mesh {
                     k.endpoint = endpoint.or(k.endpoint);
                     k.source = "registered";
                 }
-                let changed = match self.registrations.insert(
-                    from,
-                    Registration {
-                        talk_to: talk_to.clone(),
-                        last_seen: now,
-                        expires_after: Duration::from_secs(u64::from(refresh_s.clamp(1, 3600)) * 3),
-                    },
-                ) {
-                    None => true,
-                    Some(old) => old.talk_to != talk_to,
+                let expires_after = Duration::from_secs(u64::from(refresh_s.clamp(1, 3600)) * 3);
+                let changed = match self.registrations.get_mut(&from) {
+                    Some(reg) => {
+                        let changed = reg.talk_to != talk_to;
+                        reg.talk_to = talk_to;
+                        reg.last_seen = now;
+                        reg.expires_after = expires_after;
+                        changed
+                    }
+                    None => {
+                        self.registrations.insert(
+                            from,
+                            Registration {
+                                talk_to,
+                                last_seen: now,
+                                expires_after,
+                                last_pushed: None,
+                                dirty: false,
+                            },
+                        );
+                        true
+                    }
                 };
                 if changed {
                     self.generation += 1;
@@ -501,22 +524,59 @@ impl Mesh {
         entries.into_iter().map(|(_, e)| e).collect()
     }
 
-    fn push_roster(&mut self, to: [u8; 32], _now: Instant) {
+    fn push_roster(&mut self, to: [u8; 32], now: Instant) {
+        if let Some(reg) = self.registrations.get_mut(&to) {
+            reg.last_pushed = Some(now);
+            reg.dirty = false;
+        }
         let roster = self.roster_for(&to);
         for page in roster_pages(self.generation, &roster) {
             self.send(to, page);
         }
     }
 
-    /// Pushes fresh rosters to every member that talks to one of `groups` (and to `also`).
+    /// Pushes fresh rosters to every member that talks to one of `groups` (except `also`,
+    /// which is answered directly): at once to a member not pushed to within
+    /// `ROSTER_MIN_GAP`, otherwise when that gap has passed.
     fn push_to_affected(&mut self, groups: &[String], also: Option<[u8; 32]>, now: Instant) {
-        let affected: Vec<[u8; 32]> = self
-            .registrations
-            .iter()
-            .filter(|(k, r)| Some(**k) != also && r.talk_to.iter().any(|g| groups.contains(g)))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in affected {
+        let mut due = Vec::new();
+        for (k, r) in &mut self.registrations {
+            if Some(*k) == also || !r.talk_to.iter().any(|g| groups.contains(g)) {
+                continue;
+            }
+            match r.last_pushed {
+                Some(at) if now.saturating_duration_since(at) < ROSTER_MIN_GAP => {
+                    r.dirty = true;
+                    let when = at + ROSTER_MIN_GAP;
+                    self.next_flush = Some(self.next_flush.map_or(when, |f| f.min(when)));
+                }
+                _ => due.push(*k),
+            }
+        }
+        for k in due {
+            self.push_roster(k, now);
+        }
+    }
+
+    /// Sends the coalesced roster pushes whose gap has passed.
+    fn flush_rosters(&mut self, now: Instant) {
+        if self.next_flush.is_none_or(|f| now < f) {
+            return;
+        }
+        self.next_flush = None;
+        let mut due = Vec::new();
+        for (k, r) in &self.registrations {
+            if !r.dirty {
+                continue;
+            }
+            let when = r.last_pushed.map_or(now, |at| at + ROSTER_MIN_GAP);
+            if when <= now {
+                due.push(*k);
+            } else {
+                self.next_flush = Some(self.next_flush.map_or(when, |f| f.min(when)));
+            }
+        }
+        for k in due {
             self.push_roster(k, now);
         }
     }
@@ -602,6 +662,7 @@ impl Mesh {
 
     /// Timers: registration refresh, expiry of certificates and registrations.
     pub fn handle_timeout(&mut self, now: Instant, unix: u64) {
+        self.flush_rosters(now);
         if now >= self.next_retry {
             self.next_retry = now + self.config.refresh.min(REGISTER_RETRY);
             for key in self.lighthouse_keys() {
@@ -914,11 +975,19 @@ mod tests {
             &mut [(10, &mut lh), (11, &mut robot), (12, &mut op)],
             later,
         ));
+        // The operator was just sent a roster (its own registration): the change waits out
+        // the gap, then goes out by itself.
+        assert!(lh.poll_timeout() <= later + ROSTER_MIN_GAP);
+        lh.handle_timeout(later + ROSTER_MIN_GAP, UNIX);
+        changes.extend(settle(
+            &mut [(10, &mut lh), (11, &mut robot), (12, &mut op)],
+            later + ROSTER_MIN_GAP,
+        ));
         // The operator waits one refresh interval before it lets go of an unlisted member.
         assert!(changes
             .iter()
             .all(|(n, o)| !(*n == 12 && matches!(o, Output::Remove { .. }))));
-        op.handle_timeout(later + REFRESH, UNIX);
+        op.handle_timeout(later + ROSTER_MIN_GAP + REFRESH, UNIX);
         changes.extend(std::iter::from_fn(|| op.poll_output()).map(|o| (12, o)));
         assert!(
             changes
@@ -1029,5 +1098,104 @@ mod tests {
         a.handle_timeout(much_later, UNIX);
         assert!(a.admitted(&[12; 32]));
         assert!(std::iter::from_fn(|| a.poll_output()).all(|o| !matches!(o, Output::Remove { .. })));
+    }
+
+    /// Rosters the operator (key 12) was sent: one per complete roster generation.
+    fn rosters_to(lh: &mut Mesh, to: [u8; 32]) -> usize {
+        std::iter::from_fn(|| lh.poll_output())
+            .filter(|o| matches!(o, Output::Send { to: t, message: Message::Roster { page: 0, .. } } if *t == to))
+            .count()
+    }
+
+    #[test]
+    fn a_burst_of_joins_costs_a_watcher_two_rosters() {
+        let t0 = Instant::now();
+        let k = ca_key();
+        let mut lh = mesh(
+            node_cert(
+                &k,
+                "lighthouse",
+                10,
+                "10.77.0.1/16",
+                &["lighthouses"],
+                UNIX + 1000,
+            ),
+            &[],
+            true,
+            t0,
+        );
+        let op = node_cert(
+            &k,
+            "operator",
+            12,
+            "10.77.0.12/16",
+            &["operators"],
+            UNIX + 1000,
+        );
+        let hello = |c: &Certificate| {
+            Message::Hello {
+                chain: vec![c.to_bytes().to_vec()],
+            }
+            .encode()
+        };
+        let register = |talk_to: &[&str]| {
+            Message::Register {
+                talk_to: talk_to.iter().map(|g| g.to_string()).collect(),
+                candidates: vec![],
+                refresh_s: 10,
+            }
+            .encode()
+        };
+        lh.handle([12; 32], None, &hello(&op), t0, UNIX);
+        lh.handle([12; 32], None, &register(&["robots"]), t0, UNIX);
+        assert_eq!(
+            rosters_to(&mut lh, [12; 32]),
+            1,
+            "its own registration is answered"
+        );
+        let later = t0 + ROSTER_MIN_GAP * 2;
+        for i in 0..40u8 {
+            let robot = node_cert(
+                &k,
+                &format!("robot{i}"),
+                100 + i,
+                &format!("10.77.1.{i}/16"),
+                &["robots"],
+                UNIX + 1000,
+            );
+            lh.handle([100 + i; 32], None, &hello(&robot), later, UNIX);
+            lh.handle([100 + i; 32], None, &register(&["operators"]), later, UNIX);
+        }
+        assert_eq!(
+            rosters_to(&mut lh, [12; 32]),
+            1,
+            "the first join goes out at once"
+        );
+        assert!(lh.poll_timeout() <= later + ROSTER_MIN_GAP);
+        lh.handle_timeout(later + ROSTER_MIN_GAP, UNIX);
+        let mut last = None;
+        let mut sent = 0;
+        while let Some(o) = lh.poll_output() {
+            if let Output::Send {
+                to: [12, ..],
+                message:
+                    Message::Roster {
+                        page,
+                        pages,
+                        members,
+                        ..
+                    },
+            } = o
+            {
+                sent += usize::from(page == 0);
+                last = Some((pages, members.len()));
+            }
+        }
+        assert_eq!(sent, 1, "the other 39 joins are one more roster");
+        assert!(
+            last.is_some_and(|(pages, _)| pages > 1),
+            "forty robots take several pages"
+        );
+        assert_eq!(lh.members().len(), 41);
     }
 }

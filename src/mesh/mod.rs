@@ -8,4 +8,5 @@ pub mod probe;
 pub mod revoke;
 pub mod shell;
 pub mod token;
+pub mod view;
 pub mod wire;
