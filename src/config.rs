@@ -169,6 +169,10 @@ pub struct LighthouseSection {
     /// Spent tokens and allocated addresses.
     #[serde(default = "default_lighthouse_state")]
     pub state_file: PathBuf,
+    /// Lifetime of the certificates this lighthouse signs ("30d", "12h"); members renew
+    /// theirs here in the last third of it.
+    #[serde(default)]
+    pub cert_lifetime: Option<String>,
 }
 
 fn default_lighthouse_state() -> PathBuf {

@@ -473,9 +473,12 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
         Some(spawn_node(&lighthouse.namespace, &lighthouse.config, &lighthouse.log)?.id());
     wait_listening(&enroll, "the lighthouse", &lighthouse.log)?;
     let desk = crate::mesh::enroll::Enroller {
-        ca: ca.clone(),
-        issuer: signer,
-        key: signer_key,
+        issuer: crate::mesh::enroll::Issuer {
+            ca: ca.clone(),
+            cert: signer,
+            key: signer_key,
+            lifetime: crate::mesh::enroll::DEFAULT_LIFETIME,
+        },
         reserved: Vec::new(),
         state: Default::default(),
     };

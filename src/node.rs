@@ -139,8 +139,16 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
                     .map(|c| c.name().to_string())
                     .unwrap_or_default()
             );
+            let files = crate::mesh::shell::MeshFiles {
+                cert: config
+                    .mesh
+                    .as_ref()
+                    .map(|m| m.cert.clone())
+                    .unwrap_or_default(),
+                revocations: config.mesh.as_ref().and_then(|m| m.revocations.clone()),
+            };
             Some(tokio::spawn(crate::mesh::shell::run(
-                config.mesh.as_ref().and_then(|m| m.revocations.clone()),
+                files,
                 mesh_config,
                 control,
                 rx,

@@ -347,27 +347,8 @@ fn verify(a: &CaVerifyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// "90s", "30m", "1h", "7d" or plain seconds.
 fn parse_ttl(text: &str) -> anyhow::Result<u64> {
-    let t = text.trim();
-    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--ttl {text}: use a number with s, m, h or d, e.g. 1h"))?;
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => DAY,
-        _ => bail!("--ttl {text}: the unit is s, m, h or d, e.g. 1h"),
-    };
-    match n.checked_mul(scale) {
-        Some(0) | None => bail!("--ttl {text}: use a positive time of at most years"),
-        Some(s) => Ok(s),
-    }
+    cert::parse_lifetime(text).map_err(|e| anyhow::anyhow!("--ttl {text}: {e}"))
 }
 
 fn token(a: &CaTokenArgs) -> anyhow::Result<()> {

@@ -703,6 +703,29 @@ pub fn signing_key_from_pem(text: &str) -> Result<SigningKey, CertError> {
     Ok(SigningKey::from_bytes(&seed))
 }
 
+/// A lifetime as people write it: "90s", "30m", "1h", "7d", or plain seconds.
+pub fn parse_lifetime(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "use a number with s, m, h or d, e.g. 1h".to_string())?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err("the unit is s, m, h or d, e.g. 1h".into()),
+    };
+    match n.checked_mul(scale) {
+        Some(0) | None => Err("use a positive time of at most years".into()),
+        Some(s) => Ok(s),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,10 @@ pub const SLOW_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// out at once, later ones are coalesced, so a burst of joins costs each watcher a few rosters
 /// instead of one per join.
 pub const ROSTER_MIN_GAP: Duration = Duration::from_millis(500);
+/// How often the same overlay address is looked up at the lighthouses.
+const LOOKUP_GAP: Duration = Duration::from_secs(1);
+/// Lookups remembered at once; more are refused until old ones age out.
+const MAX_LOOKUPS: usize = 1024;
 
 /// A lighthouse this node registers with, pinned by configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,15 +54,25 @@ pub struct MeshConfig {
     pub refresh: Duration,
     /// The CA's revocation list, if this node has one (lighthouses push theirs to members).
     pub revocations: Option<RevocationList>,
+    /// A lighthouse with a signer renews members' certificates.
+    pub issuer: Option<super::enroll::Issuer>,
 }
 
 /// A peer change for the data plane. A peer's allowed IPs are its certificate's addresses as
 /// host routes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
-    Send { to: [u8; 32], message: Message },
+    Send {
+        to: [u8; 32],
+        message: Message,
+    },
     Upsert(crate::tunnel::PeerSpec),
-    Remove { name: String, key: [u8; 32] },
+    Remove {
+        name: String,
+        key: [u8; 32],
+    },
+    /// This node's certificate was renewed: the shell writes the chain to `[mesh].cert`.
+    Renewed(Vec<Certificate>),
 }
 
 /// How this node knows a member.
@@ -135,6 +149,12 @@ pub struct Mesh {
     next_check: Instant,
     /// When the earliest coalesced roster push is due.
     next_flush: Option<Instant>,
+    /// Counts changes to what `members()` shows, so the shell rebuilds that view only then.
+    version: u64,
+    /// Overlay addresses asked of the lighthouses, and when.
+    lookups: HashMap<std::net::IpAddr, Instant>,
+    /// When this node next asks for its certificate to be renewed (once it is due).
+    next_renew: Instant,
     out: VecDeque<Output>,
 }
 
@@ -170,6 +190,9 @@ impl Mesh {
             next_retry: now + REGISTER_RETRY,
             next_check: now,
             next_flush: None,
+            version: 0,
+            lookups: HashMap::new(),
+            next_renew: now,
             out: VecDeque::new(),
         };
         if let Some(list) = mesh.config.revocations.take() {
@@ -266,6 +289,7 @@ impl Mesh {
             probe_interval: (self.config.lighthouse || self.shares_a_group(&node.groups))
                 .then_some(SLOW_PROBE_INTERVAL),
         };
+        self.version += 1;
         let previous = self.known.insert(
             node.public_key,
             Known {
@@ -286,6 +310,7 @@ impl Mesh {
     fn forget(&mut self, key: &[u8; 32]) {
         self.welcomed.remove(key);
         if let Some(k) = self.known.remove(key) {
+            self.version += 1;
             self.out.push_back(Output::Remove {
                 name: k.node.name,
                 key: *key,
@@ -334,8 +359,12 @@ impl Mesh {
                     return;
                 };
                 if let Some(k) = self.known.get_mut(&from) {
-                    k.endpoint = endpoint.or(k.endpoint);
-                    k.source = "registered";
+                    let seen = endpoint.or(k.endpoint);
+                    if k.endpoint != seen || k.source != "registered" {
+                        k.endpoint = seen;
+                        k.source = "registered";
+                        self.version += 1;
+                    }
                 }
                 let expires_after = Duration::from_secs(u64::from(refresh_s.clamp(1, 3600)) * 3);
                 let changed = match self.registrations.get_mut(&from) {
@@ -361,6 +390,7 @@ impl Mesh {
                     }
                 };
                 if changed {
+                    self.version += 1;
                     self.generation += 1;
                     self.push_to_affected(&groups, Some(from), now);
                 }
@@ -401,6 +431,66 @@ impl Mesh {
                     }
                 }
             }
+            Message::Lookup { address } => {
+                if !self.config.lighthouse || !self.known.contains_key(&from) {
+                    return;
+                }
+                let member = self
+                    .registrations
+                    .keys()
+                    .filter(|k| **k != from)
+                    .filter_map(|k| self.known.get(k))
+                    .find(|k| k.node.addresses.iter().any(|a| a.addr() == address))
+                    .map(|k| RosterEntry {
+                        chain: k.chain.clone(),
+                        endpoint: k.endpoint,
+                    });
+                self.send(from, Message::Found { address, member });
+            }
+            Message::Found { address, member } => {
+                if self.is_lighthouse_key(&from) {
+                    self.take_found(address, member, unix);
+                }
+            }
+            Message::Renew => {
+                let Some(issuer) = self.config.issuer.as_ref() else {
+                    return;
+                };
+                let Some(leaf) = self
+                    .known
+                    .get(&from)
+                    .and_then(|k| k.chain.first())
+                    .and_then(|c| Certificate::decode(c).ok())
+                else {
+                    self.send(from, self.hello());
+                    return;
+                };
+                let answer = match issuer.renew(&leaf, unix) {
+                    Ok(chain) => {
+                        tracing::info!(member = %leaf.name(), "renewed a member's certificate");
+                        Message::Renewed {
+                            chain: chain.iter().map(|c| c.to_bytes().to_vec()).collect(),
+                        }
+                    }
+                    Err(reason) => {
+                        tracing::info!(member = %leaf.name(), "renewal refused: {reason}");
+                        Message::RenewRefused { reason }
+                    }
+                };
+                self.send(from, answer);
+            }
+            Message::Renewed { chain } => {
+                if self.is_lighthouse_key(&from) {
+                    self.take_renewed(chain, unix);
+                }
+            }
+            Message::RenewRefused { reason } => {
+                if self.is_lighthouse_key(&from) {
+                    tracing::warn!(
+                        "a lighthouse refused to renew this node's certificate: {reason}"
+                    );
+                }
+            }
             Message::Roster {
                 generation,
                 page,
@@ -433,6 +523,128 @@ impl Mesh {
                 }
             }
         }
+    }
+
+    /// The data plane has a packet for `address` and no peer for it: ask the lighthouses who
+    /// holds it (at most once a `LOOKUP_GAP` per address).
+    pub fn lookup(&mut self, address: std::net::IpAddr, now: Instant) {
+        let in_overlay = self.config.chain.first().is_some_and(|c| {
+            c.body()
+                .networks
+                .iter()
+                .any(|n| n.contains(&address) && n.broadcast() != address)
+        });
+        if !in_overlay
+            || self.config.lighthouse
+            || self
+                .known
+                .values()
+                .any(|k| k.node.addresses.iter().any(|a| a.addr() == address))
+        {
+            return;
+        }
+        self.lookups
+            .retain(|_, at| now.saturating_duration_since(*at) < LOOKUP_GAP);
+        if self.lookups.contains_key(&address) || self.lookups.len() >= MAX_LOOKUPS {
+            return;
+        }
+        self.lookups.insert(address, now);
+        for key in self.lighthouse_keys() {
+            self.send(key, Message::Lookup { address });
+        }
+    }
+
+    /// A lighthouse's answer to a lookup: admit the member (and introduce ourselves), or drop
+    /// a looked-up member that no longer holds the address.
+    fn take_found(&mut self, address: std::net::IpAddr, member: Option<RosterEntry>, unix: u64) {
+        let Some(entry) = member else {
+            let gone: Vec<[u8; 32]> = self
+                .known
+                .iter()
+                .filter(|(_, k)| {
+                    k.source == "lookup" && k.node.addresses.iter().any(|a| a.addr() == address)
+                })
+                .map(|(key, _)| *key)
+                .collect();
+            for key in gone {
+                self.forget(&key);
+            }
+            return;
+        };
+        let Some(leaf) = entry
+            .chain
+            .first()
+            .and_then(|c| Certificate::decode(c).ok())
+        else {
+            return;
+        };
+        let key = leaf.body().public_key;
+        let Some(node) = self.verify(&key, &entry.chain, unix) else {
+            return;
+        };
+        if !node.0.addresses.iter().any(|a| a.addr() == address) || self.known.contains_key(&key) {
+            return;
+        }
+        tracing::info!(member = %node.0.name, %address, "found on demand");
+        self.admit(node, entry.chain, entry.endpoint, "lookup");
+        if self.known.contains_key(&key) {
+            self.send(key, self.hello());
+        }
+    }
+
+    /// Whether this node's certificate is in the last third of its life.
+    fn renewal_due(&self, unix: u64) -> bool {
+        self.config.chain.first().is_some_and(|c| {
+            let b = c.body();
+            let third = b.not_after.saturating_sub(b.not_before) / 3;
+            unix >= b.not_after.saturating_sub(third)
+        })
+    }
+
+    /// Takes a renewed chain if it is this node's identity again, valid longer than the
+    /// current one: every peer hears the new certificate, and the shell stores it.
+    fn take_renewed(&mut self, chain: Vec<Vec<u8>>, unix: u64) {
+        let Ok(certs) = chain
+            .iter()
+            .map(|c| Certificate::decode(c))
+            .collect::<Result<Vec<_>, _>>()
+        else {
+            return;
+        };
+        let (Some(new), Some(old)) = (certs.first(), self.config.chain.first()) else {
+            return;
+        };
+        let same = {
+            let (n, o) = (new.body(), old.body());
+            n.public_key == o.public_key
+                && n.name == o.name
+                && n.networks == o.networks
+                && n.groups == o.groups
+                && n.not_after > o.not_after
+        };
+        if let Err(e) = cert::verify(&certs, &self.config.ca, unix) {
+            tracing::warn!("a lighthouse sent a renewed certificate that does not verify: {e}");
+            return;
+        }
+        if !same {
+            tracing::warn!("a lighthouse sent a renewed certificate that is not this node's");
+            return;
+        }
+        tracing::info!(until = %cert::utc(new.body().not_after), "certificate renewed");
+        self.config.chain = certs.clone();
+        self.chain_bytes = chain;
+        // Every peer and lighthouse hears the new certificate until it confirms.
+        self.welcomed.clear();
+        let everyone: Vec<[u8; 32]> = self
+            .known
+            .keys()
+            .copied()
+            .chain(self.lighthouse_keys())
+            .collect();
+        for key in everyone {
+            self.send(key, self.hello());
+        }
+        self.out.push_back(Output::Renewed(certs));
     }
 
     /// A complete roster from lighthouse `from`.
@@ -681,6 +893,18 @@ impl Mesh {
                 }
                 self.send(key, self.register_message());
             }
+            // Looked-up members stay while a lighthouse still finds them.
+            let looked_up: Vec<std::net::IpAddr> = self
+                .known
+                .values()
+                .filter(|k| k.source == "lookup")
+                .filter_map(|k| k.node.addresses.first().map(|a| a.addr()))
+                .collect();
+            for address in looked_up {
+                for key in self.lighthouse_keys() {
+                    self.send(key, Message::Lookup { address });
+                }
+            }
             // Members that have not confirmed our Hello hear it again.
             let unconfirmed: Vec<[u8; 32]> = self
                 .known
@@ -694,6 +918,10 @@ impl Mesh {
         }
         if now >= self.next_check {
             self.next_check = now + Duration::from_secs(1);
+            if now >= self.next_renew && self.renewal_due(unix) {
+                self.next_renew = now + self.config.refresh.min(REGISTER_RETRY * 5);
+                self.renew_own(unix);
+            }
             let expired: Vec<[u8; 32]> = self
                 .known
                 .iter()
@@ -726,9 +954,32 @@ impl Mesh {
         }
     }
 
+    /// Asks the lighthouses for a fresh certificate; a lighthouse with a signer signs its own.
+    fn renew_own(&mut self, unix: u64) {
+        let own = self.config.chain.first().cloned();
+        if let (Some(issuer), Some(own)) = (self.config.issuer.clone(), own) {
+            match issuer.renew(&own, unix) {
+                Ok(chain) => {
+                    let bytes = chain.iter().map(|c| c.to_bytes().to_vec()).collect();
+                    self.take_renewed(bytes, unix);
+                    return;
+                }
+                Err(e) => tracing::debug!("cannot renew its own certificate: {e}"),
+            }
+        }
+        for key in self.lighthouse_keys() {
+            self.send(key, Message::Renew);
+        }
+    }
+
     /// Whether a peer with this key has presented a valid certificate (or is a lighthouse).
     pub fn admitted(&self, key: &[u8; 32]) -> bool {
         self.known.contains_key(key) || self.is_lighthouse_key(key)
+    }
+
+    /// Changes whenever `members()` may show something new.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// Members as this node knows them, by name.
@@ -834,6 +1085,7 @@ mod tests {
                 lighthouse,
                 refresh: REFRESH,
                 revocations: None,
+                issuer: None,
             },
             now,
         )
@@ -841,6 +1093,10 @@ mod tests {
 
     /// Nodes by key; delivers every Send until nothing moves; returns the peer changes seen.
     fn settle(nodes: &mut [(u8, &mut Mesh)], now: Instant) -> Vec<(u8, Output)> {
+        settle_at(nodes, now, UNIX)
+    }
+
+    fn settle_at(nodes: &mut [(u8, &mut Mesh)], now: Instant, unix: u64) -> Vec<(u8, Output)> {
         let mut changes = Vec::new();
         loop {
             let mut moved = false;
@@ -856,7 +1112,7 @@ mod tests {
                                     Some(format!("192.0.2.{from}:51820").parse().unwrap()),
                                     &message.encode(),
                                     now,
-                                    UNIX,
+                                    unix,
                                 );
                             }
                         }
@@ -1197,5 +1453,219 @@ mod tests {
             "forty robots take several pages"
         );
         assert_eq!(lh.members().len(), 41);
+    }
+
+    #[test]
+    fn a_member_outside_the_roster_is_found_on_demand() {
+        let t0 = Instant::now();
+        let k = ca_key();
+        let mut lh = mesh(
+            node_cert(
+                &k,
+                "lighthouse",
+                10,
+                "10.77.0.1/16",
+                &["lighthouses"],
+                UNIX + 1000,
+            ),
+            &[],
+            true,
+            t0,
+        );
+        let mut robot1 = mesh(
+            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
+            &["operators"],
+            false,
+            t0,
+        );
+        let mut robot2 = mesh(
+            node_cert(&k, "robot2", 13, "10.77.0.13/16", &["robots"], UNIX + 1000),
+            &["operators"],
+            false,
+            t0,
+        );
+        robot1.handle_timeout(t0, UNIX);
+        robot2.handle_timeout(t0, UNIX);
+        let changes = settle(
+            &mut [(10, &mut lh), (11, &mut robot1), (13, &mut robot2)],
+            t0,
+        );
+        assert!(
+            !upserted(&changes, 11, "robot2"),
+            "robots do not list robots"
+        );
+        // robot1 sends a packet to robot2's address: the lighthouse tells it who that is.
+        robot1.lookup("10.77.0.13".parse().unwrap(), t0);
+        robot1.lookup("10.77.0.13".parse().unwrap(), t0);
+        let asked = std::iter::from_fn(|| robot1.poll_output()).collect::<Vec<_>>();
+        assert_eq!(
+            asked.len(),
+            1,
+            "one lookup per address and second: {asked:?}"
+        );
+        for o in asked {
+            robot1.out.push_back(o);
+        }
+        let changes = settle(
+            &mut [(10, &mut lh), (11, &mut robot1), (13, &mut robot2)],
+            t0,
+        );
+        assert!(upserted(&changes, 11, "robot2"), "{changes:?}");
+        assert!(
+            upserted(&changes, 13, "robot1"),
+            "robot2 admits robot1's Hello"
+        );
+        assert_eq!(
+            robot1
+                .members()
+                .iter()
+                .find(|m| m.name == "robot2")
+                .map(|m| m.source),
+            Some("lookup")
+        );
+        // Outside the overlay, a broadcast, or nobody's: nothing found, nothing admitted.
+        robot1.lookup("192.0.2.7".parse().unwrap(), t0);
+        robot1.lookup("10.77.255.255".parse().unwrap(), t0);
+        assert!(robot1.poll_output().is_none());
+        robot1.lookup("10.77.0.99".parse().unwrap(), t0);
+        let changes = settle(
+            &mut [(10, &mut lh), (11, &mut robot1), (13, &mut robot2)],
+            t0,
+        );
+        assert!(
+            changes.iter().all(|(_, o)| !matches!(o, Output::Upsert(_))),
+            "{changes:?}"
+        );
+        // robot2 leaves: at the next refresh the lighthouse no longer finds it, robot1 drops it.
+        let later = t0 + REFRESH * 4;
+        robot1.handle_timeout(later, UNIX);
+        settle(&mut [(10, &mut lh), (11, &mut robot1)], later);
+        lh.handle_timeout(later, UNIX);
+        settle(&mut [(10, &mut lh), (11, &mut robot1)], later);
+        robot1.handle_timeout(later + REFRESH, UNIX);
+        let changes = settle(&mut [(10, &mut lh), (11, &mut robot1)], later + REFRESH);
+        assert!(
+            changes
+                .iter()
+                .any(|(n, o)| *n == 11
+                    && matches!(o, Output::Remove { name, .. } if name == "robot2")),
+            "{changes:?}"
+        );
+    }
+
+    fn issuer(k: &SigningKey, lifetime: u64) -> super::super::enroll::Issuer {
+        super::super::enroll::Issuer {
+            ca: ca(k),
+            cert: ca(k),
+            key: k.clone(),
+            lifetime,
+        }
+    }
+
+    #[test]
+    fn certificates_are_renewed_in_the_last_third_of_their_life() {
+        let t0 = Instant::now();
+        let k = ca_key();
+        // Valid from UNIX - 10 to UNIX + 290: renewal opens at UNIX + 190 (the last 100 s).
+        let mut lh = mesh(
+            node_cert(
+                &k,
+                "lighthouse",
+                10,
+                "10.77.0.1/16",
+                &["lighthouses"],
+                UNIX + 290,
+            ),
+            &[],
+            true,
+            t0,
+        );
+        lh.config.issuer = Some(issuer(&k, 3600));
+        let mut robot = mesh(
+            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 290),
+            &["operators"],
+            false,
+            t0,
+        );
+        let mut op = mesh(
+            node_cert(
+                &k,
+                "operator",
+                12,
+                "10.77.0.12/16",
+                &["operators"],
+                UNIX + 1000,
+            ),
+            &["robots"],
+            false,
+            t0,
+        );
+        robot.handle_timeout(t0, UNIX);
+        op.handle_timeout(t0, UNIX);
+        settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], t0);
+        // Too early: the member does not ask; a lighthouse asked anyway refuses.
+        let t1 = t0 + Duration::from_secs(100);
+        robot.handle_timeout(t1, UNIX + 100);
+        assert!(
+            std::iter::from_fn(|| robot.poll_output()).all(|o| !matches!(
+                o,
+                Output::Send {
+                    message: Message::Renew,
+                    ..
+                }
+            ))
+        );
+        lh.handle([11; 32], None, &Message::Renew.encode(), t1, UNIX + 100);
+        assert!(std::iter::from_fn(|| lh.poll_output()).any(|o| matches!(o, Output::Send { message: Message::RenewRefused { ref reason }, .. } if reason.contains("too early"))));
+        // Due: the member asks, the lighthouse signs, the member takes it and re-introduces
+        // itself; the operator then keeps it past the old certificate's end.
+        let t2 = t0 + Duration::from_secs(200);
+        let unix2 = UNIX + 200;
+        robot.handle_timeout(t2, unix2);
+        let renewed_at = |changes: &[(u8, Output)], at: u8| {
+            changes.iter().any(|(n, o)| {
+                *n == at && matches!(o, Output::Renewed(c) if c[0].body().not_after > UNIX + 290)
+            })
+        };
+        let changes = settle_at(
+            &mut [(10, &mut lh), (11, &mut robot), (12, &mut op)],
+            t2,
+            unix2,
+        );
+        assert!(renewed_at(&changes, 11), "{changes:?}");
+        lh.handle_timeout(t2, unix2);
+        let changes = settle_at(
+            &mut [(10, &mut lh), (11, &mut robot), (12, &mut op)],
+            t2,
+            unix2,
+        );
+        assert!(renewed_at(&changes, 10), "{changes:?}");
+        let renewed = robot.config.chain[0].body().not_after;
+        assert_eq!(renewed, unix2 + 3600, "the issuer's lifetime from now");
+        assert!(
+            lh.config.chain[0].body().not_after > UNIX + 290,
+            "the lighthouse renewed itself"
+        );
+        // Past the old end: neither the operator nor the lighthouse drops the robot.
+        let t3 = t0 + Duration::from_secs(400);
+        op.handle_timeout(t3, UNIX + 400);
+        assert!(std::iter::from_fn(|| op.poll_output())
+            .all(|o| !matches!(o, Output::Remove { ref name, .. } if name == "robot1")));
+        assert!(op.admitted(&[11; 32]));
+        // A renewed chain for another identity is ignored.
+        let before = robot.config.chain.clone();
+        let stranger = node_cert(&k, "robot9", 11, "10.77.0.19/16", &["robots"], UNIX + 5000);
+        robot.handle(
+            [10; 32],
+            None,
+            &Message::Renewed {
+                chain: vec![stranger.to_bytes().to_vec()],
+            }
+            .encode(),
+            t3,
+            UNIX + 400,
+        );
+        assert_eq!(robot.config.chain[0].body().name, before[0].body().name);
+        assert_eq!(robot.config.chain[0].body().not_after, renewed);
     }
 }

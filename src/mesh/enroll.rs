@@ -13,8 +13,8 @@ use std::time::Duration;
 
 /// Default TCP port of a lighthouse's enrollment listener.
 pub const ENROLL_PORT: u16 = 51823;
-/// Lifetime of an enrolled member's certificate when the signer sets no limit.
-const DEFAULT_DAYS: u64 = 30;
+/// Lifetime of a member's certificate unless `[lighthouse].cert_lifetime` says otherwise.
+pub const DEFAULT_LIFETIME: u64 = 30 * DAY;
 const DAY: u64 = 86_400;
 /// A request is one length-prefixed message; anything longer is refused unread.
 const MAX_REQUEST: usize = 4096;
@@ -30,12 +30,85 @@ pub struct EnrollState {
     pub allocated: BTreeMap<IpAddr, String>,
 }
 
+/// Signs member certificates, at enrollment and again before they expire: the fleet's CA
+/// (to check what it signs), the issuing certificate (the CA's own, or a signer's) and its key.
+#[derive(Clone)]
+pub struct Issuer {
+    pub ca: Certificate,
+    pub cert: Certificate,
+    pub key: SigningKey,
+    /// Lifetime of a member's certificate in seconds (capped by the issuer's own limits).
+    pub lifetime: u64,
+}
+
+impl std::fmt::Debug for Issuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issuer")
+            .field("cert", &self.cert.name())
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Issuer {
+    /// Signs a member's certificate valid from `now`, and checks the chain as a peer would.
+    pub fn sign_node(
+        &self,
+        name: &str,
+        public_key: [u8; 32],
+        networks: Vec<IpNet>,
+        groups: Vec<String>,
+        now: u64,
+    ) -> Result<Vec<Certificate>, cert::CertError> {
+        let mut lifetime = self.lifetime;
+        if self.cert.body().max_days != 0 {
+            lifetime = lifetime.min(u64::from(self.cert.body().max_days) * DAY);
+        }
+        let body = CertBody {
+            role: Role::Node,
+            name: name.to_string(),
+            public_key,
+            networks,
+            groups,
+            not_before: now,
+            not_after: (now + lifetime).min(self.cert.body().not_after),
+            max_days: 0,
+            issuer: [0; 32],
+        };
+        let mut chain = vec![Certificate::sign(body, &self.key)?];
+        if self.cert.body().role == Role::Signer {
+            chain.push(self.cert.clone());
+        }
+        cert::verify(&chain, &self.ca, now)?;
+        Ok(chain)
+    }
+
+    /// A fresh certificate for a member that holds `current` (already verified by the mesh):
+    /// same name, key, addresses and groups. Refused before the second half of its life, so
+    /// a member cannot keep a signer busy.
+    pub fn renew(&self, current: &Certificate, now: u64) -> Result<Vec<Certificate>, String> {
+        let b = current.body();
+        let half = b.not_before + b.not_after.saturating_sub(b.not_before) / 2;
+        if now < half {
+            return Err(format!(
+                "too early: renewal opens at {} (half its lifetime)",
+                cert::utc(half)
+            ));
+        }
+        self.sign_node(
+            &b.name,
+            b.public_key,
+            b.networks.clone(),
+            b.groups.clone(),
+            now,
+        )
+        .map_err(|e| format!("this lighthouse may not sign it: {e}"))
+    }
+}
+
 /// Everything a lighthouse needs to enroll members.
 pub struct Enroller {
-    pub ca: Certificate,
-    /// The issuing certificate (the CA's own, or a signer's) and its key.
-    pub issuer: Certificate,
-    pub key: SigningKey,
+    pub issuer: Issuer,
     /// Addresses no member may be given (the lighthouse's own).
     pub reserved: Vec<IpAddr>,
     pub state: EnrollState,
@@ -43,11 +116,11 @@ pub struct Enroller {
 
 impl Enroller {
     fn enroll_key(&self) -> [u8; 32] {
-        super::token::enroll_key(&self.key.to_bytes())
+        super::token::enroll_key(&self.issuer.key.to_bytes())
     }
 
     pub fn ca_fingerprint(&self) -> [u8; 32] {
-        super::token::fingerprint_bytes(&self.ca.fingerprint()).unwrap_or_default()
+        super::token::fingerprint_bytes(&self.issuer.ca.fingerprint()).unwrap_or_default()
     }
 
     /// A single-use token for a new member, valid until `expires` (unix seconds).
@@ -82,7 +155,7 @@ impl Enroller {
     /// Picks the first free host address in the issuer's ranges: not reserved, not allocated
     /// before, not held by a member the mesh knows (`in_use`).
     fn allocate(&self, in_use: &[IpAddr]) -> Option<IpNet> {
-        for range in &self.issuer.body().networks {
+        for range in &self.issuer.cert.body().networks {
             let IpNet::V4(v4) = range else { continue };
             for host in v4.hosts() {
                 let ip = IpAddr::V4(host);
@@ -160,32 +233,19 @@ impl Enroller {
                 }
             }
         }
-        let max_days = match self.issuer.body().max_days {
-            0 => DEFAULT_DAYS,
-            d => u64::from(d).min(DEFAULT_DAYS),
-        };
-        let body = CertBody {
-            role: Role::Node,
-            name: req.grant.name.clone(),
-            public_key: req.public_key,
-            networks: addresses.clone(),
-            groups: req.grant.groups.clone(),
-            not_before: now,
-            not_after: (now + max_days * DAY).min(self.issuer.body().not_after),
-            max_days: 0,
-            issuer: [0; 32],
-        };
-        let signed = match Certificate::sign(body, &self.key) {
+        let chain = match self.issuer.sign_node(
+            &req.grant.name,
+            req.public_key,
+            addresses.clone(),
+            req.grant.groups.clone(),
+            now,
+        ) {
             Ok(c) => c,
             Err(e) => return refuse(e.to_string()),
         };
-        let mut chain = vec![signed.clone()];
-        if self.issuer.body().role == Role::Signer {
-            chain.push(self.issuer.clone());
-        }
-        if let Err(e) = cert::verify(&chain, &self.ca, now) {
-            return refuse(e.to_string());
-        }
+        let Some(signed) = chain.first() else {
+            return refuse("no certificate was signed".into());
+        };
         self.state.used.insert(id, req.grant.expires);
         for address in &addresses {
             self.state
@@ -195,7 +255,7 @@ impl Enroller {
         tracing::info!(name = %signed.name(), addresses = ?addresses, "enrolled a member");
         let answer = EnrollAnswer::Enrolled {
             chain_pem: chain.iter().map(Certificate::to_pem).collect(),
-            ca_pem: self.ca.to_pem(),
+            ca_pem: self.issuer.ca.to_pem(),
         };
         (answer.encode(Some(&secret), &req.nonce), true)
     }
@@ -356,9 +416,12 @@ mod tests {
         )
         .unwrap();
         Enroller {
-            ca,
-            issuer,
-            key,
+            issuer: Issuer {
+                ca,
+                cert: issuer,
+                key,
+                lifetime: DEFAULT_LIFETIME,
+            },
             reserved: vec!["10.77.0.1".parse().unwrap()],
             state: EnrollState::default(),
         }
@@ -433,10 +496,8 @@ mod tests {
             matches!(late, Err(TokenError::Refused(ref w)) if w.contains("expired")),
             "{late:?}"
         );
-        let other = Enroller {
-            key: SigningKey::from_bytes(&[3; 32]),
-            ..enroller()
-        };
+        let mut other = enroller();
+        other.issuer.key = SigningKey::from_bytes(&[3; 32]);
         let foreign = token(&other, 1, "robot7", &["robots"]);
         let wrong = enroll(&mut e, &foreign, 9, NOW);
         assert!(

@@ -6,7 +6,7 @@ use super::cert::{self, Certificate};
 use super::control::{LighthouseConfig, MemberView, Mesh, MeshConfig, Output};
 use super::revoke::RevocationList;
 use crate::config::Config;
-use crate::tunnel::{ControlDatagram, PeerControl};
+use crate::tunnel::{MeshReceivers, PeerControl};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -18,6 +18,11 @@ const RESTRICTED_FOR: Duration = Duration::from_secs(30);
 pub enum MeshSetupError {
     #[error("{path}: {error}")]
     File { path: String, error: String },
+    #[error("{setting} {error}")]
+    Setting {
+        setting: &'static str,
+        error: String,
+    },
     #[error("[mesh].cert {path} is not valid for this node: {error}\n  fix: {hint}")]
     OwnCert {
         path: String,
@@ -127,14 +132,16 @@ pub fn mesh_config(
             Some(path) => read_revocations(path)?,
             None => None,
         },
+        issuer: issuer(config)?,
     }))
 }
 
-/// The lighthouse's enrollment desk, when `[lighthouse].enroll_listen` is set.
-pub fn enroller(config: &Config) -> Result<Option<super::enroll::Enroller>, MeshSetupError> {
-    let (Some(mesh), Some(_), Some(key_path), Some(cert_path)) = (
+/// The lighthouse's certificate issuer, when `[lighthouse]` has a signer: it renews members'
+/// certificates, and enrolls new ones if `enroll_listen` is set too.
+pub fn issuer(config: &Config) -> Result<Option<super::enroll::Issuer>, MeshSetupError> {
+    let (Some(mesh), true, Some(key_path), Some(cert_path)) = (
         &config.mesh,
-        config.lighthouse.enroll_listen,
+        config.lighthouse.enabled,
         &config.lighthouse.signer_key,
         &config.lighthouse.signer_cert,
     ) else {
@@ -148,24 +155,49 @@ pub fn enroller(config: &Config) -> Result<Option<super::enroll::Enroller>, Mesh
         .into_iter()
         .next()
         .ok_or_else(|| file(&mesh.ca, "holds no certificate".into()))?;
-    let issuer = read_chain(cert_path)?
+    let cert = read_chain(cert_path)?
         .into_iter()
         .next()
         .ok_or_else(|| file(cert_path, "holds no certificate".into()))?;
     let text = crate::keys::read_secret(key_path).map_err(|e| file(key_path, e.to_string()))?;
     let key = cert::signing_key_from_pem(&text).map_err(|e| file(key_path, e.to_string()))?;
-    if issuer.body().public_key != key.verifying_key().to_bytes() {
+    if cert.body().public_key != key.verifying_key().to_bytes() {
         return Err(file(
             key_path,
             format!("is not the key of {}", cert_path.display()),
         ));
     }
-    let state = super::enroll::load_state(&config.lighthouse.state_file)
-        .map_err(|e| file(&config.lighthouse.state_file, e))?;
-    Ok(Some(super::enroll::Enroller {
+    let lifetime = match &config.lighthouse.cert_lifetime {
+        None => super::enroll::DEFAULT_LIFETIME,
+        Some(text) => cert::parse_lifetime(text).map_err(|e| MeshSetupError::Setting {
+            setting: "[lighthouse].cert_lifetime",
+            error: format!("{text:?}: {e}"),
+        })?,
+    };
+    Ok(Some(super::enroll::Issuer {
         ca,
-        issuer,
+        cert,
         key,
+        lifetime,
+    }))
+}
+
+/// The lighthouse's enrollment desk, when `[lighthouse].enroll_listen` is set.
+pub fn enroller(config: &Config) -> Result<Option<super::enroll::Enroller>, MeshSetupError> {
+    let (Some(mesh), Some(_)) = (&config.mesh, config.lighthouse.enroll_listen) else {
+        return Ok(None);
+    };
+    let Some(issuer) = issuer(config)? else {
+        return Ok(None);
+    };
+    let state = super::enroll::load_state(&config.lighthouse.state_file).map_err(|e| {
+        MeshSetupError::File {
+            path: config.lighthouse.state_file.display().to_string(),
+            error: e,
+        }
+    })?;
+    Ok(Some(super::enroll::Enroller {
+        issuer,
         // Its own addresses and every lighthouse's: no member may be given one.
         reserved: config
             .node
@@ -178,31 +210,61 @@ pub fn enroller(config: &Config) -> Result<Option<super::enroll::Enroller>, Mesh
     }))
 }
 
+/// The files the running mesh keeps up to date or watches.
+pub struct MeshFiles {
+    /// `[mesh].cert`: a renewed certificate replaces it.
+    pub cert: std::path::PathBuf,
+    /// `[mesh].revocations`: re-read when it changes.
+    pub revocations: Option<std::path::PathBuf>,
+}
+
+/// Replaces the certificate file in one step (a temporary file, synced, renamed over it).
+fn store_chain(path: &Path, chain: &[Certificate]) -> std::io::Result<()> {
+    use std::io::Write;
+    let text: String = chain.iter().map(Certificate::to_pem).collect();
+    let tmp = path.with_extension("renewed");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Runs the mesh until `cancel`.
 pub async fn run(
-    revocations_file: Option<std::path::PathBuf>,
+    files: MeshFiles,
     config: MeshConfig,
     peers: PeerControl,
-    mut control: tokio::sync::mpsc::Receiver<ControlDatagram>,
+    receivers: MeshReceivers,
     members: watch::Sender<Vec<MemberView>>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
+    let MeshReceivers {
+        mut control,
+        mut misses,
+    } = receivers;
+    let revocations_file = files.revocations;
     let mut mesh = Mesh::new(config, Instant::now());
     let mut next_sweep = Instant::now() + RESTRICTED_FOR;
     let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let mut revocations_seen = revocations_file.as_deref().and_then(modified);
+    let mut published = u64::MAX;
     loop {
         while let Some(output) = mesh.poll_output() {
-            apply(&peers, output);
+            apply(&peers, &files.cert, output);
         }
-        let view = mesh.members();
-        members.send_if_modified(|current| {
-            let changed = *current != view;
-            if changed {
-                *current = view;
-            }
-            changed
-        });
+        // Rebuilt only when something changed: a lighthouse hears a registration per member
+        // and refresh, and most change nothing.
+        if mesh.version() != published {
+            published = mesh.version();
+            let view = mesh.members();
+            members.send_if_modified(|current| {
+                let changed = *current != view;
+                if changed {
+                    *current = view;
+                }
+                changed
+            });
+        }
         let wake = mesh.poll_timeout().min(next_sweep);
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -210,6 +272,7 @@ pub async fn run(
                 let Some(d) = received else { return };
                 mesh.handle(d.from, d.endpoint, &d.payload, Instant::now(), unix_now());
             }
+            Some(address) = misses.recv() => mesh.lookup(address, Instant::now()),
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
                 let now = Instant::now();
                 mesh.handle_timeout(now, unix_now());
@@ -234,8 +297,16 @@ pub async fn run(
     }
 }
 
-fn apply(peers: &PeerControl, output: Output) {
+fn apply(peers: &PeerControl, cert_file: &Path, output: Output) {
     match output {
+        Output::Renewed(chain) => {
+            if let Err(e) = store_chain(cert_file, &chain) {
+                tracing::error!(
+                    "the renewed certificate could not be written to {} ({e}); it is used until this node restarts",
+                    cert_file.display()
+                );
+            }
+        }
         Output::Send { to, message } => {
             peers.send_control(&to, &message.encode());
         }

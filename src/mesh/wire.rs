@@ -52,6 +52,32 @@ pub enum Message {
         pages: u16,
         members: Vec<RosterEntry>,
     },
+    /// A member to a lighthouse: "who holds this overlay address?" (it has a packet for it).
+    Lookup { address: IpAddr },
+    /// A lighthouse's answer to `Lookup`: the registered member holding `address`, if any.
+    Found {
+        address: IpAddr,
+        member: Option<RosterEntry>,
+    },
+    /// A member to a lighthouse: "sign my certificate again" (it nears its expiry).
+    Renew,
+    /// A lighthouse to a member: its new chain (node, then signer).
+    Renewed { chain: Vec<Vec<u8>> },
+    /// A lighthouse to a member: why it did not renew.
+    RenewRefused { reason: String },
+}
+
+fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v) => {
+            out.push(4);
+            out.extend_from_slice(&v.octets());
+        }
+        IpAddr::V6(v) => {
+            out.push(6);
+            out.extend_from_slice(&v.octets());
+        }
+    }
 }
 
 fn put_sock(out: &mut Vec<u8>, a: Option<SocketAddr>) {
@@ -134,6 +160,21 @@ impl<'a> Reader<'a> {
             })
             .collect()
     }
+    fn ip(&mut self) -> Result<IpAddr, WireError> {
+        match self.u8()? {
+            4 => {
+                let mut a = [0u8; 4];
+                a.copy_from_slice(self.take(4)?);
+                Ok(a.into())
+            }
+            6 => {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(self.take(16)?);
+                Ok(a.into())
+            }
+            _ => Err(WireError("unknown address family")),
+        }
+    }
     fn text(&mut self) -> Result<String, WireError> {
         let n = self.u8()? as usize;
         if n > 63 {
@@ -199,6 +240,38 @@ impl Message {
                     put_chain(&mut out, &m.chain);
                     put_sock(&mut out, m.endpoint);
                 }
+            }
+            Message::Lookup { address } => {
+                out.push(6);
+                put_ip(&mut out, *address);
+            }
+            Message::Found { address, member } => {
+                out.push(7);
+                put_ip(&mut out, *address);
+                match member {
+                    None => out.push(0),
+                    Some(m) => {
+                        out.push(1);
+                        put_chain(&mut out, &m.chain);
+                        put_sock(&mut out, m.endpoint);
+                    }
+                }
+            }
+            Message::Renew => out.push(8),
+            Message::Renewed { chain } => {
+                out.push(9);
+                put_chain(&mut out, chain);
+            }
+            Message::RenewRefused { reason } => {
+                out.push(10);
+                let r = reason.as_bytes();
+                // At a character boundary, so a long reason still decodes as UTF-8.
+                let mut n = r.len().min(255);
+                while !reason.is_char_boundary(n) {
+                    n -= 1;
+                }
+                out.push(n as u8);
+                out.extend_from_slice(&r[..n]);
             }
         }
         out
@@ -272,6 +345,27 @@ impl Message {
                     pages,
                     bytes: r.take(len)?.to_vec(),
                 }
+            }
+            6 => Message::Lookup { address: r.ip()? },
+            7 => {
+                let address = r.ip()?;
+                let member = match r.u8()? {
+                    0 => None,
+                    1 => Some(RosterEntry {
+                        chain: r.chain()?,
+                        endpoint: r.sock()?,
+                    }),
+                    _ => return Err(WireError("bad presence flag")),
+                };
+                Message::Found { address, member }
+            }
+            8 => Message::Renew,
+            9 => Message::Renewed { chain: r.chain()? },
+            10 => {
+                let n = r.u8()? as usize;
+                let reason = String::from_utf8(r.take(n)?.to_vec())
+                    .map_err(|_| WireError("text is not UTF-8"))?;
+                Message::RenewRefused { reason }
             }
             _ => return Err(WireError("unknown message kind")),
         };
@@ -357,6 +451,27 @@ mod tests {
                     "[2001:db8::1]:51820".parse().unwrap(),
                 ],
                 refresh_s: 30,
+            },
+            Message::Lookup {
+                address: "10.77.0.9".parse().unwrap(),
+            },
+            Message::Lookup {
+                address: "fd77::9".parse().unwrap(),
+            },
+            Message::Found {
+                address: "10.77.0.9".parse().unwrap(),
+                member: Some(entry.clone()),
+            },
+            Message::Found {
+                address: "10.77.0.9".parse().unwrap(),
+                member: None,
+            },
+            Message::Renew,
+            Message::Renewed {
+                chain: vec![vec![4; 190], vec![5; 190]],
+            },
+            Message::RenewRefused {
+                reason: "too early".into(),
             },
             Message::Roster {
                 generation: 9,

@@ -262,6 +262,10 @@ fn encapsulate(
     };
     let table = shared.table.load();
     let Some(peer) = table.route(dst).and_then(|p| table.get(p)) else {
+        // The mesh may find who holds it (a member outside this node's roster).
+        if let Some(hook) = shared.mesh.get() {
+            let _ = hook.misses.try_send(dst);
+        }
         return;
     };
     let Some(to) = peer.endpoint() else { return };

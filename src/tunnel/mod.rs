@@ -102,7 +102,15 @@ pub(crate) struct DataPlaneShared {
 /// does not know makes a restricted peer (one that may send control messages only).
 pub struct MeshHook {
     pub tx: tokio::sync::mpsc::Sender<ControlDatagram>,
+    /// Destinations of packets from the TUN that no peer routes (full: dropped, it is a hint).
+    pub misses: tokio::sync::mpsc::Sender<std::net::IpAddr>,
     pub accept_unknown: bool,
+}
+
+/// What the mesh controller receives from the data plane.
+pub struct MeshReceivers {
+    pub control: tokio::sync::mpsc::Receiver<ControlDatagram>,
+    pub misses: tokio::sync::mpsc::Receiver<std::net::IpAddr>,
 }
 
 /// A mesh control message as it came out of the tunnel: who sent it (a key WireGuard has
@@ -166,17 +174,20 @@ impl PeerControl {
         self.0.table.load_full()
     }
 
-    /// Routes mesh control messages to the returned receiver from now on (once per tunnel).
-    pub fn attach_mesh(
-        &self,
-        accept_unknown: bool,
-    ) -> Option<tokio::sync::mpsc::Receiver<ControlDatagram>> {
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    /// Routes mesh control messages, and the overlay addresses packets found no peer for, to
+    /// the returned receivers from now on (once per tunnel).
+    pub fn attach_mesh(&self, accept_unknown: bool) -> Option<MeshReceivers> {
+        let (tx, control) = tokio::sync::mpsc::channel(1024);
+        let (misses_tx, misses) = tokio::sync::mpsc::channel(64);
         self.0
             .mesh
-            .set(MeshHook { tx, accept_unknown })
+            .set(MeshHook {
+                tx,
+                misses: misses_tx,
+                accept_unknown,
+            })
             .ok()
-            .map(|()| rx)
+            .map(|()| MeshReceivers { control, misses })
     }
 
     /// Sends a mesh control message to the peer with key `to`, inside its tunnel (a handshake
