@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::mesh::{mesh_section, Fleetca};
 use common::netns::Fleet;
 use common::{ping_until, Node, Spec};
 use serde_json::{json, Value};
@@ -147,85 +148,6 @@ fn peers_join_and_leave_live_without_disturbing_the_others() {
     // Unknown peers are a 404 that says so.
     let (status, answer) = alpha.call("DELETE", "/api/v1/peers/gamma");
     assert_eq!(status, 404, "{answer}");
-}
-
-/// The fleet's CA, made with the CLI as a user would, and certificates signed by it.
-struct Fleetca {
-    dir: tempfile::TempDir,
-}
-
-impl Fleetca {
-    fn new(name: &str) -> Fleetca {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        let out = std::process::Command::new(common::BIN)
-            .args([
-                "ca",
-                "init",
-                "--name",
-                name,
-                "--dir",
-                dir.path().to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Fleetca { dir }
-    }
-
-    fn ca(&self) -> String {
-        format!("{}/ca.crt", self.dir.path().display())
-    }
-
-    fn sign(&self, spec: &Spec, groups: &str) -> String {
-        let out_path = format!("{}/{}.crt", self.dir.path().display(), spec.name);
-        let out = std::process::Command::new(common::BIN)
-            .args([
-                "ca",
-                "sign",
-                "--ca-dir",
-                self.dir.path().to_str().unwrap(),
-                "--name",
-                &spec.name,
-                "--pubkey",
-                &spec.public,
-                "--address",
-                &spec.addresses[0],
-                "--groups",
-                groups,
-                "--out",
-                &out_path,
-                "--force",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out_path
-    }
-}
-
-fn mesh_section(ca: &str, cert: &str, lighthouse: Option<(&Spec, &str)>, talk_to: &str) -> String {
-    let lighthouses = match lighthouse {
-        Some((l, endpoint)) => format!(
-            "lighthouses = [{{ endpoint = \"{endpoint}\", public_key = \"{}\", overlay = \"{}\" }}]\n",
-            l.public,
-            l.addresses[0].split('/').next().unwrap()
-        ),
-        None => String::new(),
-    };
-    format!("[mesh]\nca = \"{ca}\"\ncert = \"{cert}\"\ntalk_to = [{talk_to}]\nrefresh_s = 2\n{lighthouses}")
 }
 
 /// Polls `node`'s members until `pred` holds; fails after `timeout` saying `what`.

@@ -73,10 +73,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+// Runs on a mesh-formed fleet (certificates + lighthouse, no static peers).
 #[test]
 fn latency_and_silence_trip_a_latched_safe_stop() {
     let _serial = serial();
-    let fleet = Fleet::new("safe", &["robot1", "operator", "relay"]);
+    // The `relay` namespace runs no node (its certificate goes unused).
+    let mesh = common::mesh_formed_fleet("safe", &["robot1", "operator", "relay"], "10.89.0");
+    let fleet = &mesh.fleet;
     let (robot_ns, op_ns, relay_ns) = (
         fleet.nodes[0].clone(),
         fleet.nodes[1].clone(),
@@ -88,11 +91,10 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
         format!("{}:51820", fleet.underlay[0]).parse().unwrap(),
         format!("{}:51820", fleet.underlay[1]).parse().unwrap(),
     );
-    let mut robot = Spec::new("robot1", &["10.89.0.1/16"]);
-    let mut operator = Spec::new("operator", &["10.89.0.2/16"]);
-    let (r, o) = (robot.clone(), operator.clone());
-    robot.peer(&o, Some(&relay.for_a.to_string()), "");
-    operator.peer(&r, Some(&relay.for_b.to_string()), "");
+    // The lighthouse tells each the other's real endpoint: their traffic is steered through
+    // the relay (their traffic with the lighthouse is not).
+    relay.steer(&robot_ns, &op_ns);
+    let (robot, operator) = (&mesh.specs[0], &mesh.specs[1]);
 
     // A plain HTTP endpoint on robot1 for the `http` action; it hands each POSTed body over.
     let listener = robot_ns.enter(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
@@ -144,8 +146,8 @@ fn latency_and_silence_trip_a_latched_safe_stop() {
         record(&trips).replace("{}", "safety"),
         record(&latched_trips).replace("{}", "safety_latched"),
     );
-    let mut robot1 = Node::start_spec(robot_ns.clone(), &robot, &plugins);
-    let _operator = Node::start_spec(op_ns.clone(), &operator, "");
+    let mut robot1 = Node::start_spec(robot_ns.clone(), robot, &plugins);
+    let _operator = Node::start_spec(op_ns.clone(), operator, "");
     for instance in ["zenoh", "safety", "safety_latched"] {
         robot1.wait_plugin(instance, LONG, "running", |p| state(p) == "running");
     }

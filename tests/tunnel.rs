@@ -31,6 +31,16 @@ fn pair(link: &Link, alpha_plugins: &str) -> (Node, Node, Spec, Spec) {
     (a, b, alpha, beta)
 }
 
+/// `pair`'s alpha (10.77.0.1) and beta (10.77.0.2) as a mesh-formed fleet: certificates and a
+/// lighthouse (10.77.0.250), no static peers. Namespaces: alpha's `fleet.nodes[0]`, beta's
+/// `fleet.nodes[1]`.
+fn mesh_pair(tag: &str, alpha_plugins: &str) -> (Node, Node, common::MeshFleet) {
+    let mesh = common::mesh_formed_fleet(tag, &["alpha", "beta"], "10.77.0");
+    let a = Node::start_spec(mesh.fleet.nodes[0].clone(), &mesh.specs[0], alpha_plugins);
+    let b = Node::start_spec(mesh.fleet.nodes[1].clone(), &mesh.specs[1], "");
+    (a, b, mesh)
+}
+
 /// iperf3 TCP from `client` to `server_addr` for `secs`; returns Mbit/s received.
 fn iperf(link: &Link, server_addr: &str, secs: u32) -> f64 {
     let mut server = link
@@ -549,12 +559,13 @@ fn http_get(ns: &common::Netns, addr: &str, path: &str) -> String {
     try_http_get(ns, addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
 }
 
+// Runs on a mesh-formed fleet (certificates + lighthouse, no static peers).
 #[test]
 fn telemetry_is_scraped_over_the_vpn() {
     let _serial = serial();
-    let link = Link::new("tel");
-    let (a, _b, _, _) = pair(&link, "[plugins.telemetry]\n");
-    ping_until(&link.b, "10.77.0.1", HANDSHAKE);
+    let (a, _b, mesh) = mesh_pair("tel", "[plugins.telemetry]\n");
+    let (b_ns, a_addr) = (&mesh.fleet.nodes[1], &mesh.fleet.underlay[0]);
+    ping_until(b_ns, "10.77.0.1", HANDSHAKE);
     a.wait_plugin("telemetry", Duration::from_secs(20), "running", |v| {
         state(v) == "running"
     });
@@ -562,7 +573,7 @@ fn telemetry_is_scraped_over_the_vpn() {
         p["rtt_ms"].as_f64().is_some()
     });
     // beta scrapes alpha's overlay address through the tunnel, as an operator's Prometheus would.
-    let scrape = http_get(&link.b, "10.77.0.1:9477", "/metrics");
+    let scrape = http_get(b_ns, "10.77.0.1:9477", "/metrics");
     assert!(
         scrape.lines().next().is_some_and(|l| l.contains(" 200 ")),
         "{scrape}"
@@ -581,22 +592,22 @@ fn telemetry_is_scraped_over_the_vpn() {
         assert!(scrape.contains(needle), "scrape lacks {needle}:\n{scrape}");
     }
     // The underlay address does not serve it: only the overlay and loopback do.
-    let underlay = link.b.enter({
-        let addr = format!("{}:9477", link.a_addr);
+    let underlay = b_ns.enter({
+        let addr = format!("{}:9477", a_addr);
         move || std::net::TcpStream::connect(addr).is_err()
     });
     assert!(underlay, "telemetry must not listen on the underlay");
     // Disabling the plugin closes the listener; enabling opens it again.
     assert_eq!(a.call("POST", "/api/v1/plugins/telemetry/disable").0, 200);
     assert!(
-        try_http_get(&link.b, "10.77.0.1:9477", "/metrics").is_err(),
+        try_http_get(b_ns, "10.77.0.1:9477", "/metrics").is_err(),
         "a disabled telemetry plugin listens nowhere"
     );
     assert_eq!(a.call("POST", "/api/v1/plugins/telemetry/enable").0, 200);
     a.wait_plugin("telemetry", Duration::from_secs(20), "running again", |v| {
         state(v) == "running"
     });
-    assert!(http_get(&link.b, "10.77.0.1:9477", "/metrics").contains("node_load1 "));
+    assert!(http_get(b_ns, "10.77.0.1:9477", "/metrics").contains("node_load1 "));
     let (code, figures) = a.call("GET", "/plugins/telemetry/figures");
     assert_eq!(code, 200);
     assert!(

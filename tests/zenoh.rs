@@ -4,9 +4,8 @@
 
 mod common;
 
-use common::netns::Fleet;
 use common::python::Py;
-use common::{state, Node, Spec};
+use common::{state, Node};
 use serde_json::Value;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -15,9 +14,10 @@ const ROBOT: &str = "[plugins.zenoh]\n";
 const OPERATOR: &str = "[plugins.zenoh]\nrole = \"operator\"\n";
 const LONG: Duration = Duration::from_secs(60);
 
-/// robot1, operator and robot2 in a full mesh; robot2 is started later by the test.
-fn fleet() -> (Fleet, Vec<Spec>) {
-    common::meshed_fleet("zen", &["robot1", "operator", "robot2"], "10.88.0")
+/// robot1, operator and robot2 in a full mesh, formed through a lighthouse by certificate;
+/// robot2 is started later by the test.
+fn fleet() -> common::MeshFleet {
+    common::mesh_formed_fleet("zen", &["robot1", "operator", "robot2"], "10.88.0")
 }
 
 fn status(node: &Node) -> Value {
@@ -108,9 +108,11 @@ fn received(v: &Value) -> u64 {
     v["received"].as_u64().unwrap_or(0)
 }
 
+// Runs on a mesh-formed fleet (certificates + lighthouse, no static peers).
 #[test]
 fn ros2_topics_cross_the_vpn_in_robot_namespaces() {
-    let (fleet, specs) = fleet();
+    let mesh = fleet();
+    let (fleet, specs) = (&mesh.fleet, &mesh.specs);
     let (robot1_ns, operator_ns, robot2_ns) = (
         fleet.nodes[0].clone(),
         fleet.nodes[1].clone(),

@@ -3,10 +3,14 @@
 
 #![allow(dead_code)]
 
+pub mod mesh;
 pub mod netns;
 pub mod python;
 pub mod relay;
 
+// Not every test binary builds a mesh-formed fleet.
+#[allow(unused_imports)]
+pub use mesh::{mesh_formed_fleet, MeshFleet};
 pub use netns::Netns;
 
 use serde_json::Value;
@@ -473,7 +477,8 @@ pub fn lab_up_on(fabric: &str, nodes: usize, dir: &str) -> (std::process::Child,
 }
 
 /// Nodes `names` on one lab fabric in a full mesh: node `i` has overlay `<overlay>.<i + 1>/16`
-/// and every other node as a peer at its underlay address.
+/// and every other node as a peer at its underlay address (static peers; `mesh_formed_fleet`
+/// is the same fleet formed by certificates and a lighthouse).
 pub fn meshed_fleet(tag: &str, names: &[&str], overlay: &str) -> (netns::Fleet, Vec<Spec>) {
     let fleet = netns::Fleet::new(tag, names);
     let mut specs: Vec<Spec> = names

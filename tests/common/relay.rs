@@ -14,6 +14,9 @@ pub struct Relay {
     pub for_a: SocketAddr,
     /// Where node B must send (its peer endpoint for A).
     pub for_b: SocketAddr,
+    /// The nodes' own endpoints, where the relay delivers.
+    a: SocketAddr,
+    b: SocketAddr,
     delay_ms: Arc<AtomicU64>,
 }
 
@@ -68,7 +71,41 @@ impl Relay {
         Relay {
             for_a,
             for_b,
+            a,
+            b,
             delay_ms,
+        }
+    }
+
+    /// For nodes that learn each other's real endpoints (from a mesh lighthouse) instead of
+    /// being configured with the relay's: destination NAT in A's namespace `a_ns` sends what A
+    /// sends to B's endpoint to the relay instead, and likewise in B's. Replies are translated
+    /// back by conntrack, and an endpoint a node learns by roaming is a relay address, so
+    /// every datagram between the two passes the relay. Other destinations (a lighthouse) are
+    /// not touched. Call it before the nodes start (a flow conntrack already knows is not
+    /// redirected); the rules go with the namespaces.
+    pub fn steer(&self, a_ns: &Netns, b_ns: &Netns) {
+        for (ns, to, via) in [(a_ns, self.b, self.for_a), (b_ns, self.a, self.for_b)] {
+            let rules = format!(
+                "table ip myelin_relay {{\n  chain output {{\n    type nat hook output priority -100;\n    ip daddr {} udp dport {} dnat to {via}\n  }}\n}}\n",
+                to.ip(),
+                to.port()
+            );
+            let mut nft = ns
+                .command("nft")
+                .args(["-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("nft (install nftables)");
+            std::io::Write::write_all(&mut nft.stdin.take().unwrap(), rules.as_bytes()).unwrap();
+            let out = nft.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "nft in {}: {}\n{rules}",
+                ns.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 
