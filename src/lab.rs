@@ -42,6 +42,9 @@ pub struct LabState {
     pub nodes: Vec<LabNode>,
     #[serde(default)]
     pub fabric: Fabric,
+    /// When the members were started (this run only).
+    #[serde(skip)]
+    pub started: Option<Instant>,
 }
 
 impl LabState {
@@ -299,7 +302,7 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 /// Creates the namespaces, links, keys and configs, and starts every node.
-pub fn create(dir: &Path, count: usize) -> anyhow::Result<LabState> {
+pub fn create(dir: &Path, count: usize, plugins: bool) -> anyhow::Result<LabState> {
     if !(2..=MAX_NODES).contains(&count) {
         bail!("--nodes {count}: a lab has 2 to {MAX_NODES} nodes");
     }
@@ -320,7 +323,7 @@ pub fn create(dir: &Path, count: usize) -> anyhow::Result<LabState> {
         bail!("a lab is already running on bridge {} (started with another --dir?); fix: `myelin lab down --dir <its dir>`, or `myelin lab down` to remove whatever is on that bridge", fabric.bridge);
     }
     // From here on a failure removes whatever was made, so a retry starts clean.
-    build(dir, count, &fabric).inspect_err(|_| {
+    build(dir, count, &fabric, plugins).inspect_err(|_| {
         let _ = fabric.destroy(&[]);
     })
 }
@@ -404,7 +407,12 @@ fn wait_listening(addr: &str, what: &str, log: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> {
+fn build(
+    dir: &Path,
+    count: usize,
+    fabric: &Fabric,
+    with_plugins: bool,
+) -> anyhow::Result<LabState> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
     let token = random_token()?;
@@ -534,6 +542,7 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
             operator: name == "operator",
         };
         let plugins: String = myelin_sdk::registrations()
+            .filter(|_| with_plugins)
             .map(|r| match r.lab_section {
                 Some(section) => section(&role),
                 None => format!("\n[plugins.{}]\n", r.name),
@@ -564,6 +573,7 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
             pid: None,
         });
     }
+    let started = Instant::now();
     for node in nodes.iter_mut().skip(1) {
         let child = spawn_node(&node.namespace, &node.config, &node.log)?;
         node.pid = Some(child.id());
@@ -573,6 +583,7 @@ fn build(dir: &Path, count: usize, fabric: &Fabric) -> anyhow::Result<LabState> 
         token,
         nodes,
         fabric: fabric.clone(),
+        started: Some(started),
     };
     crate::config::write_atomically(
         &dir.join(STATE_FILE),
@@ -600,22 +611,75 @@ pub async fn handshakes(state: &LabState) -> (usize, usize) {
     (up, want)
 }
 
+/// How long the lab's mesh took to form, from the members' start.
+pub struct Formed {
+    /// Until the operator had a session with every robot.
+    pub operator: Option<Duration>,
+    /// Until every node had a session with every other.
+    pub full: Duration,
+}
+
+/// Robots the operator has a session with, and robots in the lab.
+async fn operator_sessions(state: &LabState) -> (usize, usize) {
+    let robots = state
+        .nodes
+        .iter()
+        .filter(|n| n.name.starts_with("robot"))
+        .count();
+    let Some(operator) = state.nodes.iter().find(|n| n.name == "operator") else {
+        return (0, robots);
+    };
+    let Ok(addr) = operator.api.parse() else {
+        return (0, robots);
+    };
+    let up = match crate::api::client::call(addr, "GET", "/api/v1/peers", None, Some(&state.token))
+        .await
+    {
+        Ok((200, body)) => serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                v["peers"].as_array().map(|p| {
+                    p.iter()
+                        .filter(|p| {
+                            p["up"] == true
+                                && p["name"].as_str().is_some_and(|n| n.starts_with("robot"))
+                        })
+                        .count()
+                })
+            })
+            .unwrap_or(0),
+        _ => 0,
+    };
+    (up, robots)
+}
+
 /// Waits until every node has a session with every other, reporting each new count.
 pub async fn wait_up(
     state: &LabState,
     timeout: Duration,
     progress: impl Fn(usize, usize),
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Formed> {
+    let started = state.started.unwrap_or_else(Instant::now);
     let deadline = Instant::now() + timeout;
     let mut last = usize::MAX;
+    let mut operator = None;
     loop {
+        if operator.is_none() {
+            let (up, robots) = operator_sessions(state).await;
+            if up == robots {
+                operator = Some(started.elapsed());
+            }
+        }
         let (up, want) = handshakes(state).await;
         if up != last {
             progress(up, want);
             last = up;
         }
         if up == want {
-            return Ok(());
+            return Ok(Formed {
+                operator,
+                full: started.elapsed(),
+            });
         }
         if Instant::now() > deadline {
             bail!(

@@ -289,7 +289,20 @@ fn a_fleet_forms_its_mesh_through_a_lighthouse() {
         !member_names(robot1).contains(&"robot2".to_string()),
         "robots talk to operators only"
     );
-    assert!(!pings(ns(2), "10.94.0.4"), "robot1 has no path to robot2");
+    // A packet for robot2 makes robot1 ask the lighthouse who holds 10.94.0.4 (on demand, as
+    // Nebula does): robot2 becomes a peer of robot1 without being in its roster.
+    let asked = Instant::now();
+    ping_until(ns(2), "10.94.0.4", Duration::from_secs(10));
+    eprintln!("robot1 reached robot2 on demand in {:?}", asked.elapsed());
+    let found = robot1.get("/api/v1/members");
+    assert!(
+        found["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "robot2" && m["source"] == "lookup"),
+        "{found}"
+    );
     let peer = operator.peer("robot1");
     assert_eq!(peer["overlay_ips"], json!(["10.94.0.3/32"]), "{peer}");
     // The intruder never joins: the lighthouse does not list it, and nobody reaches it.
@@ -376,6 +389,10 @@ fn myelin_in(ns: &common::Netns, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Lifetime of the certificates the join test's lighthouse signs: short, so renewal happens
+/// within the test.
+const CERT_LIFETIME_S: u64 = 45;
+
 /// `myelin join` with a token from `myelin ca token`: a robot enrolls with the lighthouse's
 /// signer and reaches the operator. The token works once; an expired token, another fleet's
 /// token and an unreachable lighthouse are refused with those words.
@@ -418,7 +435,7 @@ fn a_robot_joins_with_a_token_once() {
     let lh_endpoint = format!("{}:51820", fleet.underlay[0]);
     let state_dir = tempfile::tempdir().unwrap();
     let lighthouse_rest = format!(
-        "{}[lighthouse]\nenabled = true\nenroll_listen = \"0.0.0.0:51823\"\nsigner_key = \"{dir}/signer.key\"\nsigner_cert = \"{dir}/signer.crt\"\nstate_file = \"{}/lighthouse.json\"\n",
+        "{}[lighthouse]\nenabled = true\nenroll_listen = \"0.0.0.0:51823\"\nsigner_key = \"{dir}/signer.key\"\nsigner_cert = \"{dir}/signer.crt\"\nstate_file = \"{}/lighthouse.json\"\ncert_lifetime = \"{CERT_LIFETIME_S}s\"\n",
         mesh_section(&ca.ca(), &ca.sign(&specs[0], "lighthouses"), None, ""),
         state_dir.path().display()
     );
@@ -504,6 +521,14 @@ fn a_robot_joins_with_a_token_once() {
         head.replace("127.0.0.1:7800", "127.0.0.1:0")
     );
     std::fs::write(&config_path, config).unwrap();
+    let cert_path = robot_dir.path().join("node.crt");
+    let not_after = |path: &std::path::Path| {
+        let text = std::fs::read_to_string(path).unwrap();
+        myelin::mesh::cert::Certificate::parse_pem(&text).unwrap()[0]
+            .body()
+            .not_after
+    };
+    let first_until = not_after(&cert_path);
     let robot = Node::start_with(fleet.nodes[2].clone(), robot_dir, config_path);
     let deadline = Instant::now() + LONG;
     while !pings(&fleet.nodes[2], "10.95.0.2") {
@@ -616,6 +641,39 @@ fn a_robot_joins_with_a_token_once() {
     assert!(
         !out.status.success() && err.contains("lighthouse unreachable"),
         "{err}"
+    );
+
+    // robot7's certificate lives CERT_LIFETIME_S seconds; in its last third the robot asks the
+    // lighthouse for a new one, stores it, and stays a member past the first one's end.
+    let deadline = Instant::now() + Duration::from_secs(CERT_LIFETIME_S + 15);
+    while not_after(&cert_path) <= first_until {
+        assert!(
+            Instant::now() < deadline,
+            "robot7's certificate was not renewed before it expired\n--- robot7\n{}\n--- lh\n{}",
+            robot.log(),
+            lh.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let renewed_at = myelin::mesh::shell::unix_now();
+    eprintln!(
+        "renewed {} s before the first certificate's end",
+        first_until as i64 - renewed_at as i64
+    );
+    assert!(renewed_at + 5 <= first_until, "renewed too late to be safe");
+    while myelin::mesh::shell::unix_now() <= first_until + 3 {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    wait_members(
+        &operator,
+        "robot7 to stay a member after renewal",
+        Duration::from_secs(1),
+        |m| m.contains(&"robot7".to_string()),
+    );
+    ping_until(
+        &fleet.nodes[1],
+        robot_address.split('/').next().unwrap(),
+        Duration::from_secs(5),
     );
     drop(lh);
 }

@@ -21,17 +21,30 @@ pub async fn lab(args: &LabArgs) -> anyhow::Result<()> {
                 a.nodes,
                 a.dir.display()
             );
-            let state = lab::create(&a.dir, a.nodes)?;
+            let state = lab::create(&a.dir, a.nodes, !a.no_plugins)?;
             say!("waiting for every node to reach every other:");
-            if let Err(e) = lab::wait_up(&state, Duration::from_secs(60), |up, want| {
+            // A large lab on a small machine takes longer: every node starts its plugins.
+            let timeout = Duration::from_secs(60 + 3 * a.nodes as u64);
+            match lab::wait_up(&state, timeout, |up, want| {
                 say!("  handshakes: {up}/{want}")
             })
             .await
             {
-                if !a.detach {
-                    let _ = lab::destroy(&a.dir);
+                Ok(formed) => {
+                    if let Some(t) = formed.operator {
+                        say!(
+                            "the operator had a session with every robot {:.1} s after the nodes started; full mesh after {:.1} s",
+                            t.as_secs_f64(),
+                            formed.full.as_secs_f64()
+                        );
+                    }
                 }
-                return Err(e);
+                Err(e) => {
+                    if !a.detach {
+                        let _ = lab::destroy(&a.dir);
+                    }
+                    return Err(e);
+                }
             }
             print_nodes(&state);
             say!("lab is up. Dashboards (from this machine):");

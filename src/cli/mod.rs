@@ -77,6 +77,9 @@ pub struct LabUpArgs {
     /// leave the lab running and return once it is up (stop it with `myelin lab down`)
     #[argh(switch)]
     pub detach: bool,
+    /// start the nodes without plugins: the bare mesh (e.g. a 50-node scale run)
+    #[argh(switch)]
+    pub no_plugins: bool,
 }
 
 #[derive(FromArgs)]
