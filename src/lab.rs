@@ -301,6 +301,33 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     crate::keys::write_private(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The kernel keeps one neighbour table for every network namespace, capped by init's
+/// `gc_thresh3` (1024 by default), and a point-to-point TUN needs an entry per destination
+/// too. A lab of `count` members needs about two per pair (underlay and overlay): a 50-node lab
+/// overflows the default, and the kernel then refuses packets with ENOBUFS ("neighbor table
+/// overflow" in dmesg). Raises the caps to fit, never lowers them; returns what it changed.
+pub fn raise_neighbour_limits(count: usize) -> anyhow::Result<Vec<String>> {
+    let nodes = count + 1;
+    let need3 = (4 * nodes * nodes + 512) as u64;
+    let mut changed = Vec::new();
+    for family in ["ipv4", "ipv6"] {
+        for (knob, want) in [("gc_thresh2", need3 / 2), ("gc_thresh3", need3)] {
+            let path = format!("/proc/sys/net/{family}/neigh/default/{knob}");
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let now: u64 = text.trim().parse().unwrap_or(0);
+            if now < want {
+                std::fs::write(&path, want.to_string()).with_context(|| {
+                    format!("raising {path} to {want} for a {count}-node lab; fix: run as root, or `sysctl -w net.{family}.neigh.default.{knob}={want}`")
+                })?;
+                changed.push(format!("net.{family}.neigh.default.{knob} {now} -> {want}"));
+            }
+        }
+    }
+    Ok(changed)
+}
+
 /// Creates the namespaces, links, keys and configs, and starts every node.
 pub fn create(dir: &Path, count: usize, plugins: bool) -> anyhow::Result<LabState> {
     if !(2..=MAX_NODES).contains(&count) {

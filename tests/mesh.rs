@@ -264,7 +264,7 @@ fn a_fleet_forms_its_mesh_through_a_lighthouse() {
         lighthouse,
         "\"operators\"",
     ));
-    let nodes: Vec<Node> = specs
+    let mut nodes: Vec<Node> = specs
         .iter()
         .zip(&configs)
         .zip(&fleet.nodes)
@@ -379,6 +379,32 @@ fn a_fleet_forms_its_mesh_through_a_lighthouse() {
     );
     assert!(!member_names(lh).contains(&"robot2".to_string()));
     ping_until(ns(1), "10.94.0.3", LONG);
+
+    // A lighthouse keeps no state: restarted, it lists the members again from their
+    // registrations within one refresh interval (2 s here), and the operator keeps robot1.
+    nodes[0].kill_and_restart();
+    let restarted = Instant::now();
+    wait_members(
+        &nodes[0],
+        "the restarted lighthouse to list the operator and robot1",
+        Duration::from_secs(10),
+        |m| m.contains(&"operator".to_string()) && m.contains(&"robot1".to_string()),
+    );
+    let took = restarted.elapsed();
+    eprintln!("the restarted lighthouse rebuilt its roster in {took:?}");
+    assert!(
+        took <= Duration::from_secs(3),
+        "rebuilt in {took:?}, more than one refresh"
+    );
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(5) {
+        assert!(
+            member_names(&nodes[1]).contains(&"robot1".to_string()),
+            "the operator dropped robot1 while the lighthouse rebuilt its roster"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ping_until(ns(1), "10.94.0.3", Duration::from_secs(2));
 }
 
 fn myelin_in(ns: &common::Netns, args: &[&str]) -> std::process::Output {

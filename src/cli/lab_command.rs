@@ -21,6 +21,9 @@ pub async fn lab(args: &LabArgs) -> anyhow::Result<()> {
                 a.nodes,
                 a.dir.display()
             );
+            for change in lab::raise_neighbour_limits(a.nodes)? {
+                say!("  raised the kernel's neighbour table for the lab: {change}");
+            }
             let state = lab::create(&a.dir, a.nodes, !a.no_plugins)?;
             say!("waiting for every node to reach every other:");
             // A large lab on a small machine takes longer: every node starts its plugins.

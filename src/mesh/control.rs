@@ -694,7 +694,9 @@ impl Mesh {
             .map(|(key, _)| *key)
             .collect();
         self.unlisted_since.retain(|k, _| unlisted.contains(k));
-        let grace = self.config.refresh;
+        // Two refreshes: after a lighthouse restarts, every member registers again within one,
+        // and its roster push may wait out ROSTER_MIN_GAP on top.
+        let grace = self.config.refresh * 2;
         let mut gone = Vec::new();
         for key in unlisted {
             let since = *self.unlisted_since.entry(key).or_insert(now);
@@ -1239,11 +1241,11 @@ mod tests {
             &mut [(10, &mut lh), (11, &mut robot), (12, &mut op)],
             later + ROSTER_MIN_GAP,
         ));
-        // The operator waits one refresh interval before it lets go of an unlisted member.
+        // The operator waits two refresh intervals before it lets go of an unlisted member.
         assert!(changes
             .iter()
             .all(|(n, o)| !(*n == 12 && matches!(o, Output::Remove { .. }))));
-        op.handle_timeout(later + ROSTER_MIN_GAP + REFRESH, UNIX);
+        op.handle_timeout(later + ROSTER_MIN_GAP + REFRESH * 2, UNIX);
         changes.extend(std::iter::from_fn(|| op.poll_output()).map(|o| (12, o)));
         assert!(
             changes

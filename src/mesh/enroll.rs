@@ -512,4 +512,43 @@ mod tests {
         );
         assert!(e.state.used.is_empty(), "a refused request spends nothing");
     }
+
+    #[test]
+    fn renewal_keeps_the_identity_and_opens_at_half_life() {
+        let mut e = enroller();
+        e.issuer.lifetime = 1000;
+        let t = token(&e, 1, "robot7", &["robots"]);
+        let Ok(EnrollAnswer::Enrolled { chain_pem, .. }) = enroll(&mut e, &t, 9, NOW) else {
+            panic!("not enrolled");
+        };
+        let leaf = Certificate::parse_pem(&chain_pem).unwrap().remove(0);
+        assert_eq!(leaf.body().not_after, NOW + 1000, "the configured lifetime");
+        let early = e.issuer.renew(&leaf, NOW + 400);
+        assert!(
+            matches!(early, Err(ref w) if w.contains("too early")),
+            "{early:?}"
+        );
+        let chain = e.issuer.renew(&leaf, NOW + 700).unwrap();
+        let v = cert::verify(&chain, &e.issuer.ca, NOW + 700).unwrap();
+        let b = chain[0].body();
+        assert_eq!(
+            (v.name.as_str(), v.public_key, &v.addresses, &v.groups),
+            (
+                "robot7",
+                [9; 32],
+                &leaf.body().networks,
+                &leaf.body().groups
+            )
+        );
+        assert_eq!((b.not_before, b.not_after), (NOW + 700, NOW + 1700));
+        // A member the signer may not sign (another group) is refused with the reason.
+        let mut outside = leaf.body().clone();
+        outside.groups = vec!["operators".into()];
+        let foreign = Certificate::sign(outside, &SigningKey::from_bytes(&[1; 32])).unwrap();
+        let refused = e.issuer.renew(&foreign, NOW + 700);
+        assert!(
+            matches!(refused, Err(ref w) if w.contains("may not sign")),
+            "{refused:?}"
+        );
+    }
 }
