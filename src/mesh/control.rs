@@ -26,6 +26,9 @@ pub const SLOW_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 pub const ROSTER_MIN_GAP: Duration = Duration::from_millis(500);
 /// How often the same overlay address is looked up at the lighthouses.
 const LOOKUP_GAP: Duration = Duration::from_secs(1);
+/// A lighthouse answers a registration at once (with a roster); silence this long means its
+/// side of the session is gone.
+const ANSWER_TIMEOUT: Duration = Duration::from_millis(500);
 /// Lookups remembered at once; more are refused until old ones age out.
 const MAX_LOOKUPS: usize = 1024;
 
@@ -73,6 +76,9 @@ pub enum Output {
     },
     /// This node's certificate was renewed: the shell writes the chain to `[mesh].cert`.
     Renewed(Vec<Certificate>),
+    /// A lighthouse did not answer a registration: start a fresh handshake with it (it may
+    /// have restarted, and WireGuard alone would wait 15 s to notice).
+    Rehandshake([u8; 32]),
 }
 
 /// How this node knows a member.
@@ -155,6 +161,9 @@ pub struct Mesh {
     lookups: HashMap<std::net::IpAddr, Instant>,
     /// When this node next asks for its certificate to be renewed (once it is due).
     next_renew: Instant,
+    /// Lighthouses sent a registration that has not been answered yet: since when, and the
+    /// gap before the next fresh handshake (doubling to the refresh interval while silent).
+    awaiting: HashMap<[u8; 32], (Instant, Duration)>,
     out: VecDeque<Output>,
 }
 
@@ -193,6 +202,7 @@ impl Mesh {
             version: 0,
             lookups: HashMap::new(),
             next_renew: now,
+            awaiting: HashMap::new(),
             out: VecDeque::new(),
         };
         if let Some(list) = mesh.config.revocations.take() {
@@ -220,6 +230,11 @@ impl Mesh {
 
     pub fn poll_timeout(&self) -> Instant {
         let t = self.next_register.min(self.next_check).min(self.next_retry);
+        let t = self
+            .awaiting
+            .values()
+            .map(|(since, gap)| *since + (*gap).max(ANSWER_TIMEOUT))
+            .fold(t, Instant::min);
         self.next_flush.map_or(t, |f| t.min(f))
     }
 
@@ -332,6 +347,7 @@ impl Mesh {
             tracing::debug!("dropped a malformed mesh message");
             return;
         };
+        self.awaiting.remove(&from);
         match message {
             Message::Hello { chain } => {
                 let Some(node) = self.verify(&from, &chain, unix) else {
@@ -866,6 +882,12 @@ impl Mesh {
         }
     }
 
+    /// Sends a registration to a lighthouse and starts waiting for its answer.
+    fn register_with(&mut self, key: [u8; 32], now: Instant) {
+        self.awaiting.entry(key).or_insert((now, ANSWER_TIMEOUT));
+        self.send(key, self.register_message());
+    }
+
     fn register_message(&self) -> Message {
         Message::Register {
             talk_to: self.config.talk_to.clone(),
@@ -877,12 +899,13 @@ impl Mesh {
     /// Timers: registration refresh, expiry of certificates and registrations.
     pub fn handle_timeout(&mut self, now: Instant, unix: u64) {
         self.flush_rosters(now);
+        self.chase_silent_lighthouses(now);
         if now >= self.next_retry {
             self.next_retry = now + self.config.refresh.min(REGISTER_RETRY);
             for key in self.lighthouse_keys() {
                 if self.rosters.get(&key).is_none_or(|r| r.complete.is_none()) {
                     self.send(key, self.hello());
-                    self.send(key, self.register_message());
+                    self.register_with(key, now);
                 }
             }
         }
@@ -893,7 +916,7 @@ impl Mesh {
                 if young || !self.welcomed.contains(&key) {
                     self.send(key, self.hello());
                 }
-                self.send(key, self.register_message());
+                self.register_with(key, now);
             }
             // Looked-up members stay while a lighthouse still finds them.
             let looked_up: Vec<std::net::IpAddr> = self
@@ -953,6 +976,26 @@ impl Mesh {
                 }
             }
             self.drop_unlisted(now);
+        }
+    }
+
+    /// A lighthouse silent since a registration gets a fresh handshake and the registration
+    /// again; while it stays silent the gap doubles, up to the refresh interval.
+    fn chase_silent_lighthouses(&mut self, now: Instant) {
+        let refresh = self.config.refresh;
+        let silent: Vec<([u8; 32], Duration)> = self
+            .awaiting
+            .iter()
+            .filter(|(_, (since, gap))| now >= *since + (*gap).max(ANSWER_TIMEOUT))
+            .map(|(key, (_, gap))| (*key, *gap))
+            .collect();
+        for (key, gap) in silent {
+            tracing::debug!("a lighthouse did not answer a registration; handshaking again");
+            self.out.push_back(Output::Rehandshake(key));
+            self.send(key, self.hello());
+            self.send(key, self.register_message());
+            self.awaiting
+                .insert(key, (now, (gap * 2).min(refresh.max(ANSWER_TIMEOUT))));
         }
     }
 
@@ -1669,5 +1712,44 @@ mod tests {
         );
         assert_eq!(robot.config.chain[0].body().name, before[0].body().name);
         assert_eq!(robot.config.chain[0].body().not_after, renewed);
+    }
+
+    #[test]
+    fn a_lighthouse_that_stops_answering_gets_a_fresh_handshake() {
+        let t0 = Instant::now();
+        let k = ca_key();
+        let mut robot = mesh(
+            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
+            &["operators"],
+            false,
+            t0,
+        );
+        robot.handle_timeout(t0, UNIX);
+        std::iter::from_fn(|| robot.poll_output()).for_each(drop);
+        assert!(robot.poll_timeout() <= t0 + ANSWER_TIMEOUT);
+        let rehandshakes = |m: &mut Mesh, at: Instant| {
+            m.handle_timeout(at, UNIX);
+            std::iter::from_fn(|| m.poll_output())
+                .filter(|o| matches!(o, Output::Rehandshake(key) if *key == [10; 32]))
+                .count()
+        };
+        assert_eq!(
+            rehandshakes(&mut robot, t0 + ANSWER_TIMEOUT / 2),
+            0,
+            "not yet"
+        );
+        assert_eq!(rehandshakes(&mut robot, t0 + ANSWER_TIMEOUT), 1);
+        // Still silent: the next attempt waits twice as long.
+        assert_eq!(rehandshakes(&mut robot, t0 + ANSWER_TIMEOUT * 2), 0);
+        assert_eq!(rehandshakes(&mut robot, t0 + ANSWER_TIMEOUT * 3), 1);
+        // Any answer ends it.
+        robot.handle(
+            [10; 32],
+            None,
+            &Message::Welcome.encode(),
+            t0 + ANSWER_TIMEOUT * 3,
+            UNIX,
+        );
+        assert_eq!(rehandshakes(&mut robot, t0 + Duration::from_secs(5)), 0);
     }
 }

@@ -310,6 +310,9 @@ fn apply(peers: &PeerControl, cert_file: &Path, output: Output) {
         Output::Send { to, message } => {
             peers.send_control(&to, &message.encode());
         }
+        Output::Rehandshake(key) => {
+            peers.rehandshake(&key);
+        }
         Output::Upsert(spec) => {
             let name = spec.name.clone();
             match peers.upsert(spec) {

@@ -413,6 +413,26 @@ fn mesh_payload(packet: &[u8]) -> Option<&[u8]> {
     udp.get(8..len)
 }
 
+/// Starts a new handshake with `peer` now, whatever its session looks like: the other side
+/// may have restarted and lost the session this side still holds.
+pub(super) fn rehandshake(shared: &DataPlaneShared, peer: &Peer) -> bool {
+    let Some(to) = peer.endpoint() else {
+        return false;
+    };
+    let mut out = [0u8; HANDSHAKE_INIT_LEN];
+    let len = match peer.tunn.lock() {
+        Ok(mut t) => match t.format_handshake_initiation(&mut out, true) {
+            TunnResult::WriteToNetwork(p) => p.len(),
+            _ => return false,
+        },
+        Err(_) => return false,
+    };
+    if let Some(p) = out.get(..len) {
+        send(shared, to, p, None);
+    }
+    true
+}
+
 /// Wraps `payload` in IPv4/UDP from this node's overlay address to the peer's, and sends it
 /// through the peer's tunnel.
 pub(super) fn send_control(shared: &DataPlaneShared, peer: &Peer, payload: &[u8]) -> bool {

@@ -190,6 +190,15 @@ impl PeerControl {
             .map(|()| MeshReceivers { control, misses })
     }
 
+    /// Starts a fresh handshake with the peer with key `to` (its side lost the session).
+    pub fn rehandshake(&self, to: &[u8; 32]) -> bool {
+        let table = self.0.table.load();
+        match table.by_key(to) {
+            Some((_, peer)) => dataplane::rehandshake(&self.0, peer),
+            None => false,
+        }
+    }
+
     /// Sends a mesh control message to the peer with key `to`, inside its tunnel (a handshake
     /// first, if there is no session). False when there is no such peer or no path.
     pub fn send_control(&self, to: &[u8; 32], payload: &[u8]) -> bool {
