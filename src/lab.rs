@@ -307,6 +307,10 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 /// overflows the default, and the kernel then refuses packets with ENOBUFS ("neighbor table
 /// overflow" in dmesg). Raises the caps to fit, never lowers them; returns what it changed.
 pub fn raise_neighbour_limits(count: usize) -> anyhow::Result<Vec<String>> {
+    if !(2..=MAX_NODES).contains(&count) {
+        // `create` refuses it with the reason; nothing to raise.
+        return Ok(Vec::new());
+    }
     let nodes = count + 1;
     let need3 = (4 * nodes * nodes + 512) as u64;
     let mut changed = Vec::new();

@@ -381,7 +381,8 @@ fn a_fleet_forms_its_mesh_through_a_lighthouse() {
     ping_until(ns(1), "10.94.0.3", LONG);
 
     // A lighthouse keeps no state: restarted, it lists the members again from their
-    // registrations within one refresh interval (2 s here), and the operator keeps robot1.
+    // registrations within one refresh interval (2 s here; plus up to 1 s for a member to
+    // notice the lighthouse lost their session), and the operator keeps robot1.
     nodes[0].kill_and_restart();
     let restarted = Instant::now();
     wait_members(
@@ -393,8 +394,8 @@ fn a_fleet_forms_its_mesh_through_a_lighthouse() {
     let took = restarted.elapsed();
     eprintln!("the restarted lighthouse rebuilt its roster in {took:?}");
     assert!(
-        took <= Duration::from_secs(3),
-        "rebuilt in {took:?}, more than one refresh"
+        took <= Duration::from_millis(3500),
+        "rebuilt in {took:?}, more than one refresh and the answer timeout"
     );
     let watch = Instant::now();
     while watch.elapsed() < Duration::from_secs(5) {

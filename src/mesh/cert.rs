@@ -721,8 +721,8 @@ pub fn parse_lifetime(text: &str) -> Result<u64, String> {
         _ => return Err("the unit is s, m, h or d, e.g. 1h".into()),
     };
     match n.checked_mul(scale) {
-        Some(0) | None => Err("use a positive time of at most years".into()),
-        Some(s) => Ok(s),
+        Some(s) if s > 0 && s <= 100 * 365 * 86_400 => Ok(s),
+        _ => Err("use a positive time of at most 100 years".into()),
     }
 }
 

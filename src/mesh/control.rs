@@ -28,7 +28,10 @@ pub const ROSTER_MIN_GAP: Duration = Duration::from_millis(500);
 const LOOKUP_GAP: Duration = Duration::from_secs(1);
 /// A lighthouse answers a registration at once (with a roster); silence this long means its
 /// side of the session is gone.
-const ANSWER_TIMEOUT: Duration = Duration::from_millis(500);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+/// Lookups a lighthouse answers one member per second (a member scanning the overlay learns
+/// it slowly; an honest one looks up a few addresses).
+const LOOKUPS_PER_SECOND: u32 = 10;
 /// Lookups remembered at once; more are refused until old ones age out.
 const MAX_LOOKUPS: usize = 1024;
 
@@ -164,7 +167,17 @@ pub struct Mesh {
     /// Lighthouses sent a registration that has not been answered yet: since when, and the
     /// gap before the next fresh handshake (doubling to the refresh interval while silent).
     awaiting: HashMap<[u8; 32], (Instant, Duration)>,
+    /// On a lighthouse: the last renewal answer per member, and when.
+    renewals: HashMap<[u8; 32], (Instant, Message)>,
+    /// On a lighthouse: lookups per member in the current second.
+    lookup_budget: HashMap<[u8; 32], (Instant, u32)>,
+    /// Looked-up members: when a lighthouse last found them.
+    found: HashMap<[u8; 32], Instant>,
     out: VecDeque<Output>,
+}
+
+fn chain_bytes(chain: &[Certificate]) -> Vec<Vec<u8>> {
+    chain.iter().map(|c| c.to_bytes().to_vec()).collect()
 }
 
 fn host_routes(addresses: &[IpNet]) -> Vec<IpNet> {
@@ -178,7 +191,7 @@ impl Mesh {
             .first()
             .map(|c| c.body().public_key)
             .unwrap_or_default();
-        let chain_bytes = config.chain.iter().map(|c| c.to_bytes().to_vec()).collect();
+        let chain_bytes = chain_bytes(&config.chain);
         // Generations count from a random point, so a restarted lighthouse's rosters are
         // never mistaken for pages of its previous life.
         let generation = getrandom::u64().unwrap_or(0) >> 16;
@@ -203,6 +216,9 @@ impl Mesh {
             lookups: HashMap::new(),
             next_renew: now,
             awaiting: HashMap::new(),
+            renewals: HashMap::new(),
+            lookup_budget: HashMap::new(),
+            found: HashMap::new(),
             out: VecDeque::new(),
         };
         if let Some(list) = mesh.config.revocations.take() {
@@ -324,6 +340,9 @@ impl Mesh {
 
     fn forget(&mut self, key: &[u8; 32]) {
         self.welcomed.remove(key);
+        self.renewals.remove(key);
+        self.lookup_budget.remove(key);
+        self.found.remove(key);
         if let Some(k) = self.known.remove(key) {
             self.version += 1;
             self.out.push_back(Output::Remove {
@@ -451,6 +470,14 @@ impl Mesh {
                 if !self.config.lighthouse || !self.known.contains_key(&from) {
                     return;
                 }
+                let budget = self.lookup_budget.entry(from).or_insert((now, 0));
+                if now.saturating_duration_since(budget.0) >= Duration::from_secs(1) {
+                    *budget = (now, 0);
+                }
+                budget.1 += 1;
+                if budget.1 > LOOKUPS_PER_SECOND {
+                    return;
+                }
                 let member = self
                     .registrations
                     .keys()
@@ -465,13 +492,22 @@ impl Mesh {
             }
             Message::Found { address, member } => {
                 if self.is_lighthouse_key(&from) {
-                    self.take_found(address, member, unix);
+                    self.take_found(address, member, now, unix);
                 }
             }
             Message::Renew => {
-                let Some(issuer) = self.config.issuer.as_ref() else {
+                if !self.config.lighthouse {
                     return;
-                };
+                }
+                // One answer per member and refresh interval: asking again gets the same
+                // answer, without another signature or log line.
+                if let Some((at, answer)) = self.renewals.get(&from) {
+                    if now.saturating_duration_since(*at) < self.config.refresh {
+                        let answer = answer.clone();
+                        self.send(from, answer);
+                        return;
+                    }
+                }
                 let Some(leaf) = self
                     .known
                     .get(&from)
@@ -481,18 +517,26 @@ impl Mesh {
                     self.send(from, self.hello());
                     return;
                 };
-                let answer = match issuer.renew(&leaf, unix) {
-                    Ok(chain) => {
+                let answer = match self.config.issuer.as_ref().map(|i| i.renew(&leaf, unix)) {
+                    Some(Ok(chain)) => {
                         tracing::info!(member = %leaf.name(), "renewed a member's certificate");
                         Message::Renewed {
-                            chain: chain.iter().map(|c| c.to_bytes().to_vec()).collect(),
+                            chain: chain_bytes(&chain),
                         }
                     }
-                    Err(reason) => {
-                        tracing::info!(member = %leaf.name(), "renewal refused: {reason}");
-                        Message::RenewRefused { reason }
+                    Some(Err(refusal)) => {
+                        tracing::debug!(member = %leaf.name(), "renewal refused: {}", refusal.reason);
+                        Message::RenewRefused {
+                            reason: refusal.reason,
+                            opens_at: refusal.opens_at,
+                        }
                     }
+                    None => Message::RenewRefused {
+                        reason: "this lighthouse has no signer ([lighthouse].signer_key)".into(),
+                        opens_at: 0,
+                    },
                 };
+                self.renewals.insert(from, (now, answer.clone()));
                 self.send(from, answer);
             }
             Message::Renewed { chain } => {
@@ -500,11 +544,9 @@ impl Mesh {
                     self.take_renewed(chain, unix);
                 }
             }
-            Message::RenewRefused { reason } => {
+            Message::RenewRefused { reason, opens_at } => {
                 if self.is_lighthouse_key(&from) {
-                    tracing::warn!(
-                        "a lighthouse refused to renew this node's certificate: {reason}"
-                    );
+                    self.renewal_refused(&reason, opens_at, now, unix);
                 }
             }
             Message::Roster {
@@ -550,6 +592,13 @@ impl Mesh {
                 .iter()
                 .any(|n| n.contains(&address) && n.broadcast() != address)
         });
+        if self
+            .lookups
+            .get(&address)
+            .is_some_and(|at| now.saturating_duration_since(*at) < LOOKUP_GAP)
+        {
+            return;
+        }
         if !in_overlay
             || self.config.lighthouse
             || self
@@ -559,10 +608,12 @@ impl Mesh {
         {
             return;
         }
-        self.lookups
-            .retain(|_, at| now.saturating_duration_since(*at) < LOOKUP_GAP);
-        if self.lookups.contains_key(&address) || self.lookups.len() >= MAX_LOOKUPS {
-            return;
+        if self.lookups.len() >= MAX_LOOKUPS {
+            self.lookups
+                .retain(|_, at| now.saturating_duration_since(*at) < LOOKUP_GAP);
+            if self.lookups.len() >= MAX_LOOKUPS {
+                return;
+            }
         }
         self.lookups.insert(address, now);
         for key in self.lighthouse_keys() {
@@ -572,13 +623,27 @@ impl Mesh {
 
     /// A lighthouse's answer to a lookup: admit the member (and introduce ourselves), or drop
     /// a looked-up member that no longer holds the address.
-    fn take_found(&mut self, address: std::net::IpAddr, member: Option<RosterEntry>, unix: u64) {
+    fn take_found(
+        &mut self,
+        address: std::net::IpAddr,
+        member: Option<RosterEntry>,
+        now: Instant,
+        unix: u64,
+    ) {
         let Some(entry) = member else {
+            // Dropped only when no lighthouse has found it for two refreshes: one lighthouse
+            // that lacks its registration (just restarted) does not decide alone.
+            let stale_after = self.config.refresh * 2;
             let gone: Vec<[u8; 32]> = self
                 .known
                 .iter()
-                .filter(|(_, k)| {
-                    k.source == "lookup" && k.node.addresses.iter().any(|a| a.addr() == address)
+                .filter(|(key, k)| {
+                    k.source == "lookup"
+                        && k.node.addresses.iter().any(|a| a.addr() == address)
+                        && self
+                            .found
+                            .get(*key)
+                            .is_none_or(|at| now.saturating_duration_since(*at) >= stale_after)
                 })
                 .map(|(key, _)| *key)
                 .collect();
@@ -598,13 +663,32 @@ impl Mesh {
         let Some(node) = self.verify(&key, &entry.chain, unix) else {
             return;
         };
-        if !node.0.addresses.iter().any(|a| a.addr() == address) || self.known.contains_key(&key) {
+        if !node.0.addresses.iter().any(|a| a.addr() == address) {
             return;
         }
+        if self.known.contains_key(&key) {
+            if self.known.get(&key).is_some_and(|k| k.source == "lookup") {
+                self.found.insert(key, now);
+            }
+            return;
+        }
+        self.found.insert(key, now);
         tracing::info!(member = %node.0.name, %address, "found on demand");
         self.admit(node, entry.chain, entry.endpoint, "lookup");
         if self.known.contains_key(&key) {
             self.send(key, self.hello());
+        }
+    }
+
+    /// A renewal was refused: ask again when it opens (if it will), else after a refresh; say
+    /// why only when it will not open and the certificate is running out.
+    fn renewal_refused(&mut self, reason: &str, opens_at: u64, now: Instant, unix: u64) {
+        if opens_at > unix {
+            let wait = Duration::from_secs(opens_at - unix);
+            self.next_renew = self.next_renew.max(now + wait);
+            tracing::debug!("renewal opens in {wait:?}: {reason}");
+        } else {
+            tracing::warn!("a lighthouse refused to renew this node's certificate: {reason}");
         }
     }
 
@@ -630,14 +714,17 @@ impl Mesh {
         let (Some(new), Some(old)) = (certs.first(), self.config.chain.first()) else {
             return;
         };
-        let same = {
-            let (n, o) = (new.body(), old.body());
-            n.public_key == o.public_key
-                && n.name == o.name
-                && n.networks == o.networks
-                && n.groups == o.groups
-                && n.not_after > o.not_after
-        };
+        let (n, o) = (new.body(), old.body());
+        let same = n.public_key == o.public_key
+            && n.name == o.name
+            && n.networks == o.networks
+            && n.groups == o.groups;
+        if same && n.not_after <= o.not_after {
+            tracing::debug!(
+                "a renewed certificate that lasts no longer than the current one (renewed already)"
+            );
+            return;
+        }
         if let Err(e) = cert::verify(&certs, &self.config.ca, unix) {
             tracing::warn!("a lighthouse sent a renewed certificate that does not verify: {e}");
             return;
@@ -945,7 +1032,7 @@ impl Mesh {
             self.next_check = now + Duration::from_secs(1);
             if now >= self.next_renew && self.renewal_due(unix) {
                 self.next_renew = now + self.config.refresh.min(REGISTER_RETRY * 5);
-                self.renew_own(unix);
+                self.renew_own(now, unix);
             }
             let expired: Vec<[u8; 32]> = self
                 .known
@@ -1000,16 +1087,19 @@ impl Mesh {
     }
 
     /// Asks the lighthouses for a fresh certificate; a lighthouse with a signer signs its own.
-    fn renew_own(&mut self, unix: u64) {
+    fn renew_own(&mut self, now: Instant, unix: u64) {
         let own = self.config.chain.first().cloned();
         if let (Some(issuer), Some(own)) = (self.config.issuer.clone(), own) {
             match issuer.renew(&own, unix) {
                 Ok(chain) => {
-                    let bytes = chain.iter().map(|c| c.to_bytes().to_vec()).collect();
-                    self.take_renewed(bytes, unix);
+                    self.take_renewed(chain_bytes(&chain), unix);
                     return;
                 }
-                Err(e) => tracing::debug!("cannot renew its own certificate: {e}"),
+                Err(r) if r.opens_at > unix => {
+                    self.renewal_refused(&r.reason, r.opens_at, now, unix);
+                    return;
+                }
+                Err(r) => tracing::debug!("cannot renew its own certificate: {}", r.reason),
             }
         }
         for key in self.lighthouse_keys() {
@@ -1587,8 +1677,18 @@ mod tests {
         settle(&mut [(10, &mut lh), (11, &mut robot1)], later);
         lh.handle_timeout(later, UNIX);
         settle(&mut [(10, &mut lh), (11, &mut robot1)], later);
+        // One refresh later the lighthouse says nobody, but robot1 was found a refresh ago:
+        // one answer does not decide alone. Two refreshes without a finding do.
         robot1.handle_timeout(later + REFRESH, UNIX);
         let changes = settle(&mut [(10, &mut lh), (11, &mut robot1)], later + REFRESH);
+        assert!(
+            changes
+                .iter()
+                .all(|(_, o)| !matches!(o, Output::Remove { .. })),
+            "{changes:?}"
+        );
+        robot1.handle_timeout(later + REFRESH * 2, UNIX);
+        let changes = settle(&mut [(10, &mut lh), (11, &mut robot1)], later + REFRESH * 2);
         assert!(
             changes
                 .iter()
@@ -1661,7 +1761,7 @@ mod tests {
             ))
         );
         lh.handle([11; 32], None, &Message::Renew.encode(), t1, UNIX + 100);
-        assert!(std::iter::from_fn(|| lh.poll_output()).any(|o| matches!(o, Output::Send { message: Message::RenewRefused { ref reason }, .. } if reason.contains("too early"))));
+        assert!(std::iter::from_fn(|| lh.poll_output()).any(|o| matches!(o, Output::Send { message: Message::RenewRefused { ref reason, .. }, .. } if reason.contains("too early"))));
         // Due: the member asks, the lighthouse signs, the member takes it and re-introduces
         // itself; the operator then keeps it past the old certificate's end.
         let t2 = t0 + Duration::from_secs(200);

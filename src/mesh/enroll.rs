@@ -51,30 +51,17 @@ impl std::fmt::Debug for Issuer {
 }
 
 impl Issuer {
-    /// Signs a member's certificate valid from `now`, and checks the chain as a peer would.
-    pub fn sign_node(
-        &self,
-        name: &str,
-        public_key: [u8; 32],
-        networks: Vec<IpNet>,
-        groups: Vec<String>,
-        now: u64,
-    ) -> Result<Vec<Certificate>, cert::CertError> {
-        let mut lifetime = self.lifetime;
-        if self.cert.body().max_days != 0 {
-            lifetime = lifetime.min(u64::from(self.cert.body().max_days) * DAY);
+    /// This issuer's lifetime for a member's certificate: the configured one, within the
+    /// issuing certificate's `max_days`.
+    fn member_lifetime(&self) -> u64 {
+        match self.cert.body().max_days {
+            0 => self.lifetime,
+            d => self.lifetime.min(u64::from(d) * DAY),
         }
-        let body = CertBody {
-            role: Role::Node,
-            name: name.to_string(),
-            public_key,
-            networks,
-            groups,
-            not_before: now,
-            not_after: (now + lifetime).min(self.cert.body().not_after),
-            max_days: 0,
-            issuer: [0; 32],
-        };
+    }
+
+    /// Signs `body` (a member's) and checks the chain as a peer would.
+    fn sign_checked(&self, body: CertBody, now: u64) -> Result<Vec<Certificate>, cert::CertError> {
         let mut chain = vec![Certificate::sign(body, &self.key)?];
         if self.cert.body().role == Role::Signer {
             chain.push(self.cert.clone());
@@ -83,26 +70,85 @@ impl Issuer {
         Ok(chain)
     }
 
-    /// A fresh certificate for a member that holds `current` (already verified by the mesh):
-    /// same name, key, addresses and groups. Refused before the second half of its life, so
-    /// a member cannot keep a signer busy.
-    pub fn renew(&self, current: &Certificate, now: u64) -> Result<Vec<Certificate>, String> {
+    /// Signs a new member's certificate, valid from `now`.
+    pub fn sign_node(
+        &self,
+        name: &str,
+        public_key: [u8; 32],
+        networks: Vec<IpNet>,
+        groups: Vec<String>,
+        now: u64,
+    ) -> Result<Vec<Certificate>, cert::CertError> {
+        let body = CertBody {
+            role: Role::Node,
+            name: name.to_string(),
+            public_key,
+            networks,
+            groups,
+            not_before: now,
+            not_after: now
+                .saturating_add(self.member_lifetime())
+                .min(self.cert.body().not_after),
+            max_days: 0,
+            issuer: [0; 32],
+        };
+        self.sign_checked(body, now)
+    }
+
+    /// A longer-lived certificate for a member that holds `current` (already verified by the
+    /// mesh), signed by this issuer: same name, key, addresses and groups, and the same
+    /// not-before, so a revocation by name that covers the first certificate covers every
+    /// renewal of it. Refused, with the moment it opens, before the last half of this
+    /// issuer's lifetime, so a member cannot keep a signer busy.
+    pub fn renew(&self, current: &Certificate, now: u64) -> Result<Vec<Certificate>, Refusal> {
         let b = current.body();
-        let half = b.not_before + b.not_after.saturating_sub(b.not_before) / 2;
-        if now < half {
-            return Err(format!(
-                "too early: renewal opens at {} (half its lifetime)",
-                cert::utc(half)
+        if b.issuer != self.key.verifying_key().to_bytes() {
+            return Err(Refusal::not_here(
+                "it was signed by another issuer; renew it where it was signed (`myelin ca sign`)",
             ));
         }
-        self.sign_node(
-            &b.name,
-            b.public_key,
-            b.networks.clone(),
-            b.groups.clone(),
-            now,
-        )
-        .map_err(|e| format!("this lighthouse may not sign it: {e}"))
+        let lifetime = self.member_lifetime();
+        let span = b.not_after.saturating_sub(b.not_before).min(lifetime);
+        let opens_at = b.not_after.saturating_sub(span / 2);
+        if now < opens_at {
+            return Err(Refusal {
+                reason: format!("too early: renewal opens at {}", cert::utc(opens_at)),
+                opens_at,
+            });
+        }
+        let not_after = now.saturating_add(lifetime).min(self.cert.body().not_after);
+        if not_after <= b.not_after {
+            return Err(Refusal::not_here(
+                "the signer's own certificate ends first; renew the signer (`myelin ca sign --signer`)",
+            ));
+        }
+        let body = CertBody {
+            not_after,
+            max_days: 0,
+            issuer: [0; 32],
+            ..b.clone()
+        };
+        self.sign_checked(body, now).map_err(|e| Refusal {
+            reason: format!("this lighthouse may not sign it: {e}"),
+            opens_at: 0,
+        })
+    }
+}
+
+/// Why a renewal was refused, and from when it would be granted (unix seconds; 0: never
+/// here).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: String,
+    pub opens_at: u64,
+}
+
+impl Refusal {
+    fn not_here(reason: &str) -> Refusal {
+        Refusal {
+            reason: reason.to_string(),
+            opens_at: 0,
+        }
     }
 }
 
@@ -524,9 +570,10 @@ mod tests {
         let leaf = Certificate::parse_pem(&chain_pem).unwrap().remove(0);
         assert_eq!(leaf.body().not_after, NOW + 1000, "the configured lifetime");
         let early = e.issuer.renew(&leaf, NOW + 400);
-        assert!(
-            matches!(early, Err(ref w) if w.contains("too early")),
-            "{early:?}"
+        assert_eq!(
+            early.map(|_| ()).map_err(|r| r.opens_at),
+            Err(NOW + 500),
+            "refused until half-life, saying when"
         );
         let chain = e.issuer.renew(&leaf, NOW + 700).unwrap();
         let v = cert::verify(&chain, &e.issuer.ca, NOW + 700).unwrap();
@@ -540,14 +587,21 @@ mod tests {
                 &leaf.body().groups
             )
         );
-        assert_eq!((b.not_before, b.not_after), (NOW + 700, NOW + 1700));
-        // A member the signer may not sign (another group) is refused with the reason.
-        let mut outside = leaf.body().clone();
-        outside.groups = vec!["operators".into()];
-        let foreign = Certificate::sign(outside, &SigningKey::from_bytes(&[1; 32])).unwrap();
+        assert_eq!(
+            (b.not_before, b.not_after),
+            (NOW, NOW + 1700),
+            "the lineage's not-before, a fresh lifetime"
+        );
+        // The renewal renews too, from the last half of the issuer's lifetime.
+        let again = e.issuer.renew(&chain[0], NOW + 1100);
+        assert_eq!(again.map(|_| ()).map_err(|r| r.opens_at), Err(NOW + 1200));
+        assert!(e.issuer.renew(&chain[0], NOW + 1200).is_ok());
+        // Another issuer's certificate (the CA's, for a contractor's hour) is not renewed here.
+        let ca_key = SigningKey::from_bytes(&[1; 32]);
+        let foreign = Certificate::sign(leaf.body().clone(), &ca_key).unwrap();
         let refused = e.issuer.renew(&foreign, NOW + 700);
         assert!(
-            matches!(refused, Err(ref w) if w.contains("may not sign")),
+            matches!(refused, Err(ref r) if r.reason.contains("another issuer") && r.opens_at == 0),
             "{refused:?}"
         );
     }

@@ -218,15 +218,10 @@ pub struct MeshFiles {
     pub revocations: Option<std::path::PathBuf>,
 }
 
-/// Replaces the certificate file in one step (a temporary file, synced, renamed over it).
+/// Replaces the certificate file in one step, keeping its permissions.
 fn store_chain(path: &Path, chain: &[Certificate]) -> std::io::Result<()> {
-    use std::io::Write;
     let text: String = chain.iter().map(Certificate::to_pem).collect();
-    let tmp = path.with_extension("renewed");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::config::write_atomically(path, text.as_bytes())
 }
 
 /// Runs the mesh until `cancel`.

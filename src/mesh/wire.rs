@@ -63,8 +63,9 @@ pub enum Message {
     Renew,
     /// A lighthouse to a member: its new chain (node, then signer).
     Renewed { chain: Vec<Vec<u8>> },
-    /// A lighthouse to a member: why it did not renew.
-    RenewRefused { reason: String },
+    /// A lighthouse to a member: why it did not renew, and from when it would (unix seconds;
+    /// 0: not here at all).
+    RenewRefused { reason: String, opens_at: u64 },
 }
 
 fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
@@ -83,15 +84,9 @@ fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
 fn put_sock(out: &mut Vec<u8>, a: Option<SocketAddr>) {
     match a {
         None => out.push(0),
-        Some(SocketAddr::V4(v)) => {
-            out.push(4);
-            out.extend_from_slice(&v.ip().octets());
-            out.extend_from_slice(&v.port().to_be_bytes());
-        }
-        Some(SocketAddr::V6(v)) => {
-            out.push(6);
-            out.extend_from_slice(&v.ip().octets());
-            out.extend_from_slice(&v.port().to_be_bytes());
+        Some(a) => {
+            put_ip(out, a.ip());
+            out.extend_from_slice(&a.port().to_be_bytes());
         }
     }
 }
@@ -129,7 +124,14 @@ impl<'a> Reader<'a> {
         Ok(u64::from_be_bytes(a))
     }
     fn sock(&mut self) -> Result<Option<SocketAddr>, WireError> {
-        let ip: IpAddr = match self.u8()? {
+        let Some(ip) = self.family_ip()? else {
+            return Ok(None);
+        };
+        Ok(Some(SocketAddr::new(ip, self.u16()?)))
+    }
+    /// An address after its family byte (4 or 6); `None` for family 0 (no address).
+    fn family_ip(&mut self) -> Result<Option<IpAddr>, WireError> {
+        Ok(Some(match self.u8()? {
             0 => return Ok(None),
             4 => {
                 let mut a = [0u8; 4];
@@ -142,8 +144,7 @@ impl<'a> Reader<'a> {
                 a.into()
             }
             _ => return Err(WireError("unknown address family")),
-        };
-        Ok(Some(SocketAddr::new(ip, self.u16()?)))
+        }))
     }
     fn chain(&mut self) -> Result<Vec<Vec<u8>>, WireError> {
         let n = self.u8()? as usize;
@@ -161,19 +162,7 @@ impl<'a> Reader<'a> {
             .collect()
     }
     fn ip(&mut self) -> Result<IpAddr, WireError> {
-        match self.u8()? {
-            4 => {
-                let mut a = [0u8; 4];
-                a.copy_from_slice(self.take(4)?);
-                Ok(a.into())
-            }
-            6 => {
-                let mut a = [0u8; 16];
-                a.copy_from_slice(self.take(16)?);
-                Ok(a.into())
-            }
-            _ => Err(WireError("unknown address family")),
-        }
+        self.family_ip()?.ok_or(WireError("empty address"))
     }
     fn text(&mut self) -> Result<String, WireError> {
         let n = self.u8()? as usize;
@@ -262,8 +251,9 @@ impl Message {
                 out.push(9);
                 put_chain(&mut out, chain);
             }
-            Message::RenewRefused { reason } => {
+            Message::RenewRefused { reason, opens_at } => {
                 out.push(10);
+                out.extend_from_slice(&opens_at.to_be_bytes());
                 let r = reason.as_bytes();
                 // At a character boundary, so a long reason still decodes as UTF-8.
                 let mut n = r.len().min(255);
@@ -362,10 +352,11 @@ impl Message {
             8 => Message::Renew,
             9 => Message::Renewed { chain: r.chain()? },
             10 => {
+                let opens_at = r.u64()?;
                 let n = r.u8()? as usize;
                 let reason = String::from_utf8(r.take(n)?.to_vec())
                     .map_err(|_| WireError("text is not UTF-8"))?;
-                Message::RenewRefused { reason }
+                Message::RenewRefused { reason, opens_at }
             }
             _ => return Err(WireError("unknown message kind")),
         };
@@ -472,6 +463,7 @@ mod tests {
             },
             Message::RenewRefused {
                 reason: "too early".into(),
+                opens_at: 1_800_000_000,
             },
             Message::Roster {
                 generation: 9,

@@ -413,18 +413,22 @@ fn mesh_payload(packet: &[u8]) -> Option<&[u8]> {
     udp.get(8..len)
 }
 
-/// Starts a new handshake with `peer` now, whatever its session looks like: the other side
-/// may have restarted and lost the session this side still holds.
-pub(super) fn rehandshake(shared: &DataPlaneShared, peer: &Peer) -> bool {
+/// Drops the session with `peer` and starts a new handshake now: the other side may have
+/// restarted and lost the session this side still holds. What is sent until the handshake
+/// completes waits for the new session instead of going out under the dead one.
+pub(super) fn rehandshake(shared: &DataPlaneShared, slot: usize, peer: &Peer) -> bool {
     let Some(to) = peer.endpoint() else {
         return false;
     };
     let mut out = [0u8; HANDSHAKE_INIT_LEN];
     let len = match peer.tunn.lock() {
-        Ok(mut t) => match t.format_handshake_initiation(&mut out, true) {
-            TunnResult::WriteToNetwork(p) => p.len(),
-            _ => return false,
-        },
+        Ok(mut t) => {
+            *t = Peer::fresh_tunn(&shared.static_private, &peer.spec, slot);
+            match t.format_handshake_initiation(&mut out, false) {
+                TunnResult::WriteToNetwork(p) => p.len(),
+                _ => return false,
+            }
+        }
         Err(_) => return false,
     };
     if let Some(p) = out.get(..len) {

@@ -164,12 +164,12 @@ impl PeerControl {
         self.0.change(|t| t.remove(name).map(Some)).map(|_| ())
     }
 
-    /// The peers as they are now.
     /// Waits until the peer table changes (a peer added, updated or removed).
     pub async fn changed(&self) {
         self.0.table_changed.notified().await
     }
 
+    /// The peers as they are now.
     pub fn table(&self) -> Arc<PeerTable> {
         self.0.table.load_full()
     }
@@ -194,7 +194,7 @@ impl PeerControl {
     pub fn rehandshake(&self, to: &[u8; 32]) -> bool {
         let table = self.0.table.load();
         match table.by_key(to) {
-            Some((_, peer)) => dataplane::rehandshake(&self.0, peer),
+            Some((slot, peer)) => dataplane::rehandshake(&self.0, slot, peer),
             None => false,
         }
     }

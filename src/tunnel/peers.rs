@@ -64,8 +64,9 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(static_private: &x25519::StaticSecret, spec: PeerSpec, slot: usize) -> Self {
-        let tunn = Tunn::new(
+    /// A WireGuard state machine for `spec` in table slot `slot`, with no session yet.
+    pub fn fresh_tunn(static_private: &x25519::StaticSecret, spec: &PeerSpec, slot: usize) -> Tunn {
+        Tunn::new(
             static_private.clone(),
             x25519::PublicKey::from(spec.public_key),
             None,
@@ -76,7 +77,11 @@ impl Peer {
             // Its own limiter too (10 handshakes a second for this peer), behind the
             // node-wide one that checks every datagram first.
             None,
-        );
+        )
+    }
+
+    pub fn new(static_private: &x25519::StaticSecret, spec: PeerSpec, slot: usize) -> Self {
+        let tunn = Self::fresh_tunn(static_private, &spec, slot);
         let probe_addr = spec.allowed_ips.iter().find_map(|n| match n {
             IpNet::V4(v) if v.prefix_len() == 32 => Some(IpAddr::V4(v.addr())),
             IpNet::V6(v) if v.prefix_len() == 128 => Some(IpAddr::V6(v.addr())),
