@@ -45,6 +45,9 @@ pub struct Config {
     pub mesh: Option<MeshSection>,
     #[serde(default)]
     pub lighthouse: LighthouseSection,
+    /// Who may reach what over the tunnel; none: everything (today's behaviour).
+    #[serde(default)]
+    pub firewall: Option<FirewallSection>,
     #[serde(default, rename = "plugins")]
     plugins_raw: toml::Table,
     #[serde(skip)]
@@ -173,6 +176,89 @@ pub struct LighthouseSection {
     /// theirs here in the last third of it.
     #[serde(default)]
     pub cert_lifetime: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallSection {
+    /// "allow" or "deny"; default "deny" once any inbound rule exists, else "allow".
+    #[serde(default)]
+    pub default_inbound: Option<String>,
+    /// "allow" (default) or "deny".
+    #[serde(default)]
+    pub default_outbound: Option<String>,
+    #[serde(default)]
+    pub inbound: Vec<FirewallRule>,
+    #[serde(default)]
+    pub outbound: Vec<FirewallRule>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallRule {
+    /// Shown in drops and `myelin firewall`; default `inbound[N]` / `outbound[N]`.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub cidr: Option<IpNet>,
+    #[serde(default = "any")]
+    pub proto: String,
+    #[serde(default = "any")]
+    pub port: String,
+}
+
+fn any() -> String {
+    "any".into()
+}
+
+impl FirewallSection {
+    /// The rules as the data plane applies them; errors name the rule and the fix.
+    pub fn rule_set(
+        &self,
+    ) -> Result<crate::policy::firewall::RuleSet, crate::policy::firewall::RuleError> {
+        use crate::policy::firewall as fw;
+        let rules = |list: &[FirewallRule], side: &str| -> Result<Vec<fw::Rule>, fw::RuleError> {
+            list.iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let name = r.name.clone().unwrap_or_else(|| format!("{side}[{i}]"));
+                    let proto = fw::parse_proto(&name, &r.proto)?;
+                    let ports = fw::parse_ports(&name, &r.port)?;
+                    if matches!(proto, fw::Proto::Any | fw::Proto::Icmp) && ports != (0, u16::MAX) {
+                        return Err(fw::RuleError::PortWithoutProto { rule: name });
+                    }
+                    Ok(fw::Rule {
+                        name,
+                        peers: fw::Peers {
+                            groups: r.groups.clone(),
+                            hosts: r.hosts.clone(),
+                            cidr: r.cidr,
+                        },
+                        proto,
+                        ports,
+                    })
+                })
+                .collect()
+        };
+        let inbound = rules(&self.inbound, "inbound")?;
+        let outbound = rules(&self.outbound, "outbound")?;
+        Ok(fw::RuleSet {
+            default_inbound_allow: match &self.default_inbound {
+                Some(t) => fw::parse_default("default_inbound", t)?,
+                None => inbound.is_empty(),
+            },
+            default_outbound_allow: match &self.default_outbound {
+                Some(t) => fw::parse_default("default_outbound", t)?,
+                None => true,
+            },
+            inbound,
+            outbound,
+        })
+    }
 }
 
 fn default_lighthouse_state() -> PathBuf {
@@ -442,6 +528,15 @@ impl Config {
                 "a lighthouse needs a [mesh] section with the fleet's ca and its own cert".into(),
                 "add [mesh] ca = \"/etc/myelin/ca.crt\" and cert = \"/etc/myelin/node.crt\"",
             ));
+        }
+        if let Some(fw) = &config.firewall {
+            if let Err(e) = fw.rule_set() {
+                return Err(invalid(
+                    &["firewall"],
+                    e.to_string(),
+                    "see docs/policy.md for the rule format",
+                ));
+            }
         }
         config.plugins = parse_plugins(&config.plugins_raw).map_err(|(keys, message, hint)| {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();

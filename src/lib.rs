@@ -12,6 +12,7 @@ pub mod logging;
 pub mod mesh;
 pub mod metrics_help;
 pub mod node;
+pub mod policy;
 pub mod tunnel;
 
 // Each compiled-in plugin is referenced here, in one place, so the linker keeps its

@@ -336,6 +336,7 @@ fn peer_spec(body: &[u8]) -> Result<crate::tunnel::PeerSpec, ApiError> {
         endpoint,
         persistent_keepalive: p.persistent_keepalive,
         probe_interval: None,
+        groups: Vec::new(),
     })
 }
 

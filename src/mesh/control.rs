@@ -235,6 +235,7 @@ impl Mesh {
                 endpoint: Some(l.endpoint),
                 persistent_keepalive: Some(MESH_KEEPALIVE),
                 probe_interval: Some(SLOW_PROBE_INTERVAL),
+                groups: Vec::new(),
             }));
         }
         mesh
@@ -319,6 +320,7 @@ impl Mesh {
             persistent_keepalive: Some(MESH_KEEPALIVE),
             probe_interval: (self.config.lighthouse || self.shares_a_group(&node.groups))
                 .then_some(SLOW_PROBE_INTERVAL),
+            groups: node.groups.clone(),
         };
         self.version += 1;
         let previous = self.known.insert(

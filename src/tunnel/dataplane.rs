@@ -268,6 +268,9 @@ fn encapsulate(
         }
         return;
     };
+    if !firewall_allows(shared, packet, peer, false) {
+        return;
+    }
     let Some(to) = peer.endpoint() else { return };
     // Without a session, the packet is queued and a handshake initiation comes out.
     let needed = (packet.len() + OVERHEAD).max(HANDSHAKE_INIT_LEN);
@@ -378,6 +381,7 @@ fn restricted_peer(
         // update with another keepalive would start a fresh `Tunn`).
         persistent_keepalive: Some(crate::mesh::control::MESH_KEEPALIVE),
         probe_interval: None,
+        groups: Vec::new(),
     };
     let key_of = spec.public_key;
     // The mesh may have admitted this key since `table` was loaded: never overwrite a peer.
@@ -781,6 +785,12 @@ fn decapsulate(
                 tracing::debug!(peer = %peer.name, "dropped a packet from {src}, outside its allowed IPs");
                 return false;
             }
+            if !buf
+                .get(off..off + len)
+                .is_some_and(|p| firewall_allows(shared, p, peer, true))
+            {
+                return false;
+            }
             buf.truncate(off + len);
             peer.rx_packets.fetch_add(1, Ordering::Relaxed);
             true
@@ -810,8 +820,68 @@ fn write_tun(shared: &DataPlaneShared, io: &mut TunWriter) {
     }
 }
 
+/// The firewall and when it last logged a drop (at most one line a second).
+pub(crate) struct FirewallState {
+    pub firewall: crate::policy::firewall::Firewall,
+    last_log: Option<Instant>,
+}
+
+impl FirewallState {
+    pub fn new(rules: crate::policy::firewall::RuleSet) -> FirewallState {
+        FirewallState {
+            firewall: crate::policy::firewall::Firewall::new(Arc::new(rules), Instant::now()),
+            last_log: None,
+        }
+    }
+}
+
+/// Whether `[firewall]` lets `packet` through (no firewall: yes). Drops are counted by cause
+/// and logged at most once a second.
+fn firewall_allows(shared: &DataPlaneShared, packet: &[u8], peer: &Peer, inbound: bool) -> bool {
+    let Some(state) = &shared.firewall else {
+        return true;
+    };
+    let Ok(mut state) = state.lock() else {
+        return false;
+    };
+    let now = Instant::now();
+    let identity = crate::policy::firewall::PeerIdentity {
+        name: &peer.name,
+        groups: &peer.spec.groups,
+    };
+    let verdict = if inbound {
+        state.firewall.inbound(packet, &identity, now)
+    } else {
+        state.firewall.outbound(packet, &identity, now)
+    };
+    match verdict {
+        Ok(()) => true,
+        Err(drop) => {
+            metrics::counter!("myelin_firewall_drops_total", "rule" => drop.label()).increment(1);
+            if state
+                .last_log
+                .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1))
+            {
+                state.last_log = Some(now);
+                let s = crate::policy::firewall::summarize(packet);
+                tracing::info!(
+                    peer = %peer.name,
+                    direction = if inbound { "in" } else { "out" },
+                    cause = drop.label(),
+                    "firewall dropped {:?}",
+                    s.map(|s| format!("proto {} {}:{} -> {}:{}", s.proto, s.src, s.sport, s.dst, s.dport))
+                );
+            }
+            false
+        }
+    }
+}
+
 /// Drives boringtun's timers: handshakes, retries, keepalives, session expiry.
 fn timers(shared: &DataPlaneShared, buf: &mut [u8]) {
+    if let Some(Ok(mut state)) = shared.firewall.as_ref().map(|f| f.lock()) {
+        state.firewall.handle_timeout(Instant::now());
+    }
     // The handshake rate is counted per second (the call is a no-op until a second passed).
     shared.handshakes.reset_count();
     let table = shared.table.load();

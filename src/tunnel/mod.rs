@@ -45,6 +45,8 @@ pub enum TunnelError {
         cause: std::io::Error,
         hint: String,
     },
+    #[error("[firewall]: {0}")]
+    Firewall(crate::policy::firewall::RuleError),
     #[error("cannot start the data-plane thread: {cause}\n  fix: the system is out of threads or file descriptors; raise the limits (ulimit -u / -n)")]
     Thread { cause: std::io::Error },
     #[error("cannot open the probe socket on {addr}: {cause}\n  fix: another program holds the probe port {PROBE_PORT} on the overlay address")]
@@ -96,6 +98,8 @@ pub(crate) struct DataPlaneShared {
     pub overlay_v4: Option<std::net::Ipv4Addr>,
     /// Set once a mesh controller runs.
     pub mesh: std::sync::OnceLock<MeshHook>,
+    /// `[firewall]`: only the data-plane thread takes the lock (the API reads through it).
+    pub firewall: Option<Mutex<dataplane::FirewallState>>,
 }
 
 /// Where the data plane hands mesh control messages, and whether a handshake from a key it
@@ -337,6 +341,7 @@ impl Tunnel {
                 endpoint: p.endpoint,
                 persistent_keepalive: p.persistent_keepalive,
                 probe_interval: None,
+                groups: Vec::new(),
             };
             if let Some(next) = table.upsert(&static_private, spec)? {
                 table = next;
@@ -371,6 +376,23 @@ impl Tunnel {
         } else {
             Some(guard::OverlayGuard::install(&name, &config.node.address)?)
         };
+        let firewall = match &config.firewall {
+            None => None,
+            Some(section) => {
+                let rules = section.rule_set().map_err(TunnelError::Firewall)?;
+                tracing::info!(
+                    inbound = rules.inbound.len(),
+                    outbound = rules.outbound.len(),
+                    default_inbound = if rules.default_inbound_allow {
+                        "allow"
+                    } else {
+                        "deny"
+                    },
+                    "firewall on"
+                );
+                Some(Mutex::new(dataplane::FirewallState::new(rules)))
+            }
+        };
         let shared = Arc::new(DataPlaneShared {
             table: ArcSwap::from_pointee(table),
             table_writer: Mutex::new(()),
@@ -390,6 +412,7 @@ impl Tunnel {
                 IpNet::V6(_) => None,
             }),
             mesh: std::sync::OnceLock::new(),
+            firewall,
         });
         let dataplane = spawn_dataplane(&shared).map_err(|cause| TunnelError::Thread { cause })?;
         tracing::info!(

@@ -40,6 +40,9 @@ pub struct PeerSpec {
     /// Probe this peer less often than `[probe].interval_ms` (a lighthouse: its RTT guards
     /// nothing, and every probe costs both ends a wake-up).
     pub probe_interval: Option<std::time::Duration>,
+    /// The groups its certificate grants (mesh members); the firewall matches them. Static
+    /// peers have none.
+    pub groups: Vec<String>,
 }
 
 /// One peer and its live state.
@@ -277,6 +280,7 @@ mod tests {
             endpoint: None,
             persistent_keepalive: None,
             probe_interval: None,
+            groups: Vec::new(),
         }
     }
 

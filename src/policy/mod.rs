@@ -1,0 +1,3 @@
+//! Policy: who may reach what over the tunnel.
+
+pub mod firewall;

@@ -1,0 +1,90 @@
+//! The group firewall end to end, on a mesh-formed fleet (certificates + lighthouse): robots
+//! take SSH (TCP 22) from operators only; replies to what a robot opens itself come back; the
+//! refused are counted.
+
+mod common;
+
+use common::Node;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+const ROBOT_FIREWALL: &str = "[firewall]\ndefault_inbound = \"deny\"\n[[firewall.inbound]]\nname = \"ssh-from-operators\"\ngroups = [\"operators\"]\nproto = \"tcp\"\nport = \"22\"\n[[firewall.inbound]]\nproto = \"icmp\"\n";
+
+/// A TCP listener on `port` inside `ns` that answers every connection with one line.
+fn listen(ns: &common::Netns, port: u16) {
+    let listener = ns.enter(move || TcpListener::bind(("0.0.0.0", port)).expect("bind"));
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.write_all(b"hello\n");
+        }
+    });
+}
+
+/// Connects from `ns` to `to` and reads the greeting; the error if it does not come.
+fn greeting(ns: &common::Netns, to: &str) -> std::io::Result<String> {
+    let to: SocketAddr = to.parse().expect("address");
+    ns.enter(move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut line = String::new();
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf)?;
+        line.push_str(&String::from_utf8_lossy(&buf[..n]));
+        Ok(line)
+    })
+}
+
+#[test]
+fn robots_take_ssh_from_operators_only() {
+    let mut mesh = common::mesh_formed_fleet("fw", &["operator", "robot1", "robot2"], "10.89.0");
+    for spec in mesh.specs.iter_mut().skip(1) {
+        spec.rest.push_str(ROBOT_FIREWALL);
+    }
+    let nodes: Vec<Node> = mesh
+        .specs
+        .iter()
+        .zip(&mesh.fleet.nodes)
+        .map(|(spec, ns)| Node::start_spec(ns.clone(), spec, ""))
+        .collect();
+    let ns = |i: usize| &mesh.fleet.nodes[i];
+    let long = Duration::from_secs(30);
+    // ICMP is allowed everywhere: the mesh is up when pings pass.
+    common::ping_until(ns(0), "10.89.0.2", long);
+    common::ping_until(ns(0), "10.89.0.3", long);
+    common::ping_until(ns(2), "10.89.0.2", long);
+    listen(ns(1), 22);
+    listen(ns(1), 8080);
+    listen(ns(0), 9000);
+
+    // The operator opens SSH on robot1, and robot1's answer flows back.
+    assert_eq!(
+        greeting(ns(0), "10.89.0.2:22").expect("operator -> robot1:22"),
+        "hello\n"
+    );
+    // robot2 (group robots) may not, and neither may the operator reach another port.
+    let refused = greeting(ns(2), "10.89.0.2:22");
+    assert!(refused.is_err(), "robot2 reached robot1's SSH: {refused:?}");
+    assert!(
+        greeting(ns(0), "10.89.0.2:8080").is_err(),
+        "port 8080 is not allowed"
+    );
+    // What robot1 opens itself (to the operator, which has no firewall) gets its replies.
+    assert_eq!(
+        greeting(ns(1), "10.89.0.1:9000").expect("robot1 -> operator:9000"),
+        "hello\n"
+    );
+
+    let metrics = nodes[1].metrics();
+    let drops: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("myelin_firewall_drops_total{rule=\"default_inbound\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(drops >= 2.0, "drops counted: {drops}\n{metrics}");
+    assert!(
+        nodes[1].log().contains("firewall dropped"),
+        "the drop is logged:\n{}",
+        nodes[1].log()
+    );
+}
