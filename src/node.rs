@@ -213,7 +213,13 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         "control API listening on http://{api_addr}"
     );
 
+    let reload_task = tokio::spawn(reload_on_sighup(
+        config_path.to_path_buf(),
+        tunnel.peer_control(),
+        shutdown.clone(),
+    ));
     wait_for_signal().await?;
+    reload_task.abort();
     tracing::info!("stopping: plugins in reverse start order, then the control API and the tunnel");
     host.shutdown().await;
     shutdown.cancel();
@@ -245,6 +251,43 @@ fn load_token(path: &Path) -> anyhow::Result<Arc<str>> {
         );
     }
     Ok(Arc::from(token))
+}
+
+/// On SIGHUP, reads the config again and applies its `[firewall]` rules (established flows
+/// stay); a broken config changes nothing and says why.
+async fn reload_on_sighup(
+    path: std::path::PathBuf,
+    peers: crate::tunnel::PeerControl,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler: firewall rules reload only on restart");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        let rules = Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| match c.firewall {
+                Some(f) => f.rule_set().map_err(|e| e.to_string()),
+                None => Err("[firewall] was removed; a node started with a firewall keeps one until restarted".into()),
+            });
+        match rules {
+            Ok(rules) => {
+                let (i, o) = (rules.inbound.len(), rules.outbound.len());
+                if peers.set_firewall_rules(rules) {
+                    tracing::info!(inbound = i, outbound = o, "SIGHUP: firewall rules reloaded");
+                } else {
+                    tracing::warn!("SIGHUP: this node started without [firewall]; restart it to turn the firewall on");
+                }
+            }
+            Err(e) => tracing::warn!("SIGHUP: firewall rules not reloaded: {e}"),
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -5,18 +5,28 @@
 mod common;
 
 use common::Node;
+use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 const ROBOT_FIREWALL: &str = "[firewall]\ndefault_inbound = \"deny\"\n[[firewall.inbound]]\nname = \"ssh-from-operators\"\ngroups = [\"operators\"]\nproto = \"tcp\"\nport = \"22\"\n[[firewall.inbound]]\nproto = \"icmp\"\n";
 
-/// A TCP listener on `port` inside `ns` that answers every connection with one line.
+/// A TCP listener on `port` inside `ns` that greets every connection with one line, then
+/// echoes what it reads.
 fn listen(ns: &common::Netns, port: u16) {
     let listener = ns.enter(move || TcpListener::bind(("0.0.0.0", port)).expect("bind"));
     std::thread::spawn(move || {
         for mut conn in listener.incoming().flatten() {
-            let _ = conn.write_all(b"hello\n");
+            std::thread::spawn(move || {
+                let _ = conn.write_all(b"hello\n");
+                let mut buf = [0u8; 64];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
         }
     });
 }
@@ -86,5 +96,68 @@ fn robots_take_ssh_from_operators_only() {
         nodes[1].log().contains("firewall dropped"),
         "the drop is logged:\n{}",
         nodes[1].log()
+    );
+    let status = nodes[1].get("/api/v1/firewall");
+    assert_eq!(status["enabled"], true, "{status}");
+    assert_eq!(
+        status["firewall"]["rules"]["inbound"][0]["name"],
+        "ssh-from-operators"
+    );
+    assert!(
+        status["firewall"]["drops"]["default_inbound"].as_u64() >= Some(2),
+        "{status}"
+    );
+    let shown = ns(1)
+        .command(common::BIN)
+        .args(["firewall", "--api", &nodes[1].api.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("default inbound deny")
+            && text.contains("ssh-from-operators")
+            && text.contains("port 22"),
+        "{text}"
+    );
+
+    // An SSH session stays open across a reload that also opens 8080 to operators.
+    let to: SocketAddr = "10.89.0.2:22".parse().unwrap();
+    let mut session = ns(0).enter(move || {
+        let s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).expect("ssh session");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    });
+    let mut buf = [0u8; 6];
+    session.read_exact(&mut buf).unwrap();
+    let config = std::fs::read_to_string(&nodes[1].config).unwrap();
+    std::fs::write(
+        &nodes[1].config,
+        config.replace(
+            "[[firewall.inbound]]\nproto = \"icmp\"\n",
+            "[[firewall.inbound]]\nproto = \"icmp\"\n[[firewall.inbound]]\nname = \"web\"\ngroups = [\"operators\"]\nproto = \"tcp\"\nport = \"8000-8100\"\n",
+        ),
+    )
+    .unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(nodes[1].pid(), libc::SIGHUP) };
+    nodes[1].poll(
+        "the reloaded rules",
+        Duration::from_secs(10),
+        || nodes[1].get("/api/v1/firewall"),
+        |v: &Value| v["firewall"]["rules"]["inbound"].as_array().map(Vec::len) == Some(3),
+    );
+    assert_eq!(
+        greeting(ns(0), "10.89.0.2:8080").expect("8080 after reload"),
+        "hello\n"
+    );
+    session.write_all(b"still\n").unwrap();
+    let mut echo = [0u8; 6];
+    session
+        .read_exact(&mut echo)
+        .expect("the session survives the reload");
+    assert_eq!(&echo, b"still\n");
+    assert!(
+        greeting(ns(2), "10.89.0.2:8080").is_err(),
+        "robots still may not"
     );
 }

@@ -222,6 +222,7 @@ fn api_routes(state: Arc<ApiState>) -> Router {
         .route("/api/v1/peers", get(peers).post(add_peer))
         .route("/api/v1/peers/{name}", axum::routing::delete(remove_peer))
         .route("/api/v1/members", get(members))
+        .route("/api/v1/firewall", get(firewall))
         .route("/api/v1/plugins", get(plugins))
         .route("/api/v1/plugins/{name}", get(plugin))
         .route("/api/v1/plugins/{name}/{action}", post(plugin_action))
@@ -374,6 +375,13 @@ async fn remove_peer(
 
 async fn members(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {
     Json(json!({ "members": *s.members.borrow() }))
+}
+
+async fn firewall(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {
+    Json(match s.peers.firewall_status() {
+        Some(v) => json!({ "enabled": true, "firewall": v }),
+        None => json!({ "enabled": false }),
+    })
 }
 
 async fn plugins(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {

@@ -34,6 +34,7 @@ pub enum Command {
     Status(StatusArgs),
     Peers(PeersArgs),
     Members(MembersArgs),
+    Firewall(FirewallArgs),
     Plugins(PluginsArgs),
     Safety(SafetyArgs),
     Version(VersionArgs),
@@ -354,6 +355,21 @@ pub struct StatusArgs {
 }
 
 #[derive(FromArgs)]
+/// Show the firewall: its rules, the flows it tracks, and what it dropped and why.
+#[argh(subcommand, name = "firewall")]
+pub struct FirewallArgs {
+    #[argh(option)]
+    /// control API address (default: $MYELIN_API, the config's [control].listen, or 127.0.0.1:7800)
+    pub api: Option<String>,
+    #[argh(option)]
+    /// read the control API address from this config file
+    pub config: Option<PathBuf>,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
 /// List the mesh members this node knows: name, addresses, groups, where it learned them.
 #[argh(subcommand, name = "members")]
 pub struct MembersArgs {
@@ -445,7 +461,7 @@ pub use init::init;
 pub use join::join;
 pub use keygen::{keygen, pubkey};
 pub use lab_command::lab;
-pub use remote::{members, peers, plugins, status};
+pub use remote::{firewall, members, peers, plugins, status};
 pub use safety::safety;
 
 pub fn version(args: &VersionArgs) -> anyhow::Result<()> {

@@ -113,6 +113,66 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub async fn firewall(args: &super::FirewallArgs) -> anyhow::Result<()> {
+    let addr = api_addr(&args.api, &args.config)?;
+    let v = request(addr, "GET", "/api/v1/firewall").await?;
+    if args.json {
+        return print_json(&v);
+    }
+    if v["enabled"] != true {
+        println!("no firewall: every peer may reach every port (add a [firewall] section; see docs/policy.md)");
+        return Ok(());
+    }
+    let f = &v["firewall"];
+    let rules = &f["rules"];
+    let default = |allow: &Value| if allow == true { "allow" } else { "deny" };
+    println!(
+        "default inbound {}, outbound {}; {} flows tracked",
+        default(&rules["default_inbound_allow"]),
+        default(&rules["default_outbound_allow"]),
+        f["flows"]
+    );
+    for side in ["inbound", "outbound"] {
+        for r in rules[side].as_array().cloned().unwrap_or_default() {
+            let peers = &r["peers"];
+            let mut who = Vec::new();
+            for key in ["groups", "hosts"] {
+                if let Some(list) = peers[key].as_array().filter(|l| !l.is_empty()) {
+                    let names: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
+                    who.push(format!("{key} {}", names.join(",")));
+                }
+            }
+            if let Some(c) = peers["cidr"].as_str() {
+                who.push(format!("cidr {c}"));
+            }
+            let ports = match (r["ports"][0].as_u64(), r["ports"][1].as_u64()) {
+                (Some(0), Some(65535)) | (None, _) | (_, None) => "any".to_string(),
+                (Some(a), Some(b)) if a == b => a.to_string(),
+                (Some(a), Some(b)) => format!("{a}-{b}"),
+            };
+            println!(
+                "  {side:<8} allow {:<22} {} port {ports}  from {}",
+                r["name"].as_str().unwrap_or("?"),
+                r["proto"].as_str().unwrap_or("?"),
+                if who.is_empty() {
+                    "any peer".into()
+                } else {
+                    who.join("; ")
+                }
+            );
+        }
+    }
+    match f["drops"].as_object().filter(|d| !d.is_empty()) {
+        None => println!("nothing dropped"),
+        Some(drops) => {
+            for (cause, n) in drops {
+                println!("  dropped {n} ({cause})");
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn members(args: &MembersArgs) -> anyhow::Result<()> {
     let addr = api_addr(&args.api, &args.config)?;
     let v = request(addr, "GET", "/api/v1/members").await?;

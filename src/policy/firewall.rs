@@ -23,7 +23,8 @@ const UDP: u8 = 17;
 const ICMP: u8 = 1;
 const ICMPV6: u8 = 58;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Proto {
     Any,
     Tcp,
@@ -43,7 +44,7 @@ impl Proto {
 }
 
 /// Which peers a rule is about: all that are set must hold; none set means any peer.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Peers {
     /// The peer's certificate carries one of these groups.
     pub groups: Vec<String>,
@@ -53,7 +54,7 @@ pub struct Peers {
     pub cidr: Option<IpNet>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Rule {
     /// How drops and matches are counted and shown: `inbound[0]`, or the rule's own name.
     pub name: String,
@@ -63,7 +64,7 @@ pub struct Rule {
     pub ports: (u16, u16),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct RuleSet {
     pub default_inbound_allow: bool,
     pub default_outbound_allow: bool,

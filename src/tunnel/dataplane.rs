@@ -824,6 +824,8 @@ fn write_tun(shared: &DataPlaneShared, io: &mut TunWriter) {
 pub(crate) struct FirewallState {
     pub firewall: crate::policy::firewall::Firewall,
     last_log: Option<Instant>,
+    /// Drops by cause, for `myelin firewall`.
+    pub drops: std::collections::BTreeMap<&'static str, u64>,
 }
 
 impl FirewallState {
@@ -831,6 +833,7 @@ impl FirewallState {
         FirewallState {
             firewall: crate::policy::firewall::Firewall::new(Arc::new(rules), Instant::now()),
             last_log: None,
+            drops: Default::default(),
         }
     }
 }
@@ -858,6 +861,7 @@ fn firewall_allows(shared: &DataPlaneShared, packet: &[u8], peer: &Peer, inbound
         Ok(()) => true,
         Err(drop) => {
             metrics::counter!("myelin_firewall_drops_total", "rule" => drop.label()).increment(1);
+            *state.drops.entry(drop.label()).or_default() += 1;
             if state
                 .last_log
                 .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1))

@@ -194,6 +194,28 @@ impl PeerControl {
             .map(|()| MeshReceivers { control, misses })
     }
 
+    /// The firewall's rules, tracked flows and drops by cause; `None` without `[firewall]`.
+    pub fn firewall_status(&self) -> Option<serde_json::Value> {
+        let state = self.0.firewall.as_ref()?.lock().ok()?;
+        Some(serde_json::json!({
+            "rules": **state.firewall.rules(),
+            "flows": state.firewall.flows(),
+            "drops": state.drops,
+        }))
+    }
+
+    /// Replaces the firewall's rules; established flows stay. False without `[firewall]` at
+    /// start (turning it on needs a restart: the data plane was built without it).
+    pub fn set_firewall_rules(&self, rules: crate::policy::firewall::RuleSet) -> bool {
+        match self.0.firewall.as_ref().map(|f| f.lock()) {
+            Some(Ok(mut state)) => {
+                state.firewall.set_rules(Arc::new(rules));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Starts a fresh handshake with the peer with key `to` (its side lost the session).
     pub fn rehandshake(&self, to: &[u8; 32]) -> bool {
         let table = self.0.table.load();
