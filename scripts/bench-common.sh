@@ -65,7 +65,7 @@ add_path() { # label kind [binary]
       local prog=wireguard-go
       [ "$kind" = boringtun-cli ] && prog=$(command -v boringtun-cli)
       start_wg "$prog" "$a" "$b" "bn${i}a$$" "bn${i}b$$" "$WORK/a$i.key" "$WORK/b$i.key" "$pa" "$pb" ;;
-    myelin)
+    myelin|myelin-fw)
       local side me addr peer pk ep pa_
       for side in a b; do
         if [ $side = a ]; then me=alpha addr=10.77.0.1 peer=beta pk=$pb ep=10.201.0.2 pa_=10.77.0.2
@@ -83,6 +83,19 @@ public_key = "$pk"
 endpoint = "$ep:51820"
 allowed_ips = ["$pa_/32"]
 EOF
+        # 20 inbound rules, as a fleet's policy might have: 18 that match other peers or
+        # ports, then ICMP and the iperf3 port.
+        if [ "$kind" = myelin-fw ]; then
+          {
+            echo '[firewall]'
+            echo 'default_inbound = "deny"'
+            for r in $(seq 1 18); do
+              printf '[[firewall.inbound]]\ngroups = ["group%s"]\nproto = "tcp"\nport = "%s"\n' "$r" $((6000 + r))
+            done
+            printf '[[firewall.inbound]]\nproto = "icmp"\n'
+            printf '[[firewall.inbound]]\nhosts = ["%s"]\nproto = "tcp"\nport = "5201"\n' "$peer"
+          } >>"$WORK/$side$i.toml"
+        fi
       done
       ip netns exec "$a" "$bin" --log-level warn up --config "$WORK/a$i.toml" >/dev/null 2>&1 & disown
       ip netns exec "$b" "$bin" --log-level warn up --config "$WORK/b$i.toml" >/dev/null 2>&1 & disown

@@ -2,7 +2,10 @@
 # Tunnel throughput and latency, Myelin against baselines measured in the same run: raw veth,
 # boringtun-cli 0.7.1, Debian's wireguard-go, and Myelin (release build).
 #
-#   scripts/bench-tunnel.sh [ROUNDS (default 3)] [DURATION seconds (default 10)]
+#   scripts/bench-tunnel.sh [ROUNDS (default 3)] [DURATION seconds (default 10)] [--firewall]
+#
+# --firewall adds a fifth path: Myelin with a 20-rule [firewall] on both ends (the cost of the
+# policy; compare with the plain Myelin path of the same run).
 #
 # Every path is up for the whole run, each in its own pair of network namespaces joined by a
 # veth. Per round: iperf3 TCP for DURATION seconds on each path in turn (CPU of the tunnel
@@ -18,6 +21,7 @@ DURATION=${2:-10}
 WORK=$(mktemp -d)
 trap cleanup_paths EXIT
 add_baseline_paths
+if [ "${3:-}" = --firewall ]; then add_path myelin-fw myelin-fw "$MYELIN"; fi
 
 cpu_ticks() { # label: total utime+stime of the path's processes, except iperf3
   local t=0 ns pid
@@ -66,7 +70,7 @@ for line in open(sys.argv[1]):
 print("\nmedians:")
 print(f"  {'path':<14} {'Mbit/s':>8} {'rtt p50 ms':>11} {'rtt mean ms':>12} {'cpu s/s':>8}")
 med = {}
-for name in ["raw-veth", "boringtun-cli", "wireguard-go", "myelin"]:
+for name in ["raw-veth", "boringtun-cli", "wireguard-go", "myelin", "myelin-fw"]:
     r = rows.get(name, [])
     if not r:
         continue
@@ -76,6 +80,9 @@ for name in ["raw-veth", "boringtun-cli", "wireguard-go", "myelin"]:
 if "myelin" in med and "boringtun-cli" in med:
     print(f"\nmyelin / boringtun-cli: throughput {med['myelin'][0] / med['boringtun-cli'][0]:.2f}x, "
           f"rtt p50 {med['myelin'][1] / med['boringtun-cli'][1]:.2f}x, rtt mean {med['myelin'][3] / med['boringtun-cli'][3]:.2f}x")
+if "myelin" in med and "myelin-fw" in med:
+    print(f"myelin with 20 firewall rules / without: throughput {med['myelin-fw'][0] / med['myelin'][0]:.3f}x, "
+          f"rtt p50 {med['myelin-fw'][1] / med['myelin'][1]:.2f}x")
 if "myelin" in med and "wireguard-go" in med:
     print(f"myelin / wireguard-go:  throughput {med['myelin'][0] / med['wireguard-go'][0]:.2f}x")
 EOF
