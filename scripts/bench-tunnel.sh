@@ -22,6 +22,9 @@ WORK=$(mktemp -d)
 trap cleanup_paths EXIT
 add_baseline_paths
 if [ "${3:-}" = --firewall ]; then add_path myelin-fw myelin-fw "$MYELIN"; fi
+# Another Myelin build in the same run (e.g. an older commit, to tell a regression from the
+# machine): MYELIN_BASELINE=/path/to/myelin scripts/bench-tunnel.sh
+if [ -n "${MYELIN_BASELINE:-}" ]; then add_path myelin-base myelin "$MYELIN_BASELINE"; fi
 
 cpu_ticks() { # label: total utime+stime of the path's processes, except iperf3
   local t=0 ns pid
@@ -70,7 +73,7 @@ for line in open(sys.argv[1]):
 print("\nmedians:")
 print(f"  {'path':<14} {'Mbit/s':>8} {'rtt p50 ms':>11} {'rtt mean ms':>12} {'cpu s/s':>8}")
 med = {}
-for name in ["raw-veth", "boringtun-cli", "wireguard-go", "myelin", "myelin-fw"]:
+for name in ["raw-veth", "boringtun-cli", "wireguard-go", "myelin", "myelin-fw", "myelin-base"]:
     r = rows.get(name, [])
     if not r:
         continue
@@ -83,6 +86,9 @@ if "myelin" in med and "boringtun-cli" in med:
 if "myelin" in med and "myelin-fw" in med:
     print(f"myelin with 20 firewall rules / without: throughput {med['myelin-fw'][0] / med['myelin'][0]:.3f}x, "
           f"rtt p50 {med['myelin-fw'][1] / med['myelin'][1]:.2f}x")
+if "myelin" in med and "myelin-base" in med:
+    print(f"myelin / myelin-base (MYELIN_BASELINE): throughput {med['myelin'][0] / med['myelin-base'][0]:.3f}x, "
+          f"rtt p50 {med['myelin'][1] / med['myelin-base'][1]:.2f}x")
 if "myelin" in med and "wireguard-go" in med:
     print(f"myelin / wireguard-go:  throughput {med['myelin'][0] / med['wireguard-go'][0]:.2f}x")
 EOF
