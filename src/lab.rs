@@ -415,6 +415,10 @@ fn overlay(n: usize) -> [String; 2] {
     [format!("10.77.0.{n}/16"), format!("fd77::{n}/64")]
 }
 
+/// The lab robots' policy (docs/policy.md): operators reach everything; other robots reach
+/// everything but SSH (TCP 22), so a newcomer sees a working policy with `myelin firewall`.
+const ROBOT_FIREWALL: &str = "[firewall]\ndefault_inbound = \"deny\"\n\n[[firewall.inbound]]\nname = \"operators\"\ngroups = [\"operators\"]\n\n[[firewall.inbound]]\nname = \"robots-but-ssh-low\"\ngroups = [\"robots\"]\nproto = \"tcp\"\nport = \"1-21\"\n\n[[firewall.inbound]]\nname = \"robots-but-ssh-high\"\ngroups = [\"robots\"]\nproto = \"tcp\"\nport = \"23-65535\"\n\n[[firewall.inbound]]\nname = \"robots-udp\"\ngroups = [\"robots\"]\nproto = \"udp\"\n\n[[firewall.inbound]]\nname = \"ping\"\nproto = \"icmp\"\n";
+
 fn control_section(api: &str, token_file: &Path) -> String {
     format!(
         "[control]\nlisten = \"127.0.0.1:7800\"\nremote_listen = \"{api}\"\ntoken_file = \"{}\"\n",
@@ -583,8 +587,13 @@ fn build(
         let [v4, v6] = overlay(n);
         // `join` wrote the key, the certificates and a config; the lab's config adds the
         // remote API and every plugin's lab section.
+        let firewall = if name == "operator" {
+            ""
+        } else {
+            ROBOT_FIREWALL
+        };
         let config = format!(
-            "# Made by `myelin lab up` after `myelin join`.\n[node]\nname = \"{name}\"\nprivate_key_file = \"{d}/private.key\"\naddress = [\"{v4}\", \"{v6}\"]\n\n{control}\n[mesh]\nca = \"{d}/ca.crt\"\ncert = \"{d}/node.crt\"\ntalk_to = [\"operators\", \"robots\"]\nlighthouses = [{{ name = \"lighthouse\", endpoint = \"{}\", public_key = \"{}\", overlay = \"{}\" }}]\n\n[plugins]\nruntime_dir = \"{d}/run\"\nstate_dir = \"{d}/state\"\n{plugins}",
+            "# Made by `myelin lab up` after `myelin join`.\n[node]\nname = \"{name}\"\nprivate_key_file = \"{d}/private.key\"\naddress = [\"{v4}\", \"{v6}\"]\n\n{control}\n{firewall}\n[mesh]\nca = \"{d}/ca.crt\"\ncert = \"{d}/node.crt\"\ntalk_to = [\"operators\", \"robots\"]\nlighthouses = [{{ name = \"lighthouse\", endpoint = \"{}\", public_key = \"{}\", overlay = \"{}\" }}]\n\n[plugins]\nruntime_dir = \"{d}/run\"\nstate_dir = \"{d}/state\"\n{plugins}",
             lighthouse_ref.endpoint,
             crate::keys::PublicKey(lighthouse_ref.public_key),
             lighthouse_ref.overlay,

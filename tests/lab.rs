@@ -240,6 +240,16 @@ fn lab_up_meshes_three_nodes_and_ctrl_c_removes_everything() {
             String::from_utf8_lossy(&ping.stdout)
         );
     }
+    // Robots carry the lab's policy: operators reach everything, robots all but SSH.
+    let policy = common::lab_command()
+        .args(["lab", "exec", "--dir", &d, "robot1", "--", BIN, "firewall"])
+        .output()
+        .unwrap();
+    let policy = String::from_utf8_lossy(&policy.stdout);
+    assert!(
+        policy.contains("default inbound deny") && policy.contains("robots-but-ssh-low"),
+        "{policy}"
+    );
     let failing = common::lab_command()
         .args(["lab", "exec", "--dir", &d, "robot1", "--", "false"])
         .status()
