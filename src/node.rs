@@ -183,6 +183,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         peers: tunnel.peer_control(),
         members: members_rx,
         event_streams: Default::default(),
+        config_path: config_path.to_path_buf(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let api_stop = shutdown.clone();
@@ -270,24 +271,33 @@ async fn reload_on_sighup(
             _ = stop.cancelled() => return,
             got = hup.recv() => if got.is_none() { return },
         }
-        let rules = Config::load(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|c| match c.firewall {
-                Some(f) => f.rule_set().map_err(|e| e.to_string()),
-                None => Err("[firewall] was removed; a node started with a firewall keeps one until restarted".into()),
-            });
-        match rules {
-            Ok(rules) => {
-                let (i, o) = (rules.inbound.len(), rules.outbound.len());
-                if peers.set_firewall_rules(rules) {
-                    tracing::info!(inbound = i, outbound = o, "SIGHUP: firewall rules reloaded");
-                } else {
-                    tracing::warn!("SIGHUP: this node started without [firewall]; restart it to turn the firewall on");
-                }
+        match reload_firewall(&path, &peers) {
+            Ok((i, o)) => {
+                tracing::info!(inbound = i, outbound = o, "SIGHUP: firewall rules reloaded")
             }
             Err(e) => tracing::warn!("SIGHUP: firewall rules not reloaded: {e}"),
         }
     }
+}
+
+/// Reads `[firewall]` from the config at `path` again and applies it (established flows stay).
+/// Returns the inbound and outbound rule counts, or why nothing changed.
+pub(crate) fn reload_firewall(
+    path: &Path,
+    peers: &crate::tunnel::PeerControl,
+) -> Result<(usize, usize), String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let Some(section) = config.firewall else {
+        return Err("[firewall] was removed from the config; a node started with a firewall keeps one until it restarts".into());
+    };
+    let rules = section.rule_set().map_err(|e| e.to_string())?;
+    let counts = (rules.inbound.len(), rules.outbound.len());
+    if !peers.set_firewall_rules(rules) {
+        return Err(
+            "this node started without [firewall]; restart it to turn the firewall on".into(),
+        );
+    }
+    Ok(counts)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

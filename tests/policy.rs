@@ -160,4 +160,38 @@ fn robots_take_ssh_from_operators_only() {
         greeting(ns(2), "10.89.0.2:8080").is_err(),
         "robots still may not"
     );
+
+    // A broken config changes nothing and says why; the API reload applies a good one.
+    std::fs::write(
+        &nodes[1].config,
+        config.replace("port = \"22\"", "port = \"22-\""),
+    )
+    .unwrap();
+    let (code, answer) = nodes[1].call("POST", "/api/v1/firewall/reload");
+    assert_eq!(code, 409, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ssh-from-operators"),
+        "{answer}"
+    );
+    assert_eq!(
+        nodes[1].get("/api/v1/firewall")["firewall"]["rules"]["inbound"]
+            .as_array()
+            .map(Vec::len),
+        Some(3),
+        "the rules in force stay"
+    );
+    std::fs::write(&nodes[1].config, &config).unwrap();
+    let (code, answer) = nodes[1].call("POST", "/api/v1/firewall/reload");
+    assert_eq!(
+        (code, answer["inbound"].as_u64()),
+        (200, Some(2)),
+        "{answer}"
+    );
+    assert!(
+        greeting(ns(0), "10.89.0.2:8080").is_err(),
+        "8080 is closed again"
+    );
 }

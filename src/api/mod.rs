@@ -30,6 +30,8 @@ pub struct ApiState {
     pub members: watch::Receiver<Vec<crate::mesh::control::MemberView>>,
     /// Open `/api/v1/events` streams (capped at `events::MAX_STREAMS`).
     pub event_streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// The config file, read again by `POST /api/v1/firewall/reload`.
+    pub config_path: std::path::PathBuf,
 }
 
 /// What `status` shows about the data plane.
@@ -223,6 +225,7 @@ fn api_routes(state: Arc<ApiState>) -> Router {
         .route("/api/v1/peers/{name}", axum::routing::delete(remove_peer))
         .route("/api/v1/members", get(members))
         .route("/api/v1/firewall", get(firewall))
+        .route("/api/v1/firewall/reload", post(reload_firewall))
         .route("/api/v1/plugins", get(plugins))
         .route("/api/v1/plugins/{name}", get(plugin))
         .route("/api/v1/plugins/{name}/{action}", post(plugin_action))
@@ -382,6 +385,23 @@ async fn firewall(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {
         Some(v) => json!({ "enabled": true, "firewall": v }),
         None => json!({ "enabled": false }),
     })
+}
+
+/// Reads the config again and applies its `[firewall]` rules, as SIGHUP does.
+async fn reload_firewall(State(s): State<Arc<ApiState>>) -> Response {
+    match crate::node::reload_firewall(&s.config_path, &s.peers) {
+        Ok((inbound, outbound)) => Json(json!({
+            "reloaded": true,
+            "inbound": inbound,
+            "outbound": outbound,
+        }))
+        .into_response(),
+        Err(error) => (
+            axum::http::StatusCode::CONFLICT,
+            Json(json!({ "error": error })),
+        )
+            .into_response(),
+    }
 }
 
 async fn plugins(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {

@@ -358,6 +358,9 @@ pub struct StatusArgs {
 /// Show the firewall: its rules, the flows it tracks, and what it dropped and why.
 #[argh(subcommand, name = "firewall")]
 pub struct FirewallArgs {
+    /// read the config again and apply its [firewall] rules first (as SIGHUP does)
+    #[argh(switch)]
+    pub reload: bool,
     #[argh(option)]
     /// control API address (default: $MYELIN_API, the config's [control].listen, or 127.0.0.1:7800)
     pub api: Option<String>,

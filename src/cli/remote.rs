@@ -115,6 +115,15 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
 
 pub async fn firewall(args: &super::FirewallArgs) -> anyhow::Result<()> {
     let addr = api_addr(&args.api, &args.config)?;
+    if args.reload {
+        let r = request(addr, "POST", "/api/v1/firewall/reload").await?;
+        if !args.json {
+            println!(
+                "reloaded: {} inbound and {} outbound rules",
+                r["inbound"], r["outbound"]
+            );
+        }
+    }
     let v = request(addr, "GET", "/api/v1/firewall").await?;
     if args.json {
         return print_json(&v);
