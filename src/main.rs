@@ -43,6 +43,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Peers(a) => runtime()?.block_on(cli::peers(a)),
         Command::Members(a) => runtime()?.block_on(cli::members(a)),
         Command::Firewall(a) => runtime()?.block_on(cli::firewall(a)),
+        Command::Whois(a) => runtime()?.block_on(cli::whois(a)),
         Command::Plugins(a) => runtime()?.block_on(cli::plugins(a)),
         Command::Safety(a) => runtime()?.block_on(cli::safety(a)),
         Command::Lab(a) => runtime()?.block_on(cli::lab(a)),

@@ -194,4 +194,22 @@ fn robots_take_ssh_from_operators_only() {
         greeting(ns(0), "10.89.0.2:8080").is_err(),
         "8080 is closed again"
     );
+
+    // Who is behind an overlay address, as the operator's node knows it.
+    let who = nodes[0].get("/api/v1/whois/10.89.0.2");
+    assert_eq!(who["name"], "robot1", "{who}");
+    assert_eq!(who["groups"], serde_json::json!(["robots"]), "{who}");
+    assert!(who["certificate"]["fingerprint"].is_string(), "{who}");
+    assert_eq!(nodes[0].call("GET", "/api/v1/whois/10.89.0.77").0, 404);
+    assert_eq!(nodes[0].call("GET", "/api/v1/whois/robot1").0, 400);
+    let shown = ns(0)
+        .command(common::BIN)
+        .args(["whois", "10.89.0.2", "--api", &nodes[0].api.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("10.89.0.2 is robot1") && text.contains("groups [robots]"),
+        "{text}"
+    );
 }

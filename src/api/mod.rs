@@ -225,6 +225,7 @@ fn api_routes(state: Arc<ApiState>) -> Router {
         .route("/api/v1/peers/{name}", axum::routing::delete(remove_peer))
         .route("/api/v1/members", get(members))
         .route("/api/v1/firewall", get(firewall))
+        .route("/api/v1/whois/{addr}", get(whois))
         .route("/api/v1/firewall/reload", post(reload_firewall))
         .route("/api/v1/plugins", get(plugins))
         .route("/api/v1/plugins/{name}", get(plugin))
@@ -385,6 +386,47 @@ async fn firewall(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {
         Some(v) => json!({ "enabled": true, "firewall": v }),
         None => json!({ "enabled": false }),
     })
+}
+
+/// Who holds an overlay address: the peer whose allowed IPs route it, with the identity its
+/// certificate gives it (mesh members) or none (static peers).
+async fn whois(
+    State(s): State<Arc<ApiState>>,
+    Path(addr): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let ip: std::net::IpAddr = addr.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("`{addr}` is not an IP address"),
+            "ask for an overlay address, e.g. /api/v1/whois/10.77.0.2",
+        )
+    })?;
+    let table = s.peers.table();
+    let Some(peer) = table.route(ip).and_then(|slot| table.get(slot)) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no peer holds {ip}"),
+            "`myelin peers` lists the peers and their overlay addresses",
+        ));
+    };
+    let member = s
+        .members
+        .borrow()
+        .iter()
+        .find(|m| m.public_key == peer.public_key)
+        .cloned();
+    Ok(Json(json!({
+        "address": ip,
+        "name": peer.name,
+        "public_key": peer.public_key,
+        "overlay_ips": peer.allowed_ips,
+        "groups": peer.spec.groups,
+        "certificate": member.as_ref().map(|m| json!({
+            "fingerprint": m.fingerprint,
+            "not_after": m.not_after,
+            "source": m.source,
+        })),
+    })))
 }
 
 /// Reads the config again and applies its `[firewall]` rules, as SIGHUP does.

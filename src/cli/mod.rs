@@ -35,6 +35,7 @@ pub enum Command {
     Peers(PeersArgs),
     Members(MembersArgs),
     Firewall(FirewallArgs),
+    Whois(WhoisArgs),
     Plugins(PluginsArgs),
     Safety(SafetyArgs),
     Version(VersionArgs),
@@ -355,6 +356,24 @@ pub struct StatusArgs {
 }
 
 #[derive(FromArgs)]
+/// Who holds an overlay address: the peer, its groups and its certificate.
+#[argh(subcommand, name = "whois")]
+pub struct WhoisArgs {
+    /// the overlay address, e.g. 10.77.0.2
+    #[argh(positional)]
+    pub address: String,
+    #[argh(option)]
+    /// control API address (default: $MYELIN_API, the config's [control].listen, or 127.0.0.1:7800)
+    pub api: Option<String>,
+    #[argh(option)]
+    /// read the control API address from this config file
+    pub config: Option<PathBuf>,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
 /// Show the firewall: its rules, the flows it tracks, and what it dropped and why.
 #[argh(subcommand, name = "firewall")]
 pub struct FirewallArgs {
@@ -464,7 +483,7 @@ pub use init::init;
 pub use join::join;
 pub use keygen::{keygen, pubkey};
 pub use lab_command::lab;
-pub use remote::{firewall, members, peers, plugins, status};
+pub use remote::{firewall, members, peers, plugins, status, whois};
 pub use safety::safety;
 
 pub fn version(args: &VersionArgs) -> anyhow::Result<()> {

@@ -113,6 +113,41 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub async fn whois(args: &super::WhoisArgs) -> anyhow::Result<()> {
+    let addr = api_addr(&args.api, &args.config)?;
+    // Checked here too, so a typo never becomes a path of another endpoint.
+    let ip: std::net::IpAddr = args.address.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "`{}` is not an IP address; e.g. `myelin whois 10.77.0.2`",
+            args.address
+        )
+    })?;
+    let v = request(addr, "GET", &format!("/api/v1/whois/{ip}")).await?;
+    if args.json {
+        return print_json(&v);
+    }
+    let groups: Vec<&str> = v["groups"]
+        .as_array()
+        .map(|g| g.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    println!(
+        "{ip} is {} (key {}), groups [{}]",
+        v["name"].as_str().unwrap_or("?"),
+        v["public_key"].as_str().unwrap_or("?"),
+        groups.join(", ")
+    );
+    match v["certificate"].as_object() {
+        Some(c) => println!(
+            "  certificate {} valid until {}, known by {}",
+            c.get("fingerprint").and_then(Value::as_str).unwrap_or("?"),
+            c.get("not_after").and_then(Value::as_str).unwrap_or("?"),
+            c.get("source").and_then(Value::as_str).unwrap_or("?"),
+        ),
+        None => println!("  a static peer: no certificate, no groups"),
+    }
+    Ok(())
+}
+
 pub async fn firewall(args: &super::FirewallArgs) -> anyhow::Result<()> {
     let addr = api_addr(&args.api, &args.config)?;
     if args.reload {
