@@ -1210,6 +1210,19 @@ mod tests {
         }
     }
 
+    /// The test lighthouse (key 10, 10.77.0.1), its certificate valid until `not_after`.
+    fn lighthouse(k: &SigningKey, not_after: u64, now: Instant) -> Mesh {
+        let cert = node_cert(
+            k,
+            "lighthouse",
+            10,
+            "10.77.0.1/16",
+            &["lighthouses"],
+            not_after,
+        );
+        mesh(cert, &[], true, now)
+    }
+
     fn mesh(cert: Certificate, talk_to: &[&str], lighthouse: bool, now: Instant) -> Mesh {
         let k = ca_key();
         Mesh::new(
@@ -1273,19 +1286,7 @@ mod tests {
     fn members_find_the_groups_they_talk_to_through_the_lighthouse() {
         let t0 = Instant::now();
         let k = ca_key();
-        let mut lh = mesh(
-            node_cert(
-                &k,
-                "lighthouse",
-                10,
-                "10.77.0.1/16",
-                &["lighthouses"],
-                UNIX + 1000,
-            ),
-            &[],
-            true,
-            t0,
-        );
+        let mut lh = lighthouse(&k, UNIX + 1000, t0);
         let mut robot = mesh(
             node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
             &["operators"],
@@ -1398,12 +1399,7 @@ mod tests {
     fn foreign_expired_and_borrowed_certificates_are_never_admitted() {
         let t0 = Instant::now();
         let k = ca_key();
-        let mut lh = mesh(
-            node_cert(&k, "lighthouse", 10, "10.77.0.1/16", &[], UNIX + 1000),
-            &[],
-            true,
-            t0,
-        );
+        let mut lh = lighthouse(&k, UNIX + 1000, t0);
         let other_ca = SigningKey::from_bytes(&[2; 32]);
         let mut foreign = mesh(
             node_cert(
@@ -1457,12 +1453,7 @@ mod tests {
     fn silent_lighthouses_remove_nobody() {
         let t0 = Instant::now();
         let k = ca_key();
-        let mut lh = mesh(
-            node_cert(&k, "lighthouse", 10, "10.77.0.1/16", &[], UNIX + 1000),
-            &[],
-            true,
-            t0,
-        );
+        let mut lh = lighthouse(&k, UNIX + 1000, t0);
         let mut a = mesh(
             node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
             &["operators"],
@@ -1504,19 +1495,7 @@ mod tests {
     fn a_burst_of_joins_costs_a_watcher_two_rosters() {
         let t0 = Instant::now();
         let k = ca_key();
-        let mut lh = mesh(
-            node_cert(
-                &k,
-                "lighthouse",
-                10,
-                "10.77.0.1/16",
-                &["lighthouses"],
-                UNIX + 1000,
-            ),
-            &[],
-            true,
-            t0,
-        );
+        let mut lh = lighthouse(&k, UNIX + 1000, t0);
         let op = node_cert(
             &k,
             "operator",
@@ -1596,19 +1575,7 @@ mod tests {
     fn a_member_outside_the_roster_is_found_on_demand() {
         let t0 = Instant::now();
         let k = ca_key();
-        let mut lh = mesh(
-            node_cert(
-                &k,
-                "lighthouse",
-                10,
-                "10.77.0.1/16",
-                &["lighthouses"],
-                UNIX + 1000,
-            ),
-            &[],
-            true,
-            t0,
-        );
+        let mut lh = lighthouse(&k, UNIX + 1000, t0);
         let mut robot1 = mesh(
             node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
             &["operators"],
@@ -1714,19 +1681,7 @@ mod tests {
         let t0 = Instant::now();
         let k = ca_key();
         // Valid from UNIX - 10 to UNIX + 290: renewal opens at UNIX + 190 (the last 100 s).
-        let mut lh = mesh(
-            node_cert(
-                &k,
-                "lighthouse",
-                10,
-                "10.77.0.1/16",
-                &["lighthouses"],
-                UNIX + 290,
-            ),
-            &[],
-            true,
-            t0,
-        );
+        let mut lh = lighthouse(&k, UNIX + 290, t0);
         lh.config.issuer = Some(issuer(&k, 3600));
         let mut robot = mesh(
             node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 290),

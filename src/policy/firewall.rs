@@ -288,13 +288,7 @@ impl Firewall {
         peer: &PeerIdentity,
         now: Instant,
     ) -> Result<(), Drop> {
-        let s = summarize(packet).ok_or(Drop::Malformed)?;
-        let key = FlowKey {
-            proto: s.proto,
-            local: (s.dst, s.dport),
-            remote: (s.src, s.sport),
-        };
-        self.decide(key, peer, now, true)
+        self.judge(packet, peer, now, true)
     }
 
     /// A packet read from the TUN, on its way into `peer`'s tunnel.
@@ -304,13 +298,27 @@ impl Firewall {
         peer: &PeerIdentity,
         now: Instant,
     ) -> Result<(), Drop> {
+        self.judge(packet, peer, now, false)
+    }
+
+    /// Reads the packet and keys its flow from this node's side: an inbound packet's
+    /// destination is local, an outbound one's source.
+    fn judge(
+        &mut self,
+        packet: &[u8],
+        peer: &PeerIdentity,
+        now: Instant,
+        inbound: bool,
+    ) -> Result<(), Drop> {
         let s = summarize(packet).ok_or(Drop::Malformed)?;
+        let (src, dst) = ((s.src, s.sport), (s.dst, s.dport));
+        let (local, remote) = if inbound { (dst, src) } else { (src, dst) };
         let key = FlowKey {
             proto: s.proto,
-            local: (s.src, s.sport),
-            remote: (s.dst, s.dport),
+            local,
+            remote,
         };
-        self.decide(key, peer, now, false)
+        self.decide(key, peer, now, inbound)
     }
 
     fn decide(
