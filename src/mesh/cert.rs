@@ -21,6 +21,15 @@ pub const MAX_NAME: usize = 63;
 pub const MAX_GROUPS: usize = 32;
 pub const MAX_NETWORKS: usize = 8;
 const DAY: u64 = 86_400;
+/// How far before its signing a certificate starts to be valid: robots' clocks drift and
+/// a member that verifies a certificate signed a moment ago on another machine must not
+/// see it as "not yet valid".
+pub const CLOCK_SKEW: u64 = 300;
+
+/// The not-before for a certificate signed at `now`.
+pub fn backdated(now: u64) -> u64 {
+    now.saturating_sub(CLOCK_SKEW)
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CertError {
@@ -107,7 +116,8 @@ pub struct CertBody {
     /// Validity, unix seconds, inclusive.
     pub not_before: u64,
     pub not_after: u64,
-    /// For a CA or signer: the longest lifetime it may sign, in days (0: no limit).
+    /// For a CA or signer: how long a certificate it signs may still run, in days (0: no
+    /// limit).
     pub max_days: u32,
     /// The issuer's Ed25519 key (a CA's own).
     pub issuer: [u8; 32],
@@ -272,11 +282,6 @@ impl CertBody {
         out.extend_from_slice(&self.max_days.to_be_bytes());
         out.extend_from_slice(&self.issuer);
         out
-    }
-
-    /// Lifetime in whole seconds.
-    fn lifetime(&self) -> u64 {
-        self.not_after.saturating_sub(self.not_before)
     }
 
     /// Whether `now` lies within the validity window.
@@ -517,10 +522,13 @@ impl Certificate {
                 format!("{} to {}", utc(i.not_before), utc(i.not_after)),
             );
         }
-        if i.max_days != 0 && c.lifetime() > u64::from(i.max_days) * DAY {
+        // A renewal keeps its lineage's not-before, so what a signer's `max_days` bounds is
+        // how long a certificate still runs, not its whole span.
+        let left = c.not_after.saturating_sub(now.max(c.not_before));
+        if i.max_days != 0 && left > u64::from(i.max_days) * DAY + CLOCK_SKEW {
             return outside(
                 "lifetime",
-                format!("{} days", c.lifetime().div_ceil(DAY)),
+                format!("{} days left", left.div_ceil(DAY)),
                 format!("at most {} days", i.max_days),
             );
         }
@@ -840,11 +848,11 @@ mod tests {
             matches!(err, Err(CertError::OutsideIssuer { what: "group", .. })),
             "{err:?}"
         );
-        let err = verify(
-            &[node(&lh_key, "10.77.0.1/16", &["robots"], 31), lh.clone()],
-            &ca,
-            NOW,
-        );
+        // It bounds how long a certificate still runs: 31 days from its start is too long,
+        // but a day later (a renewed lineage, say) 30 are left and it is fine.
+        let long = node(&lh_key, "10.77.0.1/16", &["robots"], 31);
+        verify(&[long.clone(), lh.clone()], &ca, NOW).unwrap();
+        let err = verify(&[long, lh.clone()], &ca, NOW - DAY);
         assert!(
             matches!(
                 err,

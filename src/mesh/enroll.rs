@@ -85,7 +85,7 @@ impl Issuer {
             public_key,
             networks,
             groups,
-            not_before: now,
+            not_before: cert::backdated(now).max(self.cert.body().not_before),
             not_after: now
                 .saturating_add(self.member_lifetime())
                 .min(self.cert.body().not_after),
@@ -589,13 +589,20 @@ mod tests {
         );
         assert_eq!(
             (b.not_before, b.not_after),
-            (NOW, NOW + 1700),
+            (NOW - 10, NOW + 1700),
             "the lineage's not-before, a fresh lifetime"
         );
         // The renewal renews too, from the last half of the issuer's lifetime.
         let again = e.issuer.renew(&chain[0], NOW + 1100);
         assert_eq!(again.map(|_| ()).map_err(|r| r.opens_at), Err(NOW + 1200));
         assert!(e.issuer.renew(&chain[0], NOW + 1200).is_ok());
+        // With the default lifetime, as long as the signer's 30 days: a lineage outlives them.
+        e.issuer.lifetime = DEFAULT_LIFETIME;
+        let first = e.issuer.renew(&chain[0], NOW + 20 * DAY).unwrap();
+        let second = e.issuer.renew(&first[0], NOW + 40 * DAY).unwrap();
+        cert::verify(&second, &e.issuer.ca, NOW + 40 * DAY).unwrap();
+        assert_eq!(second[0].body().not_before, NOW - 10);
+        assert_eq!(second[0].body().not_after, NOW + 70 * DAY);
         // Another issuer's certificate (the CA's, for a contractor's hour) is not renewed here.
         let ca_key = SigningKey::from_bytes(&[1; 32]);
         let foreign = Certificate::sign(leaf.body().clone(), &ca_key).unwrap();
