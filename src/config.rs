@@ -96,20 +96,46 @@ fn default_mtu() -> u16 {
 pub struct ControlConfig {
     #[serde(default = "default_control_listen")]
     pub listen: SocketAddr,
-    /// A second listener for remote access (e.g. on the overlay address); every request on it
-    /// needs `Authorization: Bearer <token>` from `token_file`.
-    #[serde(default)]
-    pub remote_listen: Option<SocketAddr>,
+    /// Listeners for remote access (one address or a list, e.g. the underlay and the overlay
+    /// addresses). A request on one needs `Authorization: Bearer <token>` from `token_file`,
+    /// or must come through the tunnel from a member in one of `allow_groups`.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub remote_listen: Vec<SocketAddr>,
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Certificate groups whose members may use the remote API through the tunnel without a
+    /// token (their identity is the certificate of the peer the request came from).
+    #[serde(default)]
+    pub allow_groups: Vec<String>,
+}
+
+/// `"addr"` or `["addr", ...]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(SocketAddr),
+        Many(Vec<SocketAddr>),
+    }
+    Ok(
+        match OneOrMany::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected an address like \"10.77.0.1:7800\" or a list of them",
+            )
+        })? {
+            OneOrMany::One(a) => vec![a],
+            OneOrMany::Many(v) => v,
+        },
+    )
 }
 
 impl Default for ControlConfig {
     fn default() -> Self {
         Self {
             listen: default_control_listen(),
-            remote_listen: None,
+            remote_listen: Vec::new(),
             token_file: None,
+            allow_groups: Vec::new(),
         }
     }
 }
@@ -464,12 +490,32 @@ impl Config {
                 "keep listen = \"127.0.0.1:7800\" and use remote_listen (with a token_file) for access from elsewhere",
             ));
         }
-        if config.control.remote_listen.is_some() && config.control.token_file.is_none() {
+        let control = &config.control;
+        if !control.remote_listen.is_empty()
+            && control.token_file.is_none()
+            && control.allow_groups.is_empty()
+        {
             return Err(invalid(
                 &["control", "remote_listen"],
-                "remote_listen needs a token_file: remote requests must carry a bearer token".into(),
-                "add token_file = \"/etc/myelin/api.token\" (mode 0600, one line of random text), or remove remote_listen",
+                "remote_listen needs a token_file or allow_groups: every remote request must be authorised".into(),
+                "add token_file = \"/etc/myelin/api.token\" (mode 0600, one line of random text), or allow_groups = [\"operators\"] for members through the tunnel, or remove remote_listen",
             ));
+        }
+        if !control.allow_groups.is_empty() {
+            if control.remote_listen.is_empty() {
+                return Err(invalid(
+                    &["control", "allow_groups"],
+                    "allow_groups grants the remote API, but there is no remote_listen".into(),
+                    "add remote_listen = \"<this node's overlay address>:7800\"",
+                ));
+            }
+            if !config.node.overlay_guard {
+                return Err(invalid(
+                    &["control", "allow_groups"],
+                    "allow_groups trusts a request's overlay source address, which only the overlay guard makes sure came through the tunnel".into(),
+                    "keep [node].overlay_guard = true (the default), or use a token_file instead of allow_groups",
+                ));
+            }
         }
         if config.probe.interval_ms == 0 {
             return Err(invalid(
@@ -885,6 +931,28 @@ mod tests {
             Path::new("t.toml"),
         );
         assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    #[test]
+    fn remote_access_needs_a_token_or_groups_and_groups_need_the_guard() {
+        let e = err(&minimal("[control]\nremote_listen = \"10.77.0.1:7800\"\n"));
+        assert!(e.contains("token_file or allow_groups"), "{e}");
+        let e = err(&minimal("[control]\nallow_groups = [\"operators\"]\n"));
+        assert!(e.contains("no remote_listen"), "{e}");
+        let e = err(&minimal("[control]\nremote_listen = 7800\n"));
+        assert!(e.contains("a list of them"), "{e}");
+        let c = Config::parse(
+            &minimal("[control]\nremote_listen = [\"10.77.0.1:7800\", \"[fd77::1]:7800\"]\nallow_groups = [\"operators\"]\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.control.remote_listen.len(), 2);
+        let unguarded = minimal(
+            "[control]\nremote_listen = \"10.77.0.1:7800\"\nallow_groups = [\"operators\"]\n",
+        )
+        .replace("[node]\n", "[node]\noverlay_guard = false\n");
+        let e = err(&unguarded);
+        assert!(e.contains("overlay_guard"), "{e}");
     }
 
     #[test]

@@ -419,9 +419,12 @@ fn overlay(n: usize) -> [String; 2] {
 /// everything but SSH (TCP 22), so a newcomer sees a working policy with `myelin firewall`.
 const ROBOT_FIREWALL: &str = "[firewall]\ndefault_inbound = \"deny\"\n\n[[firewall.inbound]]\nname = \"operators\"\ngroups = [\"operators\"]\n\n[[firewall.inbound]]\nname = \"robots-but-ssh-low\"\ngroups = [\"robots\"]\nproto = \"tcp\"\nport = \"1-21\"\n\n[[firewall.inbound]]\nname = \"robots-but-ssh-high\"\ngroups = [\"robots\"]\nproto = \"tcp\"\nport = \"23-65535\"\n\n[[firewall.inbound]]\nname = \"robots-udp\"\ngroups = [\"robots\"]\nproto = \"udp\"\n\n[[firewall.inbound]]\nname = \"ping\"\nproto = \"icmp\"\n";
 
-fn control_section(api: &str, token_file: &Path) -> String {
+/// The API on loopback; on the underlay for the lab host's browser (with the token); and on
+/// the overlay address for operators, by their certificates (no token).
+fn control_section(api: &str, overlay_v4: &str, token_file: &Path) -> String {
+    let overlay_ip = overlay_v4.split('/').next().unwrap_or(overlay_v4);
     format!(
-        "[control]\nlisten = \"127.0.0.1:7800\"\nremote_listen = \"{api}\"\ntoken_file = \"{}\"\n",
+        "[control]\nlisten = \"127.0.0.1:7800\"\nremote_listen = [\"{api}\", \"{overlay_ip}:7800\"]\ntoken_file = \"{}\"\nallow_groups = [\"operators\"]\n",
         token_file.display()
     )
 }
@@ -494,7 +497,7 @@ fn build(
     let lh_config = format!(
         "# Made by `myelin lab up`: the fleet's lighthouse.\n[node]\nname = \"lighthouse\"\nprivate_key_file = \"{key}\"\naddress = [\"{lh_v4}\", \"{lh_v6}\"]\n\n{control}\n[mesh]\nca = \"{d}/ca.crt\"\ncert = \"{d}/node.crt\"\n\n[lighthouse]\nenabled = true\nenroll_listen = \"{enroll}\"\nsigner_key = \"{d}/signer.key\"\nsigner_cert = \"{d}/signer.crt\"\nstate_file = \"{d}/lighthouse.json\"\n\n[plugins]\nruntime_dir = \"{d}/run\"\nstate_dir = \"{d}/state\"\n",
         key = lh_dir.join("private.key").display(),
-        control = control_section(&lh_api, &token_file),
+        control = control_section(&lh_api, &lh_v4, &token_file),
         d = lh_dir.display(),
     );
     let lh_config_path = lh_dir.join("myelin.toml");
@@ -598,7 +601,7 @@ fn build(
             crate::keys::PublicKey(lighthouse_ref.public_key),
             lighthouse_ref.overlay,
             d = node_dir.display(),
-            control = control_section(&api, &token_file),
+            control = control_section(&api, &v4, &token_file),
         );
         let config_path = node_dir.join("myelin.toml");
         std::fs::write(&config_path, config)?;

@@ -76,7 +76,9 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
     let api_addr = listener.local_addr()?;
     node.control_api = Some(api_addr);
     let token = match &config.control.token_file {
-        Some(token_file) if config.control.remote_listen.is_some() => Some(load_token(token_file)?),
+        Some(token_file) if !config.control.remote_listen.is_empty() => {
+            Some(load_token(token_file)?)
+        }
         _ => None,
     };
     let mesh_config = crate::mesh::shell::mesh_config(&config, key.public_key().0)?;
@@ -158,15 +160,17 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         }
     };
     // After the tunnel, so remote_listen may be an overlay address.
-    let remote = match (config.control.remote_listen, token) {
-        (Some(addr), Some(token)) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-                format!("cannot listen on {addr} for remote control; fix: [control].remote_listen must be a free port on an address of this node (underlay or overlay)")
-            })?;
-            Some((listener, token))
-        }
-        _ => None,
-    };
+    let mut remote_listeners = Vec::new();
+    for addr in &config.control.remote_listen {
+        remote_listeners.push(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for remote control; fix: [control].remote_listen must be a free port on an address of this node (underlay or overlay)")
+        })?);
+    }
+    let remote_auth = Arc::new(api::RemoteAuth {
+        token,
+        allow_groups: config.control.allow_groups.clone(),
+        overlay: node.overlay_addresses.iter().map(|n| n.addr()).collect(),
+    });
     let host = Arc::new(PluginHost::start(&config, node.clone(), mesh_rx.clone())?);
     let state = Arc::new(ApiState {
         host: host.clone(),
@@ -195,19 +199,25 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         limits,
         async move { api_stop.cancelled().await },
     ));
-    let remote_task = remote.map(|(listener, token)| {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!("remote control listener on http://{addr} (bearer token required)");
-        }
-        let stop = shutdown.clone();
-        let app = api::remote_router(state.clone(), token);
-        tokio::spawn(myelin_sdk::serve::serve(
-            listener,
-            app,
-            limits,
-            async move { stop.cancelled().await },
-        ))
-    });
+    let remote_tasks: Vec<_> = remote_listeners
+        .into_iter()
+        .map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(
+                    "remote control listener on http://{addr} ({})",
+                    remote_auth.describe()
+                );
+            }
+            let stop = shutdown.clone();
+            let app = api::remote_router(state.clone(), remote_auth.clone());
+            tokio::spawn(myelin_sdk::serve::serve(
+                listener,
+                app,
+                limits,
+                async move { stop.cancelled().await },
+            ))
+        })
+        .collect();
     tracing::info!(
         node = %node.name,
         public_key = %node.public_key,
@@ -225,7 +235,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
     host.shutdown().await;
     shutdown.cancel();
     let _ = api.await;
-    if let Some(t) = remote_task {
+    for t in remote_tasks {
         let _ = t.await;
     }
     mesh_stop.cancel();

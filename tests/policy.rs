@@ -213,3 +213,180 @@ fn robots_take_ssh_from_operators_only() {
         "{text}"
     );
 }
+
+/// The plugins a robot runs in `operators_rearm_by_identity`: an interlock that watches the
+/// operator and latches.
+const WATCH_OPERATOR: &str = "[plugins.safety]\nwatch = [\"operator\"]\nlatch = true\nheartbeat_timeout_ms = 300\nclear_after_s = 1\n";
+
+#[test]
+fn operators_rearm_a_robot_by_identity_and_nobody_else_does() {
+    let mut mesh = common::mesh_formed_fleet("id", &["operator", "robot1", "robot2"], "10.88.0");
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("api.token");
+    std::fs::write(&token_file, "id-test-token-0123456789\n").unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let underlay1 = mesh.fleet.underlay[1].clone();
+    // robot1 serves its API on its overlay address to operators and robots, and on its
+    // underlay address to token holders.
+    mesh.specs[1].control = format!(
+        "remote_listen = [\"10.88.0.2:7800\", \"{underlay1}:7800\"]\ntoken_file = \"{}\"\nallow_groups = [\"operators\", \"robots\"]\n",
+        token_file.display()
+    );
+    let nodes: Vec<Node> = mesh
+        .specs
+        .iter()
+        .zip(&mesh.fleet.nodes)
+        .enumerate()
+        .map(|(i, (spec, ns))| {
+            Node::start_spec(ns.clone(), spec, if i == 1 { WATCH_OPERATOR } else { "" })
+        })
+        .collect();
+    let (operator, robot1, robot2) = (&nodes[0], &nodes[1], &nodes[2]);
+    let long = Duration::from_secs(30);
+    let overlay_api: SocketAddr = "10.88.0.2:7800".parse().unwrap();
+    let safety = |node: &Node| node.call_at(overlay_api, None, "GET", "/plugins/safety/status");
+    common::ping_until(&mesh.fleet.nodes[0], "10.88.0.2", long);
+    common::ping_until(&mesh.fleet.nodes[2], "10.88.0.2", long);
+    robot1.wait_plugin("safety", long, "running", |p| common::state(p) == "running");
+
+    // The operator reads robot1's API through the tunnel with no token.
+    let (code, status) = operator.call_at(overlay_api, None, "GET", "/api/v1/status");
+    assert_eq!(
+        (code, status["node"]["name"].as_str()),
+        (200, Some("robot1")),
+        "{status}"
+    );
+    // robot2 may read (robots are allowed on this node) but not re-arm: the interlock wants
+    // an operator, and says so.
+    assert_eq!(safety(robot2).0, 200);
+    let (code, refused) = robot2.call_at(overlay_api, None, "POST", "/plugins/safety/rearm");
+    assert_eq!(code, 403, "{refused}");
+    let error = refused["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("robot2") && error.contains("not in group operators"),
+        "{refused}"
+    );
+    // The lighthouse (group lighthouses) gets nothing from this node's API: 403 naming what
+    // is missing.
+    let (code, refused) = mesh
+        .lighthouse
+        .call_at(overlay_api, None, "GET", "/api/v1/status");
+    assert_eq!(code, 403, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("operators or robots"),
+        "{refused}"
+    );
+    // From the underlay, a token is needed, and the client's own header is no identity.
+    let underlay_api: SocketAddr = format!("{underlay1}:7800").parse().unwrap();
+    assert_eq!(
+        operator
+            .call_at(underlay_api, None, "GET", "/api/v1/status")
+            .0,
+        401
+    );
+    assert_eq!(
+        operator
+            .call_at(
+                underlay_api,
+                Some("id-test-token-0123456789"),
+                "GET",
+                "/api/v1/status"
+            )
+            .0,
+        200
+    );
+    // A packet for the overlay address that arrives from the underlay, even with the
+    // operator's overlay address as its source, is dropped before any socket sees it.
+    let op_ns = &mesh.fleet.nodes[0];
+    op_ns.run(
+        "ip",
+        &[
+            "route",
+            "add",
+            "10.88.0.2/32",
+            "via",
+            &underlay1,
+            "src",
+            "10.88.0.1",
+        ],
+    );
+    let spoofed = op_ns
+        .enter(move || std::net::TcpStream::connect_timeout(&overlay_api, Duration::from_secs(2)));
+    op_ns.run("ip", &["route", "del", "10.88.0.2/32"]);
+    assert!(
+        spoofed.is_err(),
+        "the overlay API answered from the underlay"
+    );
+
+    // A real trip: robot1 stops hearing the operator, latches once the link is back, and the
+    // operator re-arms it through the tunnel with no token.
+    robot1.poll(
+        "armed",
+        long,
+        || robot1.get("/plugins/safety/status"),
+        |v| v["state"] == "armed",
+    );
+    let robot_ns = &mesh.fleet.nodes[1];
+    let op_underlay = mesh.fleet.underlay[0].clone();
+    robot_ns.run("nft", &["add", "table", "inet", "idtest"]);
+    robot_ns.run(
+        "nft",
+        &[
+            "add",
+            "chain",
+            "inet",
+            "idtest",
+            "in",
+            "{ type filter hook input priority 0 ; }",
+        ],
+    );
+    robot_ns.run(
+        "nft",
+        &[
+            "add",
+            "rule",
+            "inet",
+            "idtest",
+            "in",
+            "ip",
+            "saddr",
+            &op_underlay,
+            "drop",
+        ],
+    );
+    robot1.poll(
+        "tripped",
+        long,
+        || robot1.get("/plugins/safety/status"),
+        |v| v["stopped"] == true,
+    );
+    robot_ns.run("nft", &["delete", "table", "inet", "idtest"]);
+    robot1.poll(
+        "latched",
+        long,
+        || robot1.get("/plugins/safety/status"),
+        |v| v["state"] == "latched",
+    );
+    let (code, answer) = operator.call_at(overlay_api, None, "POST", "/plugins/safety/rearm");
+    assert_eq!(code, 200, "{answer}");
+    let after = robot1.get("/plugins/safety/status");
+    assert_eq!(after["state"], "armed", "{after}");
+    assert_eq!(
+        after["last_rearm"]["by"], "operator (10.88.0.1, groups operators)",
+        "{after}"
+    );
+    assert!(
+        robot1
+            .log()
+            .contains("re-arm by operator (10.88.0.1, groups operators) accepted"),
+        "{}",
+        robot1.log()
+    );
+}

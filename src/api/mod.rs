@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
-use myelin_sdk::{MeshView, NodeIdentity};
+use myelin_sdk::{Caller, MeshView, NodeIdentity, Via, CALLER_HEADER};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
@@ -99,29 +99,125 @@ impl From<HostError> for ApiError {
     }
 }
 
-/// The same API for the remote listener: every request needs the bearer token.
+/// Who may use the remote listeners: holders of the bearer token, and mesh members in
+/// `allow_groups` whose requests came through the tunnel.
+pub struct RemoteAuth {
+    pub token: Option<Arc<str>>,
+    pub allow_groups: Vec<String>,
+    /// This node's overlay addresses: only a connection dialled to one of them came through
+    /// the TUN (the overlay guard drops them from anywhere else).
+    pub overlay: Vec<std::net::IpAddr>,
+}
+
+impl RemoteAuth {
+    /// For the log line of each listener.
+    pub fn describe(&self) -> String {
+        match (&self.token, self.allow_groups.is_empty()) {
+            (Some(_), true) => "bearer token required".into(),
+            (None, false) => format!(
+                "members of {} through the tunnel",
+                self.allow_groups.join(", ")
+            ),
+            _ => format!(
+                "bearer token, or members of {} through the tunnel",
+                self.allow_groups.join(", ")
+            ),
+        }
+    }
+
+    /// The caller of `req`, or why it is refused. A bearer token, when sent, decides alone;
+    /// otherwise the identity of the mesh member the connection came from through the tunnel.
+    fn authorise(
+        &self,
+        req: &Request,
+        peers: &crate::tunnel::PeerControl,
+    ) -> Result<Caller, ApiError> {
+        let connection = req
+            .extensions()
+            .get::<myelin_sdk::serve::Connection>()
+            .copied();
+        let remote = connection.map(|c| c.remote.ip().to_canonical());
+        let bearer = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if let Some(given) = bearer {
+            return match &self.token {
+                Some(token)
+                    if crate::keys::constant_time_eq(given.as_bytes(), token.as_bytes()) =>
+                {
+                    Ok(Caller {
+                        via: Via::Token,
+                        name: None,
+                        address: remote,
+                        groups: Vec::new(),
+                    })
+                }
+                _ => Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "wrong bearer token",
+                    "send `Authorization: Bearer <token>` with the token from [control].token_file",
+                )),
+            };
+        }
+        let member = connection
+            .filter(|c| self.overlay.contains(&c.local.ip().to_canonical()))
+            .and_then(|c| {
+                let table = peers.table();
+                let peer = table
+                    .route(c.remote.ip().to_canonical())
+                    .and_then(|slot| table.get(slot))?;
+                Some(Caller {
+                    via: Via::Mesh,
+                    name: Some(peer.name.clone()),
+                    address: remote,
+                    groups: peer.spec.groups.clone(),
+                })
+            });
+        match member {
+            Some(caller) if caller.in_any_group(&self.allow_groups) => Ok(caller),
+            Some(caller) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} is not in group {}, which this node's remote API requires",
+                    caller.describe(),
+                    if self.allow_groups.is_empty() {
+                        "(none: [control].allow_groups is empty)".to_string()
+                    } else {
+                        self.allow_groups.join(" or ")
+                    }
+                ),
+                "its certificate's groups decide ([control].allow_groups on this node); or send the bearer token",
+            )),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing bearer token, and the request did not come through the tunnel from a mesh member",
+                if self.allow_groups.is_empty() {
+                    "send `Authorization: Bearer <token>` with the token from [control].token_file"
+                } else {
+                    "send `Authorization: Bearer <token>`, or call this node's overlay address from a member of [control].allow_groups"
+                },
+            )),
+        }
+    }
+}
+
+/// The same API for the remote listeners, for the callers `auth` admits.
 /// The dashboard page itself holds no data, so it loads without the token; the page reads the
 /// token from its URL fragment and sends it with every API call.
-pub fn remote_router(state: Arc<ApiState>, token: Arc<str>) -> Router {
+pub fn remote_router(state: Arc<ApiState>, auth: Arc<RemoteAuth>) -> Router {
+    let peers = state.peers.clone();
     let api = api_routes(state).layer(axum::middleware::from_fn(
-        move |req: Request, next: axum::middleware::Next| {
-            let token = token.clone();
+        move |mut req: Request, next: axum::middleware::Next| {
+            let (auth, peers) = (auth.clone(), peers.clone());
             async move {
-                let given = req
-                    .headers()
-                    .get(axum::http::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .unwrap_or("");
-                if crate::keys::constant_time_eq(given.as_bytes(), token.as_bytes()) {
-                    next.run(req).await
-                } else {
-                    ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or wrong bearer token",
-                    "send `Authorization: Bearer <token>` with the token from [control].token_file",
-                )
-                .into_response()
+                match auth.authorise(&req, &peers) {
+                    Ok(caller) => {
+                        req.extensions_mut().insert(caller);
+                        next.run(req).await
+                    }
+                    Err(e) => e.into_response(),
                 }
             }
         },
@@ -136,9 +232,12 @@ pub fn router(state: Arc<ApiState>, own: std::net::SocketAddr) -> Router {
     dashboard_routes()
         .merge(api_routes(state))
         .layer(axum::middleware::from_fn(
-            move |req: Request, next: axum::middleware::Next| async move {
+            move |mut req: Request, next: axum::middleware::Next| async move {
                 match local_request_refusal(&req, own) {
-                    None => next.run(req).await,
+                    None => {
+                        req.extensions_mut().insert(Caller::local());
+                        next.run(req).await
+                    }
                     Some(e) => e.into_response(),
                 }
             },
@@ -512,11 +611,23 @@ async fn proxy(
     forward(state, name, rest, req).await
 }
 
-/// The request as the plugin gets it: its path below `/plugins/<name>`, and without the
-/// node's bearer token (a plugin never sees it).
+/// The request as the plugin gets it: its path below `/plugins/<name>`, without the node's
+/// bearer token (a plugin never sees it), and with the caller the node established in
+/// [`CALLER_HEADER`] (whatever the client put there is dropped).
 fn to_plugin(req: Request, rest: &str) -> Result<Request, ApiError> {
     let (mut parts, body) = req.into_parts();
     parts.headers.remove(axum::http::header::AUTHORIZATION);
+    parts.headers.remove(CALLER_HEADER);
+    if let Some(caller) = parts.extensions.get::<Caller>() {
+        let value = axum::http::HeaderValue::from_str(&caller.to_header()).map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the caller's identity cannot be put in a header",
+                "",
+            )
+        })?;
+        parts.headers.insert(CALLER_HEADER, value);
+    }
     let query = parts
         .uri
         .query()
@@ -610,7 +721,29 @@ mod tests {
             .unwrap();
         let out = to_plugin(r, "trigger/none").unwrap();
         assert!(out.headers().get("authorization").is_none());
+        assert!(out.headers().get(CALLER_HEADER).is_none());
         assert_eq!(out.headers()["accept"], "application/json");
         assert_eq!(out.uri(), "/trigger/none?x=1");
+    }
+
+    #[test]
+    fn a_plugin_sees_the_caller_the_node_set_never_the_clients() {
+        let mut r = Request::builder()
+            .uri("/plugins/safety/rearm")
+            .header(
+                CALLER_HEADER,
+                r#"{"via":"mesh","name":"operator","groups":["operators"]}"#,
+            )
+            .body(Body::empty())
+            .unwrap();
+        let robot = Caller {
+            via: Via::Mesh,
+            name: Some("robot2".into()),
+            address: "10.77.0.3".parse().ok(),
+            groups: vec!["robots".into()],
+        };
+        r.extensions_mut().insert(robot.clone());
+        let out = to_plugin(r, "rearm").unwrap();
+        assert_eq!(Caller::from_headers(out.headers()), Some(robot));
     }
 }

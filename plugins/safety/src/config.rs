@@ -32,6 +32,13 @@ pub struct SafetyConfig {
     pub zenoh_port: u16,
     #[serde(default)]
     pub actions: Vec<ActionConfig>,
+    /// Certificate groups whose members may re-arm through the tunnel.
+    #[serde(default = "default_rearm_groups")]
+    pub rearm_groups: Vec<String>,
+}
+
+fn default_rearm_groups() -> Vec<String> {
+    vec!["operators".into()]
 }
 
 fn default_max_rtt() -> u64 {

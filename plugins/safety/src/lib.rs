@@ -21,7 +21,7 @@ use interlock::State;
 use myelin_sdk::axum::{response::Html, routing::get, routing::post, Json, Router};
 use myelin_sdk::{async_trait, log, unix_ms};
 use myelin_sdk::{Health, Plugin, PluginContext, PluginError, Registration};
-use shell::{interlock_loop, rearm_request, Loop, RearmReply};
+use shell::{interlock_loop, rearm_request, Loop, RearmRequest};
 use status::{Reporter, Status};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 struct Safety {
     config: SafetyConfig,
     status: Arc<Mutex<Status>>,
-    rearm_tx: Option<mpsc::Sender<RearmReply>>,
+    rearm_tx: Option<mpsc::Sender<RearmRequest>>,
 }
 
 #[async_trait]
@@ -188,6 +188,7 @@ impl Plugin for Safety {
     fn routes(&self) -> Option<Router> {
         let status = self.status.clone();
         let rearm = self.rearm_tx.clone();
+        let groups = Arc::new(self.config.rearm_groups.clone());
         Some(
             Router::new()
                 .route(
@@ -197,7 +198,10 @@ impl Plugin for Safety {
                         async move { Json(s) }
                     }),
                 )
-                .route("/rearm", post(move || rearm_request(rearm.clone())))
+                .route(
+                    "/rearm",
+                    post(move |headers| rearm_request(rearm.clone(), groups.clone(), headers)),
+                )
                 .route("/panel", get(|| async { Html(panel::PANEL) })),
         )
     }

@@ -7,12 +7,16 @@ use crate::interlock::{self, Event, Interlock};
 use crate::persist::{self, Restored, Saved};
 use crate::status::{Reporter, Status};
 use myelin_sdk::axum::{http::StatusCode, response::IntoResponse, Json};
-use myelin_sdk::{log, unix_ms, PluginContext};
+use myelin_sdk::{log, unix_ms, Caller, PluginContext, Via};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub type RearmReply = oneshot::Sender<Result<(), String>>;
+/// A person's re-arm: who asked (for the log and the status), and where the answer goes.
+pub struct RearmRequest {
+    pub by: String,
+    pub reply: oneshot::Sender<Result<(), String>>,
+}
 
 /// What the interlock loop drives besides the status.
 pub struct Loop {
@@ -31,7 +35,7 @@ pub async fn interlock_loop(
     ctx: PluginContext,
     config: SafetyConfig,
     out: Loop,
-    mut rearm: mpsc::Receiver<RearmReply>,
+    mut rearm: mpsc::Receiver<RearmRequest>,
     status: Arc<Mutex<Status>>,
 ) {
     let cancel = ctx.cancellation();
@@ -85,11 +89,16 @@ pub async fn interlock_loop(
                 }
                 // No deadline (nothing pending): wait for the mesh or a person only.
                 _ = sleep_until(deadline) => il.handle_timeout(Instant::now()),
-                Some(reply) = rearm.recv() => {
+                Some(RearmRequest { by, reply }) = rearm.recv() => {
                     let result = il.rearm(Instant::now()).map_err(|e| e.to_string());
                     match &result {
-                        Ok(()) => log("re-arm accepted: motion permitted"),
-                        Err(e) => log(&format!("re-arm refused: {e}")),
+                        Ok(()) => {
+                            log(&format!("re-arm by {by} accepted: motion permitted"));
+                            if let Ok(mut s) = status.lock() {
+                                s.last_rearm = Some(crate::status::Rearm { by, at_unix_ms: unix_ms() });
+                            }
+                        }
+                        Err(e) => log(&format!("re-arm by {by} refused: {e}")),
                     }
                     let _ = reply.send(result);
                 }
@@ -239,9 +248,34 @@ async fn save(
     }
 }
 
-pub async fn rearm_request(tx: Option<mpsc::Sender<RearmReply>>) -> impl IntoResponse {
+/// `POST /rearm`. Through the tunnel, only members of `groups` may re-arm (their
+/// certificates say so); on this machine, or with the node's API token, anyone who got that
+/// far may. A request without the node's caller header reached the plugin's socket on this
+/// machine, so it counts as local.
+pub async fn rearm_request(
+    tx: Option<mpsc::Sender<RearmRequest>>,
+    groups: Arc<Vec<String>>,
+    headers: myelin_sdk::axum::http::HeaderMap,
+) -> impl IntoResponse {
     let refused =
         |code: StatusCode, error: String, hint: &str| myelin_sdk::error_response(code, error, hint);
+    let caller = Caller::from_headers(&headers).unwrap_or_else(Caller::local);
+    if caller.via == Via::Mesh && !caller.in_any_group(&groups) {
+        log(&format!(
+            "re-arm by {} refused: not in group {}",
+            caller.describe(),
+            groups.join(" or ")
+        ));
+        return refused(
+            StatusCode::FORBIDDEN,
+            format!(
+                "re-arm refused: {} is not in group {}",
+                caller.describe(),
+                groups.join(" or ")
+            ),
+            "re-arm from a member of those groups (their certificates decide), or on the robot itself; [plugins.safety].rearm_groups sets them",
+        );
+    }
     let Some(tx) = tx else {
         return refused(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -250,7 +284,11 @@ pub async fn rearm_request(tx: Option<mpsc::Sender<RearmReply>>) -> impl IntoRes
         );
     };
     let (reply_tx, reply_rx) = oneshot::channel();
-    if tx.send(reply_tx).await.is_err() {
+    let request = RearmRequest {
+        by: caller.describe(),
+        reply: reply_tx,
+    };
+    if tx.send(request).await.is_err() {
         return refused(
             StatusCode::SERVICE_UNAVAILABLE,
             "the interlock is not running".into(),
@@ -275,5 +313,67 @@ pub async fn rearm_request(tx: Option<mpsc::Sender<RearmReply>>) -> impl IntoRes
             "the interlock stopped".into(),
             "restart the safety plugin",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use myelin_sdk::axum::http::HeaderMap;
+    use myelin_sdk::CALLER_HEADER;
+
+    fn from(caller: &Caller) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(CALLER_HEADER, caller.to_header().parse().unwrap());
+        h
+    }
+
+    fn member(name: &str, group: &str) -> Caller {
+        Caller {
+            via: Via::Mesh,
+            name: Some(name.into()),
+            address: "10.77.0.9".parse().ok(),
+            groups: vec![group.into()],
+        }
+    }
+
+    /// Answers every re-arm with Ok and hands back who asked.
+    fn interlock() -> (mpsc::Sender<RearmRequest>, mpsc::Receiver<RearmRequest>) {
+        mpsc::channel(4)
+    }
+
+    #[tokio::test]
+    async fn only_operators_rearm_through_the_tunnel_and_the_loop_learns_who() {
+        let groups = Arc::new(vec!["operators".to_string()]);
+        let (tx, mut rx) = interlock();
+        let robot = rearm_request(
+            Some(tx.clone()),
+            groups.clone(),
+            from(&member("robot2", "robots")),
+        )
+        .await
+        .into_response();
+        assert_eq!(robot.status(), StatusCode::FORBIDDEN);
+        assert!(
+            rx.try_recv().is_err(),
+            "a refused caller never reaches the interlock"
+        );
+
+        for (headers, who) in [
+            (
+                from(&member("operator", "operators")),
+                "operator (10.77.0.9, groups operators)",
+            ),
+            (HeaderMap::new(), "a local client of the node's API"),
+        ] {
+            let answer = tokio::spawn(rearm_request(Some(tx.clone()), groups.clone(), headers));
+            let request = rx.recv().await.unwrap();
+            assert_eq!(request.by, who);
+            request.reply.send(Ok(())).unwrap();
+            assert_eq!(
+                answer.await.unwrap().into_response().status(),
+                StatusCode::OK
+            );
+        }
     }
 }

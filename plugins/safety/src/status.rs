@@ -26,6 +26,8 @@ pub struct Status {
     pub rearm_required: bool,
     /// The trip that made the re-arm necessary (kept across restarts).
     pub rearm_cause: Option<persist::Cause>,
+    /// The last accepted re-arm: who and when.
+    pub last_rearm: Option<Rearm>,
     /// The newest transition's generation; every action applies only this one.
     pub generation: u64,
     /// Each action: what it applied, whether it is still applying, its failures.
@@ -36,6 +38,13 @@ pub struct Status {
     pub state_file: String,
     pub state_file_error: Option<String>,
     pub ros_connected: Option<bool>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Rearm {
+    /// The caller as the node identified it, e.g. "operator (10.77.0.1, groups operators)".
+    pub by: String,
+    pub at_unix_ms: u128,
 }
 
 fn note_error(status: &Mutex<Status>, error: String) {

@@ -97,6 +97,7 @@
 //! ```
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod caller;
 mod context;
 mod kit;
 mod mesh;
@@ -105,6 +106,7 @@ pub mod serve;
 
 pub use async_trait::async_trait;
 pub use axum;
+pub use caller::{Caller, Via, CALLER_HEADER};
 pub use context::{PluginContext, PluginMetrics};
 pub use inventory;
 #[cfg(feature = "zenoh")]

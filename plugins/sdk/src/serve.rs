@@ -8,10 +8,22 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
+
+/// The two ends of the TCP connection a request came on, in every request's extensions, so
+/// a handler can tell which of a host's addresses was dialled (an overlay address answers
+/// only through the TUN) and who dialled it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// The listener's address the client dialled (a concrete address even on a wildcard
+    /// listener).
+    pub local: SocketAddr,
+}
 
 /// Connection limits of one listener.
 #[derive(Clone, Copy, Debug)]
@@ -118,7 +130,17 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let service = TowerToHyperService::new(router.clone());
+        let connection = Connection {
+            remote: source,
+            local: stream.local_addr().unwrap_or(source),
+        };
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(connection);
+                req
+            },
+        ));
         let mut stop = stop_rx.clone();
         connections.spawn(async move {
             let _slot = slot;
