@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   build-essential pkg-config git curl ca-certificates
   cmake libclang-dev
-  iproute2 nftables iputils-ping tcpdump
+  iproute2 nftables iputils-ping tcpdump dnsutils
   wireguard-tools wireguard-go iperf3 ffmpeg
   python3 python3-venv
   chromium

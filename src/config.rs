@@ -48,6 +48,9 @@ pub struct Config {
     /// Who may reach what over the tunnel; none: everything (today's behaviour).
     #[serde(default)]
     pub firewall: Option<FirewallSection>,
+    /// The fleet's names (`<member>.<domain>`), served on the overlay addresses.
+    #[serde(default)]
+    pub dns: DnsSection,
     #[serde(default, rename = "plugins")]
     plugins_raw: toml::Table,
     #[serde(skip)]
@@ -56,6 +59,44 @@ pub struct Config {
     pub path: PathBuf,
     #[serde(skip)]
     text: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Every member is `<name>.<domain>` (`.internal` is reserved for private use).
+    #[serde(default = "default_dns_domain")]
+    pub domain: String,
+    #[serde(default = "default_dns_port")]
+    pub port: u16,
+    /// Tell systemd-resolved (when it runs) to send the domain's lookups here.
+    #[serde(default = "default_true")]
+    pub register: bool,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            domain: default_dns_domain(),
+            port: default_dns_port(),
+            register: true,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_dns_domain() -> String {
+    "myelin.internal".into()
+}
+
+fn default_dns_port() -> u16 {
+    53
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -489,6 +530,22 @@ impl Config {
                 ),
                 "keep listen = \"127.0.0.1:7800\" and use remote_listen (with a token_file) for access from elsewhere",
             ));
+        }
+        if config.dns.enabled {
+            if let Err(e) = crate::dns::zone::check_domain(&config.dns.domain) {
+                return Err(invalid(
+                    &["dns", "domain"],
+                    e,
+                    "e.g. domain = \"myelin.internal\"",
+                ));
+            }
+            if config.dns.port == 0 {
+                return Err(invalid(
+                    &["dns", "port"],
+                    "port 0 is no port".into(),
+                    "the default is 53",
+                ));
+            }
         }
         let control = &config.control;
         if !control.remote_listen.is_empty()

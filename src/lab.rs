@@ -249,6 +249,7 @@ impl Fabric {
         }
         for ns in &namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = std::fs::remove_dir_all(Path::new(NETNS_ETC).join(ns));
         }
         if self.exists() {
             ip(&["link", "del", &self.bridge])?;
@@ -429,6 +430,23 @@ fn control_section(api: &str, overlay_v4: &str, token_file: &Path) -> String {
     )
 }
 
+/// Where `ip netns exec` finds files it mounts over `/etc` inside a namespace.
+const NETNS_ETC: &str = "/etc/netns";
+
+/// Makes the namespace's resolver the node's own DNS server (its overlay address `overlay`),
+/// so `getent hosts robot1.myelin.internal` (or just `robot1`) works in every lab namespace,
+/// as systemd-resolved would arrange on a real machine. Removed with the namespace.
+fn resolve_names_in(namespace: &str, overlay: &str) -> anyhow::Result<()> {
+    let ip = overlay.split('/').next().unwrap_or(overlay);
+    let dir = Path::new(NETNS_ETC).join(namespace);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(
+        dir.join("resolv.conf"),
+        format!("# Made by `myelin lab up`: this node's own name server.\nnameserver {ip}\nsearch myelin.internal\noptions timeout:1 attempts:2\n"),
+    )
+    .with_context(|| format!("writing {}/resolv.conf", dir.display()))
+}
+
 /// Waits until `addr` accepts TCP connections (the lighthouse's enrollment desk is open).
 fn wait_listening(addr: &str, what: &str, log: &Path) -> anyhow::Result<()> {
     let addr: std::net::SocketAddr = addr.parse()?;
@@ -502,6 +520,7 @@ fn build(
     );
     let lh_config_path = lh_dir.join("myelin.toml");
     std::fs::write(&lh_config_path, lh_config)?;
+    resolve_names_in(&lh.namespace, &lh_v4)?;
     let mut lighthouse = LabNode {
         name: "lighthouse".into(),
         namespace: lh.namespace.clone(),
@@ -605,6 +624,7 @@ fn build(
         );
         let config_path = node_dir.join("myelin.toml");
         std::fs::write(&config_path, config)?;
+        resolve_names_in(&ns, &v4)?;
         nodes.push(LabNode {
             name: name.clone(),
             namespace: ns,

@@ -5,6 +5,7 @@ pub mod api;
 pub mod build_info;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod host;
 pub mod keys;
 pub mod lab;

@@ -166,6 +166,21 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
             format!("cannot listen on {addr} for remote control; fix: [control].remote_listen must be a free port on an address of this node (underlay or overlay)")
         })?);
     }
+    let names = if config.dns.enabled {
+        Some(
+            crate::dns::start(
+                &config.dns.domain,
+                config.dns.port,
+                config.dns.register,
+                &node,
+                &tunnel.interface,
+                tunnel.peer_control(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let remote_auth = Arc::new(api::RemoteAuth {
         token,
         allow_groups: config.control.allow_groups.clone(),
@@ -244,6 +259,9 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
     }
     view_stop.cancel();
     let _ = view_task.await;
+    if let Some(names) = names {
+        names.stop().await;
+    }
     tunnel.stop().await;
     tracing::info!("stopped");
     Ok(())

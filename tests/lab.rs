@@ -240,6 +240,57 @@ fn lab_up_meshes_three_nodes_and_ctrl_c_removes_everything() {
             String::from_utf8_lossy(&ping.stdout)
         );
     }
+    // Every node resolves every member's name through its own name server.
+    for (from, name, v4, v6) in [
+        ("operator", "robot1.myelin.internal", "10.77.0.2", "fd77::2"),
+        ("robot2", "operator.myelin.internal", "10.77.0.1", "fd77::1"),
+        ("robot1", "robot2", "10.77.0.3", "fd77::3"),
+    ] {
+        let found = Command::new(BIN)
+            .args([
+                "lab", "exec", "--dir", &d, from, "--", "getent", "hosts", name,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&found.stdout);
+        assert!(
+            found.status.success() && (text.starts_with(v4) || text.starts_with(v6)),
+            "{from}: getent hosts {name}: {text}{}",
+            String::from_utf8_lossy(&found.stderr)
+        );
+    }
+    // The operator uses a robot's API through the tunnel by its certificate, no token; a
+    // robot may not.
+    let remote = |from: &str| {
+        Command::new(BIN)
+            .args([
+                "lab",
+                "exec",
+                "--dir",
+                &d,
+                from,
+                "--",
+                BIN,
+                "status",
+                "--api",
+                "10.77.0.2:7800",
+            ])
+            .output()
+            .unwrap()
+    };
+    let by_operator = remote("operator");
+    assert!(
+        by_operator.status.success()
+            && String::from_utf8_lossy(&by_operator.stdout).contains("robot1"),
+        "{}",
+        String::from_utf8_lossy(&by_operator.stderr)
+    );
+    let by_robot = remote("robot2");
+    let refused = String::from_utf8_lossy(&by_robot.stderr);
+    assert!(
+        !by_robot.status.success() && refused.contains("not in group operators"),
+        "{refused}"
+    );
     // Robots carry the lab's policy: operators reach everything, robots all but SSH.
     let policy = common::lab_command()
         .args(["lab", "exec", "--dir", &d, "robot1", "--", BIN, "firewall"])

@@ -390,3 +390,105 @@ fn operators_rearm_a_robot_by_identity_and_nobody_else_does() {
         robot1.log()
     );
 }
+
+/// `dig` from `ns`: the status line's code and the short answers.
+fn dig(ns: &common::Netns, server: &str, name: &str, kind: &str) -> (String, Vec<String>) {
+    let out = ns
+        .command("dig")
+        .args([
+            &format!("@{server}"),
+            name,
+            kind,
+            "+norecurse",
+            "+time=2",
+            "+tries=1",
+        ])
+        .output()
+        .expect("dig (apt install dnsutils)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split("status: ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or("no answer")
+        .to_string();
+    let answers = text
+        .split(";; ANSWER SECTION:\n")
+        .nth(1)
+        .map(|a| {
+            a.lines()
+                .take_while(|l| !l.is_empty())
+                .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    (status, answers)
+}
+
+#[test]
+fn members_are_named_in_dns_and_a_member_that_leaves_loses_its_name() {
+    let mut mesh = common::mesh_formed_fleet("dns", &["operator", "robot1", "robot2"], "10.87.0");
+    // robot2's certificate carries an IPv6 overlay address too.
+    mesh.specs[2].addresses.push("fd87::3/64".into());
+    mesh.ca.sign(&mesh.specs[2], "robots");
+    let nodes: Vec<Node> = mesh
+        .specs
+        .iter()
+        .zip(&mesh.fleet.nodes)
+        .map(|(spec, ns)| Node::start_spec(ns.clone(), spec, ""))
+        .collect();
+    let op = &mesh.fleet.nodes[0];
+    let long = Duration::from_secs(30);
+    common::ping_until(op, "10.87.0.2", long);
+    common::ping_until(op, "10.87.0.3", long);
+    common::ping_until(&mesh.fleet.nodes[1], "10.87.0.3", long);
+
+    // The operator's own server, and robot1's through the tunnel, answer from the roster.
+    let a = dig(op, "10.87.0.1", "robot2.myelin.internal", "A");
+    assert_eq!(a, ("NOERROR".into(), vec!["10.87.0.3".into()]));
+    let aaaa = dig(op, "10.87.0.2", "ROBOT2.myelin.internal", "AAAA");
+    assert_eq!(aaaa, ("NOERROR".into(), vec!["fd87::3".into()]));
+    let own = dig(op, "10.87.0.1", "operator.myelin.internal", "A");
+    assert_eq!(own, ("NOERROR".into(), vec!["10.87.0.1".into()]));
+    assert_eq!(
+        dig(op, "10.87.0.1", "robot9.myelin.internal", "A").0,
+        "NXDOMAIN"
+    );
+    assert_eq!(dig(op, "10.87.0.1", "example.com", "A").0, "REFUSED");
+    // From the underlay the server is not there at all (the overlay guard).
+    let underlay_ns = &mesh.fleet.nodes[3];
+    let (status, _) = dig(
+        underlay_ns,
+        &mesh.fleet.underlay[0],
+        "robot2.myelin.internal",
+        "A",
+    );
+    assert_eq!(
+        status, "no answer",
+        "the DNS server answered on the underlay"
+    );
+
+    // robot2 stops: it says Leave, and within 5 s its name is gone everywhere.
+    let stopped = std::time::Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(nodes[2].pid(), libc::SIGTERM) };
+    let deadline = stopped + Duration::from_secs(5);
+    loop {
+        let (status, _) = dig(op, "10.87.0.1", "robot2.myelin.internal", "A");
+        if status == "NXDOMAIN" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "robot2 still has a name 5 s after it stopped:\n{}",
+            nodes[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("robot2's name gone {:?} after SIGTERM", stopped.elapsed());
+    assert!(
+        nodes[0].log().contains("it left the mesh"),
+        "{}",
+        nodes[0].log()
+    );
+}

@@ -147,6 +147,10 @@ pub struct Mesh {
     /// Roster members no fresh roster lists, since when: dropped after a refresh interval, so
     /// a member missing from one roster (a late registration) keeps its session.
     unlisted_since: HashMap<[u8; 32], Instant>,
+    /// Members that said Leave, since when: rosters that still list them are not believed
+    /// for three refreshes (until their registrations would have expired), unless they say
+    /// Hello again.
+    left: HashMap<[u8; 32], Instant>,
     /// Pages of a revocation list being received, per lighthouse.
     revocation_pages: HashMap<[u8; 32], PagedList>,
     registrations: HashMap<[u8; 32], Registration>,
@@ -204,6 +208,7 @@ impl Mesh {
             rosters: HashMap::new(),
             revocations: None,
             unlisted_since: HashMap::new(),
+            left: HashMap::new(),
             revocation_pages: HashMap::new(),
             registrations: HashMap::new(),
             generation,
@@ -374,6 +379,7 @@ impl Mesh {
                 let Some(node) = self.verify(&from, &chain, unix) else {
                     return;
                 };
+                self.left.remove(&from);
                 let known_endpoint = self.known.get(&from).and_then(|k| k.endpoint).or(endpoint);
                 let source = self.known.get(&from).map_or("hello", |k| k.source);
                 self.admit(node, chain, known_endpoint, source);
@@ -549,6 +555,25 @@ impl Mesh {
             Message::RenewRefused { reason, opens_at } => {
                 if self.is_lighthouse_key(&from) {
                     self.renewal_refused(&reason, opens_at, now, unix);
+                }
+            }
+            Message::Leave => {
+                // Lighthouses do not leave: their restarts are routine and members keep them.
+                if self.is_lighthouse_key(&from) {
+                    return;
+                }
+                let Some(k) = self.known.get(&from) else {
+                    return;
+                };
+                tracing::info!(member = %k.node.name, "dropped: it left the mesh");
+                let groups = k.node.groups.clone();
+                let was_registered = self.registrations.remove(&from).is_some();
+                self.forget(&from);
+                self.unlisted_since.remove(&from);
+                self.left.insert(from, now);
+                if was_registered {
+                    self.generation += 1;
+                    self.push_to_affected(&groups, None, now);
                 }
             }
             Message::Roster {
@@ -760,6 +785,14 @@ impl Mesh {
                 continue;
             };
             let key = leaf.body().public_key;
+            let left_for = self.config.refresh * 3;
+            if self
+                .left
+                .get(&key)
+                .is_some_and(|at| now.saturating_duration_since(*at) < left_for)
+            {
+                continue;
+            }
             let Some(node) = self.verify(&key, &e.chain, unix) else {
                 continue;
             };
@@ -1065,6 +1098,26 @@ impl Mesh {
                 }
             }
             self.drop_unlisted(now);
+            let left_for = self.config.refresh * 3;
+            self.left
+                .retain(|_, at| now.saturating_duration_since(*at) < left_for);
+        }
+    }
+
+    /// This node stops: tells every member it knows (lighthouses included) to forget it now.
+    /// A lighthouse stays listed: members keep it across its restarts.
+    pub fn leave(&mut self) {
+        if self.config.lighthouse {
+            return;
+        }
+        let mut keys: Vec<[u8; 32]> = self.known.keys().copied().collect();
+        for l in &self.config.lighthouses {
+            if !keys.contains(&l.public_key) {
+                keys.push(l.public_key);
+            }
+        }
+        for key in keys {
+            self.send(key, Message::Leave);
         }
     }
 
@@ -1665,6 +1718,59 @@ mod tests {
                     && matches!(o, Output::Remove { name, .. } if name == "robot2")),
             "{changes:?}"
         );
+    }
+
+    #[test]
+    fn a_member_that_leaves_is_dropped_at_once_and_welcome_back_with_a_hello() {
+        let t0 = Instant::now();
+        let k = ca_key();
+        let mut lh = lighthouse(&k, UNIX + 1000, t0);
+        let op_cert = node_cert(
+            &k,
+            "operator",
+            12,
+            "10.77.0.12/16",
+            &["operators"],
+            UNIX + 1000,
+        );
+        let mut op = mesh(op_cert, &["robots"], false, t0);
+        let robot_cert = node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000);
+        let mut robot = mesh(robot_cert.clone(), &["operators"], false, t0);
+        op.handle_timeout(t0, UNIX);
+        robot.handle_timeout(t0, UNIX);
+        let changes = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], t0);
+        assert!(upserted(&changes, 12, "robot1"), "{changes:?}");
+
+        robot.leave();
+        let changes = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], t0);
+        let removed = |at: u8| {
+            changes.iter().any(|(n, o)| {
+                *n == at && matches!(o, Output::Remove { name, .. } if name == "robot1")
+            })
+        };
+        assert!(removed(12) && removed(10), "{changes:?}");
+        assert!(!op.members().iter().any(|m| m.name == "robot1"));
+        // A roster that still lists it (another lighthouse, a late push) is not believed.
+        let stale = Message::Roster {
+            generation: 99,
+            page: 0,
+            pages: 1,
+            members: vec![RosterEntry {
+                chain: vec![robot_cert.to_bytes().to_vec()],
+                endpoint: None,
+            }],
+        };
+        op.handle([10; 32], None, &stale.encode(), t0, UNIX);
+        assert!(!op.members().iter().any(|m| m.name == "robot1"));
+        // A Leave from a lighthouse, or from a stranger, changes nothing.
+        op.handle([10; 32], None, &Message::Leave.encode(), t0, UNIX);
+        op.handle([77; 32], None, &Message::Leave.encode(), t0, UNIX);
+        assert!(op.poll_output().is_none());
+        // It starts again: its Hello (after registering) brings it back at once.
+        let mut robot = mesh(robot_cert, &["operators"], false, t0);
+        robot.handle_timeout(t0, UNIX);
+        let changes = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], t0);
+        assert!(upserted(&changes, 12, "robot1"), "{changes:?}");
     }
 
     fn issuer(k: &SigningKey, lifetime: u64) -> super::super::enroll::Issuer {

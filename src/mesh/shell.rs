@@ -262,7 +262,15 @@ pub async fn run(
         }
         let wake = mesh.poll_timeout().min(next_sweep);
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                mesh.leave();
+                while let Some(output) = mesh.poll_output() {
+                    if let Output::Send { .. } = output {
+                        apply(&peers, &files.cert, output);
+                    }
+                }
+                return;
+            }
             received = control.recv() => {
                 let Some(d) = received else { return };
                 mesh.handle(d.from, d.endpoint, &d.payload, Instant::now(), unix_now());

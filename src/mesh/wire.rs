@@ -66,6 +66,9 @@ pub enum Message {
     /// A lighthouse to a member: why it did not renew, and from when it would (unix seconds;
     /// 0: not here at all).
     RenewRefused { reason: String, opens_at: u64 },
+    /// A member that stops: "forget me now" (its lighthouses drop its registration, its peers
+    /// drop it) instead of waiting for its registration to expire.
+    Leave,
 }
 
 fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
@@ -247,6 +250,7 @@ impl Message {
                 }
             }
             Message::Renew => out.push(8),
+            Message::Leave => out.push(11),
             Message::Renewed { chain } => {
                 out.push(9);
                 put_chain(&mut out, chain);
@@ -350,6 +354,7 @@ impl Message {
                 Message::Found { address, member }
             }
             8 => Message::Renew,
+            11 => Message::Leave,
             9 => Message::Renewed { chain: r.chain()? },
             10 => {
                 let opens_at = r.u64()?;
@@ -458,6 +463,7 @@ mod tests {
                 member: None,
             },
             Message::Renew,
+            Message::Leave,
             Message::Renewed {
                 chain: vec![vec![4; 190], vec![5; 190]],
             },

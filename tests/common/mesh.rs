@@ -43,7 +43,7 @@ impl Fleetca {
         format!("{}/ca.crt", self.dir.path().display())
     }
 
-    /// Signs `spec`'s key and first address with `groups`; returns the certificate's path.
+    /// Signs `spec`'s key and addresses with `groups`; returns the certificate's path.
     pub fn sign(&self, spec: &Spec, groups: &str) -> String {
         let out_path = format!("{}/{}.crt", self.dir.path().display(), spec.name);
         let out = std::process::Command::new(BIN)
@@ -64,6 +64,12 @@ impl Fleetca {
                 &out_path,
                 "--force",
             ])
+            .args(
+                spec.addresses
+                    .iter()
+                    .skip(1)
+                    .flat_map(|a| ["--address", a.as_str()]),
+            )
             .output()
             .unwrap();
         assert!(
