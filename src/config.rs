@@ -258,6 +258,13 @@ pub struct FirewallSection {
     pub inbound: Vec<FirewallRule>,
     #[serde(default)]
     pub outbound: Vec<FirewallRule>,
+    /// How long a flow lives idle: "12m" (TCP), "3m" (UDP), "10m" (other) unless set.
+    #[serde(default)]
+    pub tcp_timeout: Option<String>,
+    #[serde(default)]
+    pub udp_timeout: Option<String>,
+    #[serde(default)]
+    pub other_timeout: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -311,6 +318,16 @@ impl FirewallSection {
                 })
                 .collect()
         };
+        let timeout = |key: &'static str, text: Option<&str>, default| match text {
+            None => Ok(default),
+            Some(t) => crate::mesh::cert::parse_lifetime(t)
+                .map(std::time::Duration::from_secs)
+                .map_err(|why| fw::RuleError::Timeout {
+                    key,
+                    value: t.to_string(),
+                    why,
+                }),
+        };
         let inbound = rules(&self.inbound, "inbound")?;
         let outbound = rules(&self.outbound, "outbound")?;
         Ok(fw::RuleSet {
@@ -324,6 +341,15 @@ impl FirewallSection {
             },
             inbound,
             outbound,
+            timeouts: fw::Timeouts {
+                tcp: timeout("tcp_timeout", self.tcp_timeout.as_deref(), fw::TCP_TIMEOUT)?,
+                udp: timeout("udp_timeout", self.udp_timeout.as_deref(), fw::UDP_TIMEOUT)?,
+                other: timeout(
+                    "other_timeout",
+                    self.other_timeout.as_deref(),
+                    fw::OTHER_TIMEOUT,
+                )?,
+            },
         })
     }
 }

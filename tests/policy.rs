@@ -492,3 +492,125 @@ fn members_are_named_in_dns_and_a_member_that_leaves_loses_its_name() {
         nodes[0].log()
     );
 }
+
+const IPERF_FIREWALL: &str = "[firewall]\ndefault_inbound = \"deny\"\nudp_timeout = \"2s\"\n[[firewall.inbound]]\nname = \"iperf-from-operators\"\ngroups = [\"operators\"]\nproto = \"tcp\"\nport = \"5201\"\n[[firewall.inbound]]\nproto = \"icmp\"\n";
+
+#[test]
+fn a_udp_flow_expires_when_idle_and_a_reload_keeps_an_iperf3_stream() {
+    let mut mesh = common::mesh_formed_fleet("fwt", &["operator", "robot1"], "10.86.0");
+    mesh.specs[1].rest.push_str(IPERF_FIREWALL);
+    let nodes: Vec<Node> = mesh
+        .specs
+        .iter()
+        .zip(&mesh.fleet.nodes)
+        .map(|(spec, ns)| Node::start_spec(ns.clone(), spec, ""))
+        .collect();
+    let (op_ns, robot_ns) = (mesh.fleet.nodes[0].clone(), mesh.fleet.nodes[1].clone());
+    common::ping_until(&op_ns, "10.86.0.2", Duration::from_secs(30));
+
+    // robot1 opens a UDP flow to the operator: the operator's answers come back, for as long
+    // as the flow is not idle for udp_timeout (2 s).
+    let robot = robot_ns.enter(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        s
+    });
+    let operator = op_ns.enter(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:9000").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    });
+    robot.send_to(b"hello", "10.86.0.1:9000").unwrap();
+    let mut buf = [0u8; 16];
+    let (_, robot_addr) = operator.recv_from(&mut buf).expect("robot1 -> operator");
+    operator.send_to(b"reply", robot_addr).unwrap();
+    let n = robot.recv(&mut buf).expect("the reply passes");
+    assert_eq!(&buf[..n], b"reply");
+    operator.send_to(b"more", robot_addr).unwrap();
+    assert!(robot.recv(&mut buf).is_ok(), "the flow is still fresh");
+    // Idle for longer than the UDP timeout (the condition under test, not a wait for an event).
+    std::thread::sleep(Duration::from_millis(3000));
+    operator.send_to(b"late", robot_addr).unwrap();
+    assert!(
+        robot.recv(&mut buf).is_err(),
+        "a datagram arrived on a flow idle past its timeout"
+    );
+    // robot1 opening the flow again lets the answers in again: only the stale flow was shut.
+    robot.send_to(b"again", "10.86.0.1:9000").unwrap();
+    operator
+        .recv_from(&mut buf)
+        .expect("robot1 -> operator again");
+    operator.send_to(b"reply", robot_addr).unwrap();
+    assert!(robot.recv(&mut buf).is_ok(), "the renewed flow passes");
+
+    // An iperf3 stream from the operator keeps running across a reload that adds a rule.
+    let mut server = robot_ns
+        .command("iperf3")
+        .args(["-s", "-p", "5201"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 (apt install iperf3)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let client = loop {
+        let client = op_ns
+            .command("iperf3")
+            .args(["-c", "10.86.0.2", "-p", "5201", "-t", "6", "-i", "1", "-J"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The server may not listen yet: retry until it answers, within the deadline.
+        let flowing = nodes[1].poll(
+            "iperf3 traffic or its end",
+            Duration::from_secs(5),
+            || nodes[1].peer("operator"),
+            |v| {
+                v["rx_bytes"].as_u64().unwrap_or(0) > 5_000_000
+                    || common::process_gone(u64::from(client.id()))
+            },
+        );
+        let _ = flowing;
+        if !common::process_gone(u64::from(client.id())) {
+            break client;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "iperf3 never connected"
+        );
+    };
+    let config = std::fs::read_to_string(&nodes[1].config).unwrap();
+    std::fs::write(
+        &nodes[1].config,
+        config.replace(
+            "[[firewall.inbound]]\nproto = \"icmp\"\n",
+            "[[firewall.inbound]]\nproto = \"icmp\"\n[[firewall.inbound]]\nname = \"dns\"\nproto = \"udp\"\nport = \"53\"\n",
+        ),
+    )
+    .unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(nodes[1].pid(), libc::SIGHUP) };
+    nodes[1].poll(
+        "the reloaded rules",
+        Duration::from_secs(10),
+        || nodes[1].get("/api/v1/firewall"),
+        |v: &Value| v["firewall"]["rules"]["inbound"].as_array().map(Vec::len) == Some(3),
+    );
+    let out = client.wait_with_output().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let report: Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J output");
+    assert!(report.get("error").is_none(), "{report}");
+    let intervals = report["intervals"].as_array().cloned().unwrap_or_default();
+    let rates: Vec<f64> = intervals
+        .iter()
+        .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
+        .collect();
+    println!(
+        "iperf3 across the reload, Mbit/s per second: {:?}",
+        rates.iter().map(|r| (r / 1e6).round()).collect::<Vec<_>>()
+    );
+    assert!(
+        rates.len() >= 5 && rates.iter().all(|r| *r > 1e6),
+        "a second without traffic: {rates:?}"
+    );
+}

@@ -12,6 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let rules = RuleSet {
         default_inbound_allow: false,
         default_outbound_allow: true,
+        timeouts: Default::default(),
         inbound: vec![Rule {
             name: "ssh".into(),
             peers: Peers {

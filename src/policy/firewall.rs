@@ -70,6 +70,35 @@ pub struct RuleSet {
     pub default_outbound_allow: bool,
     pub inbound: Vec<Rule>,
     pub outbound: Vec<Rule>,
+    pub timeouts: Timeouts,
+}
+
+/// How long a tracked flow lives without a packet, by protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Timeouts {
+    pub tcp: Duration,
+    pub udp: Duration,
+    pub other: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp: TCP_TIMEOUT,
+            udp: UDP_TIMEOUT,
+            other: OTHER_TIMEOUT,
+        }
+    }
+}
+
+impl Timeouts {
+    fn of(&self, proto: u8) -> Duration {
+        match proto {
+            TCP => self.tcp,
+            UDP => self.udp,
+            _ => self.other,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -82,6 +111,12 @@ pub enum RuleError {
     PortWithoutProto { rule: String },
     #[error("[firewall].{key} = {value:?}: use \"allow\" or \"deny\"")]
     Default { key: &'static str, value: String },
+    #[error("[firewall].{key} = {value:?}: {why}")]
+    Timeout {
+        key: &'static str,
+        value: String,
+        why: String,
+    },
 }
 
 /// Parses `"22"`, `"8000-8100"` or `"any"`.
@@ -237,14 +272,6 @@ pub struct Firewall {
     next_sweep: Instant,
 }
 
-fn timeout(proto: u8) -> Duration {
-    match proto {
-        TCP => TCP_TIMEOUT,
-        UDP => UDP_TIMEOUT,
-        _ => OTHER_TIMEOUT,
-    }
-}
-
 fn rule_matches(rule: &Rule, peer: &PeerIdentity, remote: IpAddr, proto: u8, port: u16) -> bool {
     let p = &rule.peers;
     rule.proto.matches(proto)
@@ -334,7 +361,7 @@ impl Firewall {
         }
         if let Some(expires) = self.flows.get_mut(&key) {
             if *expires > now {
-                *expires = now + timeout(key.proto);
+                *expires = now + self.rules.timeouts.of(key.proto);
                 return Ok(());
             }
         }
@@ -366,7 +393,8 @@ impl Firewall {
                 return Err(Drop::TableFull);
             }
         }
-        self.flows.insert(key, now + timeout(key.proto));
+        self.flows
+            .insert(key, now + self.rules.timeouts.of(key.proto));
         Ok(())
     }
 
@@ -407,6 +435,7 @@ mod tests {
         RuleSet {
             default_inbound_allow: false,
             default_outbound_allow: true,
+            timeouts: Default::default(),
             inbound: vec![
                 Rule {
                     name: "inbound[0]".into(),
@@ -482,6 +511,7 @@ mod tests {
         let rules = RuleSet {
             default_inbound_allow: false,
             default_outbound_allow: false,
+            timeouts: Default::default(),
             inbound: vec![Rule {
                 name: "web".into(),
                 peers: Peers {

@@ -71,7 +71,13 @@ pub async fn interlock_loop(
     ));
     // The start-up stop is the first transition; the loop below handles it before any wait.
     let mut woke = true;
+    // A re-arm's answer goes out once the status and the state file show its outcome, so
+    // whoever asked reads the new state right after.
+    let mut answer: Option<(oneshot::Sender<Result<(), String>>, Result<(), String>)> = None;
     loop {
+        if let Some((reply, result)) = answer.take() {
+            let _ = reply.send(result);
+        }
         if !woke {
             let deadline = il.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
@@ -100,7 +106,7 @@ pub async fn interlock_loop(
                         }
                         Err(e) => log(&format!("re-arm by {by} refused: {e}")),
                     }
-                    let _ = reply.send(result);
+                    answer = Some((reply, result));
                 }
             }
         }
