@@ -553,7 +553,7 @@ fn a_udp_flow_expires_when_idle_and_a_reload_keeps_an_iperf3_stream() {
         .expect("iperf3 (apt install iperf3)");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let client = loop {
-        let client = op_ns
+        let mut client = op_ns
             .command("iperf3")
             .args(["-c", "10.86.0.2", "-p", "5201", "-t", "6", "-i", "1", "-J"])
             .stdout(std::process::Stdio::piped())
@@ -573,6 +573,7 @@ fn a_udp_flow_expires_when_idle_and_a_reload_keeps_an_iperf3_stream() {
         if !common::process_gone(u64::from(client.id())) {
             break client;
         }
+        let _ = client.wait();
         assert!(
             std::time::Instant::now() < deadline,
             "iperf3 never connected"

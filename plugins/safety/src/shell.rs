@@ -12,10 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// Where a re-arm's outcome goes.
+pub type RearmReply = oneshot::Sender<Result<(), String>>;
+
 /// A person's re-arm: who asked (for the log and the status), and where the answer goes.
 pub struct RearmRequest {
     pub by: String,
-    pub reply: oneshot::Sender<Result<(), String>>,
+    pub reply: RearmReply,
 }
 
 /// What the interlock loop drives besides the status.
@@ -73,7 +76,7 @@ pub async fn interlock_loop(
     let mut woke = true;
     // A re-arm's answer goes out once the status and the state file show its outcome, so
     // whoever asked reads the new state right after.
-    let mut answer: Option<(oneshot::Sender<Result<(), String>>, Result<(), String>)> = None;
+    let mut answer: Option<(RearmReply, Result<(), String>)> = None;
     loop {
         if let Some((reply, result)) = answer.take() {
             let _ = reply.send(result);
