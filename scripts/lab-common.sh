@@ -1,0 +1,41 @@
+# Sourced by the whole-system benchmarks that measure a running lab (bench-idle.sh,
+# bench-memory.sh): the machine set up, Myelin built in release as $MYELIN, and
+#   lab_start DIR [lab up options...]  a detached 3-node lab in DIR, every node settled
+#                                      (enabled plugins running, robots' interlocks armed),
+#                                      its "name pid" lines in $LAB_NODES
+#   tree PID                           PID and every descendant
+scripts/setup.sh >/dev/null
+. scripts/env.sh
+cargo build --release --locked --quiet
+MYELIN="$CARGO_TARGET_DIR/release/myelin"
+
+settled() { # dir node: every enabled plugin running; robots' interlocks armed
+  local dir=$1 node=$2
+  "$MYELIN" lab exec --dir "$dir" "$node" -- "$MYELIN" plugins --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+ps = v["plugins"] if isinstance(v, dict) else v
+sys.exit(0 if all(p["state"] == "running" for p in ps if p["enabled"]) else 1)' || return 1
+  [ "$node" = operator ] && return 0
+  if "$MYELIN" lab exec --dir "$dir" "$node" -- "$MYELIN" plugins --json | grep -q '"safety"'; then
+    "$MYELIN" lab exec --dir "$dir" "$node" -- "$MYELIN" safety status | grep -q "armed: motion permitted"
+  fi
+}
+
+lab_start() { # dir [lab up options...]
+  local dir=$1; shift
+  "$MYELIN" lab down --dir "$dir" >/dev/null 2>&1 || true
+  "$MYELIN" lab up --nodes 3 --dir "$dir" --detach "$@" >/dev/null
+  LAB_NODES=$("$MYELIN" lab status --dir "$dir" --json | python3 -c 'import json,sys; [print(n["name"], n["pid"]) for n in json.load(sys.stdin)["nodes"]]')
+  local name i
+  while read -r name _; do
+    for i in $(seq 1 600); do settled "$dir" "$name" && break; sleep 0.2
+      [ "$i" = 600 ] && { echo "lab: $name did not settle in 120 s" >&2; return 1; }
+    done
+  done <<<"$LAB_NODES"
+}
+
+tree() { # pid: the pid and every descendant
+  local p=$1; echo "$p"
+  for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do tree "$c"; done
+}
