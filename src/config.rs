@@ -322,6 +322,16 @@ impl FirewallSection {
             None => Ok(default),
             Some(t) => crate::mesh::cert::parse_lifetime(t)
                 .map(std::time::Duration::from_secs)
+                .and_then(|d| {
+                    if d <= fw::MAX_TIMEOUT {
+                        Ok(d)
+                    } else {
+                        Err(
+                            "at most 1 day (\"24h\"): a flow kept longer only fills the table"
+                                .into(),
+                        )
+                    }
+                })
                 .map_err(|why| fw::RuleError::Timeout {
                     key,
                     value: t.to_string(),
@@ -1014,6 +1024,28 @@ mod tests {
             Path::new("t.toml"),
         );
         assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    #[test]
+    fn firewall_timeouts_are_checked() {
+        let fw = |t: &str| {
+            Config::parse(
+                &minimal(&format!("[firewall]\nudp_timeout = \"{t}\"\n")),
+                Path::new("t.toml"),
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|c| c.firewall.unwrap().rule_set().map_err(|e| e.to_string()))
+        };
+        assert_eq!(
+            fw("90s").unwrap().timeouts.udp,
+            std::time::Duration::from_secs(90)
+        );
+        let e = fw("2d").unwrap_err();
+        assert!(
+            e.contains("udp_timeout") && e.contains("at most 1 day"),
+            "{e}"
+        );
+        assert!(fw("soon").unwrap_err().contains("udp_timeout"));
     }
 
     #[test]

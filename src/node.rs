@@ -166,25 +166,44 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
             format!("cannot listen on {addr} for remote control; fix: [control].remote_listen must be a free port on an address of this node (underlay or overlay)")
         })?);
     }
-    let names = if config.dns.enabled {
-        Some(
-            crate::dns::start(
-                &config.dns.domain,
-                config.dns.port,
-                config.dns.register,
-                &node,
-                &tunnel.interface,
-                tunnel.peer_control(),
-            )
-            .await?,
+    // Names are a convenience: a node whose DNS cannot start (port 53 taken by a wildcard
+    // server, say) still runs, and says why.
+    let names = match (config.dns.enabled, config.node.overlay_guard) {
+        (false, _) => None,
+        (true, false) => {
+            tracing::warn!("[dns] is not served: [node].overlay_guard = false would expose it to the physical network");
+            None
+        }
+        (true, true) => match crate::dns::start(
+            &config.dns.domain,
+            config.dns.port,
+            config.dns.register,
+            &node,
+            &tunnel.interface,
+            tunnel.peer_control(),
         )
-    } else {
-        None
+        .await
+        {
+            Ok(service) => Some(service),
+            Err(e) => {
+                tracing::warn!("the fleet's names are not served: {e}");
+                None
+            }
+        },
     };
     let remote_auth = Arc::new(api::RemoteAuth {
         token,
         allow_groups: config.control.allow_groups.clone(),
         overlay: node.overlay_addresses.iter().map(|n| n.addr()).collect(),
+        names: if config.dns.enabled {
+            vec![format!(
+                "{}.{}",
+                node.name,
+                config.dns.domain.trim_end_matches('.')
+            )]
+        } else {
+            Vec::new()
+        },
     });
     let host = Arc::new(PluginHost::start(&config, node.clone(), mesh_rx.clone())?);
     let state = Arc::new(ApiState {

@@ -442,7 +442,7 @@ fn ca_signs_nodes_and_constrained_signers() {
             "10.77.0.9/16",
             "robots",
             "31",
-            "lifetime 31 days is outside",
+            "lifetime 31 days left is outside",
         ),
     ] {
         let o = by_signer("robot9", addr, groups, days);

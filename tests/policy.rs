@@ -260,6 +260,24 @@ fn operators_rearm_a_robot_by_identity_and_nobody_else_does() {
         (200, Some("robot1")),
         "{status}"
     );
+    // A web page in the operator's browser gets nothing from it: not by another name (DNS
+    // rebinding), not with a cross-site POST.
+    let raw = |request: &'static str| {
+        mesh.fleet.nodes[0].enter(move || {
+            let mut s = TcpStream::connect_timeout(&overlay_api, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(request.as_bytes())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok::<_, std::io::Error>(out)
+        })
+    };
+    let rebound =
+        raw("GET /api/v1/status HTTP/1.1\r\nHost: evil.example:7800\r\nConnection: close\r\n\r\n")
+            .unwrap();
+    assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
+    let cross = raw("POST /plugins/safety/rearm HTTP/1.1\r\nHost: 10.88.0.2:7800\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    assert!(cross.starts_with("HTTP/1.1 403"), "{cross}");
     // robot2 may read (robots are allowed on this node) but not re-arm: the interlock wants
     // an operator, and says so.
     assert_eq!(safety(robot2).0, 200);

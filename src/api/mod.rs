@@ -107,6 +107,9 @@ pub struct RemoteAuth {
     /// This node's overlay addresses: only a connection dialled to one of them came through
     /// the TUN (the overlay guard drops them from anywhere else).
     pub overlay: Vec<std::net::IpAddr>,
+    /// Names a browser may use for this node in `Host` besides the dialled address (its
+    /// `<name>.<domain>` under `[dns]`).
+    pub names: Vec<String>,
 }
 
 impl RemoteAuth {
@@ -136,6 +139,14 @@ impl RemoteAuth {
             .extensions()
             .get::<myelin_sdk::serve::Connection>()
             .copied();
+        // A browser on a member's machine carries that member's identity to any address it is
+        // pointed at: only requests that name this listener, and state changes from its own
+        // pages, are taken (no cross-site request, no DNS rebinding).
+        if let Some(refusal) = connection
+            .and_then(|c| request_refusal(req, c.local, &self.names, "send the bearer token from [control].token_file, or call this node's overlay address from a member of [control].allow_groups"))
+        {
+            return Err(refusal);
+        }
         let remote = connection.map(|c| c.remote.ip().to_canonical());
         let bearer = req
             .headers()
@@ -233,7 +244,15 @@ pub fn router(state: Arc<ApiState>, own: std::net::SocketAddr) -> Router {
         .merge(api_routes(state))
         .layer(axum::middleware::from_fn(
             move |mut req: Request, next: axum::middleware::Next| async move {
-                match local_request_refusal(&req, own) {
+                match request_refusal(
+                    &req,
+                    own,
+                    &[],
+                    &format!(
+                        "for remote access use [control].remote_listen (port {})",
+                        own.port()
+                    ),
+                ) {
                     None => {
                         req.extensions_mut().insert(Caller::local());
                         next.run(req).await
@@ -244,15 +263,22 @@ pub fn router(state: Arc<ApiState>, own: std::net::SocketAddr) -> Router {
         ))
 }
 
-/// Why a request to the loopback listener at `own` is refused, if it is.
-fn local_request_refusal(req: &Request, own: std::net::SocketAddr) -> Option<ApiError> {
+/// Why a request to the listener at `own` is refused, if it is: its `Host` names neither
+/// `own` nor one of `names`, or it changes state from another origin (an `Origin` that is not
+/// this listener's, or a browser's `Sec-Fetch-Site` other than same-origin).
+fn request_refusal(
+    req: &Request,
+    own: std::net::SocketAddr,
+    names: &[String],
+    remote_hint: &str,
+) -> Option<ApiError> {
     let header = |name| {
         req.headers()
             .get(name)
             .map(|v| v.to_str().unwrap_or("\u{fffd}"))
     };
     let host = header(axum::http::header::HOST);
-    let same = |authority: &str| is_own_authority(authority, own);
+    let same = |authority: &str| is_own_authority(authority, own, names);
     if !host.is_some_and(same) {
         return Some(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -260,7 +286,20 @@ fn local_request_refusal(req: &Request, own: std::net::SocketAddr) -> Option<Api
                 "Host `{}` is not this API's address",
                 host.unwrap_or("(none)")
             ),
-            format!("address the local API as http://{own} or http://localhost:{}; for remote access use [control].remote_listen with a token", own.port()),
+            if own.ip().is_loopback() {
+                format!(
+                    "address the local API as http://{own} or http://localhost:{}; {remote_hint}",
+                    own.port()
+                )
+            } else {
+                format!(
+                    "address this API as http://{own}{}",
+                    names
+                        .first()
+                        .map(|n| format!(" or http://{n}:{}", own.port()))
+                        .unwrap_or_default()
+                )
+            },
         ));
     }
     let changes_state = !matches!(
@@ -268,6 +307,15 @@ fn local_request_refusal(req: &Request, own: std::net::SocketAddr) -> Option<Api
         axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
     );
     if changes_state {
+        if let Some(site) = header(axum::http::HeaderName::from_static("sec-fetch-site")) {
+            if site != "same-origin" && site != "none" {
+                return Some(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!("a {} from a {site} page is refused", req.method()),
+                    format!("only pages served by this API (http://{own}) may change state; scripts and curl send no Sec-Fetch-Site"),
+                ));
+            }
+        }
         if let Some(origin) = header(axum::http::header::ORIGIN) {
             let own_origin = origin.strip_prefix("http://").is_some_and(same);
             if !own_origin {
@@ -283,8 +331,9 @@ fn local_request_refusal(req: &Request, own: std::net::SocketAddr) -> Option<Api
 }
 
 /// `authority` (a `Host` value or an origin without its scheme) names the listener at `own`:
-/// its own IP or `localhost`, with its port (or no port when that is 80).
-fn is_own_authority(authority: &str, own: std::net::SocketAddr) -> bool {
+/// its own IP, `localhost` (loopback listeners) or one of `names`, with its port (or no port
+/// when that is 80).
+fn is_own_authority(authority: &str, own: std::net::SocketAddr, names: &[String]) -> bool {
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !p.contains(']') => (h, p.parse::<u16>().ok()),
         _ => (authority, Some(80)),
@@ -296,8 +345,11 @@ fn is_own_authority(authority: &str, own: std::net::SocketAddr) -> bool {
     if host.eq_ignore_ascii_case("localhost") {
         return own.ip().is_loopback();
     }
+    if names.iter().any(|n| host.eq_ignore_ascii_case(n)) {
+        return true;
+    }
     host.parse::<std::net::IpAddr>()
-        .is_ok_and(|ip| ip == own.ip())
+        .is_ok_and(|ip| ip.to_canonical() == own.ip().to_canonical())
 }
 
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -689,7 +741,8 @@ mod tests {
     #[test]
     fn only_the_listeners_own_host_and_origin_pass() {
         let own: std::net::SocketAddr = "127.0.0.1:7800".parse().unwrap();
-        let refused = |method, host, origin| local_request_refusal(&req(method, host, origin), own);
+        let refused =
+            |method, host, origin| request_refusal(&req(method, host, origin), own, &[], "");
         assert!(refused("GET", "127.0.0.1:7800", None).is_none());
         assert!(refused("GET", "localhost:7800", None).is_none());
         assert!(refused("GET", "LOCALHOST:7800", None).is_none());
@@ -707,8 +760,30 @@ mod tests {
         assert!(refused("POST", "127.0.0.1:7800", Some("null")).is_some());
         assert!(refused("DELETE", "127.0.0.1:7800", Some("http://evil.example")).is_some());
         let v6: std::net::SocketAddr = "[::1]:7800".parse().unwrap();
-        assert!(local_request_refusal(&req("GET", "[::1]:7800", None), v6).is_none());
-        assert!(local_request_refusal(&req("GET", "localhost:7800", None), v6).is_none());
+        assert!(request_refusal(&req("GET", "[::1]:7800", None), v6, &[], "").is_none());
+        assert!(request_refusal(&req("GET", "localhost:7800", None), v6, &[], "").is_none());
+        // A remote listener: its address or its DNS name, never localhost; no cross-site
+        // state change even with a matching Host.
+        let overlay: std::net::SocketAddr = "10.77.0.2:7800".parse().unwrap();
+        let names = ["robot1.myelin.internal".to_string()];
+        let remote = |r: Request| request_refusal(&r, overlay, &names, "");
+        assert!(remote(req("POST", "10.77.0.2:7800", None)).is_none());
+        assert!(remote(req("GET", "ROBOT1.myelin.internal:7800", None)).is_none());
+        assert!(remote(req("GET", "localhost:7800", None)).is_some());
+        assert!(
+            remote(req("GET", "evil.example:7800", None)).is_some(),
+            "rebinding"
+        );
+        assert!(remote(req("POST", "10.77.0.2:7800", Some("http://evil.example"))).is_some());
+        let mut cross = req("POST", "10.77.0.2:7800", None);
+        cross
+            .headers_mut()
+            .insert("sec-fetch-site", "cross-site".parse().unwrap());
+        assert!(remote(cross).is_some());
+        let mut same = req("POST", "10.77.0.2:7800", Some("http://10.77.0.2:7800"));
+        same.headers_mut()
+            .insert("sec-fetch-site", "same-origin".parse().unwrap());
+        assert!(remote(same).is_none());
     }
 
     #[test]

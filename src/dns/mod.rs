@@ -15,7 +15,6 @@ use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use zone::{Answer, Wanted};
 
@@ -24,7 +23,7 @@ const TTL: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
-    #[error("cannot serve DNS on {addr}: {source}\n  fix: free port {port} on the overlay address, or set [dns] port (or enabled = false)", port = addr.port())]
+    #[error("cannot serve DNS on {addr}: {source}\n  fix: free UDP port {port} on the overlay address (a resolver listening on 0.0.0.0:{port}?), or set [dns] port, or enabled = false", port = addr.port())]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -220,7 +219,7 @@ pub struct NameService {
     registered: Option<String>,
 }
 
-/// Serves `domain` on `port` of each of the node's overlay addresses (UDP and TCP), and
+/// Serves `domain` on UDP `port` of each of the node's overlay addresses, and
 /// registers it with systemd-resolved for `interface` when `register` and resolved runs for
 /// this network namespace.
 pub async fn start(
@@ -235,18 +234,14 @@ pub async fn start(
     let own: Vec<IpAddr> = node.overlay_addresses.iter().map(|n| n.addr()).collect();
     let handler = MemberNames::new(&domain, &node.name, own.clone(), peers)?;
     let mut server = Server::new(handler);
+    // UDP only: an answer holds at most a member's few addresses, far below 512 bytes, so it
+    // is never truncated; and no TCP listener means no connections to hoard.
     for ip in &own {
         let addr = SocketAddr::new(*ip, port);
-        let bind_error = |source| DnsError::Bind { addr, source };
         let udp = tokio::net::UdpSocket::bind(addr)
             .await
-            .map_err(bind_error)?;
-        let tcp = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(bind_error)?;
+            .map_err(|source| DnsError::Bind { addr, source })?;
         server.register_socket(udp);
-        // An idle TCP client is dropped after 5 s; 32 answers may queue per connection.
-        server.register_listener(tcp, Duration::from_secs(5), 32);
     }
     let stop = CancellationToken::new();
     let stopped = stop.clone();
@@ -341,16 +336,23 @@ fn register_with_resolved(
             ))
         }
     };
+    // The routing domain first and no default route, so the link never takes other lookups,
+    // not even between two of these calls.
+    run(&[
+        "domain".to_string(),
+        interface.to_string(),
+        format!("~{domain}"),
+    ])?;
+    run(&[
+        "default-route".to_string(),
+        interface.to_string(),
+        "false".to_string(),
+    ])?;
     let mut dns = vec!["dns".to_string(), interface.to_string()];
     dns.extend(servers.iter().map(|ip| match (ip, port) {
         (_, 53) => ip.to_string(),
         (IpAddr::V4(v4), p) => format!("{v4}:{p}"),
         (IpAddr::V6(v6), p) => format!("[{v6}]:{p}"),
     }));
-    run(&dns)?;
-    run(&[
-        "domain".to_string(),
-        interface.to_string(),
-        format!("~{domain}"),
-    ])
+    run(&dns)
 }

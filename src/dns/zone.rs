@@ -5,6 +5,10 @@
 use ipnet::IpNet;
 use std::net::IpAddr;
 
+/// Addresses in one answer at most, so it always fits a 512-byte UDP answer (the server
+/// speaks UDP only).
+pub const MAX_RECORDS: usize = 8;
+
 /// What a question gets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Answer {
@@ -71,6 +75,7 @@ pub fn answer<'a>(
         addrs
             .iter()
             .copied()
+            .take(MAX_RECORDS)
             .filter(|a| match wanted {
                 Wanted::V4 => a.is_ipv4(),
                 Wanted::V6 => a.is_ipv6(),

@@ -150,7 +150,7 @@ pub struct Mesh {
     /// Members that said Leave, since when: rosters that still list them are not believed
     /// for three refreshes (until their registrations would have expired), unless they say
     /// Hello again.
-    left: HashMap<[u8; 32], Instant>,
+    left: HashMap<[u8; 32], (Instant, HashMap<[u8; 32], u64>)>,
     /// Pages of a revocation list being received, per lighthouse.
     revocation_pages: HashMap<[u8; 32], PagedList>,
     registrations: HashMap<[u8; 32], Registration>,
@@ -570,7 +570,14 @@ impl Mesh {
                 let was_registered = self.registrations.remove(&from).is_some();
                 self.forget(&from);
                 self.unlisted_since.remove(&from);
-                self.left.insert(from, now);
+                // A lighthouse's later roster generation that lists it again means it registered
+                // again (the lighthouse dropped it on this Leave too).
+                let generations = self
+                    .rosters
+                    .iter()
+                    .map(|(lh, copy)| (*lh, copy.generation))
+                    .collect();
+                self.left.insert(from, (now, generations));
                 if was_registered {
                     self.generation += 1;
                     self.push_to_affected(&groups, None, now);
@@ -719,12 +726,18 @@ impl Mesh {
         }
     }
 
-    /// Whether this node's certificate is in the last third of its life.
+    /// Whether this node's certificate is in the last third of its life. A renewed lineage
+    /// keeps its first not-before, so its life is bounded by what the signer grants at most.
     fn renewal_due(&self, unix: u64) -> bool {
         self.config.chain.first().is_some_and(|c| {
             let b = c.body();
-            let third = b.not_after.saturating_sub(b.not_before) / 3;
-            unix >= b.not_after.saturating_sub(third)
+            let mut span = b.not_after.saturating_sub(b.not_before);
+            if let Some(days) = self.config.chain.get(1).map(|s| s.body().max_days) {
+                if days > 0 {
+                    span = span.min(u64::from(days) * 86_400);
+                }
+            }
+            unix >= b.not_after.saturating_sub(span / 3)
         })
     }
 
@@ -786,11 +799,13 @@ impl Mesh {
             };
             let key = leaf.body().public_key;
             let left_for = self.config.refresh * 3;
-            if self
-                .left
-                .get(&key)
-                .is_some_and(|at| now.saturating_duration_since(*at) < left_for)
-            {
+            let generation = self.rosters.get(&from).map(|c| c.generation);
+            if self.left.get(&key).is_some_and(|(at, seen)| {
+                now.saturating_duration_since(*at) < left_for
+                    && seen
+                        .get(&from)
+                        .is_none_or(|g| generation.is_none_or(|now_gen| now_gen <= *g))
+            }) {
                 continue;
             }
             let Some(node) = self.verify(&key, &e.chain, unix) else {
@@ -1100,7 +1115,7 @@ impl Mesh {
             self.drop_unlisted(now);
             let left_for = self.config.refresh * 3;
             self.left
-                .retain(|_, at| now.saturating_duration_since(*at) < left_for);
+                .retain(|_, (at, _)| now.saturating_duration_since(*at) < left_for);
         }
     }
 
@@ -1750,9 +1765,11 @@ mod tests {
         };
         assert!(removed(12) && removed(10), "{changes:?}");
         assert!(!op.members().iter().any(|m| m.name == "robot1"));
-        // A roster that still lists it (another lighthouse, a late push) is not believed.
+        // A roster that still lists it (a late push of a generation from before the Leave) is
+        // not believed.
+        let seen = op.rosters.get(&[10; 32]).map(|c| c.generation).unwrap();
         let stale = Message::Roster {
-            generation: 99,
+            generation: seen,
             page: 0,
             pages: 1,
             members: vec![RosterEntry {

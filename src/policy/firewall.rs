@@ -73,6 +73,9 @@ pub struct RuleSet {
     pub timeouts: Timeouts,
 }
 
+/// The longest idle timeout a config may set: a flow kept longer only fills the table.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// How long a tracked flow lives without a packet, by protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Timeouts {
@@ -296,7 +299,12 @@ impl Firewall {
 
     /// New rules; established flows stay (a flow the new rules would refuse ends with its
     /// idle timeout, as in Nebula).
-    pub fn set_rules(&mut self, rules: std::sync::Arc<RuleSet>) {
+    pub fn set_rules(&mut self, rules: std::sync::Arc<RuleSet>, now: Instant) {
+        // Shorter timeouts bind the flows already tracked too.
+        let t = rules.timeouts;
+        for (key, expires) in self.flows.iter_mut() {
+            *expires = (*expires).min(now + t.of(key.proto));
+        }
         self.rules = rules;
     }
 
@@ -503,6 +511,19 @@ mod tests {
         );
         // Probes always pass.
         assert_eq!(fw.inbound(&v4(R2, R1, UDP, 51821, 51821), &r2, t0), Ok(()));
+        // A reload that shortens the UDP timeout binds a flow tracked before it.
+        assert_eq!(
+            fw.outbound(&v4(R1, R2, UDP, 5001, 7447), &r2, later),
+            Ok(())
+        );
+        let mut shorter = ssh_for_operators();
+        shorter.timeouts.udp = Duration::from_secs(2);
+        fw.set_rules(Arc::new(shorter), later);
+        let after = later + Duration::from_secs(3);
+        assert_eq!(
+            fw.inbound(&v4(R2, R1, UDP, 7447, 5001), &r2, after),
+            Err(Drop::Default("default_inbound"))
+        );
     }
 
     #[test]

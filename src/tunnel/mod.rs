@@ -209,7 +209,9 @@ impl PeerControl {
     pub fn set_firewall_rules(&self, rules: crate::policy::firewall::RuleSet) -> bool {
         match self.0.firewall.as_ref().map(|f| f.lock()) {
             Some(Ok(mut state)) => {
-                state.firewall.set_rules(Arc::new(rules));
+                state
+                    .firewall
+                    .set_rules(Arc::new(rules), std::time::Instant::now());
                 true
             }
             _ => false,

@@ -268,7 +268,18 @@ pub async fn rearm_request(
 ) -> impl IntoResponse {
     let refused =
         |code: StatusCode, error: String, hint: &str| myelin_sdk::error_response(code, error, hint);
-    let caller = Caller::from_headers(&headers).unwrap_or_else(Caller::local);
+    let sent = headers.contains_key(myelin_sdk::CALLER_HEADER);
+    let caller = match (sent, Caller::from_headers(&headers)) {
+        (_, Some(caller)) => caller,
+        (false, None) => Caller::local(),
+        (true, None) => {
+            return refused(
+                StatusCode::BAD_REQUEST,
+                "re-arm refused: the caller header does not parse".into(),
+                "re-arm through the node's API, which sets it",
+            )
+        }
+    };
     if caller.via == Via::Mesh && !caller.in_any_group(&groups) {
         log(&format!(
             "re-arm by {} refused: not in group {}",

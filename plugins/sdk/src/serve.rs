@@ -130,14 +130,17 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let connection = Connection {
+        // Without its local address a connection carries no Connection (and so no identity).
+        let connection = stream.local_addr().ok().map(|local| Connection {
             remote: source,
-            local: stream.local_addr().unwrap_or(source),
-        };
+            local,
+        });
         let service = TowerToHyperService::new(tower::ServiceExt::map_request(
             router.clone(),
             move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(connection);
+                if let Some(c) = connection {
+                    req.extensions_mut().insert(c);
+                }
                 req
             },
         ));
