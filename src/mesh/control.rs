@@ -134,6 +134,9 @@ struct RosterCopy {
     complete: Option<(HashSet<[u8; 32]>, Instant)>,
 }
 
+/// When a member said Leave, and each lighthouse's roster generation then.
+type Departure = (Instant, HashMap<[u8; 32], u64>);
+
 pub struct Mesh {
     config: MeshConfig,
     own_key: [u8; 32],
@@ -150,7 +153,7 @@ pub struct Mesh {
     /// Members that said Leave, since when: rosters that still list them are not believed
     /// for three refreshes (until their registrations would have expired), unless they say
     /// Hello again.
-    left: HashMap<[u8; 32], (Instant, HashMap<[u8; 32], u64>)>,
+    left: HashMap<[u8; 32], Departure>,
     /// Pages of a revocation list being received, per lighthouse.
     revocation_pages: HashMap<[u8; 32], PagedList>,
     registrations: HashMap<[u8; 32], Registration>,
