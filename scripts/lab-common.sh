@@ -24,6 +24,7 @@ sys.exit(0 if all(p["state"] == "running" for p in ps if p["enabled"]) else 1)' 
 
 lab_start() { # dir [lab up options...]
   local dir=$1; shift
+  chmod 755 "$dir" # the plugins' unprivileged user must enter it (mktemp makes it 0700)
   "$MYELIN" lab down --dir "$dir" >/dev/null 2>&1 || true
   "$MYELIN" lab up --nodes 3 --dir "$dir" --detach "$@" >/dev/null
   LAB_NODES=$("$MYELIN" lab status --dir "$dir" --json | python3 -c 'import json,sys; [print(n["name"], n["pid"]) for n in json.load(sys.stdin)["nodes"]]')

@@ -15,6 +15,18 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
+    // A reader that stops early (`myelin peers | head`, `| grep -q`) ends a printing command
+    // quietly, as it does any Unix tool, instead of a panic in println!. The node (`up`, the
+    // lab) keeps SIGPIPE ignored: its sockets report a closed peer as an error.
+    if !matches!(
+        args.command,
+        Command::Up(_) | Command::Lab(_) | Command::Join(_)
+    ) {
+        // SAFETY: restoring a signal's default disposition, before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     myelin::logging::init(&args.log_level, args.log_json);
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
