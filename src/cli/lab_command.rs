@@ -91,10 +91,19 @@ pub async fn lab(args: &LabArgs) -> anyhow::Result<()> {
                 .args(["netns", "exec", &node.namespace, program])
                 .args(rest)
                 .status()?;
-            match status.code() {
-                Some(0) => Ok(()),
-                Some(code) => std::process::exit(code),
-                None => bail!("{program} was killed by a signal"),
+            match (
+                status.code(),
+                std::os::unix::process::ExitStatusExt::signal(&status),
+            ) {
+                (Some(0), _) => Ok(()),
+                (Some(code), _) => std::process::exit(code),
+                // As a shell reports it; a reader that stopped early (SIGPIPE) is no error.
+                (None, Some(libc::SIGPIPE)) => std::process::exit(128 + libc::SIGPIPE),
+                (None, Some(signal)) => {
+                    eprintln!("{program} was killed by signal {signal}");
+                    std::process::exit(128 + signal)
+                }
+                (None, None) => bail!("{program} ended without an exit status"),
             }
         }
         LabCommand::Down(a) => {
