@@ -1,13 +1,18 @@
 //! Per-packet costs of the data plane: WireGuard encapsulate + decapsulate for 64, 512 and
-//! 1420-byte packets between two in-memory peers, and an allowed-IPs lookup among 1000 peers.
+//! 1420-byte packets between two in-memory peers, an allowed-IPs lookup among 1000 peers, and
+//! Myelin's own outbound path (route lookup in the peer table, then encryption into UDP GSO
+//! batches, `tunnel::batch::Batcher`) for a TSO-sized burst to one peer and packets spread
+//! over eight.
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ipnet::IpNet;
+use myelin::tunnel::batch::Batcher;
+use myelin::tunnel::peers::{PeerSpec, PeerTable};
 use myelin::tunnel::routes::RouteTable;
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 fn key(seed: u8) -> StaticSecret {
     StaticSecret::from([seed; 32])
@@ -107,5 +112,93 @@ fn route_lookup(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, encap_decap, route_lookup);
+/// A peer table of `n` peers (10.77.x.y/32 each, endpoint 192.0.2.1), every one with a
+/// completed handshake (the remote ends are dropped: only the sending side runs).
+fn connected_table(n: u32) -> PeerTable {
+    let ours = key(1);
+    let mut table = PeerTable::default();
+    for i in 0..n {
+        let mut seed = [0u8; 32];
+        seed[..4].copy_from_slice(&(i + 2).to_le_bytes());
+        let theirs = StaticSecret::from(seed);
+        let spec = PeerSpec {
+            name: format!("robot{i}"),
+            public_key: PublicKey::from(&theirs).to_bytes(),
+            allowed_ips: vec![IpNet::from(IpAddr::V4(Ipv4Addr::from(0x0a4d_0000 + i + 2)))],
+            endpoint: Some(SocketAddr::from((
+                [192, 0, 2, 1],
+                51820 + (i % 1000) as u16,
+            ))),
+            persistent_keepalive: None,
+            probe_interval: None,
+            groups: vec![],
+        };
+        if let Ok(Some(next)) = table.upsert(&ours, spec) {
+            table = next;
+        }
+    }
+    let mut remote_buf = vec![0u8; 2048];
+    let mut buf = vec![0u8; 2048];
+    for (_, peer) in table.iter() {
+        let mut t = peer.tunn.lock().unwrap();
+        let init = match t.format_handshake_initiation(&mut buf, false) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => continue,
+        };
+        let theirs = {
+            let mut s = [0u8; 32];
+            s[..4].copy_from_slice(&(peer.name[5..].parse::<u32>().unwrap() + 2).to_le_bytes());
+            StaticSecret::from(s)
+        };
+        let mut remote = Tunn::new(theirs, PublicKey::from(&ours), None, None, 7, None);
+        let resp = match remote.decapsulate(None, &init, &mut remote_buf) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => continue,
+        };
+        let _ = t.decapsulate(None, &resp, &mut buf);
+    }
+    table
+}
+
+fn packet_path(c: &mut Criterion) {
+    let table = connected_table(1000);
+    let mut group = c.benchmark_group("packet path: route + encrypt + GSO batch");
+    for (label, spread) in [
+        ("64 x 1420 B to one peer", 1u32),
+        ("64 x 1420 B over 8 peers", 8),
+    ] {
+        let packets: Vec<Vec<u8>> = (0..64u32)
+            .map(|i| {
+                let mut p = ipv4_packet(1420);
+                p[16..20].copy_from_slice(&(0x0a4d_0000 + 2 + (i % spread) * 97).to_be_bytes());
+                p
+            })
+            .collect();
+        let mut batcher = Batcher::new(65535 + 1420 + 48, 64);
+        group.throughput(Throughput::Bytes(64 * 1420));
+        group.bench_function(label, |bench| {
+            bench.iter(|| {
+                let mut sent = 0usize;
+                let mut send = |_to: SocketAddr, contents: &[u8], _segment: Option<usize>| {
+                    sent += contents.len();
+                };
+                for p in &packets {
+                    let Some(dst) = Tunn::dst_address(p) else {
+                        continue;
+                    };
+                    let Some(peer) = table.route(dst).and_then(|s| table.get(s)) else {
+                        continue;
+                    };
+                    let Some(to) = peer.endpoint() else { continue };
+                    batcher.push(peer, to, black_box(p), &mut send);
+                }
+                batcher.flush(&mut send);
+                black_box(sent)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, encap_decap, route_lookup, packet_path);
 criterion_main!(benches);

@@ -11,6 +11,7 @@
 //! The thread also drives boringtun's timers. Buffers are allocated once; per-packet work
 //! allocates nothing and never panics.
 
+use super::batch::{Batcher, HANDSHAKE_INIT_LEN, OVERHEAD};
 use super::{DataPlaneShared, Peer, PeerTable};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
@@ -24,13 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-/// WireGuard data overhead: 16-byte header, 16-byte tag, plaintext padded to 16.
-const OVERHEAD: usize = 32 + 16;
-const HANDSHAKE_INIT_LEN: usize = 148;
 /// The first byte of a WireGuard cookie reply (message type 3, little-endian).
 const COOKIE_REPLY: u8 = 3;
-/// The most one GSO send may carry: an IPv4 UDP payload tops out at 65 507 bytes.
-const MAX_GSO_BYTES: usize = 65_000;
 /// Room for one UDP datagram (a GRO train or a single packet).
 const RX_SLOT: usize = 65536;
 const RX_BATCH: usize = 8;
@@ -167,25 +163,12 @@ fn wait(
     }
     (!shared.stopping()).then_some(ready)
 }
-
-/// A GSO batch being built in the outbound buffer: `[0, end)` holds `count` segments of
-/// `segment` bytes (the last may be shorter) for `to`.
-struct Batch {
-    to: SocketAddr,
-    segment: usize,
-    end: usize,
-    count: usize,
-    closed: bool,
-}
-
 /// Reads the TUN and sends what it reads, batched.
 struct TunReader {
     original: Vec<u8>,
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
-    out: Vec<u8>,
-    batch: Option<Batch>,
-    max_segments: usize,
+    batcher: Batcher,
 }
 
 /// Packets one TUN read can split into: a 64 KB TSO segment of the smallest IPv6 MSS.
@@ -199,9 +182,10 @@ impl TunReader {
             original: vec![0u8; VIRTIO_NET_HDR_LEN + 65535],
             bufs: vec![vec![0u8; segment]; SEGMENTS_PER_READ],
             sizes: vec![0usize; SEGMENTS_PER_READ],
-            out: vec![0u8; 65535 + shared.mtu + OVERHEAD],
-            batch: None,
-            max_segments: shared.udp_state.max_gso_segments().clamp(1, 64),
+            batcher: Batcher::new(
+                65535 + shared.mtu + OVERHEAD,
+                shared.udp_state.max_gso_segments().clamp(1, 64),
+            ),
         }
     }
 
@@ -232,15 +216,10 @@ impl TunReader {
                 let Some(packet) = self.bufs.get(i).and_then(|b| b.get(..self.sizes[i])) else {
                     continue;
                 };
-                encapsulate(
-                    shared,
-                    packet,
-                    &mut self.out,
-                    &mut self.batch,
-                    self.max_segments,
-                );
+                encapsulate(shared, packet, &mut self.batcher);
             }
-            flush(shared, &self.out, &mut self.batch);
+            self.batcher
+                .flush(&mut |to, contents, segment| send(shared, to, contents, segment));
             if n < 2 {
                 return Ok(());
             }
@@ -249,14 +228,9 @@ impl TunReader {
     }
 }
 
-/// Encapsulates one packet from the TUN into the open GSO batch (or a new one).
-fn encapsulate(
-    shared: &DataPlaneShared,
-    packet: &[u8],
-    out: &mut [u8],
-    batch: &mut Option<Batch>,
-    max_segments: usize,
-) {
+/// Encapsulates one packet from the TUN into the open GSO batch (or a new one): its peer by
+/// route, the firewall, then `Batcher::push`.
+fn encapsulate(shared: &DataPlaneShared, packet: &[u8], batcher: &mut Batcher) {
     let Some(dst) = Tunn::dst_address(packet) else {
         return;
     };
@@ -272,60 +246,9 @@ fn encapsulate(
         return;
     }
     let Some(to) = peer.endpoint() else { return };
-    // Without a session, the packet is queued and a handshake initiation comes out.
-    let needed = (packet.len() + OVERHEAD).max(HANDSHAKE_INIT_LEN);
-    if batch.as_ref().map_or(0, |b| b.end) + needed > out.len() {
-        flush(shared, out, batch);
-    }
-    let start = batch.as_ref().map_or(0, |b| b.end);
-    let Some(slot) = out.get_mut(start..start + needed) else {
-        return;
-    };
-    let len = match peer.tunn.lock() {
-        Ok(mut t) => match t.encapsulate(packet, slot) {
-            TunnResult::WriteToNetwork(p) => p.len(),
-            _ => return,
-        },
-        Err(_) => return,
-    };
-    peer.tx_packets.fetch_add(1, Ordering::Relaxed);
-    let fits = batch.as_ref().is_some_and(|b| {
-        b.to == to
-            && !b.closed
-            && len <= b.segment
-            && b.count < max_segments
-            && b.end + len <= MAX_GSO_BYTES
+    batcher.push(peer, to, packet, &mut |to, contents, segment| {
+        send(shared, to, contents, segment)
     });
-    match (batch.as_mut(), fits) {
-        (Some(b), true) => {
-            b.end += len;
-            b.count += 1;
-            b.closed = len < b.segment;
-        }
-        _ => {
-            if batch.is_some() {
-                // The packet was written after the open batch; move it to the front once
-                // that batch is sent.
-                flush(shared, out, batch);
-                out.copy_within(start..start + len, 0);
-            }
-            *batch = Some(Batch {
-                to,
-                segment: len,
-                end: len,
-                count: 1,
-                closed: false,
-            });
-        }
-    }
-}
-
-fn flush(shared: &DataPlaneShared, out: &[u8], batch: &mut Option<Batch>) {
-    if let Some(b) = batch.take() {
-        if let Some(contents) = out.get(..b.end) {
-            send(shared, b.to, contents, (b.count > 1).then_some(b.segment));
-        }
-    }
 }
 
 /// Which peer a verified datagram belongs to. Only a handshake initiation that passed the mac1

@@ -2,6 +2,7 @@
 //! peer, allowed-IPs routing, timers, and the probe socket. Protocol logic lives in boringtun
 //! and in `crate::mesh`, which also publishes the `MeshView`; this module only moves bytes.
 
+pub mod batch;
 mod dataplane;
 pub mod guard;
 pub mod peers;
