@@ -112,15 +112,21 @@ fn route_lookup(c: &mut Criterion) {
     });
 }
 
+/// Peer `i`'s own key. Bytes 1..5 carry `i`: X25519 clamps the low bits of byte 0, so
+/// seeds that differ only there would be one key.
+fn remote_key(i: u32) -> StaticSecret {
+    let mut seed = [7u8; 32];
+    seed[1..5].copy_from_slice(&i.to_le_bytes());
+    StaticSecret::from(seed)
+}
+
 /// A peer table of `n` peers (10.77.x.y/32 each, endpoint 192.0.2.1), every one with a
 /// completed handshake (the remote ends are dropped: only the sending side runs).
 fn connected_table(n: u32) -> PeerTable {
     let ours = key(1);
     let mut table = PeerTable::default();
     for i in 0..n {
-        let mut seed = [0u8; 32];
-        seed[..4].copy_from_slice(&(i + 2).to_le_bytes());
-        let theirs = StaticSecret::from(seed);
+        let theirs = remote_key(i);
         let spec = PeerSpec {
             name: format!("robot{i}"),
             public_key: PublicKey::from(&theirs).to_bytes(),
@@ -133,8 +139,9 @@ fn connected_table(n: u32) -> PeerTable {
             probe_interval: None,
             groups: vec![],
         };
-        if let Ok(Some(next)) = table.upsert(&ours, spec) {
-            table = next;
+        match table.upsert(&ours, spec) {
+            Ok(Some(next)) => table = next,
+            other => panic!("peer {i} not added: {:?}", other.err()),
         }
     }
     let mut remote_buf = vec![0u8; 2048];
@@ -145,11 +152,7 @@ fn connected_table(n: u32) -> PeerTable {
             TunnResult::WriteToNetwork(p) => p.to_vec(),
             _ => continue,
         };
-        let theirs = {
-            let mut s = [0u8; 32];
-            s[..4].copy_from_slice(&(peer.name[5..].parse::<u32>().unwrap() + 2).to_le_bytes());
-            StaticSecret::from(s)
-        };
+        let theirs = remote_key(peer.name[5..].parse::<u32>().unwrap());
         let mut remote = Tunn::new(theirs, PublicKey::from(&ours), None, None, 7, None);
         let resp = match remote.decapsulate(None, &init, &mut remote_buf) {
             TunnResult::WriteToNetwork(p) => p.to_vec(),
@@ -175,6 +178,22 @@ fn packet_path(c: &mut Criterion) {
             })
             .collect();
         let mut batcher = Batcher::new(65535 + 1420 + 48, 64);
+        // The setup holds: every packet is routed, and comes out encrypted.
+        let mut sent = 0usize;
+        for p in &packets {
+            let peer = Tunn::dst_address(p)
+                .and_then(|dst| table.route(dst))
+                .and_then(|s| table.get(s))
+                .expect("every packet has a peer");
+            let to = peer.endpoint().expect("an endpoint");
+            batcher.push(peer, to, p, &mut |_, c, _| sent += c.len());
+        }
+        batcher.flush(&mut |_, c, _| sent += c.len());
+        assert_eq!(
+            sent,
+            64 * (1420 + 32),
+            "{label}: not every packet came out encrypted"
+        );
         group.throughput(Throughput::Bytes(64 * 1420));
         group.bench_function(label, |bench| {
             bench.iter(|| {
