@@ -50,12 +50,7 @@ echo "| robot1 -> operator link | probes | unanswered | RTT p50 ms | p99 ms | ma
 echo "|---|---:|---:|---:|---:|---:|"
 before=$(trips)
 sample "idle"
-"$MYELIN" lab exec --dir "$DIR" operator -- iperf3 -s -1 >/dev/null 2>&1 &
-for i in $(seq 1 100); do
-  "$MYELIN" lab exec --dir "$DIR" operator -- ss -ltn | grep -q ':5201 ' && break
-  sleep 0.1
-  [ "$i" = 100 ] && { echo "bench-interlock-load: iperf3 did not listen" >&2; exit 1; }
-done
+iperf3_server "$DIR" operator
 "$MYELIN" lab exec --dir "$DIR" robot1 -- iperf3 -c 10.77.0.1 -t "$((WINDOW + 2))" >"$DIR/iperf3.txt" &
 client=$!
 sleep 1 # let the stream reach its rate before sampling

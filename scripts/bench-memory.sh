@@ -28,12 +28,7 @@ lab_start "$DIR"
 measure "robot1 idle, the lab's model loaded in ai"
 
 # Under load: an iperf3 TCP stream from the operator into robot1, measured in its middle.
-"$MYELIN" lab exec --dir "$DIR" robot1 -- iperf3 -s -1 >/dev/null 2>&1 &
-for i in $(seq 1 100); do
-  "$MYELIN" lab exec --dir "$DIR" robot1 -- ss -ltn | grep -q ':5201 ' && break
-  sleep 0.1
-  [ "$i" = 100 ] && { echo "bench-memory: iperf3 did not listen" >&2; exit 1; }
-done
+iperf3_server "$DIR" robot1
 "$MYELIN" lab exec --dir "$DIR" operator -- iperf3 -c 10.77.0.2 -t 8 >/dev/null &
 client=$!
 sleep 4 # into the middle of the 8 s stream: the measurement point, not a synchronisation

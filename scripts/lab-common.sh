@@ -4,6 +4,7 @@
 #                                      (enabled plugins running, robots' interlocks armed),
 #                                      its "name pid" lines in $LAB_NODES
 #   tree PID                           PID and every descendant
+#   iperf3_server DIR NODE             a one-shot iperf3 server in NODE, listening on return
 scripts/setup.sh >/dev/null
 . scripts/env.sh
 cargo build --release --locked --quiet
@@ -39,4 +40,15 @@ lab_start() { # dir [lab up options...]
 tree() { # pid: the pid and every descendant
   local p=$1; echo "$p"
   for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do tree "$c"; done
+}
+
+iperf3_server() { # dir node: a one-shot iperf3 server on port 5201, listening when this returns
+  local dir=$1 node=$2 i
+  "$MYELIN" lab exec --dir "$dir" "$node" -- iperf3 -s -1 >/dev/null 2>&1 &
+  for i in $(seq 1 100); do
+    "$MYELIN" lab exec --dir "$dir" "$node" -- ss -ltn | grep -q ':5201 ' && return 0
+    sleep 0.1
+  done
+  echo "lab: iperf3 did not listen in $node" >&2
+  return 1
 }

@@ -45,18 +45,34 @@ fn greeting(ns: &common::Netns, to: &str) -> std::io::Result<String> {
     })
 }
 
+/// Adds `rule` (TOML lines of one `[[firewall.inbound]]`) after the config's ICMP rule, sends
+/// the node SIGHUP and waits until it runs three inbound rules. Returns the config before.
+fn add_rule_and_reload(node: &Node, rule: &str) -> String {
+    let config = std::fs::read_to_string(&node.config).unwrap();
+    let icmp = "[[firewall.inbound]]\nproto = \"icmp\"\n";
+    std::fs::write(
+        &node.config,
+        config.replace(icmp, &format!("{icmp}[[firewall.inbound]]\n{rule}")),
+    )
+    .unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(node.pid(), libc::SIGHUP) };
+    node.poll(
+        "the reloaded rules",
+        Duration::from_secs(10),
+        || node.get("/api/v1/firewall"),
+        |v: &Value| v["firewall"]["rules"]["inbound"].as_array().map(Vec::len) == Some(3),
+    );
+    config
+}
+
 #[test]
 fn robots_take_ssh_from_operators_only() {
     let mut mesh = common::mesh_formed_fleet("fw", &["operator", "robot1", "robot2"], "10.89.0");
     for spec in mesh.specs.iter_mut().skip(1) {
         spec.rest.push_str(ROBOT_FIREWALL);
     }
-    let nodes: Vec<Node> = mesh
-        .specs
-        .iter()
-        .zip(&mesh.fleet.nodes)
-        .map(|(spec, ns)| Node::start_spec(ns.clone(), spec, ""))
-        .collect();
+    let nodes = mesh.start_nodes(&[]);
     let ns = |i: usize| &mesh.fleet.nodes[i];
     let long = Duration::from_secs(30);
     // ICMP is allowed everywhere: the mesh is up when pings pass.
@@ -129,22 +145,9 @@ fn robots_take_ssh_from_operators_only() {
     });
     let mut buf = [0u8; 6];
     session.read_exact(&mut buf).unwrap();
-    let config = std::fs::read_to_string(&nodes[1].config).unwrap();
-    std::fs::write(
-        &nodes[1].config,
-        config.replace(
-            "[[firewall.inbound]]\nproto = \"icmp\"\n",
-            "[[firewall.inbound]]\nproto = \"icmp\"\n[[firewall.inbound]]\nname = \"web\"\ngroups = [\"operators\"]\nproto = \"tcp\"\nport = \"8000-8100\"\n",
-        ),
-    )
-    .unwrap();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(nodes[1].pid(), libc::SIGHUP) };
-    nodes[1].poll(
-        "the reloaded rules",
-        Duration::from_secs(10),
-        || nodes[1].get("/api/v1/firewall"),
-        |v: &Value| v["firewall"]["rules"]["inbound"].as_array().map(Vec::len) == Some(3),
+    let config = add_rule_and_reload(
+        &nodes[1],
+        "name = \"web\"\ngroups = [\"operators\"]\nproto = \"tcp\"\nport = \"8000-8100\"\n",
     );
     assert_eq!(
         greeting(ns(0), "10.89.0.2:8080").expect("8080 after reload"),
@@ -236,15 +239,7 @@ fn operators_rearm_a_robot_by_identity_and_nobody_else_does() {
         "remote_listen = [\"10.88.0.2:7800\", \"{underlay1}:7800\"]\ntoken_file = \"{}\"\nallow_groups = [\"operators\", \"robots\"]\n",
         token_file.display()
     );
-    let nodes: Vec<Node> = mesh
-        .specs
-        .iter()
-        .zip(&mesh.fleet.nodes)
-        .enumerate()
-        .map(|(i, (spec, ns))| {
-            Node::start_spec(ns.clone(), spec, if i == 1 { WATCH_OPERATOR } else { "" })
-        })
-        .collect();
+    let nodes = mesh.start_nodes(&["", WATCH_OPERATOR]);
     let (operator, robot1, robot2) = (&nodes[0], &nodes[1], &nodes[2]);
     let long = Duration::from_secs(30);
     let overlay_api: SocketAddr = "10.88.0.2:7800".parse().unwrap();
@@ -449,12 +444,7 @@ fn members_are_named_in_dns_and_a_member_that_leaves_loses_its_name() {
     // robot2's certificate carries an IPv6 overlay address too.
     mesh.specs[2].addresses.push("fd87::3/64".into());
     mesh.ca.sign(&mesh.specs[2], "robots");
-    let nodes: Vec<Node> = mesh
-        .specs
-        .iter()
-        .zip(&mesh.fleet.nodes)
-        .map(|(spec, ns)| Node::start_spec(ns.clone(), spec, ""))
-        .collect();
+    let nodes = mesh.start_nodes(&[]);
     let op = &mesh.fleet.nodes[0];
     let long = Duration::from_secs(30);
     common::ping_until(op, "10.87.0.2", long);
@@ -517,12 +507,7 @@ const IPERF_FIREWALL: &str = "[firewall]\ndefault_inbound = \"deny\"\nudp_timeou
 fn a_udp_flow_expires_when_idle_and_a_reload_keeps_an_iperf3_stream() {
     let mut mesh = common::mesh_formed_fleet("fwt", &["operator", "robot1"], "10.86.0");
     mesh.specs[1].rest.push_str(IPERF_FIREWALL);
-    let nodes: Vec<Node> = mesh
-        .specs
-        .iter()
-        .zip(&mesh.fleet.nodes)
-        .map(|(spec, ns)| Node::start_spec(ns.clone(), spec, ""))
-        .collect();
+    let nodes = mesh.start_nodes(&[]);
     let (op_ns, robot_ns) = (mesh.fleet.nodes[0].clone(), mesh.fleet.nodes[1].clone());
     common::ping_until(&op_ns, "10.86.0.2", Duration::from_secs(30));
 
@@ -597,22 +582,9 @@ fn a_udp_flow_expires_when_idle_and_a_reload_keeps_an_iperf3_stream() {
             "iperf3 never connected"
         );
     };
-    let config = std::fs::read_to_string(&nodes[1].config).unwrap();
-    std::fs::write(
-        &nodes[1].config,
-        config.replace(
-            "[[firewall.inbound]]\nproto = \"icmp\"\n",
-            "[[firewall.inbound]]\nproto = \"icmp\"\n[[firewall.inbound]]\nname = \"dns\"\nproto = \"udp\"\nport = \"53\"\n",
-        ),
-    )
-    .unwrap();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(nodes[1].pid(), libc::SIGHUP) };
-    nodes[1].poll(
-        "the reloaded rules",
-        Duration::from_secs(10),
-        || nodes[1].get("/api/v1/firewall"),
-        |v: &Value| v["firewall"]["rules"]["inbound"].as_array().map(Vec::len) == Some(3),
+    add_rule_and_reload(
+        &nodes[1],
+        "name = \"dns\"\nproto = \"udp\"\nport = \"53\"\n",
     );
     let out = client.wait_with_output().unwrap();
     let _ = server.kill();

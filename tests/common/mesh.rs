@@ -172,3 +172,18 @@ pub fn mesh_formed_fleet(tag: &str, names: &[&str], overlay: &str) -> MeshFleet 
         ca,
     }
 }
+
+impl MeshFleet {
+    /// Starts every node of `specs` in its namespace, node `i` with `plugins[i]` (none past
+    /// the end of `plugins`).
+    pub fn start_nodes(&self, plugins: &[&str]) -> Vec<Node> {
+        self.specs
+            .iter()
+            .zip(&self.fleet.nodes)
+            .enumerate()
+            .map(|(i, (spec, ns))| {
+                Node::start_spec(ns.clone(), spec, plugins.get(i).copied().unwrap_or(""))
+            })
+            .collect()
+    }
+}
