@@ -21,7 +21,9 @@ fuzz_target!(|data: &[u8]| {
             _ => Wanted::Other,
         };
         let name = q.name().to_ascii();
-        let got = answer("myelin.internal", &name, wanted, [("robot1", &robot[..])]);
+        let got = answer("myelin.internal", &name, wanted, |label| {
+            (label == "robot1").then(|| robot.to_vec())
+        });
         let lower = name.strip_suffix('.').unwrap_or(&name).to_ascii_lowercase();
         let inside = lower == "myelin.internal" || lower.ends_with(".myelin.internal");
         assert_eq!(got == Answer::Refused, !inside, "{name}");

@@ -142,9 +142,7 @@ impl RemoteAuth {
         // A browser on a member's machine carries that member's identity to any address it is
         // pointed at: only requests that name this listener, and state changes from its own
         // pages, are taken (no cross-site request, no DNS rebinding).
-        if let Some(refusal) = connection
-            .and_then(|c| request_refusal(req, c.local, &self.names, "send the bearer token from [control].token_file, or call this node's overlay address from a member of [control].allow_groups"))
-        {
+        if let Some(refusal) = connection.and_then(|c| request_refusal(req, c.local, &self.names)) {
             return Err(refusal);
         }
         let remote = connection.map(|c| c.remote.ip().to_canonical());
@@ -244,15 +242,7 @@ pub fn router(state: Arc<ApiState>, own: std::net::SocketAddr) -> Router {
         .merge(api_routes(state))
         .layer(axum::middleware::from_fn(
             move |mut req: Request, next: axum::middleware::Next| async move {
-                match request_refusal(
-                    &req,
-                    own,
-                    &[],
-                    &format!(
-                        "for remote access use [control].remote_listen (port {})",
-                        own.port()
-                    ),
-                ) {
+                match request_refusal(&req, own, &[]) {
                     None => {
                         req.extensions_mut().insert(Caller::local());
                         next.run(req).await
@@ -266,12 +256,7 @@ pub fn router(state: Arc<ApiState>, own: std::net::SocketAddr) -> Router {
 /// Why a request to the listener at `own` is refused, if it is: its `Host` names neither
 /// `own` nor one of `names`, or it changes state from another origin (an `Origin` that is not
 /// this listener's, or a browser's `Sec-Fetch-Site` other than same-origin).
-fn request_refusal(
-    req: &Request,
-    own: std::net::SocketAddr,
-    names: &[String],
-    remote_hint: &str,
-) -> Option<ApiError> {
+fn request_refusal(req: &Request, own: std::net::SocketAddr, names: &[String]) -> Option<ApiError> {
     let header = |name| {
         req.headers()
             .get(name)
@@ -288,7 +273,7 @@ fn request_refusal(
             ),
             if own.ip().is_loopback() {
                 format!(
-                    "address the local API as http://{own} or http://localhost:{}; {remote_hint}",
+                    "address the local API as http://{own} or http://localhost:{}; for remote access use [control].remote_listen (with a token_file or allow_groups)",
                     own.port()
                 )
             } else {
@@ -741,8 +726,7 @@ mod tests {
     #[test]
     fn only_the_listeners_own_host_and_origin_pass() {
         let own: std::net::SocketAddr = "127.0.0.1:7800".parse().unwrap();
-        let refused =
-            |method, host, origin| request_refusal(&req(method, host, origin), own, &[], "");
+        let refused = |method, host, origin| request_refusal(&req(method, host, origin), own, &[]);
         assert!(refused("GET", "127.0.0.1:7800", None).is_none());
         assert!(refused("GET", "localhost:7800", None).is_none());
         assert!(refused("GET", "LOCALHOST:7800", None).is_none());
@@ -760,13 +744,13 @@ mod tests {
         assert!(refused("POST", "127.0.0.1:7800", Some("null")).is_some());
         assert!(refused("DELETE", "127.0.0.1:7800", Some("http://evil.example")).is_some());
         let v6: std::net::SocketAddr = "[::1]:7800".parse().unwrap();
-        assert!(request_refusal(&req("GET", "[::1]:7800", None), v6, &[], "").is_none());
-        assert!(request_refusal(&req("GET", "localhost:7800", None), v6, &[], "").is_none());
+        assert!(request_refusal(&req("GET", "[::1]:7800", None), v6, &[]).is_none());
+        assert!(request_refusal(&req("GET", "localhost:7800", None), v6, &[]).is_none());
         // A remote listener: its address or its DNS name, never localhost; no cross-site
         // state change even with a matching Host.
         let overlay: std::net::SocketAddr = "10.77.0.2:7800".parse().unwrap();
         let names = ["robot1.myelin.internal".to_string()];
-        let remote = |r: Request| request_refusal(&r, overlay, &names, "");
+        let remote = |r: Request| request_refusal(&r, overlay, &names);
         assert!(remote(req("POST", "10.77.0.2:7800", None)).is_none());
         assert!(remote(req("GET", "ROBOT1.myelin.internal:7800", None)).is_none());
         assert!(remote(req("GET", "localhost:7800", None)).is_some());

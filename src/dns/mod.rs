@@ -72,18 +72,16 @@ impl MemberNames {
     }
 
     fn lookup(&self, qname: &str, wanted: Wanted) -> Answer {
-        let table = self.peers.table();
-        let members: Vec<(String, Vec<IpAddr>)> = table
-            .iter()
-            .map(|(_, p)| (p.name.clone(), zone::host_addresses(&p.spec.allowed_ips)))
-            .collect();
-        let own = std::iter::once((self.own_name.as_str(), self.own.as_slice()));
-        zone::answer(
-            &self.domain,
-            qname,
-            wanted,
-            own.chain(members.iter().map(|(n, a)| (n.as_str(), a.as_slice()))),
-        )
+        zone::answer(&self.domain, qname, wanted, |label| {
+            if self.own_name.eq_ignore_ascii_case(label) {
+                return Some(self.own.clone());
+            }
+            let table = self.peers.table();
+            let (_, peer) = table
+                .iter()
+                .find(|(_, p)| p.name.eq_ignore_ascii_case(label))?;
+            Some(zone::host_addresses(&peer.spec.allowed_ips))
+        })
     }
 
     async fn send<R: ResponseHandler>(

@@ -42,12 +42,13 @@ pub fn host_addresses(nets: &[IpNet]) -> Vec<IpAddr> {
 }
 
 /// Answers `qname` (any case, with or without the trailing dot) in `domain` (lowercase, no
-/// trailing dot) from `members` (name, host addresses).
-pub fn answer<'a>(
+/// trailing dot); `member` gives the host addresses of the member with a name (compared
+/// without regard to case), if there is one.
+pub fn answer(
     domain: &str,
     qname: &str,
     wanted: Wanted,
-    members: impl IntoIterator<Item = (&'a str, &'a [IpAddr])>,
+    member: impl FnOnce(&str) -> Option<Vec<IpAddr>>,
 ) -> Answer {
     let q = qname
         .strip_suffix('.')
@@ -65,23 +66,19 @@ pub fn answer<'a>(
     if label.is_empty() || label.contains('.') {
         return Answer::NxDomain;
     }
-    let Some((_, addrs)) = members
-        .into_iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case(label))
-    else {
+    let Some(addrs) = member(label) else {
         return Answer::NxDomain;
     };
     Answer::Member(
         addrs
-            .iter()
-            .copied()
-            .take(MAX_RECORDS)
+            .into_iter()
             .filter(|a| match wanted {
                 Wanted::V4 => a.is_ipv4(),
                 Wanted::V6 => a.is_ipv6(),
                 Wanted::Both => true,
                 Wanted::Other => false,
             })
+            .take(MAX_RECORDS)
             .collect(),
     )
 }
@@ -120,8 +117,15 @@ mod tests {
     fn members_answer_by_type_and_the_rest_is_nxdomain_or_refused() {
         let robot1 = ips(&["10.77.0.2", "fd77::2"]);
         let op = ips(&["10.77.0.1"]);
-        let members = [("robot1", robot1.as_slice()), ("Operator", op.as_slice())];
-        let ask = |q: &str, w| answer("myelin.internal", q, w, members);
+        let members = [("robot1", &robot1), ("Operator", &op)];
+        let ask = |q: &str, w| {
+            answer("myelin.internal", q, w, |label| {
+                members
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(label))
+                    .map(|(_, a)| a.to_vec())
+            })
+        };
         assert_eq!(
             ask("robot1.myelin.internal.", Wanted::V4),
             Answer::Member(ips(&["10.77.0.2"]))
@@ -180,7 +184,7 @@ mod tests {
         #[test]
         fn outside_names_are_always_refused(q in "[a-zA-Z0-9.-]{0,40}") {
             let a = ips(&["10.0.0.1"]);
-            let got = answer("myelin.internal", &q, Wanted::Both, [("x", a.as_slice())]);
+            let got = answer("myelin.internal", &q, Wanted::Both, |l| (l == "x").then(|| a.clone()));
             let lower = q.strip_suffix('.').unwrap_or(&q).to_ascii_lowercase();
             let inside = lower == "myelin.internal" || lower.ends_with(".myelin.internal");
             prop_assert_eq!(got == Answer::Refused, !inside);

@@ -796,19 +796,13 @@ impl Mesh {
     /// A complete roster from lighthouse `from`.
     fn take_roster(&mut self, from: [u8; 32], entries: Vec<RosterEntry>, now: Instant, unix: u64) {
         let mut listed = HashSet::new();
+        let generation = self.rosters.get(&from).map(|c| c.generation);
         for e in entries {
             let Some(leaf) = e.chain.first().and_then(|c| Certificate::decode(c).ok()) else {
                 continue;
             };
             let key = leaf.body().public_key;
-            let left_for = self.config.refresh * 3;
-            let generation = self.rosters.get(&from).map(|c| c.generation);
-            if self.left.get(&key).is_some_and(|(at, seen)| {
-                now.saturating_duration_since(*at) < left_for
-                    && seen
-                        .get(&from)
-                        .is_none_or(|g| generation.is_none_or(|now_gen| now_gen <= *g))
-            }) {
+            if self.still_gone(&key, &from, generation, now) {
                 continue;
             }
             let Some(node) = self.verify(&key, &e.chain, unix) else {
@@ -1116,10 +1110,34 @@ impl Mesh {
                 }
             }
             self.drop_unlisted(now);
-            let left_for = self.config.refresh * 3;
+            let left_for = self.left_for();
             self.left
                 .retain(|_, (at, _)| now.saturating_duration_since(*at) < left_for);
         }
+    }
+
+    /// How long a member that said Leave stays gone unless it comes back: until its
+    /// registrations would have expired.
+    fn left_for(&self) -> Duration {
+        self.config.refresh * 3
+    }
+
+    /// Whether `key`, listed in a roster of generation `generation` from lighthouse `from`,
+    /// left recently and that roster is no newer than the one `from` had sent when it left.
+    fn still_gone(
+        &self,
+        key: &[u8; 32],
+        from: &[u8; 32],
+        generation: Option<u64>,
+        now: Instant,
+    ) -> bool {
+        let Some((at, seen)) = self.left.get(key) else {
+            return false;
+        };
+        now.saturating_duration_since(*at) < self.left_for()
+            && seen
+                .get(from)
+                .is_none_or(|g| generation.is_none_or(|newest| newest <= *g))
     }
 
     /// This node stops: tells every member it knows (lighthouses included) to forget it now.
