@@ -4,14 +4,16 @@
 //! answer the kernel queues while a packet is written to the TUN (an ICMP reply, a TCP ACK)
 //! goes out without waking another thread; and a wake-up that brings one packet makes one
 //! read, not a second one that finds nothing (docs/benchmarks.md has the layouts measured).
-//! Outbound: TUN (GSO segments split by tun-rs)
-//! → route lookup → encapsulate → UDP, consecutive same-size packets to one endpoint sent as
-//! one GSO batch. Inbound: UDP (GRO trains split by stride) → peer by receiver index or
-//! handshake → decapsulate → allowed-IPs check → TUN, coalesced again with tun-rs's GRO table.
+//! Outbound: TUN (GSO segments split by tun-rs) → urgent packets (`lanes::urgent`) at once,
+//! the rest through a bounded bulk queue → route lookup → encapsulate → UDP, consecutive
+//! same-size packets to one endpoint sent as one GSO batch. Inbound: UDP (GRO trains split by
+//! stride; datagrams small enough to be urgent first) → peer by receiver index or handshake →
+//! decapsulate → allowed-IPs check → TUN, coalesced again with tun-rs's GRO table.
 //! The thread also drives boringtun's timers. Buffers are allocated once; per-packet work
 //! allocates nothing and never panics.
 
 use super::batch::{Batcher, HANDSHAKE_INIT_LEN, OVERHEAD};
+use super::lanes::{self, BulkQueue};
 use super::{DataPlaneShared, Peer, PeerTable};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
@@ -163,13 +165,22 @@ fn wait(
     }
     (!shared.stopping()).then_some(ready)
 }
-/// Reads the TUN and sends what it reads, batched.
+/// Reads the TUN into the two lanes: urgent packets are encrypted and sent as they are read,
+/// bulk packets wait in `bulk` and go out `BULK_PER_TURN` at a time between reads.
 struct TunReader {
     original: Vec<u8>,
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
     batcher: Batcher,
+    bulk: BulkQueue,
 }
+
+/// How much bulk may wait for encryption: a few milliseconds of the tunnel's throughput,
+/// far less than the kernel's TUN queue holds in 64 KB TSO segments.
+const BULK_LIMIT: usize = 1 << 20;
+/// Bulk packets encrypted per turn of the loop, before the TUN and the socket are looked at
+/// again: one TSO read's worth, so an urgent packet waits at most that long inside Myelin.
+const BULK_PER_TURN: usize = 64;
 
 /// Packets one TUN read can split into: a 64 KB TSO segment of the smallest IPv6 MSS.
 const SEGMENTS_PER_READ: usize = 64;
@@ -186,14 +197,16 @@ impl TunReader {
                 65535 + shared.mtu + OVERHEAD,
                 shared.udp_state.max_gso_segments().clamp(1, 64),
             ),
+            bulk: BulkQueue::new(BULK_LIMIT),
         }
     }
 
-    /// Reads the readable TUN, encapsulating and sending every packet. One read when it
-    /// gave a single packet (the epoll is level-triggered and says whether more wait, which
-    /// spares the latency path a read that finds nothing); more, up to `READS_PER_WAKE`,
-    /// while reads bring TSO batches. An error is the device's, not a packet's: the TUN was
-    /// removed under the node.
+    /// Reads the readable TUN: urgent packets are encapsulated and sent at once, the rest
+    /// queued as bulk (dropped and counted when the queue is full, so that the kernel's queue
+    /// never holds an urgent packet behind bulk). One read when it gave a single packet (the
+    /// epoll is level-triggered and says whether more wait, which spares the latency path a
+    /// read that finds nothing); more, up to `READS_PER_WAKE`, while reads bring TSO batches.
+    /// An error is the device's, not a packet's: the TUN was removed under the node.
     fn read(&mut self, shared: &DataPlaneShared) -> std::io::Result<()> {
         for _ in 0..READS_PER_WAKE {
             let n = match shared.tun.recv_multiple(
@@ -212,19 +225,42 @@ impl TunReader {
                     return Ok(());
                 }
             };
-            for i in 0..n {
-                let Some(packet) = self.bufs.get(i).and_then(|b| b.get(..self.sizes[i])) else {
+            for (buf, &len) in self.bufs.iter_mut().zip(self.sizes.iter()).take(n) {
+                let Some(packet) = buf.get(..len) else {
                     continue;
                 };
-                encapsulate(shared, packet, &mut self.batcher);
+                if lanes::urgent(packet) {
+                    encapsulate(shared, packet, &mut self.batcher);
+                } else {
+                    self.bulk.push(buf, len);
+                }
             }
             self.batcher
                 .flush(&mut |to, contents, segment| send(shared, to, contents, segment));
+            let dropped = self.bulk.take_dropped();
+            if dropped > 0 {
+                metrics::counter!("myelin_tunnel_bulk_dropped_total").increment(dropped);
+            }
             if n < 2 {
                 return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// Encrypts and sends up to `BULK_PER_TURN` queued bulk packets.
+    fn serve_bulk(&mut self, shared: &DataPlaneShared) {
+        for _ in 0..BULK_PER_TURN {
+            let Some((buf, len)) = self.bulk.pop() else {
+                break;
+            };
+            if let Some(packet) = buf.get(..len) {
+                encapsulate(shared, packet, &mut self.batcher);
+            }
+            self.bulk.recycle(buf);
+        }
+        self.batcher
+            .flush(&mut |to, contents, segment| send(shared, to, contents, segment));
     }
 }
 
@@ -500,7 +536,12 @@ pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
     let mut timer_buf = vec![0u8; 2048];
     let mut next_tick = Instant::now() + TIMER_TICK;
     loop {
-        let timeout = next_tick.saturating_duration_since(Instant::now());
+        // Queued bulk means more work now: look at the sources without sleeping.
+        let timeout = if reader.bulk.is_empty() {
+            next_tick.saturating_duration_since(Instant::now())
+        } else {
+            Duration::ZERO
+        };
         let Some(ready) = wait(&shared, &poller, &mut events, timeout) else {
             return;
         };
@@ -522,6 +563,7 @@ pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
                 }
             }
         }
+        reader.serve_bulk(&shared);
         let now = Instant::now();
         if now >= next_tick {
             timers(&shared, &mut timer_buf);
@@ -550,17 +592,24 @@ fn receive(shared: &DataPlaneShared, io: &mut Inbound) {
                 return;
             }
         };
-        for (slot, m) in io.rx.iter().zip(io.meta.iter()).take(n) {
-            let from = canonical(m.addr);
-            let stride = if m.stride == 0 { m.len } else { m.stride };
-            let Some(data) = slot.get(..m.len) else {
-                continue;
-            };
-            for datagram in data.chunks(stride.max(1)) {
-                receive_datagram(shared, &mut io.writer, from, datagram);
+        // Two passes: datagrams small enough to carry an urgent packet (an ACK, a ping, a
+        // probe, a handshake) are decrypted and written to the TUN before the bulk of the
+        // batch, so they do not wait behind up to half a megabyte of decryption.
+        for urgent_pass in [true, false] {
+            for (slot, m) in io.rx.iter().zip(io.meta.iter()).take(n) {
+                let from = canonical(m.addr);
+                let stride = if m.stride == 0 { m.len } else { m.stride };
+                let Some(data) = slot.get(..m.len) else {
+                    continue;
+                };
+                for datagram in data.chunks(stride.max(1)) {
+                    if (datagram.len() <= lanes::URGENT_MAX_DATAGRAM) == urgent_pass {
+                        receive_datagram(shared, &mut io.writer, from, datagram);
+                    }
+                }
             }
+            write_tun(shared, &mut io.writer);
         }
-        write_tun(shared, &mut io.writer);
         if n < RX_BATCH {
             return;
         }

@@ -5,6 +5,7 @@
 pub mod batch;
 mod dataplane;
 pub mod guard;
+pub mod lanes;
 pub mod peers;
 pub mod routes;
 
