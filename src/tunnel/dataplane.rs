@@ -7,7 +7,8 @@
 //! Outbound: TUN (GSO segments split by tun-rs) → urgent packets (`lanes::urgent`) at once,
 //! the rest through a bounded bulk queue → route lookup → encapsulate → UDP, consecutive
 //! same-size packets to one endpoint sent as one GSO batch. Inbound: UDP (GRO trains split by
-//! stride; datagrams small enough to be urgent first) → peer by receiver index or handshake →
+//! stride, drained into batches; datagrams small enough to be urgent first, the bulk
+//! `BULK_PER_TURN` at a time) → peer by receiver index or handshake →
 //! decapsulate → allowed-IPs check → TUN, coalesced again with tun-rs's GRO table.
 //! The thread also drives boringtun's timers. Buffers are allocated once; per-packet work
 //! allocates nothing and never panics.
@@ -175,12 +176,17 @@ struct TunReader {
     bulk: BulkQueue,
 }
 
-/// How much bulk may wait for encryption: a few milliseconds of the tunnel's throughput,
-/// far less than the kernel's TUN queue holds in 64 KB TSO segments.
-const BULK_LIMIT: usize = 1 << 20;
-/// Bulk packets encrypted per turn of the loop, before the TUN and the socket are looked at
-/// again: one TSO read's worth, so an urgent packet waits at most that long inside Myelin.
+/// How much bulk may wait for encryption: about 10 ms of the tunnel's throughput, less than
+/// the kernel's TUN queue holds in 64 KB TSO segments, and enough that a TCP stream rarely
+/// meets a full queue (each drop costs it throughput; urgent packets never wait here).
+const BULK_LIMIT: usize = 4 << 20;
+/// Bulk packets encrypted (or datagrams decrypted) per turn of the loop, before the TUN and
+/// the socket are looked at again: one TSO read's worth, so an urgent packet waits at most
+/// that long inside Myelin.
 const BULK_PER_TURN: usize = 64;
+/// Packets read from the TUN per turn at most: reading costs a copy, encrypting costs the
+/// cipher, so the reader outpaces the encryptor and the kernel's queue stays empty.
+const READ_BUDGET: usize = 256;
 
 /// Packets one TUN read can split into: a 64 KB TSO segment of the smallest IPv6 MSS.
 const SEGMENTS_PER_READ: usize = 64;
@@ -205,10 +211,12 @@ impl TunReader {
     /// queued as bulk (dropped and counted when the queue is full, so that the kernel's queue
     /// never holds an urgent packet behind bulk). One read when it gave a single packet (the
     /// epoll is level-triggered and says whether more wait, which spares the latency path a
-    /// read that finds nothing); more, up to `READS_PER_WAKE`, while reads bring TSO batches.
+    /// read that finds nothing); more while reads bring TSO batches or bulk waits, up to
+    /// `READ_BUDGET` packets.
     /// An error is the device's, not a packet's: the TUN was removed under the node.
     fn read(&mut self, shared: &DataPlaneShared) -> std::io::Result<()> {
-        for _ in 0..READS_PER_WAKE {
+        let mut read = 0;
+        for _ in 0..READ_BUDGET {
             let n = match shared.tun.recv_multiple(
                 &mut self.original,
                 &mut self.bufs,
@@ -239,9 +247,13 @@ impl TunReader {
                 .flush(&mut |to, contents, segment| send(shared, to, contents, segment));
             let dropped = self.bulk.take_dropped();
             if dropped > 0 {
-                metrics::counter!("myelin_tunnel_bulk_dropped_total").increment(dropped);
+                metrics::counter!("myelin_tunnel_bulk_dropped_total", "direction" => "out")
+                    .increment(dropped);
             }
-            if n < 2 {
+            read += n;
+            // Idle, one packet means the epoll knows whether more wait; under load the TUN
+            // is drained (an urgent packet may be next in the kernel's queue).
+            if (n < 2 && self.bulk.is_empty()) || read >= READ_BUDGET {
                 return Ok(());
             }
         }
@@ -497,31 +509,65 @@ struct TunWriter {
     gro: GROTable,
 }
 
+/// One `recvmmsg` worth of datagrams, and how far its bulk has been decrypted.
+struct RxBatch {
+    slots: Box<[[u8; RX_SLOT]; RX_BATCH]>,
+    meta: [quinn_udp::RecvMeta; RX_BATCH],
+    received: usize,
+    /// Where decryption of the bulk resumes: a GRO train and a byte offset in it.
+    train: usize,
+    at: usize,
+}
+
+/// Batches of received datagrams: the socket is drained into them, urgent-sized datagrams
+/// are decrypted at once, and the bulk waits in `queued` (oldest first) to be decrypted
+/// `BULK_PER_TURN` at a time, so an urgent datagram overtakes up to this many batches of bulk.
+const RX_BATCHES: usize = 3;
+
 /// The inbound half's buffers, allocated once.
 struct Inbound {
-    rx: Box<[[u8; RX_SLOT]; RX_BATCH]>,
-    meta: [quinn_udp::RecvMeta; RX_BATCH],
+    batches: Vec<RxBatch>,
+    queued: std::collections::VecDeque<usize>,
+    free: Vec<usize>,
     writer: TunWriter,
+}
+
+impl Inbound {
+    fn idle(&self) -> bool {
+        self.queued.is_empty()
+    }
 }
 
 /// The data-plane thread: waits for the TUN, the UDP socket, the next timer tick or the stop
 /// signal, and serves whatever is ready.
 pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
     let mut events = Vec::with_capacity(4);
-    let Ok(rx): Result<Box<[[u8; RX_SLOT]; RX_BATCH]>, _> =
-        vec![[0u8; RX_SLOT]; RX_BATCH].into_boxed_slice().try_into()
-    else {
-        tracing::error!("cannot allocate receive buffers; the tunnel stops");
-        return;
-    };
+    let mut batches = Vec::with_capacity(RX_BATCHES);
+    for _ in 0..RX_BATCHES {
+        // Zeroed memory comes untouched from the kernel: an idle node pays for none of it.
+        let Ok(slots): Result<Box<[[u8; RX_SLOT]; RX_BATCH]>, _> =
+            vec![[0u8; RX_SLOT]; RX_BATCH].into_boxed_slice().try_into()
+        else {
+            tracing::error!("cannot allocate receive buffers; the tunnel stops");
+            return;
+        };
+        batches.push(RxBatch {
+            slots,
+            meta: [quinn_udp::RecvMeta::default(); RX_BATCH],
+            received: 0,
+            train: 0,
+            at: 0,
+        });
+    }
     let off = if shared.offload {
         VIRTIO_NET_HDR_LEN
     } else {
         0
     };
     let mut inbound = Inbound {
-        rx,
-        meta: [quinn_udp::RecvMeta::default(); RX_BATCH],
+        batches,
+        queued: std::collections::VecDeque::with_capacity(RX_BATCHES),
+        free: (0..RX_BATCHES).rev().collect(),
         writer: TunWriter {
             bufs: (0..IDEAL_BATCH_SIZE)
                 .map(|_| Vec::with_capacity(off + 65536))
@@ -537,7 +583,7 @@ pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
     let mut next_tick = Instant::now() + TIMER_TICK;
     loop {
         // Queued bulk means more work now: look at the sources without sleeping.
-        let timeout = if reader.bulk.is_empty() {
+        let timeout = if reader.bulk.is_empty() && inbound.idle() {
             next_tick.saturating_duration_since(Instant::now())
         } else {
             Duration::ZERO
@@ -563,57 +609,113 @@ pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
                 }
             }
         }
+        serve_inbound(&shared, &mut inbound);
         reader.serve_bulk(&shared);
         let now = Instant::now();
         if now >= next_tick {
+            reader.bulk.shrink_when_empty();
             timers(&shared, &mut timer_buf);
             next_tick = now + TIMER_TICK;
         }
     }
 }
 
-/// Reads the readable UDP socket: one `recvmmsg`, more (up to `READS_PER_WAKE`) while they
-/// come back full.
+/// Drains the readable UDP socket into free batches: one `recvmmsg`, more (up to
+/// `READS_PER_WAKE`) while they come back full. Datagrams small enough to carry an urgent
+/// packet (an ACK, a ping, a probe, a handshake) are decrypted and written to the TUN at
+/// once; the rest is queued for `serve_inbound`.
 fn receive(shared: &DataPlaneShared, io: &mut Inbound) {
     for _ in 0..READS_PER_WAKE {
+        // With every batch holding bulk the rest waits in the kernel's queue: dropping
+        // backlog here to read on costs a TCP stream a third of its throughput, and an
+        // urgent datagram waits at most for one batch's decryption.
+        let Some(idx) = io.free.pop() else {
+            return;
+        };
+        let Some(batch) = io.batches.get_mut(idx) else {
+            return;
+        };
         let received = {
-            let mut iovs = io.rx.each_mut().map(|b| IoSliceMut::new(b));
+            let mut iovs = batch.slots.each_mut().map(|b| IoSliceMut::new(b));
             shared
                 .udp_state
-                .recv((&shared.udp).into(), &mut iovs, &mut io.meta)
+                .recv((&shared.udp).into(), &mut iovs, &mut batch.meta)
         };
         let n = match received {
             Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
-                // ICMP errors (port unreachable) surface here and leave the socket usable.
-                tracing::debug!("UDP receive: {e}");
-                return;
-            }
-        };
-        // Two passes: datagrams small enough to carry an urgent packet (an ACK, a ping, a
-        // probe, a handshake) are decrypted and written to the TUN before the bulk of the
-        // batch, so they do not wait behind up to half a megabyte of decryption.
-        for urgent_pass in [true, false] {
-            for (slot, m) in io.rx.iter().zip(io.meta.iter()).take(n) {
-                let from = canonical(m.addr);
-                let stride = if m.stride == 0 { m.len } else { m.stride };
-                let Some(data) = slot.get(..m.len) else {
-                    continue;
-                };
-                for datagram in data.chunks(stride.max(1)) {
-                    if (datagram.len() <= lanes::URGENT_MAX_DATAGRAM) == urgent_pass {
-                        receive_datagram(shared, &mut io.writer, from, datagram);
+                io.free.push(idx);
+                match e.kind() {
+                    ErrorKind::WouldBlock => return,
+                    ErrorKind::Interrupted => continue,
+                    // ICMP errors (port unreachable) surface here and leave the socket usable.
+                    _ => {
+                        tracing::debug!("UDP receive: {e}");
+                        return;
                     }
                 }
             }
-            write_tun(shared, &mut io.writer);
+        };
+        batch.received = n;
+        batch.train = 0;
+        batch.at = 0;
+        for (slot, m) in batch.slots.iter().zip(batch.meta.iter()).take(n) {
+            let from = canonical(m.addr);
+            let stride = if m.stride == 0 { m.len } else { m.stride };
+            let Some(data) = slot.get(..m.len) else {
+                continue;
+            };
+            for datagram in data.chunks(stride.max(1)) {
+                if datagram.len() <= lanes::URGENT_MAX_DATAGRAM {
+                    receive_datagram(shared, &mut io.writer, from, datagram);
+                }
+            }
         }
+        write_tun(shared, &mut io.writer);
+        io.queued.push_back(idx);
         if n < RX_BATCH {
             return;
         }
     }
+}
+
+/// Decrypts up to `BULK_PER_TURN` queued bulk datagrams, oldest first, and writes them to
+/// the TUN.
+fn serve_inbound(shared: &DataPlaneShared, io: &mut Inbound) {
+    let mut budget = BULK_PER_TURN;
+    while budget > 0 {
+        let Some(&idx) = io.queued.front() else {
+            break;
+        };
+        let Some(batch) = io.batches.get_mut(idx) else {
+            io.queued.pop_front();
+            continue;
+        };
+        while budget > 0 && batch.train < batch.received {
+            let (Some(m), Some(slot)) = (batch.meta.get(batch.train), batch.slots.get(batch.train))
+            else {
+                break;
+            };
+            let stride = if m.stride == 0 { m.len } else { m.stride }.max(1);
+            let end = (batch.at + stride).min(m.len);
+            let datagram = slot.get(batch.at..end).unwrap_or_default();
+            if end >= m.len {
+                batch.train += 1;
+                batch.at = 0;
+            } else {
+                batch.at = end;
+            }
+            if datagram.len() > lanes::URGENT_MAX_DATAGRAM {
+                receive_datagram(shared, &mut io.writer, canonical(m.addr), datagram);
+                budget -= 1;
+            }
+        }
+        if batch.train >= batch.received {
+            io.queued.pop_front();
+            io.free.push(idx);
+        }
+    }
+    write_tun(shared, &mut io.writer);
 }
 
 /// One datagram: decapsulated into the next TUN buffer, or answered.

@@ -56,9 +56,9 @@ pub fn urgent(packet: &[u8]) -> bool {
     }
     match proto {
         ICMP | ICMPV6 => true,
-        TCP => packet
-            .get(l4_at + 12)
-            .is_some_and(|&offset| l4_at + usize::from(offset >> 4) * 4 >= ip_len.min(packet.len())),
+        TCP => packet.get(l4_at + 12).is_some_and(|&offset| {
+            l4_at + usize::from(offset >> 4) * 4 >= ip_len.min(packet.len())
+        }),
         _ => false,
     }
 }
@@ -66,6 +66,9 @@ pub fn urgent(packet: &[u8]) -> bool {
 fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
 }
+
+/// Spare buffers kept when the queue empties: one TSO read's worth, twice.
+const KEPT_SPARE: usize = 128;
 
 /// Bulk packets waiting for encryption, in arrival order, at most `limit` bytes of them. The
 /// buffers move in and out by swapping with the reader's (no copy), and are kept for reuse,
@@ -119,6 +122,16 @@ impl BulkQueue {
 
     pub fn is_empty(&self) -> bool {
         self.queued.is_empty()
+    }
+
+    /// Frees the buffers a burst left behind, past `KEPT_SPARE`, once nothing is queued (a
+    /// node back at idle keeps only a little of its peak).
+    pub fn shrink_when_empty(&mut self) {
+        if self.queued.is_empty() && self.spare.len() > KEPT_SPARE {
+            self.spare.truncate(KEPT_SPARE);
+            self.spare.shrink_to_fit();
+            self.queued.shrink_to(KEPT_SPARE);
+        }
     }
 
     /// Packets dropped because the queue was full, since the last call.
@@ -224,6 +237,8 @@ mod tests {
             prop_assert!(q.is_empty());
             prop_assert_eq!(q.take_dropped(), dropped);
             prop_assert_eq!(q.take_dropped(), 0);
+            q.shrink_when_empty();
+            prop_assert!(q.spare.len() <= KEPT_SPARE);
         }
     }
 }
