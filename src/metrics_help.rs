@@ -30,6 +30,11 @@ pub fn describe() {
     );
     metrics::counter!("myelin_tunnel_handshake_dh_total").absolute(0);
     describe_counter!(
+        "myelin_tunnel_bulk_dropped_total",
+        "Bulk packets read from the TUN and dropped because the bulk queue (4 MiB) was full: the loss signal a bulk sender gets when it outruns the tunnel. Urgent packets never wait there."
+    );
+    metrics::counter!("myelin_tunnel_bulk_dropped_total", "direction" => "out").absolute(0);
+    describe_counter!(
         "myelin_tunnel_handshake_refused_total",
         "Handshake messages dropped before any Diffie-Hellman work: reason mac1 (bad MAC) or under_load (answered with a cookie reply)."
     );
