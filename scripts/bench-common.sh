@@ -114,6 +114,16 @@ add_baseline_paths() {
   add_path myelin myelin "$MYELIN"
 }
 
+# The run's work directory (removed with every path on exit), the four baseline paths, and one
+# more Myelin path per LABEL=BINARY argument (another build, e.g. the one before a change).
+start_paths() { # [LABEL=BINARY ...]
+  WORK=$(mktemp -d)
+  trap cleanup_paths EXIT
+  add_baseline_paths
+  local extra
+  for extra in "$@"; do add_path "${extra%%=*}" myelin "${extra#*=}"; done
+}
+
 # Bursts of pings that alternate between the paths: CYCLES cycles of PINGS pings (-i 0.005)
 # per path; each sample goes to $WORK/rtt-<label> as "<cycle> <ms>".
 ping_bursts() { # cycles pings [first cycle number]

@@ -17,10 +17,7 @@ CYCLES=${1:-25}
 PINGS=${2:-50}
 shift $(($# < 2 ? $# : 2))
 . scripts/bench-common.sh
-WORK=$(mktemp -d)
-trap cleanup_paths EXIT
-add_baseline_paths
-for extra in "$@"; do add_path "${extra%%=*}" myelin "${extra#*=}"; done
+start_paths "$@"
 
 echo "bench: $CYCLES cycles of $PINGS pings (-i 0.005) per path, $(nproc) cores, $(uname -r)"
 ping_bursts "$CYCLES" "$PINGS"

@@ -18,10 +18,7 @@ ROUNDS=${1:-3}
 DURATION=${2:-8}
 shift $(($# < 2 ? $# : 2))
 . scripts/bench-common.sh
-WORK=$(mktemp -d)
-trap cleanup_paths EXIT
-add_baseline_paths
-for extra in "$@"; do add_path "${extra%%=*}" myelin "${extra#*=}"; done
+start_paths "$@"
 PINGS=$(((DURATION - 2) * 100))
 
 source_of() { # label: the address B pings A on

@@ -661,11 +661,10 @@ fn receive(shared: &DataPlaneShared, io: &mut Inbound) {
         batch.at = 0;
         for (slot, m) in batch.slots.iter().zip(batch.meta.iter()).take(n) {
             let from = canonical(m.addr);
-            let stride = if m.stride == 0 { m.len } else { m.stride };
             let Some(data) = slot.get(..m.len) else {
                 continue;
             };
-            for datagram in data.chunks(stride.max(1)) {
+            for datagram in data.chunks(stride(m)) {
                 if datagram.len() <= lanes::URGENT_MAX_DATAGRAM {
                     receive_datagram(shared, &mut io.writer, from, datagram);
                 }
@@ -677,6 +676,12 @@ fn receive(shared: &DataPlaneShared, io: &mut Inbound) {
             return;
         }
     }
+}
+
+/// The size of each datagram in a received GRO train (one datagram: its length).
+fn stride(m: &quinn_udp::RecvMeta) -> usize {
+    let stride = if m.stride == 0 { m.len } else { m.stride };
+    stride.max(1)
 }
 
 /// Decrypts up to `BULK_PER_TURN` queued bulk datagrams, oldest first, and writes them to
@@ -694,10 +699,12 @@ fn serve_inbound(shared: &DataPlaneShared, io: &mut Inbound) {
         while budget > 0 && batch.train < batch.received {
             let (Some(m), Some(slot)) = (batch.meta.get(batch.train), batch.slots.get(batch.train))
             else {
+                // Out of range cannot happen (received <= RX_BATCH); retire the batch rather
+                // than spin on it.
+                batch.train = batch.received;
                 break;
             };
-            let stride = if m.stride == 0 { m.len } else { m.stride }.max(1);
-            let end = (batch.at + stride).min(m.len);
+            let end = (batch.at + stride(m)).min(m.len);
             let datagram = slot.get(batch.at..end).unwrap_or_default();
             if end >= m.len {
                 batch.train += 1;
