@@ -139,6 +139,7 @@ fn connected_table(n: u32) -> PeerTable {
             persistent_keepalive: None,
             probe_interval: None,
             groups: vec![],
+            multicast: vec![],
         };
         match table.upsert(&ours, spec) {
             Ok(Some(next)) => table = next,

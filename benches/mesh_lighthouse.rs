@@ -120,6 +120,7 @@ fn fleet(ca: &SigningKey) -> Vec<Member> {
                 talk_to,
                 candidates: vec![format!("192.0.2.{}:51820", i % 250).parse().unwrap()],
                 refresh_s: 30,
+                multicast: vec![],
             }
             .encode(),
         });
@@ -155,6 +156,7 @@ fn lighthouse(ca_key: &SigningKey, now: Instant) -> Mesh {
                 endpoint: "192.0.2.250:51820".parse().unwrap(),
             }],
             talk_to: vec![],
+            multicast: vec![],
             candidates: vec![],
             lighthouse: true,
             refresh: Duration::from_secs(30),

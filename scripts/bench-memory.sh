@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Memory of one robot node of a 3-node lab (release build, every default plugin) as the kernel
+# Memory of one robot node of a 3-node lab (release build, or MYELIN_PROFILE=dist; every default plugin) as the kernel
 # charges it: each process's RSS and USS, and the node's total with every physical page counted
 # once (scripts/memory.py: private pages of every process plus the shared binary's pages once).
 # Three states: idle with the lab's model in the ai plugin; the same under iperf3 load
 # (operator -> robot1, TCP); idle without models (the ai plugin then does not run). As root.
-# Usage: scripts/bench-memory.sh
+# Usage: scripts/bench-memory.sh   (MYELIN_PROFILE=dist: the profile robots ship, LTO and cold code for size)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lab-common.sh

@@ -1,5 +1,6 @@
 # Sourced by the whole-system benchmarks that measure a running lab (bench-idle.sh,
-# bench-memory.sh): the machine set up, Myelin built in release as $MYELIN, and
+# bench-memory.sh): the machine set up, Myelin built as $MYELIN (the release profile, or the
+# profile robots ship, `dist`, with MYELIN_PROFILE=dist; or MYELIN_BIN, built before), and
 #   lab_start DIR [lab up options...]  a detached 3-node lab in DIR, every node settled
 #                                      (enabled plugins running, robots' interlocks armed),
 #                                      its "name pid" lines in $LAB_NODES
@@ -7,8 +8,13 @@
 #   iperf3_server DIR NODE             a one-shot iperf3 server in NODE, listening on return
 scripts/setup.sh >/dev/null
 . scripts/env.sh
-cargo build --release --locked --quiet
-MYELIN="$CARGO_TARGET_DIR/release/myelin"
+MYELIN_PROFILE="${MYELIN_PROFILE:-release}"
+if [ -n "${MYELIN_BIN:-}" ]; then # a binary built before (another commit, another profile)
+  MYELIN="$MYELIN_BIN"
+else
+  cargo build --profile "$MYELIN_PROFILE" --locked --quiet
+  MYELIN="$CARGO_TARGET_DIR/$MYELIN_PROFILE/myelin"
+fi
 
 settled() { # dir node: every enabled plugin running; robots' interlocks armed
   local dir=$1 node=$2

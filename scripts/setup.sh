@@ -7,7 +7,7 @@ packages=(
   build-essential pkg-config git curl ca-certificates
   cmake libclang-dev
   iproute2 nftables iputils-ping tcpdump dnsutils
-  wireguard-tools wireguard-go iperf3 ffmpeg
+  wireguard-tools wireguard-go iperf3 ffmpeg fonts-dejavu-core
   python3 python3-venv
   chromium
   prometheus

@@ -8,7 +8,8 @@ crate its demangled path starts with (for `<A as B>::f`, A's crate; generic code
 crate that defines it, wherever it was instantiated, as `cargo bloat --crates` does). Symbols
 without a Rust path (C and C++ code: CycloneDDS, ring's assembly, libc) are grouped as
 "[C/C++/asm]". Prints a markdown table of the largest crates and the total. Build the binary
-with `--config profile.dist.strip=false` to keep the symbols, and strip a copy for its size.
+with CARGO_PROFILE_DIST_STRIP=false in the environment to keep the symbols (zigbuild ignores
+`--config profile.dist.strip=false`), and strip a copy for its size.
 """
 import collections
 import re

@@ -51,6 +51,9 @@ pub struct Config {
     /// The fleet's names (`<member>.<domain>`), served on the overlay addresses.
     #[serde(default)]
     pub dns: DnsSection,
+    /// Multicast groups carried over the overlay (docs/robotics.md); none: not carried.
+    #[serde(default)]
+    pub multicast: Option<MulticastSection>,
     #[serde(default, rename = "plugins")]
     plugins_raw: toml::Table,
     #[serde(skip)]
@@ -148,6 +151,14 @@ pub struct ControlConfig {
     /// token (their identity is the certificate of the peer the request came from).
     #[serde(default)]
     pub allow_groups: Vec<String>,
+    /// The port of the other members' APIs on their overlay addresses, which the fleet view
+    /// (`/api/v1/fleet`, `myelin fleet`) asks for their cards.
+    #[serde(default = "default_fleet_port")]
+    pub fleet_port: u16,
+}
+
+fn default_fleet_port() -> u16 {
+    7800
 }
 
 /// `"addr"` or `["addr", ...]`.
@@ -177,6 +188,7 @@ impl Default for ControlConfig {
             remote_listen: Vec::new(),
             token_file: None,
             allow_groups: Vec::new(),
+            fleet_port: default_fleet_port(),
         }
     }
 }
@@ -243,6 +255,40 @@ pub struct LighthouseSection {
     /// theirs here in the last third of it.
     #[serde(default)]
     pub cert_lifetime: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MulticastSection {
+    /// Groups this node sends to and receives from, e.g. `["239.255.0.1"]` (DDS discovery).
+    pub groups: Vec<IpAddr>,
+    /// Members that get this node's packets: groups of their certificates, or their names.
+    pub to: Vec<String>,
+    /// Per group and direction; bursts of one second of each are allowed.
+    #[serde(default = "default_multicast_packets")]
+    pub max_packets_per_s: u32,
+    #[serde(default = "default_multicast_bytes")]
+    pub max_bytes_per_s: u32,
+}
+
+fn default_multicast_packets() -> u32 {
+    crate::tunnel::multicast::DEFAULT_PACKETS_PER_S
+}
+
+fn default_multicast_bytes() -> u32 {
+    crate::tunnel::multicast::DEFAULT_BYTES_PER_S
+}
+
+impl MulticastSection {
+    /// The section as the data plane applies it.
+    pub fn policy(&self) -> crate::tunnel::multicast::Policy {
+        crate::tunnel::multicast::Policy {
+            groups: self.groups.clone(),
+            to: self.to.clone(),
+            max_packets_per_s: self.max_packets_per_s,
+            max_bytes_per_s: self.max_bytes_per_s,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -378,6 +424,10 @@ pub struct PeerConfig {
     pub allowed_ips: Vec<IpNet>,
     #[serde(default)]
     pub persistent_keepalive: Option<u16>,
+    /// Multicast groups the peer takes part in (`[multicast]` on both ends); mesh members
+    /// announce theirs through the roster instead.
+    #[serde(default)]
+    pub multicast: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -667,6 +717,67 @@ impl Config {
                 "a lighthouse needs a [mesh] section with the fleet's ca and its own cert".into(),
                 "add [mesh] ca = \"/etc/myelin/ca.crt\" and cert = \"/etc/myelin/node.crt\"",
             ));
+        }
+        if let Some(mc) = &config.multicast {
+            if mc.groups.is_empty() || mc.groups.len() > crate::tunnel::multicast::MAX_GROUPS {
+                return Err(invalid(
+                    &["multicast", "groups"],
+                    format!(
+                        "{} groups; one node takes part in 1 to {}",
+                        mc.groups.len(),
+                        crate::tunnel::multicast::MAX_GROUPS
+                    ),
+                    "e.g. groups = [\"239.255.0.1\"] (DDS discovery), or remove [multicast]",
+                ));
+            }
+            for (i, g) in mc.groups.iter().enumerate() {
+                if !g.is_multicast() {
+                    return Err(invalid(
+                        &["multicast", "groups"],
+                        format!("{g} is not a multicast address"),
+                        "IPv4 groups are in 224.0.0.0/4, IPv6 groups in ff00::/8",
+                    ));
+                }
+                if mc.groups[..i].contains(g) {
+                    return Err(invalid(
+                        &["multicast", "groups"],
+                        format!("{g} is listed twice"),
+                        "list each group once",
+                    ));
+                }
+            }
+            if mc.to.is_empty() {
+                return Err(invalid(
+                    &["multicast", "to"],
+                    "no member would get this node's packets".into(),
+                    "e.g. to = [\"robots\", \"operators\"] (groups of members, or names)",
+                ));
+            }
+            if mc.max_packets_per_s == 0 || mc.max_bytes_per_s < u32::from(config.node.mtu) {
+                return Err(invalid(
+                    &["multicast", "max_packets_per_s"],
+                    format!(
+                        "caps of {} packets and {} bytes a second pass nothing",
+                        mc.max_packets_per_s, mc.max_bytes_per_s
+                    ),
+                    "the defaults are 200 packets and 131072 bytes a second per group; the byte cap must hold one packet of [node].mtu",
+                ));
+            }
+        }
+        for peer in &config.peers {
+            if peer.multicast.len() > crate::tunnel::multicast::MAX_GROUPS
+                || peer.multicast.iter().any(|g| !g.is_multicast())
+            {
+                return Err(invalid(
+                    &["peers", "multicast"],
+                    format!(
+                        "peer `{}`: up to {} multicast addresses (IPv4 224.0.0.0/4, IPv6 ff00::/8)",
+                        peer.name,
+                        crate::tunnel::multicast::MAX_GROUPS
+                    ),
+                    "e.g. multicast = [\"239.255.0.1\"]",
+                ));
+            }
         }
         if let Some(fw) = &config.firewall {
             if let Err(e) = fw.rule_set() {
@@ -985,6 +1096,7 @@ mod tests {
             }
         }
         assert_eq!(config.node.address.len(), 2);
+        assert!(config.multicast.is_some_and(|m| m.groups.len() == 2));
     }
 
     #[test]
@@ -1024,6 +1136,40 @@ mod tests {
             Path::new("t.toml"),
         );
         assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    #[test]
+    fn multicast_groups_and_members_are_checked() {
+        let section = |body: &str| minimal(&format!("[multicast]\n{body}"));
+        let ok = Config::parse(
+            &section("groups = [\"239.255.0.1\", \"ff05::1:3\"]\nto = [\"operators\"]\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let mc = ok.multicast.unwrap();
+        assert_eq!(mc.max_packets_per_s, 200);
+        assert_eq!(mc.policy().groups.len(), 2);
+        let e = err(&section("groups = [\"10.0.0.1\"]\nto = [\"robots\"]\n"));
+        assert!(
+            e.contains("10.0.0.1 is not a multicast address") && e.contains("224.0.0.0/4"),
+            "{e}"
+        );
+        let e = err(&section(
+            "groups = [\"239.255.0.1\", \"239.255.0.1\"]\nto = [\"robots\"]\n",
+        ));
+        assert!(e.contains("listed twice"), "{e}");
+        let e = err(&section("groups = [\"239.255.0.1\"]\nto = []\n"));
+        assert!(e.contains("multicast.to") && e.contains("no member"), "{e}");
+        let e = err(&section("groups = []\nto = [\"robots\"]\n"));
+        assert!(e.contains("multicast.groups"), "{e}");
+        let e = err(&section(
+            "groups = [\"239.255.0.1\"]\nto = [\"robots\"]\nmax_packets_per_s = 0\n",
+        ));
+        assert!(e.contains("pass nothing"), "{e}");
+        let e = err(&minimal(&format!(
+            "[[peers]]\nname = \"op\"\npublic_key = \"{KEY}\"\nallowed_ips = [\"10.77.0.2/32\"]\nmulticast = [\"10.0.0.1\"]\n"
+        )));
+        assert!(e.contains("peers.multicast") && e.contains("`op`"), "{e}");
     }
 
     #[test]

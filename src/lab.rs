@@ -33,6 +33,9 @@ pub struct LabNode {
     pub config: PathBuf,
     pub log: PathBuf,
     pub pid: Option<u32>,
+    /// The lab camera feeding this robot's `front` stream (an ffmpeg in its namespace).
+    #[serde(default)]
+    pub camera_pid: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -333,8 +336,61 @@ pub fn raise_neighbour_limits(count: usize) -> anyhow::Result<Vec<String>> {
     Ok(changed)
 }
 
+/// Which plugins the lab's members run.
+#[derive(Clone, Debug)]
+pub enum LabPlugins {
+    None,
+    /// Every plugin compiled in.
+    All,
+    /// These (names checked against the plugins compiled in).
+    Only(Vec<String>),
+}
+
+impl LabPlugins {
+    /// From `--no-plugins` and `--plugins a,b`.
+    pub fn choose(none: bool, only: Option<&str>) -> anyhow::Result<LabPlugins> {
+        let Some(list) = only else {
+            return Ok(if none {
+                LabPlugins::None
+            } else {
+                LabPlugins::All
+            });
+        };
+        if none {
+            bail!("--plugins and --no-plugins contradict each other; fix: give one of them");
+        }
+        let known: Vec<&str> = myelin_sdk::registrations().map(|r| r.name).collect();
+        let names: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect();
+        if let Some(bad) = names.iter().find(|n| !known.contains(&n.as_str())) {
+            bail!(
+                "--plugins {list}: no plugin `{bad}` in this build; fix: choose from {}",
+                known.join(", ")
+            );
+        }
+        Ok(LabPlugins::Only(names))
+    }
+
+    fn includes(&self, name: &str) -> bool {
+        match self {
+            LabPlugins::None => false,
+            LabPlugins::All => true,
+            LabPlugins::Only(names) => names.iter().any(|n| n == name),
+        }
+    }
+}
+
 /// Creates the namespaces, links, keys and configs, and starts every node.
-pub fn create(dir: &Path, count: usize, plugins: bool) -> anyhow::Result<LabState> {
+pub fn create(
+    dir: &Path,
+    count: usize,
+    plugins: &LabPlugins,
+    cameras: usize,
+) -> anyhow::Result<LabState> {
     if !(2..=MAX_NODES).contains(&count) {
         bail!("--nodes {count}: a lab has 2 to {MAX_NODES} nodes");
     }
@@ -355,7 +411,7 @@ pub fn create(dir: &Path, count: usize, plugins: bool) -> anyhow::Result<LabStat
         bail!("a lab is already running on bridge {} (started with another --dir?); fix: `myelin lab down --dir <its dir>`, or `myelin lab down` to remove whatever is on that bridge", fabric.bridge);
     }
     // From here on a failure removes whatever was made, so a retry starts clean.
-    build(dir, count, &fabric, plugins).inspect_err(|_| {
+    build(dir, count, &fabric, plugins, cameras).inspect_err(|_| {
         let _ = fabric.destroy(&[]);
     })
 }
@@ -463,11 +519,117 @@ fn wait_listening(addr: &str, what: &str, log: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The lab host stands in for the operator's own machine: it reaches the overlay through the
+/// operator node, which forwards what the host sends into the tunnel under its own overlay
+/// address (so robots see the operator, whose certificate their firewalls know). Only the
+/// host's bridge address is forwarded. A browser on the host then plays robots' video over
+/// WHEP as a browser on the operator's machine would. A lab convenience, never a product
+/// feature: on a real fleet the operator's machine is itself a member.
+fn route_host_through(fabric: &Fabric, operator: &LabNode) -> anyhow::Result<()> {
+    let host = format!("{}.254", fabric.subnet);
+    let ns = &operator.namespace;
+    let sysctl = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])
+        .output()
+        .context("running sysctl in the operator's namespace")?;
+    if !sysctl.status.success() {
+        bail!(
+            "turning on forwarding in {ns}: {}",
+            String::from_utf8_lossy(&sysctl.stderr).trim()
+        );
+    }
+    let script = format!(
+        "table ip myelin_lab_host {{\n  chain forward {{\n    type filter hook forward priority 0; policy drop;\n    ct state established,related accept\n    iifname \"eth0\" ip saddr {host} ip daddr {OVERLAY_V4} accept\n  }}\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    iifname \"eth0\" ip saddr {host} oifname != \"eth0\" masquerade\n  }}\n}}\n"
+    );
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft in the operator's namespace; fix: install nftables")?;
+    if let Some(mut stdin) = nft.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(script.as_bytes())?;
+    }
+    let out = nft.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft in {ns} refused the lab host's forwarding: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // A route this machine already has (a real node's overlay) is left alone: the lab then
+    // works, but its video does not play on this machine.
+    let existing = Command::new("ip")
+        .args(["route", "show", OVERLAY_V4])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    if !existing.is_empty() && !existing.contains("dev mlab") {
+        eprintln!(
+            "lab: this machine already routes {OVERLAY_V4} ({existing}), so the lab leaves it: browsers here cannot reach the robots' video; fix: stop what owns that route, or watch from the operator's namespace (`myelin lab exec operator -- ...`)"
+        );
+        return Ok(());
+    }
+    // The route goes with the bridge when the lab is removed.
+    ip(&[
+        "route",
+        "replace",
+        OVERLAY_V4,
+        "via",
+        &operator.underlay,
+        "dev",
+        &fabric.bridge,
+    ])
+}
+
+/// The lab's IPv4 overlay range.
+const OVERLAY_V4: &str = "10.77.0.0/16";
+
+/// Where the lab camera's text is drawn with, when the font is there (Debian: fonts-dejavu-core).
+const CAMERA_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf";
+
+/// Starts the lab camera of robot `node`: ffmpeg's test pattern with the robot's name and a
+/// running clock, 320×240 at 15 fps, H.264 baseline RTP into its webrtc plugin's `front`
+/// stream (127.0.0.1:5004). It runs in the robot's namespace and goes with it.
+fn start_camera(node: &LabNode, dir: &Path) -> anyhow::Result<u32> {
+    let mut filter = String::from("testsrc2=size=320x240:rate=15");
+    if Path::new(CAMERA_FONT).exists() {
+        filter.push_str(&format!(
+            ",drawtext=fontfile={CAMERA_FONT}:text='{} %{{localtime\\:%T}}':x=8:y=8:fontsize=18:fontcolor=white:box=1:boxcolor=black@0.6",
+            node.name
+        ));
+    }
+    let log = dir.join(format!("{}-camera.log", node.name));
+    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", &node.namespace, "ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-f", "lavfi", "-i"])
+        .arg(&filter)
+        .args([
+            "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency",
+            "-profile:v", "baseline", "-g", "15", "-f", "rtp", "rtp://127.0.0.1:5004?pkt_size=1200",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("starting the lab camera; fix: install ffmpeg (`apt-get install ffmpeg`), or `myelin lab up --cameras 0`")?;
+    Ok(child.id())
+}
+
 fn build(
     dir: &Path,
     count: usize,
     fabric: &Fabric,
-    with_plugins: bool,
+    plugins: &LabPlugins,
+    cameras: usize,
 ) -> anyhow::Result<LabState> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
@@ -533,6 +695,7 @@ fn build(
         config: lh_config_path,
         log: dir.join("lighthouse.log"),
         pid: None,
+        camera_pid: None,
     };
     lighthouse.pid =
         Some(spawn_node(&lighthouse.namespace, &lighthouse.config, &lighthouse.log)?.id());
@@ -554,6 +717,11 @@ fn build(
         enroll: enroll.parse()?,
     };
 
+    // Every node's dashboard as the lab host's browser opens it.
+    let dashboards: Vec<String> = (1..=names.len())
+        .chain(std::iter::once(LIGHTHOUSE_INDEX))
+        .map(|n| format!("http://{}.{n}:7800", fabric.subnet))
+        .collect();
     // Every member joins with a token, as a user would on a real machine.
     let exe = std::env::current_exe().context("locating the myelin binary")?;
     let talk_to = vec!["operators".to_string(), "robots".to_string()];
@@ -597,9 +765,10 @@ fn build(
         let role = myelin_sdk::LabNode {
             name: name.as_str(),
             operator: name == "operator",
+            dashboards: &dashboards,
         };
-        let plugins: String = myelin_sdk::registrations()
-            .filter(|_| with_plugins)
+        let sections: String = myelin_sdk::registrations()
+            .filter(|r| plugins.includes(r.name))
             .map(|r| match r.lab_section {
                 Some(section) => section(&role),
                 None => format!("\n[plugins.{}]\n", r.name),
@@ -621,6 +790,7 @@ fn build(
             lighthouse_ref.overlay,
             d = node_dir.display(),
             control = control_section(&api, &v4, &token_file),
+            plugins = sections,
         );
         let config_path = node_dir.join("myelin.toml");
         std::fs::write(&config_path, config)?;
@@ -634,12 +804,22 @@ fn build(
             config: config_path,
             log: dir.join(format!("{name}.log")),
             pid: None,
+            camera_pid: None,
         });
+    }
+    if let Some(operator) = nodes.iter().find(|n| n.name == "operator") {
+        route_host_through(fabric, operator)?;
     }
     let started = Instant::now();
     for node in nodes.iter_mut().skip(1) {
         let child = spawn_node(&node.namespace, &node.config, &node.log)?;
         node.pid = Some(child.id());
+    }
+    if plugins.includes("webrtc") {
+        let robots = nodes.iter_mut().filter(|n| n.name.starts_with("robot"));
+        for node in robots.take(cameras) {
+            node.camera_pid = Some(start_camera(node, &dir)?);
+        }
     }
     let state = LabState {
         dir: dir.clone(),

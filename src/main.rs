@@ -4,6 +4,7 @@
 use myelin::cli::{self, Args, Command};
 
 fn main() -> std::process::ExitCode {
+    few_malloc_arenas();
     let args: Args = argh::from_env();
     if let Command::PluginRun(run) = &args.command {
         myelin::logging::init_plugin_child(&args.log_level);
@@ -37,6 +38,21 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// glibc gives each thread that allocates an arena of its own (up to eight per core), and
+/// each keeps its freed memory apart from the others'. The node and its plugins run a few
+/// dozen threads but allocate nothing on the packet path: two arenas cost them less memory
+/// idle (docs/benchmarks.md, "Memory of a robot node"). `MALLOC_ARENA_MAX` in the
+/// environment still decides; musl has no arenas.
+fn few_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: sets one of glibc's allocator tunables, before any thread is started.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let runtime = || -> anyhow::Result<tokio::runtime::Runtime> {
         Ok(tokio::runtime::Builder::new_multi_thread()
@@ -54,6 +70,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Status(a) => runtime()?.block_on(cli::status(a)),
         Command::Peers(a) => runtime()?.block_on(cli::peers(a)),
         Command::Members(a) => runtime()?.block_on(cli::members(a)),
+        Command::Fleet(a) => runtime()?.block_on(cli::fleet(a)),
         Command::Firewall(a) => runtime()?.block_on(cli::firewall(a)),
         Command::Whois(a) => runtime()?.block_on(cli::whois(a)),
         Command::Plugins(a) => runtime()?.block_on(cli::plugins(a)),

@@ -35,6 +35,28 @@ pub fn describe() {
     );
     metrics::counter!("myelin_tunnel_bulk_dropped_total", "direction" => "out").absolute(0);
     describe_counter!(
+        "myelin_multicast_packets_total",
+        "Multicast packets of a [multicast] group: direction out (read from the TUN, before replication) or in (from a member, written to the TUN)."
+    );
+    describe_counter!(
+        "myelin_multicast_replicas_total",
+        "Copies of outbound multicast packets sent, one per subscribed member in [multicast].to."
+    );
+    describe_counter!(
+        "myelin_multicast_bytes_total",
+        "Bytes of multicast packets: out counts every copy sent (the replication cost), in every packet accepted."
+    );
+    describe_counter!(
+        "myelin_multicast_dropped_total",
+        "Multicast packets not replicated (out) or not accepted (in): reason not_configured (a group outside [multicast].groups), scope (TTL 0 or interface-local), rate_limited (over the group's cap), membership (IGMP/MLD, never carried: membership travels in the roster), malformed."
+    );
+    for direction in ["out", "in"] {
+        for reason in ["not_configured", "scope", "rate_limited"] {
+            metrics::counter!("myelin_multicast_dropped_total", "direction" => direction, "reason" => reason)
+                .absolute(0);
+        }
+    }
+    describe_counter!(
         "myelin_tunnel_handshake_refused_total",
         "Handshake messages dropped before any Diffie-Hellman work: reason mac1 (bad MAC) or under_load (answered with a cookie reply)."
     );

@@ -222,6 +222,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         members: members_rx,
         event_streams: Default::default(),
         config_path: config_path.to_path_buf(),
+        fleet: api::fleet::Fleet::new(config.control.fleet_port),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let api_stop = shutdown.clone();

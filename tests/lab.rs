@@ -171,6 +171,13 @@ fn leftovers() -> Vec<String> {
             found.push(format!("link {name}"));
         }
     }
+    // The lab host's route onto the overlay (through the operator) goes with the bridge.
+    let routes = Command::new("ip").args(["route", "show"]).output().unwrap();
+    for line in String::from_utf8_lossy(&routes.stdout).lines() {
+        if line.contains(&format!("dev {} ", common::LAB_BRIDGE)) {
+            found.push(format!("route {line}"));
+        }
+    }
     found
 }
 

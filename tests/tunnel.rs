@@ -41,36 +41,9 @@ fn mesh_pair(tag: &str, alpha_plugins: &str) -> (Node, Node, common::MeshFleet) 
     (a, b, mesh)
 }
 
-/// iperf3 TCP from `client` to `server_addr` for `secs`; returns Mbit/s received.
+/// iperf3 TCP from `link.a` to `server_addr` in `link.b` for `secs`; returns Mbit/s received.
 fn iperf(link: &Link, server_addr: &str, secs: u32) -> f64 {
-    let mut server = link
-        .b
-        .command("iperf3")
-        .args(["-s", "-1", "--forceflush", "-B", server_addr])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("iperf3 (the test script installs it)");
-    let mut out = server.stdout.take().unwrap();
-    let mut line = String::new();
-    let mut reader = std::io::BufReader::new(&mut out);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !line.contains("Server listening") {
-        line.clear();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0 && Instant::now() < deadline,
-            "iperf3 server did not start"
-        );
-    }
-    let client = link.a.run(
-        "iperf3",
-        &["-c", server_addr, "-t", &secs.to_string(), "-J"],
-    );
-    let _ = server.wait();
-    let v: serde_json::Value = serde_json::from_str(&client).expect("iperf3 JSON");
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("bits_per_second")
-        / 1e6
+    common::iperf_tcp(&link.b, &link.a, server_addr, secs)
 }
 
 #[test]

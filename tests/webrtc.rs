@@ -275,18 +275,37 @@ fn robot_video_reaches_viewers_over_whep() {
             .contains("access-control-allow-origin: *"),
         "{text}"
     );
+    // A dashboard of the fleet (the operator's, on its overlay address) passes the preflight
+    // and is named back; a sandboxed frame (`null`, which any site can make) and another site
+    // are refused with nothing a page could read.
     let (code, text) = http(
         &op_ns,
         robot_whep,
-        "OPTIONS /front/whep HTTP/1.1\r\nHost: robot\r\nOrigin: null\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n".into(),
+        "OPTIONS /front/whep HTTP/1.1\r\nHost: robot\r\nOrigin: http://10.90.0.2:7800\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n".into(),
     )
     .unwrap();
     assert_eq!(code, 204, "{text}");
+    let lower = text.to_ascii_lowercase();
     assert!(
-        text.to_ascii_lowercase()
-            .contains("access-control-expose-headers: location"),
+        lower.contains("access-control-expose-headers: location")
+            && lower.contains("access-control-allow-origin: http://10.90.0.2:7800"),
         "{text}"
     );
+    for other in ["null", "http://evil.example"] {
+        let (code, text) = http(
+            &op_ns,
+            robot_whep,
+            format!("OPTIONS /front/whep HTTP/1.1\r\nHost: robot\r\nOrigin: {other}\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n"),
+        )
+        .unwrap();
+        assert_eq!(code, 403, "{other}: {text}");
+        assert!(
+            !text
+                .to_ascii_lowercase()
+                .contains("access-control-allow-origin"),
+            "{other}: {text}"
+        );
+    }
     let secure: SocketAddr = "10.90.0.1:8890".parse().unwrap();
     let (code, text) = post(
         &op_ns,
@@ -534,6 +553,7 @@ try {
   await page.route("**/plugins/webrtc/status", (route) =>
     route.fulfill({ status: 200, contentType: "application/json", body: JSON.stringify(status) }));
   await page.goto(url);
+  await page.click('#show-node');
   const iframe = page.locator(`section[data-panel="webrtc"] iframe`);
   await page.frameLocator(`section[data-panel="webrtc"] iframe`).locator(".stats").first().waitFor({ timeout: 30000 });
   const frame = await (await iframe.elementHandle()).contentFrame();

@@ -18,6 +18,8 @@ pub enum ClientError {
     },
     #[error("HTTP exchange with {target} failed: {cause}")]
     Http { target: String, cause: hyper::Error },
+    #[error("reading the answer from {target}: {cause}")]
+    Body { target: String, cause: String },
     #[error("bad request: {0}")]
     Request(String),
 }
@@ -68,6 +70,18 @@ pub async fn call(
     body: Option<serde_json::Value>,
     bearer: Option<&str>,
 ) -> Result<(u16, Bytes), ClientError> {
+    call_capped(addr, method, path, body, bearer, usize::MAX).await
+}
+
+/// `call`, reading at most `max` bytes of the answer (for answers from other machines).
+pub async fn call_capped(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+    bearer: Option<&str>,
+    max: usize,
+) -> Result<(u16, Bytes), ClientError> {
     let target = format!("http://{addr}");
     let io = tokio::net::TcpStream::connect(addr)
         .await
@@ -94,11 +108,13 @@ pub async fn call(
         .map_err(|e| ClientError::Request(e.to_string()))?;
     let resp = exchange(io, target.clone(), req).await?;
     let status = resp.status().as_u16();
-    let bytes = resp
-        .into_body()
+    let bytes = http_body_util::Limited::new(resp.into_body(), max)
         .collect()
         .await
-        .map_err(|cause| ClientError::Http { target, cause })?
+        .map_err(|cause| ClientError::Body {
+            target,
+            cause: cause.to_string(),
+        })?
         .to_bytes();
     Ok((status, bytes))
 }

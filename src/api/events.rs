@@ -28,6 +28,16 @@ impl Drop for Open {
 }
 
 pub async fn stream(State(s): State<Arc<ApiState>>) -> Response {
+    open(s, produce).await
+}
+
+/// Opens an event stream fed by `producer` (which returns when the client goes away), within
+/// the cap on open streams.
+pub(super) async fn open<F, Fut>(s: Arc<ApiState>, producer: F) -> Response
+where
+    F: FnOnce(Arc<ApiState>, mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let open = s.event_streams.clone();
     if open.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
         open.fetch_sub(1, Ordering::Relaxed);
@@ -40,7 +50,7 @@ pub async fn stream(State(s): State<Arc<ApiState>>) -> Response {
     }
     let guard = Open(open);
     let (tx, mut rx) = mpsc::channel::<Event>(256);
-    tokio::spawn(produce(s, tx));
+    tokio::spawn(producer(s, tx));
     Sse::new(futures::stream::poll_fn(move |cx| {
         let _held = &guard;
         rx.poll_recv(cx).map(|e| e.map(Ok::<_, Infallible>))
@@ -49,7 +59,7 @@ pub async fn stream(State(s): State<Arc<ApiState>>) -> Response {
     .into_response()
 }
 
-fn event(kind: &str, data: serde_json::Value) -> Event {
+pub(super) fn event(kind: &str, data: serde_json::Value) -> Event {
     Event::default().event(kind).data(data.to_string())
 }
 

@@ -3,6 +3,7 @@
 
 pub mod client;
 mod events;
+pub mod fleet;
 
 use crate::host::{Action, HostError, PluginHost};
 use axum::body::Body;
@@ -32,6 +33,8 @@ pub struct ApiState {
     pub event_streams: Arc<std::sync::atomic::AtomicUsize>,
     /// The config file, read again by `POST /api/v1/firewall/reload`.
     pub config_path: std::path::PathBuf,
+    /// The fleet view: members' API port and the timeline.
+    pub fleet: fleet::Fleet,
 }
 
 /// What `status` shows about the data plane.
@@ -287,6 +290,18 @@ fn request_refusal(req: &Request, own: std::net::SocketAddr, names: &[String]) -
             },
         ));
     }
+    // Another site's page may link to the dashboard, but may not use the API, even to read:
+    // a read can start work (an event stream gathers the whole fleet) and take a stream place.
+    let page = matches!(req.uri().path(), "/" | "/index.html");
+    if let Some(site) = header(axum::http::HeaderName::from_static("sec-fetch-site")) {
+        if site != "same-origin" && site != "none" && !page {
+            return Some(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("a request from a {site} page is refused"),
+                format!("only pages served by this API (http://{own}) may use it; scripts and curl send no Sec-Fetch-Site"),
+            ));
+        }
+    }
     let changes_state = !matches!(
         *req.method(),
         axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
@@ -367,6 +382,10 @@ fn api_routes(state: Arc<ApiState>) -> Router {
         .route("/api/v1/plugins/{name}", get(plugin))
         .route("/api/v1/plugins/{name}/{action}", post(plugin_action))
         .route("/api/v1/events", get(events::stream))
+        .route("/api/v1/summary", get(fleet::summary))
+        .route("/api/v1/fleet", get(fleet::fleet))
+        .route("/api/v1/fleet/events", get(fleet::events))
+        .route("/api/v1/fleet/{member}/rearm", post(fleet::rearm))
         .route("/metrics", get(prometheus))
         .route("/plugins/{name}", any(proxy_root))
         .route("/plugins/{name}/", any(proxy_root))
@@ -375,7 +394,7 @@ fn api_routes(state: Arc<ApiState>) -> Router {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "no such endpoint",
-                "the API lives under /api/v1/ (status, peers, members, plugins, events)",
+                "the API lives under /api/v1/ (status, peers, members, plugins, events, summary, fleet)",
             )
         })
         .method_not_allowed_fallback(|| async {
@@ -478,6 +497,7 @@ fn peer_spec(body: &[u8]) -> Result<crate::tunnel::PeerSpec, ApiError> {
         persistent_keepalive: p.persistent_keepalive,
         probe_interval: None,
         groups: Vec::new(),
+        multicast: Vec::new(),
     })
 }
 
@@ -764,6 +784,24 @@ mod tests {
             .headers_mut()
             .insert("sec-fetch-site", "cross-site".parse().unwrap());
         assert!(remote(cross).is_some());
+        let mut read = req("GET", "10.77.0.2:7800", None);
+        read.headers_mut()
+            .insert("sec-fetch-site", "cross-site".parse().unwrap());
+        assert!(remote(read).is_some(), "a cross-site read of the API");
+        let mut link = Request::builder()
+            .uri("/")
+            .header("host", "10.77.0.2:7800")
+            .header("sec-fetch-site", "cross-site")
+            .body(Body::empty())
+            .unwrap();
+        assert!(remote(link).is_none(), "a link to the dashboard page");
+        link = Request::builder()
+            .uri("/api/v1/fleet/events")
+            .header("host", "10.77.0.2:7800")
+            .header("sec-fetch-site", "same-site")
+            .body(Body::empty())
+            .unwrap();
+        assert!(remote(link).is_some(), "a same-site page is another origin");
         let mut same = req("POST", "10.77.0.2:7800", Some("http://10.77.0.2:7800"));
         same.headers_mut()
             .insert("sec-fetch-site", "same-origin".parse().unwrap());

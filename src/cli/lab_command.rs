@@ -24,7 +24,8 @@ pub async fn lab(args: &LabArgs) -> anyhow::Result<()> {
             for change in lab::raise_neighbour_limits(a.nodes)? {
                 say!("  raised the kernel's neighbour table for the lab: {change}");
             }
-            let state = lab::create(&a.dir, a.nodes, !a.no_plugins)?;
+            let plugins = lab::LabPlugins::choose(a.no_plugins, a.plugins.as_deref())?;
+            let state = lab::create(&a.dir, a.nodes, &plugins, a.cameras)?;
             say!("waiting for every node to reach every other:");
             // A large lab on a small machine takes longer: every node starts its plugins.
             let timeout = Duration::from_secs(60 + 3 * a.nodes as u64);
@@ -53,6 +54,13 @@ pub async fn lab(args: &LabArgs) -> anyhow::Result<()> {
             say!("lab is up. Dashboards (from this machine):");
             for node in &state.nodes {
                 say!("  {:<10} {}", node.name, state.dashboard_url(node));
+            }
+            if let Some(operator) = state.nodes.iter().find(|n| n.name == "operator") {
+                say!(
+                    "the fleet page (every robot, its interlock, health and camera): {}",
+                    state.dashboard_url(operator)
+                );
+                say!("  this machine reaches the overlay through the operator node, so video plays here");
             }
             say!("try: myelin lab exec robot1 -- ping -c 3 10.77.0.1");
             if a.detach {

@@ -34,6 +34,7 @@ pub enum Command {
     Status(StatusArgs),
     Peers(PeersArgs),
     Members(MembersArgs),
+    Fleet(FleetArgs),
     Firewall(FirewallArgs),
     Whois(WhoisArgs),
     Plugins(PluginsArgs),
@@ -76,12 +77,19 @@ pub struct LabUpArgs {
     /// state directory: configs, keys, logs (default /run/myelin-lab)
     #[argh(option, default = "default_lab_dir()")]
     pub dir: PathBuf,
+    /// robots that get a lab camera (a test pattern with a clock, ffmpeg into their `front`
+    /// video stream; default 4, 0 for none)
+    #[argh(option, default = "4")]
+    pub cameras: usize,
     /// leave the lab running and return once it is up (stop it with `myelin lab down`)
     #[argh(switch)]
     pub detach: bool,
     /// start the nodes without plugins: the bare mesh (e.g. a 50-node scale run)
     #[argh(switch)]
     pub no_plugins: bool,
+    /// only these plugins, comma-separated (e.g. `safety,telemetry`; default: every plugin)
+    #[argh(option)]
+    pub plugins: Option<String>,
 }
 
 #[derive(FromArgs)]
@@ -407,6 +415,22 @@ pub struct MembersArgs {
 }
 
 #[derive(FromArgs)]
+/// Every fleet member from this node: online, RTT, interlock, plugins and health, each asked
+/// over the overlay (an unreachable one says why).
+#[argh(subcommand, name = "fleet")]
+pub struct FleetArgs {
+    #[argh(option)]
+    /// control API address (default: $MYELIN_API, the config's [control].listen, or 127.0.0.1:7800)
+    pub api: Option<String>,
+    #[argh(option)]
+    /// read the control API address from this config file
+    pub config: Option<PathBuf>,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
 /// List the peers with endpoint, handshake, traffic and RTT.
 #[argh(subcommand, name = "peers")]
 pub struct PeersArgs {
@@ -483,7 +507,7 @@ pub use init::init;
 pub use join::join;
 pub use keygen::{keygen, pubkey};
 pub use lab_command::lab;
-pub use remote::{firewall, members, peers, plugins, status, whois};
+pub use remote::{firewall, fleet, members, peers, plugins, status, whois};
 pub use safety::safety;
 
 pub fn version(args: &VersionArgs) -> anyhow::Result<()> {

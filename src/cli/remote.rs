@@ -1,6 +1,6 @@
 //! `status`, `peers` and `plugins`: talk to a running node's control API.
 
-use super::{MembersArgs, PeersArgs, PluginsArgs, StatusArgs};
+use super::{FleetArgs, MembersArgs, PeersArgs, PluginsArgs, StatusArgs};
 use crate::api::client;
 use anyhow::{bail, Context};
 use serde_json::Value;
@@ -238,17 +238,118 @@ pub async fn members(args: &MembersArgs) -> anyhow::Result<()> {
             .unwrap_or_default()
     };
     for m in members {
+        let multicast = list(&m["multicast"]);
         println!(
-            "{:<16} {:<20} groups [{}]  via {}  endpoint {}  valid until {}",
+            "{:<16} {:<20} groups [{}]  via {}  endpoint {}  valid until {}{}",
             m["name"].as_str().unwrap_or("?"),
             list(&m["addresses"]),
             list(&m["groups"]),
             m["source"].as_str().unwrap_or("?"),
             m["endpoint"].as_str().unwrap_or("-"),
             m["not_after"].as_str().unwrap_or("?"),
+            if multicast.is_empty() {
+                String::new()
+            } else {
+                format!("  multicast [{multicast}]")
+            },
         );
     }
     Ok(())
+}
+
+pub async fn fleet(args: &FleetArgs) -> anyhow::Result<()> {
+    let addr = api_addr(&args.api, &args.config)?;
+    let v = request(addr, "GET", "/api/v1/fleet").await?;
+    if args.json {
+        return print_json(&v);
+    }
+    let members = v["members"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{:<14} {:<12} {:<9} {:<30} {:<18} {:>4} {:>4} {:>6} {:>5}",
+        "MEMBER", "OVERLAY", "RTT", "INTERLOCK", "PLUGINS", "CPU", "MEM", "TEMP", "BATT"
+    );
+    for m in &members {
+        print!("{}", fleet_row(m));
+    }
+    Ok(())
+}
+
+/// A member's word as one line of text: no control characters (a terminal would obey them),
+/// at most 120 characters.
+fn clean(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(120)
+        .collect()
+}
+
+/// One member's line of `myelin fleet`, as `tailscale status` prints a peer.
+fn fleet_row(m: &Value) -> String {
+    let name = clean(m["name"].as_str().unwrap_or("?"));
+    let overlay = clean(m["overlay"].as_str().unwrap_or("-"));
+    let rtt = if m["self"] == true {
+        "self".to_string()
+    } else if m["online"] != true {
+        "offline".to_string()
+    } else {
+        m["rtt_ms"]
+            .as_f64()
+            .map_or_else(|| "-".into(), |f| format!("{f:.1}ms"))
+    };
+    if m["reachable"] != true {
+        let why = clean(m["error"].as_str().unwrap_or("no answer"));
+        return format!("{name:<14} {overlay:<12} {rtt:<9} unreachable: {why}\n");
+    }
+    let summary = &m["summary"];
+    let summaries: Vec<&Value> = summary["summaries"]
+        .as_object()
+        .map(|o| o.values().collect())
+        .unwrap_or_default();
+    let of_kind = |kind: &str| summaries.iter().find(|s| s["kind"] == kind).copied();
+    let interlock = match of_kind("safety") {
+        None => "-".to_string(),
+        Some(s) => {
+            let state = clean(s["state"].as_str().unwrap_or("?"));
+            match s["reason"].as_str().filter(|_| state != "armed") {
+                Some(reason) => format!("{state} ({})", clean(reason)),
+                None => state,
+            }
+        }
+    };
+    let plugins = summary["plugins"].as_array().cloned().unwrap_or_default();
+    let running = plugins.iter().filter(|p| p["state"] == "running").count();
+    let troubled: Vec<String> = plugins
+        .iter()
+        .filter(|p| !matches!(p["state"].as_str(), Some("running" | "disabled")))
+        .map(|p| {
+            format!(
+                "{} {}",
+                clean(p["name"].as_str().unwrap_or("?")),
+                clean(p["state"].as_str().unwrap_or("?"))
+            )
+        })
+        .collect();
+    let off = plugins.iter().filter(|p| p["state"] == "disabled").count();
+    let plugin_text = if troubled.is_empty() && off == 0 {
+        format!("{running} running")
+    } else if troubled.is_empty() {
+        format!("{running} running, {off} off")
+    } else {
+        troubled.join(", ")
+    };
+    let health = of_kind("health");
+    let figure = |key: &str, unit: &str| {
+        health
+            .and_then(|h| h[key].as_f64())
+            .map_or_else(|| "-".into(), |f| format!("{f:.0}{unit}"))
+    };
+    format!(
+        "{name:<14} {overlay:<12} {rtt:<9} {interlock:<30} {plugin_text:<18} {:>4} {:>4} {:>6} {:>5}\n",
+        figure("cpu_percent", "%"),
+        figure("memory_used_percent", "%"),
+        figure("temperature_c", "°C"),
+        figure("battery_percent", "%"),
+    )
 }
 
 pub async fn peers(args: &PeersArgs) -> anyhow::Result<()> {
@@ -348,4 +449,24 @@ pub async fn plugins(args: &PluginsArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_cannot_draw_on_the_terminal() {
+        let card = serde_json::json!({
+            "name": "robot1\u{1b}[2J",
+            "overlay": "10.77.0.2",
+            "online": true,
+            "reachable": false,
+            "error": "gone\r\nrobot9 10.77.0.9 fine",
+        });
+        let line = fleet_row(&card);
+        assert_eq!(line.matches('\n').count(), 1, "{line:?}");
+        assert!(!line.contains('\u{1b}') && !line.contains('\r'), "{line:?}");
+        assert!(line.contains("unreachable: gone  robot9"), "{line:?}");
+    }
 }

@@ -52,6 +52,8 @@ pub struct MeshConfig {
     pub lighthouses: Vec<LighthouseConfig>,
     /// Groups whose members this node learns from the lighthouses.
     pub talk_to: Vec<String>,
+    /// The multicast groups this node takes part in, announced with its registration.
+    pub multicast: Vec<std::net::IpAddr>,
     /// This node's own addresses (interfaces and listen port), offered to peers.
     pub candidates: Vec<SocketAddr>,
     /// Serve registrations and rosters.
@@ -101,6 +103,9 @@ pub struct MemberView {
     /// Its talk_to, as registered (lighthouses only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub talk_to: Vec<String>,
+    /// The multicast groups it takes part in, as it registered them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub multicast: Vec<std::net::IpAddr>,
 }
 
 struct Known {
@@ -109,6 +114,8 @@ struct Known {
     not_before: u64,
     chain: Vec<Vec<u8>>,
     endpoint: Option<SocketAddr>,
+    /// Its multicast groups: from its registration (lighthouses) or the roster (members).
+    multicast: Vec<std::net::IpAddr>,
     source: &'static str,
 }
 
@@ -244,6 +251,7 @@ impl Mesh {
                 persistent_keepalive: Some(MESH_KEEPALIVE),
                 probe_interval: Some(SLOW_PROBE_INTERVAL),
                 groups: Vec::new(),
+                multicast: Vec::new(),
             }));
         }
         mesh
@@ -309,18 +317,19 @@ impl Mesh {
         }
     }
 
-    /// Makes a verified member a peer (replacing a restricted, not-yet-introduced one).
-    fn admit(
-        &mut self,
-        (node, not_before): (VerifiedNode, u64),
-        chain: Vec<Vec<u8>>,
+    /// The peer a known member is, as the data plane holds it.
+    fn spec_of(&self, key: &[u8; 32]) -> Option<crate::tunnel::PeerSpec> {
+        let k = self.known.get(key)?;
+        Some(self.member_spec(&k.node, k.endpoint, k.multicast.clone()))
+    }
+
+    fn member_spec(
+        &self,
+        node: &VerifiedNode,
         endpoint: Option<SocketAddr>,
-        source: &'static str,
-    ) {
-        if node.public_key == self.own_key || self.is_lighthouse_key(&node.public_key) {
-            return;
-        }
-        let spec = crate::tunnel::PeerSpec {
+        multicast: Vec<std::net::IpAddr>,
+    ) -> crate::tunnel::PeerSpec {
+        crate::tunnel::PeerSpec {
             name: node.name.clone(),
             public_key: node.public_key,
             allowed_ips: host_routes(&node.addresses),
@@ -329,7 +338,22 @@ impl Mesh {
             probe_interval: (self.config.lighthouse || self.shares_a_group(&node.groups))
                 .then_some(SLOW_PROBE_INTERVAL),
             groups: node.groups.clone(),
-        };
+            multicast,
+        }
+    }
+
+    /// Makes a verified member a peer (replacing a restricted, not-yet-introduced one).
+    fn admit(
+        &mut self,
+        (node, not_before): (VerifiedNode, u64),
+        chain: Vec<Vec<u8>>,
+        (endpoint, multicast): (Option<SocketAddr>, Vec<std::net::IpAddr>),
+        source: &'static str,
+    ) {
+        if node.public_key == self.own_key || self.is_lighthouse_key(&node.public_key) {
+            return;
+        }
+        let spec = self.member_spec(&node, endpoint, multicast.clone());
         self.version += 1;
         let previous = self.known.insert(
             node.public_key,
@@ -338,11 +362,14 @@ impl Mesh {
                 not_before,
                 chain,
                 endpoint,
+                multicast,
                 source,
             },
         );
         if previous.is_none_or(|p| {
-            p.endpoint != endpoint || host_routes(&p.node.addresses) != spec.allowed_ips
+            p.endpoint != endpoint
+                || host_routes(&p.node.addresses) != spec.allowed_ips
+                || p.multicast != spec.multicast
         }) {
             self.out.push_back(Output::Upsert(spec));
         }
@@ -385,7 +412,12 @@ impl Mesh {
                 self.left.remove(&from);
                 let known_endpoint = self.known.get(&from).and_then(|k| k.endpoint).or(endpoint);
                 let source = self.known.get(&from).map_or("hello", |k| k.source);
-                self.admit(node, chain, known_endpoint, source);
+                let multicast = self
+                    .known
+                    .get(&from)
+                    .map(|k| k.multicast.clone())
+                    .unwrap_or_default();
+                self.admit(node, chain, (known_endpoint, multicast), source);
                 self.send(from, Message::Welcome);
             }
             Message::Welcome => {
@@ -394,7 +426,10 @@ impl Mesh {
                 }
             }
             Message::Register {
-                talk_to, refresh_s, ..
+                talk_to,
+                refresh_s,
+                multicast,
+                ..
             } => {
                 if !self.config.lighthouse {
                     return;
@@ -404,6 +439,7 @@ impl Mesh {
                     self.send(from, self.hello());
                     return;
                 };
+                let mut multicast_changed = false;
                 if let Some(k) = self.known.get_mut(&from) {
                     let seen = endpoint.or(k.endpoint);
                     if k.endpoint != seen || k.source != "registered" {
@@ -411,11 +447,22 @@ impl Mesh {
                         k.source = "registered";
                         self.version += 1;
                     }
+                    if k.multicast != multicast {
+                        k.multicast = multicast;
+                        multicast_changed = true;
+                        self.version += 1;
+                    }
+                }
+                if multicast_changed {
+                    // This node's own data plane replicates to it too.
+                    if let Some(spec) = self.spec_of(&from) {
+                        self.out.push_back(Output::Upsert(spec));
+                    }
                 }
                 let expires_after = Duration::from_secs(u64::from(refresh_s.clamp(1, 3600)) * 3);
                 let changed = match self.registrations.get_mut(&from) {
                     Some(reg) => {
-                        let changed = reg.talk_to != talk_to;
+                        let changed = reg.talk_to != talk_to || multicast_changed;
                         reg.talk_to = talk_to;
                         reg.last_seen = now;
                         reg.expires_after = expires_after;
@@ -498,6 +545,7 @@ impl Mesh {
                     .map(|k| RosterEntry {
                         chain: k.chain.clone(),
                         endpoint: k.endpoint,
+                        multicast: k.multicast.clone(),
                     });
                 self.send(from, Message::Found { address, member });
             }
@@ -711,7 +759,12 @@ impl Mesh {
         }
         self.found.insert(key, now);
         tracing::info!(member = %node.0.name, %address, "found on demand");
-        self.admit(node, entry.chain, entry.endpoint, "lookup");
+        self.admit(
+            node,
+            entry.chain,
+            (entry.endpoint, entry.multicast),
+            "lookup",
+        );
         if self.known.contains_key(&key) {
             self.send(key, self.hello());
         }
@@ -811,7 +864,7 @@ impl Mesh {
             listed.insert(key);
             let endpoint = self.known.get(&key).and_then(|k| k.endpoint).or(e.endpoint);
             let new = !self.known.contains_key(&key);
-            self.admit(node, e.chain, endpoint, "roster");
+            self.admit(node, e.chain, (endpoint, e.multicast), "roster");
             // Introduce ourselves: the member may not have us in its roster.
             if new && self.known.contains_key(&key) {
                 self.send(key, self.hello());
@@ -880,6 +933,7 @@ impl Mesh {
                     RosterEntry {
                         chain: k.chain.clone(),
                         endpoint: k.endpoint,
+                        multicast: k.multicast.clone(),
                     },
                 )
             })
@@ -1027,6 +1081,7 @@ impl Mesh {
             talk_to: self.config.talk_to.clone(),
             candidates: self.config.candidates.clone(),
             refresh_s: self.config.refresh.as_secs().clamp(1, 3600) as u16,
+            multicast: self.config.multicast.clone(),
         }
     }
 
@@ -1227,6 +1282,7 @@ impl Mesh {
                     .get(&k.node.public_key)
                     .map(|r| r.talk_to.clone())
                     .unwrap_or_default(),
+                multicast: k.multicast.clone(),
             })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1320,6 +1376,7 @@ mod tests {
                 chain: vec![cert],
                 lighthouses: vec![lighthouse_ref()],
                 talk_to: talk_to.iter().map(|g| g.to_string()).collect(),
+                multicast: vec![],
                 candidates: vec![],
                 lighthouse,
                 refresh: REFRESH,
@@ -1369,6 +1426,55 @@ mod tests {
         changes
             .iter()
             .any(|(n, o)| *n == at && matches!(o, Output::Upsert(s) if s.name == name))
+    }
+
+    #[test]
+    fn multicast_subscriptions_travel_with_the_registration_and_the_roster() {
+        let t0 = Instant::now();
+        let k = ca_key();
+        let group: std::net::IpAddr = "239.255.0.1".parse().unwrap();
+        let mut lh = lighthouse(&k, UNIX + 1000, t0);
+        let mut robot = mesh(
+            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
+            &["operators"],
+            false,
+            t0,
+        );
+        robot.config.multicast = vec![group];
+        let mut op = mesh(
+            node_cert(
+                &k,
+                "operator",
+                12,
+                "10.77.0.12/16",
+                &["operators"],
+                UNIX + 1000,
+            ),
+            &["robots"],
+            false,
+            t0,
+        );
+        robot.handle_timeout(t0, UNIX);
+        op.handle_timeout(t0, UNIX);
+        let changes = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], t0);
+        let last_spec = |changes: &[(u8, Output)], at: u8, name: &str| {
+            changes.iter().rev().find_map(|(n, o)| match o {
+                Output::Upsert(s) if *n == at && s.name == name => Some(s.multicast.clone()),
+                _ => None,
+            })
+        };
+        assert_eq!(last_spec(&changes, 12, "robot1"), Some(vec![group]));
+        assert_eq!(last_spec(&changes, 11, "operator"), Some(vec![]));
+        // The robot leaves the group: its next registration tells the operator.
+        robot.config.multicast = vec![];
+        let later = t0 + REFRESH;
+        robot.handle_timeout(later, UNIX);
+        let changes = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], later);
+        let later = later + ROSTER_MIN_GAP;
+        lh.handle_timeout(later, UNIX);
+        let more = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], later);
+        let all: Vec<(u8, Output)> = changes.into_iter().chain(more).collect();
+        assert_eq!(last_spec(&all, 12, "robot1"), Some(vec![]), "{all:?}");
     }
 
     #[test]
@@ -1604,6 +1710,7 @@ mod tests {
                 talk_to: talk_to.iter().map(|g| g.to_string()).collect(),
                 candidates: vec![],
                 refresh_s: 10,
+                multicast: vec![],
             }
             .encode()
         };
@@ -1796,6 +1903,7 @@ mod tests {
             members: vec![RosterEntry {
                 chain: vec![robot_cert.to_bytes().to_vec()],
                 endpoint: None,
+                multicast: vec![],
             }],
         };
         op.handle([10; 32], None, &stale.encode(), t0, UNIX);

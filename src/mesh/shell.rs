@@ -125,6 +125,11 @@ pub fn mesh_config(
         chain,
         lighthouses,
         talk_to: section.talk_to.clone(),
+        multicast: config
+            .multicast
+            .as_ref()
+            .map(|m| m.groups.clone())
+            .unwrap_or_default(),
         candidates: Vec::new(),
         lighthouse: config.lighthouse.enabled,
         refresh: Duration::from_secs(section.refresh_s),

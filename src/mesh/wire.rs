@@ -12,6 +12,7 @@ pub const MAX_MESSAGE: usize = 1200;
 pub const MAX_CERT: usize = 1024;
 const MAX_CANDIDATES: usize = 8;
 const MAX_TALK_TO: usize = 32;
+const MAX_GROUPS: usize = crate::tunnel::multicast::MAX_GROUPS;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("malformed mesh message: {0}")]
@@ -23,6 +24,8 @@ pub struct RosterEntry {
     pub chain: Vec<Vec<u8>>,
     /// The address the lighthouse sees the member's datagrams come from.
     pub endpoint: Option<SocketAddr>,
+    /// The multicast groups it takes part in, as it registered them.
+    pub multicast: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +40,8 @@ pub enum Message {
         talk_to: Vec<String>,
         candidates: Vec<SocketAddr>,
         refresh_s: u16,
+        /// The multicast groups it takes part in (`[multicast].groups`).
+        multicast: Vec<IpAddr>,
     },
     /// A lighthouse to a member: one page of the CA's revocation list issued at `issued_at`.
     Revocations {
@@ -92,6 +97,19 @@ fn put_sock(out: &mut Vec<u8>, a: Option<SocketAddr>) {
             out.extend_from_slice(&a.port().to_be_bytes());
         }
     }
+}
+
+fn put_groups(out: &mut Vec<u8>, groups: &[IpAddr]) {
+    out.push(groups.len().min(MAX_GROUPS) as u8);
+    for g in groups.iter().take(MAX_GROUPS) {
+        put_ip(out, *g);
+    }
+}
+
+fn put_entry(out: &mut Vec<u8>, m: &RosterEntry) {
+    put_chain(out, &m.chain);
+    put_sock(out, m.endpoint);
+    put_groups(out, &m.multicast);
 }
 
 fn put_chain(out: &mut Vec<u8>, chain: &[Vec<u8>]) {
@@ -164,6 +182,27 @@ impl<'a> Reader<'a> {
             })
             .collect()
     }
+    fn groups(&mut self) -> Result<Vec<IpAddr>, WireError> {
+        let n = self.u8()? as usize;
+        if n > MAX_GROUPS {
+            return Err(WireError("too many multicast groups"));
+        }
+        (0..n)
+            .map(|_| match self.ip()? {
+                ip if ip.is_multicast() => Ok(ip),
+                _ => Err(WireError(
+                    "a multicast group that is not a multicast address",
+                )),
+            })
+            .collect()
+    }
+    fn entry(&mut self) -> Result<RosterEntry, WireError> {
+        Ok(RosterEntry {
+            chain: self.chain()?,
+            endpoint: self.sock()?,
+            multicast: self.groups()?,
+        })
+    }
     fn ip(&mut self) -> Result<IpAddr, WireError> {
         self.family_ip()?.ok_or(WireError("empty address"))
     }
@@ -189,6 +228,7 @@ impl Message {
                 talk_to,
                 candidates,
                 refresh_s,
+                multicast,
             } => {
                 out.push(3);
                 out.extend_from_slice(&refresh_s.to_be_bytes());
@@ -202,6 +242,7 @@ impl Message {
                 for c in candidates.iter().take(MAX_CANDIDATES) {
                     put_sock(&mut out, Some(*c));
                 }
+                put_groups(&mut out, multicast);
             }
             Message::Revocations {
                 issued_at,
@@ -229,8 +270,7 @@ impl Message {
                 out.extend_from_slice(&pages.to_be_bytes());
                 out.push(members.len().min(255) as u8);
                 for m in members.iter().take(255) {
-                    put_chain(&mut out, &m.chain);
-                    put_sock(&mut out, m.endpoint);
+                    put_entry(&mut out, m);
                 }
             }
             Message::Lookup { address } => {
@@ -244,8 +284,7 @@ impl Message {
                     None => out.push(0),
                     Some(m) => {
                         out.push(1);
-                        put_chain(&mut out, &m.chain);
-                        put_sock(&mut out, m.endpoint);
+                        put_entry(&mut out, m);
                     }
                 }
             }
@@ -293,10 +332,12 @@ impl Message {
                 let candidates = (0..n)
                     .map(|_| r.sock()?.ok_or(WireError("empty candidate")))
                     .collect::<Result<_, _>>()?;
+                let multicast = r.groups()?;
                 Message::Register {
                     talk_to,
                     candidates,
                     refresh_s,
+                    multicast,
                 }
             }
             4 => {
@@ -308,12 +349,7 @@ impl Message {
                 }
                 let n = r.u8()? as usize;
                 let members = (0..n)
-                    .map(|_| {
-                        Ok(RosterEntry {
-                            chain: r.chain()?,
-                            endpoint: r.sock()?,
-                        })
-                    })
+                    .map(|_| r.entry())
                     .collect::<Result<_, WireError>>()?;
                 Message::Roster {
                     generation,
@@ -345,10 +381,7 @@ impl Message {
                 let address = r.ip()?;
                 let member = match r.u8()? {
                     0 => None,
-                    1 => Some(RosterEntry {
-                        chain: r.chain()?,
-                        endpoint: r.sock()?,
-                    }),
+                    1 => Some(r.entry()?),
                     _ => return Err(WireError("bad presence flag")),
                 };
                 Message::Found { address, member }
@@ -394,7 +427,11 @@ pub fn roster_pages(generation: u64, members: &[RosterEntry]) -> Vec<Message> {
     let mut pages: Vec<Vec<RosterEntry>> = vec![Vec::new()];
     let mut size = 0;
     for m in members {
-        let len = 4 + m.chain.iter().map(|c| c.len() + 2).sum::<usize>() + 19;
+        let len = 4
+            + m.chain.iter().map(|c| c.len() + 2).sum::<usize>()
+            + 19
+            + 1
+            + 17 * m.multicast.len().min(MAX_GROUPS);
         if size + len > MAX_MESSAGE - 32 && pages.last().is_some_and(|p| !p.is_empty()) {
             pages.push(Vec::new());
             size = 0;
@@ -428,6 +465,7 @@ mod tests {
         let entry = RosterEntry {
             chain: vec![vec![1; 180], vec![2; 180]],
             endpoint: Some("192.0.2.1:51820".parse().unwrap()),
+            multicast: vec!["239.255.0.1".parse().unwrap(), "ff05::1:3".parse().unwrap()],
         };
         for m in [
             Message::Hello {
@@ -447,6 +485,7 @@ mod tests {
                     "[2001:db8::1]:51820".parse().unwrap(),
                 ],
                 refresh_s: 30,
+                multicast: vec!["239.255.0.1".parse().unwrap()],
             },
             Message::Lookup {
                 address: "10.77.0.9".parse().unwrap(),
@@ -479,6 +518,7 @@ mod tests {
                     entry.clone(),
                     RosterEntry {
                         endpoint: None,
+                        multicast: vec![],
                         ..entry
                     },
                 ],
@@ -489,11 +529,31 @@ mod tests {
     }
 
     #[test]
+    fn a_group_that_is_not_multicast_is_refused() {
+        let mut bytes = Message::Register {
+            talk_to: vec![],
+            candidates: vec![],
+            refresh_s: 30,
+            multicast: vec!["239.255.0.1".parse().unwrap()],
+        }
+        .encode();
+        let at = bytes.len() - 4;
+        bytes[at..].copy_from_slice(&[10, 0, 0, 1]);
+        assert_eq!(
+            Message::decode(&bytes),
+            Err(WireError(
+                "a multicast group that is not a multicast address"
+            ))
+        );
+    }
+
+    #[test]
     fn a_roster_of_fifty_splits_into_pages_that_fit() {
         let members: Vec<RosterEntry> = (0..50)
             .map(|i| RosterEntry {
                 chain: vec![vec![i; 190], vec![i; 190]],
                 endpoint: Some("192.0.2.1:51820".parse().unwrap()),
+                multicast: vec!["ff05::1:3".parse().unwrap(); (i % 3) as usize],
             })
             .collect();
         let pages = roster_pages(3, &members);

@@ -367,10 +367,16 @@ impl Firewall {
         if key.proto == UDP && (key.local.1 == PROBE_PORT || key.remote.1 == PROBE_PORT) {
             return Ok(());
         }
-        if let Some(expires) = self.flows.get_mut(&key) {
-            if *expires > now {
-                *expires = now + self.rules.timeouts.of(key.proto);
-                return Ok(());
+        // The copies of one multicast packet go to many members under one key (the group is
+        // the remote end): each copy is judged by the rules for its member, and none opens a
+        // flow that would let the next member's copy through.
+        let replicated = !inbound && key.remote.0.is_multicast();
+        if !replicated {
+            if let Some(expires) = self.flows.get_mut(&key) {
+                if *expires > now {
+                    *expires = now + self.rules.timeouts.of(key.proto);
+                    return Ok(());
+                }
             }
         }
         let rules = if inbound {
@@ -394,6 +400,9 @@ impl Firewall {
             } else {
                 "default_outbound"
             }));
+        }
+        if replicated {
+            return Ok(());
         }
         if self.flows.len() >= self.max_flows {
             self.sweep(now);
@@ -524,6 +533,41 @@ mod tests {
             fw.inbound(&v4(R2, R1, UDP, 7447, 5001), &r2, after),
             Err(Drop::Default("default_inbound"))
         );
+    }
+
+    #[test]
+    fn each_copy_of_a_multicast_packet_is_judged_for_its_member() {
+        let t0 = Instant::now();
+        let mut rules = ssh_for_operators();
+        rules.default_outbound_allow = false;
+        rules.outbound = vec![Rule {
+            name: "outbound[0]".into(),
+            peers: Peers {
+                groups: vec!["operators".into()],
+                ..Peers::default()
+            },
+            proto: Proto::Udp,
+            ports: (7400, 7400),
+        }];
+        let mut fw = Firewall::new(Arc::new(rules), t0);
+        let (op_groups, r_groups) = (ops(), robots());
+        let op = PeerIdentity {
+            name: "operator",
+            groups: &op_groups,
+        };
+        let r2 = PeerIdentity {
+            name: "robot2",
+            groups: &r_groups,
+        };
+        let spdp = v4(R1, [239, 255, 0, 1], UDP, 7400, 7400);
+        for _ in 0..3 {
+            assert_eq!(fw.outbound(&spdp, &op, t0), Ok(()));
+            assert_eq!(
+                fw.outbound(&spdp, &r2, t0),
+                Err(Drop::Default("default_outbound")),
+                "the operator's copy opened nothing for robot2's"
+            );
+        }
     }
 
     #[test]

@@ -129,6 +129,7 @@ mod tests {
             persistent_keepalive: None,
             probe_interval: None,
             groups: vec![],
+            multicast: Vec::new(),
         };
         let peer = Peer::new(&ours, spec, seed as usize);
         let mut remote = Tunn::new(theirs, PublicKey::from(&ours), None, None, 99, None);

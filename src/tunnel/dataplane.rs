@@ -282,6 +282,10 @@ fn encapsulate(shared: &DataPlaneShared, packet: &[u8], batcher: &mut Batcher) {
     let Some(dst) = Tunn::dst_address(packet) else {
         return;
     };
+    if dst.is_multicast() {
+        replicate(shared, packet, batcher);
+        return;
+    }
     let table = shared.table.load();
     let Some(peer) = table.route(dst).and_then(|p| table.get(p)) else {
         // The mesh may find who holds it (a member outside this node's roster).
@@ -297,6 +301,80 @@ fn encapsulate(shared: &DataPlaneShared, packet: &[u8], batcher: &mut Batcher) {
     batcher.push(peer, to, packet, &mut |to, contents, segment| {
         send(shared, to, contents, segment)
     });
+}
+
+/// A multicast packet from the TUN: one copy, inside WireGuard, to every member that
+/// `[multicast]` sends its group to and that takes part in the group. Without `[multicast]`
+/// nothing (a group is nobody's overlay address, so it is never looked up in the mesh).
+fn replicate(shared: &DataPlaneShared, packet: &[u8], batcher: &mut Batcher) {
+    let Some(state) = &shared.multicast else {
+        return;
+    };
+    let table = shared.table.load();
+    let (group, targets): (IpAddr, Vec<usize>) = {
+        let Ok(mut replicator) = state.lock() else {
+            return;
+        };
+        let group = match replicator.outbound(packet, Instant::now()) {
+            Ok(group) => group,
+            Err(drop) => {
+                metrics::counter!("myelin_multicast_dropped_total", "direction" => "out", "reason" => drop.label())
+                    .increment(1);
+                return;
+            }
+        };
+        let targets = table
+            .iter()
+            .filter(|(_, p)| replicator.wants(group, &p.name, &p.spec.groups, &p.spec.multicast))
+            .map(|(slot, _)| slot)
+            .collect();
+        (group, targets)
+    };
+    let label = group.to_string();
+    metrics::counter!("myelin_multicast_packets_total", "direction" => "out", "group" => label.clone())
+        .increment(1);
+    let mut copies = 0u64;
+    for peer in targets.into_iter().filter_map(|slot| table.get(slot)) {
+        if !firewall_allows(shared, packet, peer, false) {
+            continue;
+        }
+        let Some(to) = peer.endpoint() else { continue };
+        batcher.push(peer, to, packet, &mut |to, contents, segment| {
+            send(shared, to, contents, segment)
+        });
+        copies += 1;
+    }
+    metrics::counter!("myelin_multicast_replicas_total", "group" => label.clone())
+        .increment(copies);
+    metrics::counter!("myelin_multicast_bytes_total", "direction" => "out", "group" => label)
+        .increment(copies * packet.len() as u64);
+}
+
+/// Whether a multicast packet from a member goes to the TUN: only groups `[multicast]` takes
+/// part in, within their caps.
+fn multicast_accepts(shared: &DataPlaneShared, packet: &[u8]) -> bool {
+    let verdict = match &shared.multicast {
+        None => Err(super::multicast::Drop::NotConfigured),
+        Some(state) => match state.lock() {
+            Ok(mut replicator) => replicator.inbound(packet, Instant::now()),
+            Err(_) => return false,
+        },
+    };
+    match verdict {
+        Ok(group) => {
+            let label = group.to_string();
+            metrics::counter!("myelin_multicast_packets_total", "direction" => "in", "group" => label.clone())
+                .increment(1);
+            metrics::counter!("myelin_multicast_bytes_total", "direction" => "in", "group" => label)
+                .increment(packet.len() as u64);
+            true
+        }
+        Err(drop) => {
+            metrics::counter!("myelin_multicast_dropped_total", "direction" => "in", "reason" => drop.label())
+                .increment(1);
+            false
+        }
+    }
 }
 
 /// Which peer a verified datagram belongs to. Only a handshake initiation that passed the mac1
@@ -353,6 +431,7 @@ fn restricted_peer(
         persistent_keepalive: Some(crate::mesh::control::MESH_KEEPALIVE),
         probe_interval: None,
         groups: Vec::new(),
+        multicast: Vec::new(),
     };
     let key_of = spec.public_key;
     // The mesh may have admitted this key since `table` was loaded: never overwrite a peer.
@@ -866,10 +945,14 @@ fn decapsulate(
                 tracing::debug!(peer = %peer.name, "dropped a packet from {src}, outside its allowed IPs");
                 return false;
             }
-            if !buf
-                .get(off..off + len)
-                .is_some_and(|p| firewall_allows(shared, p, peer, true))
-            {
+            let Some(inner) = buf.get(off..off + len) else {
+                return false;
+            };
+            if !firewall_allows(shared, inner, peer, true) {
+                return false;
+            }
+            // After the firewall: what it refuses takes nothing from the group's cap.
+            if super::multicast::destination(inner).is_some() && !multicast_accepts(shared, inner) {
                 return false;
             }
             buf.truncate(off + len);

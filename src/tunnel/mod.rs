@@ -6,6 +6,8 @@ pub mod batch;
 mod dataplane;
 pub mod guard;
 pub mod lanes;
+pub mod mroute;
+pub mod multicast;
 pub mod peers;
 pub mod routes;
 
@@ -35,6 +37,8 @@ pub enum TunnelError {
     Peer(#[from] PeerChangeError),
     #[error(transparent)]
     Guard(#[from] guard::GuardError),
+    #[error(transparent)]
+    MulticastRoute(#[from] mroute::RouteError),
     #[error("cannot create TUN device `{name}`: {cause}\n  fix: {hint}")]
     Tun {
         name: String,
@@ -102,6 +106,8 @@ pub(crate) struct DataPlaneShared {
     pub mesh: std::sync::OnceLock<MeshHook>,
     /// `[firewall]`: only the data-plane thread takes the lock (the API reads through it).
     pub firewall: Option<Mutex<dataplane::FirewallState>>,
+    /// `[multicast]`: only the data-plane thread takes the lock.
+    pub multicast: Option<Mutex<multicast::Replicator>>,
 }
 
 /// Where the data plane hands mesh control messages, and whether a handshake from a key it
@@ -253,6 +259,7 @@ pub struct Tunnel {
     shared: Arc<DataPlaneShared>,
     dataplane: DataPlaneThread,
     guard: Option<guard::OverlayGuard>,
+    multicast_routes: Option<mroute::MulticastRoutes>,
     pub interface: String,
     pub offload: bool,
 }
@@ -279,7 +286,30 @@ fn build_tun(config: &Config, offload: bool) -> std::io::Result<tun_rs::SyncDevi
         dev.add_address_v4(extra.addr(), extra.prefix_len())?;
     }
     dev.set_nonblocking(true)?;
+    without_link_local(&config.node.interface);
     Ok(dev)
+}
+
+/// Takes the kernel's IPv6 link-local address off the TUN, and keeps it off, as a WireGuard
+/// interface has none: every IPv6 packet the node sends then has an overlay source, the only
+/// kind a peer's allowed IPs accept (link-scope multicast, ff02::, included). Without IPv6 in
+/// the kernel there is nothing to take.
+fn without_link_local(interface: &str) {
+    let mode = format!("/proc/sys/net/ipv6/conf/{interface}/addr_gen_mode");
+    if std::fs::write(&mode, "1").is_err() {
+        return;
+    }
+    match std::process::Command::new("ip")
+        .args(["-6", "addr", "flush", "dev", interface, "scope", "link"])
+        .output()
+    {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => tracing::debug!(
+            "removing {interface}'s link-local address: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => tracing::debug!("removing {interface}'s link-local address: {e}"),
+    }
 }
 
 fn bind_udp(port: u16) -> Result<(std::net::UdpSocket, bool), TunnelError> {
@@ -368,6 +398,7 @@ impl Tunnel {
                 persistent_keepalive: p.persistent_keepalive,
                 probe_interval: None,
                 groups: Vec::new(),
+                multicast: p.multicast.clone(),
             };
             if let Some(next) = table.upsert(&static_private, spec)? {
                 table = next;
@@ -439,8 +470,27 @@ impl Tunnel {
             }),
             mesh: std::sync::OnceLock::new(),
             firewall,
+            multicast: config.multicast.as_ref().map(|m| {
+                Mutex::new(multicast::Replicator::new(
+                    m.policy(),
+                    std::time::Instant::now(),
+                ))
+            }),
         });
         let dataplane = spawn_dataplane(&shared).map_err(|cause| TunnelError::Thread { cause })?;
+        let multicast_routes = match &config.multicast {
+            None => None,
+            Some(m) => match mroute::MulticastRoutes::install(&name, &m.groups) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    stop_dataplane(&shared, dataplane);
+                    if let Some(g) = guard {
+                        g.remove();
+                    }
+                    return Err(e.into());
+                }
+            },
+        };
         tracing::info!(
             interface = %name,
             port = config.node.listen_port,
@@ -452,6 +502,7 @@ impl Tunnel {
             shared,
             dataplane,
             guard,
+            multicast_routes,
             interface: name,
             offload,
         })
@@ -468,6 +519,9 @@ impl Tunnel {
         let _ = tokio::task::spawn_blocking(move || stop_dataplane(&shared, dataplane)).await;
         if let Some(guard) = self.guard {
             let _ = tokio::task::spawn_blocking(move || guard.remove()).await;
+        }
+        if let Some(routes) = self.multicast_routes {
+            let _ = tokio::task::spawn_blocking(move || routes.remove()).await;
         }
     }
 }

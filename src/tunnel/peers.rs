@@ -43,6 +43,8 @@ pub struct PeerSpec {
     /// The groups its certificate grants (mesh members); the firewall matches them. Static
     /// peers have none.
     pub groups: Vec<String>,
+    /// Multicast groups it takes part in: from the roster (mesh members) or `[[peers]]`.
+    pub multicast: Vec<std::net::IpAddr>,
 }
 
 /// One peer and its live state.
@@ -281,6 +283,7 @@ mod tests {
             persistent_keepalive: None,
             probe_interval: None,
             groups: Vec::new(),
+            multicast: Vec::new(),
         }
     }
 

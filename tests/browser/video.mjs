@@ -13,6 +13,8 @@ try {
   const page = await browser.newPage({ viewport: { width: 1100, height: 900 } });
   page.on("pageerror", (e) => console.log(`page error: ${e.message}`));
   await page.goto(url);
+  // The dashboard opens on the fleet page; this test is about the node's own view.
+  await page.click("#show-node");
   const panel = page.frameLocator(`section[data-panel="webrtc"] iframe`);
   const stats = panel.locator(`.stats[data-stream="${key}"]`);
   await stats.waitFor({ timeout: 30000 });

@@ -133,12 +133,32 @@ pub fn group_of(name: &str) -> &'static str {
 /// lighthouse (`<overlay>.250/16`, group `lighthouses`) in a namespace of its own, after the
 /// others, is started here; each node knows only the lighthouse.
 pub fn mesh_formed_fleet(tag: &str, names: &[&str], overlay: &str) -> MeshFleet {
+    mesh_formed_fleet_with(tag, names, overlay, None)
+}
+
+/// `mesh_formed_fleet` with IPv6 overlay addresses too: node `i` also has
+/// `<overlay6>::<i + 1>/64` in its certificate (the lighthouse `<overlay6>::250/64`).
+pub fn mesh_formed_fleet_with(
+    tag: &str,
+    names: &[&str],
+    overlay: &str,
+    overlay6: Option<&str>,
+) -> MeshFleet {
+    let addresses = |host: usize| -> Vec<String> {
+        let mut a = vec![format!("{overlay}.{host}/16")];
+        if let Some(v6) = overlay6 {
+            a.push(format!("{v6}::{host}/64"));
+        }
+        a
+    };
     let mut all: Vec<&str> = names.to_vec();
     all.push("lighthouse");
     let fleet = Fleet::new(tag, &all);
     let lh = names.len();
     let ca = Fleetca::new(&format!("{tag}-fleet"));
-    let mut lighthouse_spec = Spec::new("lighthouse", &[&format!("{overlay}.250/16")]);
+    let lighthouse_addresses = addresses(250);
+    let lighthouse_refs: Vec<&str> = lighthouse_addresses.iter().map(String::as_str).collect();
+    let mut lighthouse_spec = Spec::new("lighthouse", &lighthouse_refs);
     lighthouse_spec.rest = format!(
         "{}[lighthouse]\nenabled = true\n",
         mesh_section(
@@ -153,7 +173,9 @@ pub fn mesh_formed_fleet(tag: &str, names: &[&str], overlay: &str) -> MeshFleet 
         .iter()
         .enumerate()
         .map(|(i, n)| {
-            let mut spec = Spec::new(n, &[&format!("{overlay}.{}/16", i + 1)]);
+            let own = addresses(i + 1);
+            let refs: Vec<&str> = own.iter().map(String::as_str).collect();
+            let mut spec = Spec::new(n, &refs);
             spec.rest = mesh_section(
                 &ca.ca(),
                 &ca.sign(&spec, group_of(n)),

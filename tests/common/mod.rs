@@ -10,7 +10,7 @@ pub mod relay;
 
 // Not every test binary builds a mesh-formed fleet.
 #[allow(unused_imports)]
-pub use mesh::{mesh_formed_fleet, MeshFleet};
+pub use mesh::{mesh_formed_fleet, mesh_formed_fleet_with, MeshFleet};
 pub use netns::Netns;
 
 use serde_json::Value;
@@ -447,8 +447,34 @@ pub fn lab_up(nodes: usize, dir: &str) -> (std::process::Child, String) {
     lab_up_on("7", nodes, dir)
 }
 
+/// Polls `check` every 100 ms until it gives a value; panics after `timeout` saying `what`.
+#[allow(dead_code)]
+pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `lab_up` on lab fabric `fabric` (1..=9), for tests that must not meet the others' labs.
 pub fn lab_up_on(fabric: &str, nodes: usize, dir: &str) -> (std::process::Child, String) {
+    lab_up_with(fabric, nodes, dir, &[])
+}
+
+/// `lab_up_on` with more `lab up` arguments.
+pub fn lab_up_with(
+    fabric: &str,
+    nodes: usize,
+    dir: &str,
+    extra: &[&str],
+) -> (std::process::Child, String) {
     use std::io::BufRead;
     // The nodes' plugin directories go in it, and plugins run as the unprivileged `myelin`
     // user, which must be able to enter it (a tempdir is 0700).
@@ -456,12 +482,13 @@ pub fn lab_up_on(fabric: &str, nodes: usize, dir: &str) -> (std::process::Child,
     let mut up = lab_command()
         .env(myelin::lab::FABRIC_ENV, fabric)
         .args(["lab", "up", "--nodes", &nodes.to_string(), "--dir", dir])
+        .args(extra)
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut out = std::io::BufReader::new(up.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(90 + 3 * nodes as u64);
     let mut transcript = String::new();
     while !transcript.contains("Ctrl-C stops the lab") {
         let mut line = String::new();
@@ -525,4 +552,37 @@ pub fn plugin_uid() -> u32 {
         ])
         .status();
     id().expect("the myelin system user (useradd failed)")
+}
+
+/// iperf3 TCP from `client` to a one-shot server on `server_addr` in `server` for `secs`;
+/// the Mbit/s received.
+pub fn iperf_tcp(server: &Netns, client: &Netns, server_addr: &str, secs: u32) -> f64 {
+    use std::io::BufRead;
+    let mut child = server
+        .command("iperf3")
+        .args(["-s", "-1", "--forceflush", "-B", server_addr])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("iperf3 (the test script installs it)");
+    let out = child.stdout.take().expect("iperf3 stdout");
+    let mut reader = std::io::BufReader::new(out);
+    let mut line = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !line.contains("Server listening") {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap_or(0) > 0 && Instant::now() < deadline,
+            "iperf3 server did not start"
+        );
+    }
+    let report = client.run(
+        "iperf3",
+        &["-c", server_addr, "-t", &secs.to_string(), "-J"],
+    );
+    let _ = child.wait();
+    let v: Value = serde_json::from_str(&report).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("bits_per_second")
+        / 1e6
 }

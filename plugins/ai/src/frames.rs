@@ -334,4 +334,22 @@ mod tests {
         assert!(is_image(&[0xFF, 0xD8, 0xFF, 0xE0]));
         assert!(!is_image(&cdr));
     }
+
+    /// Found by the `image_frame` fuzz target: a JPEG whose coefficients overflow in zune-jpeg's
+    /// dequantisation. It must decode to something or be an error, never a panic, in every
+    /// build (Cargo.toml turns zune-jpeg's overflow checks off, as upstream's `wrapping_mul`).
+    #[test]
+    fn a_jpeg_with_overflowing_coefficients_is_no_panic() {
+        let input =
+            include_bytes!("../../../fuzz/regressions/image_frame/zune-jpeg-coefficient-overflow");
+        let jpeg = &input[3..];
+        assert!(is_image(jpeg));
+        let _ = decode_rgb(jpeg, LIMIT);
+        let _ = image_tensor(
+            jpeg,
+            &config(Layout::Nchw, Channels::Rgb),
+            &[1, 3, 8, 8],
+            LIMIT,
+        );
+    }
 }

@@ -187,6 +187,7 @@ impl Plugin for Safety {
 
     fn routes(&self) -> Option<Router> {
         let status = self.status.clone();
+        let summary_status = self.status.clone();
         let rearm = self.rearm_tx.clone();
         let groups = Arc::new(self.config.rearm_groups.clone());
         Some(
@@ -195,6 +196,16 @@ impl Plugin for Safety {
                     "/status",
                     get(move || {
                         let s = status.lock().map(|s| s.clone()).unwrap_or_default();
+                        async move { Json(s) }
+                    }),
+                )
+                .route(
+                    "/summary",
+                    get(move || {
+                        let s = summary_status
+                            .lock()
+                            .map(|s| crate::status::summary(&s))
+                            .unwrap_or_default();
                         async move { Json(s) }
                     }),
                 )
@@ -233,13 +244,13 @@ fn init_section() -> String {
     "# Name the peers whose link guards motion, then enable it (docs/safety.md).\n[plugins.safety]\nenabled = false\nwatch = [\"operator\"]\n".into()
 }
 
-/// Robots guard motion on the operator link and clear by themselves (no latch); the operator
-/// has no interlock.
+/// Robots guard motion on the operator link and latch, as the product's default does (the
+/// operator re-arms them from the fleet page); the operator has no interlock.
 fn lab_section(node: &myelin_sdk::LabNode) -> String {
     if node.operator {
         return "\n[plugins.safety]\nenabled = false\nwatch = [\"operator\"]\n".into();
     }
-    let mut section = "\n# Lab robots clear by themselves (no latch).\n[plugins.safety]\nwatch = [\"operator\"]\nlatch = false\n".to_string();
+    let mut section = "\n# A trip latches, as on a real robot: re-arm from the operator's fleet page.\n[plugins.safety]\nwatch = [\"operator\"]\nlatch = true\n".to_string();
     if myelin_sdk::registration("zenoh").is_some() {
         section.push_str("[[plugins.safety.actions]]\nkind = \"ros_lock\"\ntopic = \"/e_stop\"\n");
     }

@@ -47,6 +47,24 @@ pub struct Rearm {
     pub at_unix_ms: u128,
 }
 
+/// What the fleet page shows of the interlock (`GET /summary`): its state, why and since when,
+/// and the last re-arm.
+pub fn summary(s: &Status) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "safety",
+        "state": s.state,
+        "stopped": s.stopped,
+        "reason": s.reason,
+        "peer": s.peer,
+        "rtt_ms": s.rtt_ms,
+        "since_unix_ms": s.since_unix_ms,
+        "trips": s.trips,
+        "rearm_required": s.rearm_required,
+        "last_rearm": s.last_rearm,
+        "failing_actions": s.actions.iter().filter(|a| a.failing).count(),
+    })
+}
+
 fn note_error(status: &Mutex<Status>, error: String) {
     log(&format!("action failed: {error}"));
     if let Ok(mut s) = status.lock() {

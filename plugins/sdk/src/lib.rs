@@ -206,6 +206,9 @@ pub struct LabNode<'a> {
     pub name: &'a str,
     /// The operator station (true) or a robot (false).
     pub operator: bool,
+    /// Where the lab host's browser opens the nodes' dashboards (`http://<underlay>:7800`),
+    /// for plugins that answer browsers themselves.
+    pub dashboards: &'a [String],
 }
 
 inventory::collect!(Registration);

@@ -296,6 +296,99 @@ pub fn filesystems(mounts: &[String]) -> Vec<Sample> {
     out
 }
 
+/// A robot's health as the fleet page shows it: a few figures, each absent when the machine
+/// has no such sensor.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Summary {
+    pub kind: &'static str,
+    /// Busy share of every CPU since the previous summary (absent on the first).
+    pub cpu_percent: Option<f64>,
+    pub load1: Option<f64>,
+    pub memory_used_percent: Option<f64>,
+    /// The hottest thermal zone or hwmon sensor.
+    pub temperature_c: Option<f64>,
+    /// The lowest battery's capacity.
+    pub battery_percent: Option<f64>,
+    /// A battery reports "Charging" or "Full".
+    pub charging: Option<bool>,
+}
+
+/// Busy and total CPU seconds over every CPU, kept between summaries for `cpu_percent`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuTimes {
+    busy: f64,
+    total: f64,
+}
+
+/// The summary of `samples`, and the CPU times to pass to the next call.
+pub fn summarize(samples: &[Sample], previous: Option<CpuTimes>) -> (Summary, Option<CpuTimes>) {
+    let value = |name: &str| samples.iter().find(|s| s.name == name).map(|s| s.value);
+    let label = |s: &Sample, key: &str| {
+        s.labels
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let cpu: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.name == "node_cpu_seconds_total")
+        .collect();
+    let now = (!cpu.is_empty()).then(|| {
+        let total: f64 = cpu.iter().map(|s| s.value).sum();
+        let idle: f64 = cpu
+            .iter()
+            .filter(|s| matches!(label(s, "mode").as_deref(), Some("idle" | "iowait")))
+            .map(|s| s.value)
+            .sum();
+        CpuTimes {
+            busy: total - idle,
+            total,
+        }
+    });
+    let cpu_percent = match (previous, now) {
+        (Some(p), Some(n)) if n.total > p.total => {
+            Some(((n.busy - p.busy) / (n.total - p.total) * 100.0).clamp(0.0, 100.0))
+        }
+        _ => None,
+    };
+    let memory_used_percent = match (
+        value("node_memory_MemTotal_bytes"),
+        value("node_memory_MemAvailable_bytes"),
+    ) {
+        (Some(total), Some(available)) if total > 0.0 => {
+            Some(((total - available) / total * 100.0).clamp(0.0, 100.0))
+        }
+        _ => None,
+    };
+    let temperature_c = samples
+        .iter()
+        .filter(|s| matches!(s.name, "node_thermal_zone_temp" | "node_hwmon_temp_celsius"))
+        .map(|s| s.value)
+        .reduce(f64::max);
+    let battery_percent = samples
+        .iter()
+        .filter(|s| s.name == "node_power_supply_capacity")
+        .map(|s| s.value)
+        .reduce(f64::min);
+    let charging = samples
+        .iter()
+        .filter(|s| s.name == "node_power_supply_info")
+        .filter_map(|s| label(s, "status"))
+        .filter(|status| status != "Unknown")
+        .map(|status| status == "Charging" || status == "Full")
+        .reduce(|a, b| a || b);
+    let summary = Summary {
+        kind: "health",
+        cpu_percent,
+        load1: value("node_load1"),
+        memory_used_percent,
+        temperature_c,
+        battery_percent,
+        charging,
+    };
+    (summary, now.or(previous))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,5 +577,70 @@ mod tests {
         assert!(load(p).is_empty() && network(p).is_empty());
         assert!(filesystems(&["/definitely/not/mounted".into()]).is_empty());
         assert_eq!(filesystems(&["/".into()]).len(), 2);
+    }
+
+    #[test]
+    fn summary_figures_come_from_the_samples() {
+        let cpu = |cpu: &str, user: f64, idle: f64| {
+            vec![
+                counter(
+                    "node_cpu_seconds_total",
+                    vec![("cpu", cpu.into()), ("mode", "user".into())],
+                    user,
+                ),
+                counter(
+                    "node_cpu_seconds_total",
+                    vec![("cpu", cpu.into()), ("mode", "idle".into())],
+                    idle,
+                ),
+            ]
+        };
+        let mut first = [cpu("0", 10.0, 90.0), cpu("1", 10.0, 90.0)].concat();
+        first.extend([
+            gauge("node_load1", vec![], 0.5),
+            gauge("node_memory_MemTotal_bytes", vec![], 1000.0),
+            gauge("node_memory_MemAvailable_bytes", vec![], 250.0),
+            gauge("node_thermal_zone_temp", vec![("zone", "0".into())], 41.0),
+            gauge("node_hwmon_temp_celsius", vec![("chip", "c".into())], 55.5),
+            gauge(
+                "node_power_supply_capacity",
+                vec![("power_supply", "BAT0".into())],
+                80.0,
+            ),
+            gauge(
+                "node_power_supply_capacity",
+                vec![("power_supply", "BAT1".into())],
+                35.0,
+            ),
+            gauge(
+                "node_power_supply_info",
+                vec![
+                    ("power_supply", "BAT0".into()),
+                    ("status", "Discharging".into()),
+                ],
+                1.0,
+            ),
+        ]);
+        let (s, times) = summarize(&first, None);
+        assert_eq!(s.cpu_percent, None, "one sample has no rate");
+        assert_eq!(
+            (
+                s.load1,
+                s.memory_used_percent,
+                s.temperature_c,
+                s.battery_percent,
+                s.charging
+            ),
+            (Some(0.5), Some(75.0), Some(55.5), Some(35.0), Some(false))
+        );
+        // 20 s later: 15 s more busy and 5 s more idle over both CPUs.
+        let second = [cpu("0", 20.0, 90.0), cpu("1", 15.0, 95.0)].concat();
+        let (s, _) = summarize(&second, times);
+        assert_eq!(s.cpu_percent, Some(75.0));
+        assert_eq!(
+            (s.temperature_c, s.battery_percent, s.charging),
+            (None, None, None)
+        );
+        assert_eq!(summarize(&[], times).0.cpu_percent, None);
     }
 }

@@ -38,6 +38,8 @@ struct Telemetry {
     ctx: Option<PluginContext>,
     /// The addresses actually listened on, for the panel.
     listening: Arc<Mutex<Vec<SocketAddr>>>,
+    /// CPU times at the previous `/summary`, for its busy share.
+    cpu: Arc<Mutex<Option<health::CpuTimes>>>,
 }
 
 fn escape(v: &str) -> String {
@@ -46,12 +48,17 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The robot's health in Prometheus text format, collected now.
-fn robot_health(mounts: &[String]) -> String {
-    let ticks = match rustix::param::clock_ticks_per_second() {
+/// USER_HZ, the unit of /proc/stat's CPU times.
+fn clock_ticks() -> f64 {
+    match rustix::param::clock_ticks_per_second() {
         t if t > 0 => t as f64,
         _ => 100.0,
-    };
+    }
+}
+
+/// The robot's health in Prometheus text format, collected now.
+fn robot_health(mounts: &[String]) -> String {
+    let ticks = clock_ticks();
     let node_pid = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get() as u32);
     let (proc_root, sys_root) = (Path::new("/proc"), Path::new("/sys"));
     let mut samples = [
@@ -189,11 +196,13 @@ impl Plugin for Telemetry {
         let api = self.ctx.as_ref().and_then(|c| c.node().control_api);
         let mounts = self.config.mounts.clone();
         let figure_mounts = mounts.clone();
+        let cpu = self.cpu.clone();
         let listening = self.listening.clone();
         Some(
             Router::new()
                 .route("/metrics", get(move || scrape(api, mounts.clone())))
                 .route("/figures", get(move || figures(figure_mounts.clone())))
+                .route("/summary", get(move || summary(cpu.clone())))
                 .route(
                     "/panel",
                     get(move || {
@@ -203,6 +212,34 @@ impl Plugin for Telemetry {
                 ),
         )
     }
+}
+
+/// `GET /summary`: the robot's health for the fleet page (the node's `/api/v1/summary`).
+async fn summary(
+    cpu: Arc<Mutex<Option<health::CpuTimes>>>,
+) -> myelin_sdk::axum::Json<health::Summary> {
+    let figures = myelin_sdk::tokio::task::spawn_blocking(move || {
+        let ticks = clock_ticks();
+        let (proc_root, sys_root) = (Path::new("/proc"), Path::new("/sys"));
+        let samples = [
+            health::cpu(proc_root, ticks),
+            health::load(proc_root),
+            health::memory(proc_root),
+            health::thermal(sys_root),
+            health::hwmon(sys_root),
+            health::power(sys_root),
+        ]
+        .concat();
+        let Ok(mut previous) = cpu.lock() else {
+            return health::summarize(&samples, None).0;
+        };
+        let (summary, now) = health::summarize(&samples, *previous);
+        *previous = now;
+        summary
+    })
+    .await
+    .unwrap_or_default();
+    myelin_sdk::axum::Json(figures)
 }
 
 /// A few figures for the panel: load, available memory, temperatures, battery.
@@ -245,11 +282,24 @@ fn panel(listening: &Mutex<Vec<SocketAddr>>) -> String {
     format!(
         r#"<!doctype html><meta charset="utf-8"><body style="font:13px system-ui;margin:8px">
 <p>Prometheus scrape URLs:</p><ul id="urls">{urls}</ul>
-<pre id="figures" style="margin:0"></pre>
+<div id="figures"></div>
 <script>
-const ask = () => parent.postMessage({{ myelin: "call", id: 1, method: "GET", path: "figures" }}, "*");
+const ask = () => parent.postMessage({{ myelin: "call", id: 1, method: "GET", path: "summary" }}, "*");
 addEventListener("message", (e) => {{
-  if (e.data && e.data.myelin === "reply" && e.data.status === 200) document.getElementById("figures").textContent = e.data.body;
+  if (e.source !== parent || !e.data || e.data.myelin !== "reply" || e.data.status !== 200) return;
+  const s = JSON.parse(e.data.body);
+  const rows = [["CPU", s.cpu_percent, "%", 100, 0], ["load", s.load1, "", 4, 2], ["memory", s.memory_used_percent, "%", 100, 0],
+                ["temperature", s.temperature_c, " °C", 100, 0], ["battery", s.battery_percent, "%", 100, 0]];
+  const box = document.getElementById("figures");
+  box.replaceChildren();
+  for (const [label, v, unit, max, digits] of rows) {{
+    if (typeof v !== "number") continue;
+    const row = document.createElement("div");
+    const meter = document.createElement("meter");
+    meter.min = 0; meter.max = max; meter.value = v; meter.style.width = "120px";
+    row.append(`${{label}} `, meter, ` ${{v.toFixed(digits)}}${{unit}}`);
+    box.append(row);
+  }}
 }});
 ask();
 setInterval(ask, 5000);
@@ -269,6 +319,7 @@ fn build(section: &myelin_sdk::toml::Table) -> Result<Box<dyn Plugin>, PluginErr
         config,
         ctx: None,
         listening: Arc::new(Mutex::new(Vec::new())),
+        cpu: Arc::new(Mutex::new(None)),
     }))
 }
 

@@ -29,6 +29,10 @@ pub struct WebrtcConfig {
     pub max_viewers: usize,
     #[serde(default)]
     pub streams: Vec<StreamConfig>,
+    /// Web pages (origins, e.g. "http://10.210.0.1:7800") that may play this node's video
+    /// besides the dashboards served on loopback and on fleet members' overlay addresses.
+    #[serde(default)]
+    pub allow_origins: Vec<String>,
 }
 
 fn default_port() -> u16 {
@@ -67,8 +71,28 @@ impl WebrtcConfig {
                 )));
             }
         }
+        let mut c = c;
+        for o in &mut c.allow_origins {
+            *o = o.trim().to_ascii_lowercase();
+            if !is_origin(o) {
+                return Err(config_error(format!(
+                    "allow_origins: {o:?} is not an origin; write scheme, host and port only, e.g. \"http://10.210.0.1:7800\""
+                )));
+            }
+        }
         Ok(c)
     }
+}
+
+/// `http(s)://host[:port]`, nothing after it.
+fn is_origin(o: &str) -> bool {
+    let Some(rest) = o
+        .strip_prefix("http://")
+        .or_else(|| o.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    !rest.is_empty() && !rest.contains(['/', '?', '#', '@', ' '])
 }
 
 /// Longest stream name; names travel to every peer's dashboard.
@@ -117,6 +141,22 @@ mod tests {
 
     #[test]
     fn config_is_checked() {
+        let c =
+            parse("allow_origins = [\"HTTP://10.210.0.1:7800\", \"https://ops.example\"]").unwrap();
+        assert_eq!(
+            c.allow_origins,
+            ["http://10.210.0.1:7800", "https://ops.example"]
+        );
+        for bad in [
+            "10.210.0.1:7800",
+            "http://a/b",
+            "http://",
+            "ftp://a",
+            "http://a b",
+        ] {
+            let e = parse(&format!("allow_origins = [\"{bad}\"]")).unwrap_err();
+            assert!(e.contains("not an origin"), "{bad}: {e}");
+        }
         let c = parse("[[streams]]\nname = \"front\"\nrtp = \"127.0.0.1:5004\"").unwrap();
         assert_eq!(
             (c.listen_port, c.max_viewers, c.streams.len()),

@@ -64,6 +64,17 @@ impl Plugin for Webrtc {
             streams,
             token,
             port: self.config.listen_port,
+            own: own_base(&ctx, self.config.listen_port),
+            origins: crate::whep::Origins {
+                extra: self.config.allow_origins.clone(),
+                own: ctx
+                    .node()
+                    .overlay_addresses
+                    .iter()
+                    .map(|n| n.addr())
+                    .collect(),
+                mesh: Some(ctx.mesh()),
+            },
             remote: Mutex::new(Vec::new()),
             metrics,
         });
@@ -117,12 +128,23 @@ impl Plugin for Webrtc {
 
     fn routes(&self) -> Option<Router> {
         let hub = self.hub.clone();
+        let summary_hub = self.hub.clone();
         Some(
             Router::new()
                 .route(
                     "/status",
                     get(move || {
                         let body = hub.as_ref().map(|s| panel::status(s)).unwrap_or_default();
+                        async move { Json(body) }
+                    }),
+                )
+                .route(
+                    "/summary",
+                    get(move || {
+                        let body = summary_hub
+                            .as_ref()
+                            .map(|s| panel::summary(s))
+                            .unwrap_or_default();
                         async move { Json(body) }
                     }),
                 )
@@ -153,10 +175,30 @@ fn init_section() -> String {
 }
 
 /// Robots serve a camera stream (fed H.264 RTP on 127.0.0.1:5004); the operator watches.
+/// This node's name and its WHEP base URL on its first overlay address (IPv4 first).
+fn own_base(ctx: &PluginContext, port: u16) -> Option<(String, String)> {
+    let node = ctx.node();
+    let mut addresses: Vec<std::net::IpAddr> =
+        node.overlay_addresses.iter().map(|n| n.addr()).collect();
+    addresses.sort_by_key(|a| a.is_ipv6());
+    let base = match addresses.first()? {
+        std::net::IpAddr::V4(v4) => format!("http://{v4}:{port}"),
+        std::net::IpAddr::V6(v6) => format!("http://[{v6}]:{port}"),
+    };
+    Some((node.name.clone(), base))
+}
+
+/// Every node serves WHEP to the lab host's browser, which opens the dashboards on the lab's
+/// underlay; robots feed a `front` stream (the lab camera).
 fn lab_section(node: &myelin_sdk::LabNode) -> String {
-    if node.operator {
-        "\n[plugins.webrtc]\n".into()
-    } else {
-        "\n[plugins.webrtc]\n[[plugins.webrtc.streams]]\nname = \"front\"\nrtp = \"127.0.0.1:5004\"\n".into()
+    let origins: Vec<String> = node.dashboards.iter().map(|d| format!("{d:?}")).collect();
+    let mut section = format!(
+        "\n[plugins.webrtc]\nallow_origins = [{}]\n",
+        origins.join(", ")
+    );
+    if !node.operator {
+        section
+            .push_str("[[plugins.webrtc.streams]]\nname = \"front\"\nrtp = \"127.0.0.1:5004\"\n");
     }
+    section
 }

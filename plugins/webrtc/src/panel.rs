@@ -1,6 +1,7 @@
 //! The dashboard panel: this node's streams and every peer's, each played in the browser with a
-//! plain `RTCPeerConnection` and a `fetch` to the peer's WHEP URL on its overlay address, with
-//! fps, RTT and jitter from `getStats()`; and the status JSON it polls.
+//! plain `RTCPeerConnection` and an offer to the peer's WHEP URL on its overlay address (posted
+//! by the dashboard, since the panel's sandboxed frame has no origin WHEP accepts), with fps,
+//! RTT and jitter from `getStats()`; and the status JSON it polls.
 
 use crate::discovery::PeerStreams;
 use crate::streams::{stream_list, StreamHub};
@@ -27,7 +28,27 @@ pub fn status(hub: &StreamHub) -> serde_json::Value {
         })
         .collect();
     let peers: Vec<PeerStreams> = hub.remote.lock().map(|r| r.clone()).unwrap_or_default();
-    serde_json::json!({ "streams": local, "peers": peers, "listen_port": hub.port })
+    let own = hub
+        .own
+        .as_ref()
+        .map(|(name, base)| serde_json::json!({ "name": name, "base": base }));
+    serde_json::json!({ "streams": local, "peers": peers, "own": own, "listen_port": hub.port })
+}
+
+/// What the fleet page shows (`GET /summary`): this node's streams and the port viewers ask
+/// for them on (`http://<overlay address>:<port>/<stream>/whep`).
+pub fn summary(hub: &StreamHub) -> serde_json::Value {
+    let streams: Vec<serde_json::Value> = stream_list(hub)
+        .into_iter()
+        .map(|info| {
+            let packets = hub
+                .streams
+                .get(&info.name)
+                .map_or(0, |s| s.counters.packets_in.load(Ordering::Relaxed));
+            serde_json::json!({ "name": info.name, "viewers": info.viewers, "rtp_packets_in": packets })
+        })
+        .collect();
+    serde_json::json!({ "kind": "video", "port": hub.port, "streams": streams })
 }
 
 /// Everything a peer supplies (peer and stream names, URLs) reaches the page only through
@@ -37,6 +58,14 @@ pub const HTML: &str = r##"<!doctype html><meta charset="utf-8"><body style="fon
 <div id="videos" style="display:flex;flex-wrap:wrap;gap:8px"></div>
 <script>
 const playing = new Map();
+const offers = new Map();
+let offerId = 0;
+const whep = (url, sdp) => new Promise((done) => {
+  const id = `whep-${++offerId}`;
+  offers.set(id, done);
+  parent.postMessage({ myelin: "whep", id, url, sdp }, "*");
+  setTimeout(() => { if (offers.delete(id)) done({ status: 0, body: "no answer from the dashboard" }); }, 10000);
+});
 const boxes = new Map();
 const call = () => parent.postMessage({ myelin: "call", id: 1, method: "GET", path: "status" }, "*");
 const resize = () => parent.postMessage({ myelin: "resize", height: document.body.scrollHeight + 16 }, "*");
@@ -68,9 +97,10 @@ async function play(key, url) {
     pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && done();
     setTimeout(done, 2000);
   });
-  const r = await fetch(url, { method: "POST", headers: { "Content-Type": "application/sdp" }, body: pc.localDescription.sdp });
-  if (r.status !== 201) { pc.close(); stats.textContent = `${key}: WHEP answered ${r.status}`; return; }
-  await pc.setRemoteDescription({ type: "answer", sdp: await r.text() });
+  // The dashboard posts the offer (this frame's origin is opaque, which WHEP refuses).
+  const r = await whep(url, pc.localDescription.sdp);
+  if (r.status !== 201) { pc.close(); stats.textContent = `${key}: WHEP answered ${r.status} ${r.body}`.slice(0, 200); return; }
+  await pc.setRemoteDescription({ type: "answer", sdp: r.body });
   playing.set(key, pc);
   video.onloadedmetadata = resize;
   setInterval(async () => {
@@ -92,9 +122,18 @@ function whepUrl(base, path) {
 }
 addEventListener("message", (e) => {
   // Only the dashboard answers calls; other frames could post look-alike replies.
+  if (e.source === parent && e.data && e.data.myelin === "whep-reply" && offers.has(e.data.id)) {
+    const done = offers.get(e.data.id);
+    offers.delete(e.data.id);
+    done({ status: e.data.status, body: String(e.data.body) });
+    return;
+  }
   if (e.source !== parent || !e.data || e.data.myelin !== "reply" || e.data.status !== 200) return;
   const s = JSON.parse(e.data.body);
-  for (const p of s.peers || []) for (const st of p.streams || []) {
+  // This node's own streams first, then each peer's: one tile per peer/stream, ever.
+  const sources = (s.peers || []).slice();
+  if (s.own) sources.unshift({ peer: s.own.name, base: s.own.base, streams: (s.streams || []).map((st) => ({ name: st.name, whep: `/${st.name}/whep` })) });
+  for (const p of sources) for (const st of p.streams || []) {
     const key = `${p.peer}/${st.name}`;
     const url = whepUrl(String(p.base), String(st.whep));
     if (url === null || playing.has(key)) continue;

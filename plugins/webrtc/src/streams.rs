@@ -83,6 +83,10 @@ pub struct StreamHub {
     pub streams: HashMap<String, Arc<Stream>>,
     pub token: Option<String>,
     pub port: u16,
+    /// This node's name and WHEP base URL on its overlay address, for the panel's own tiles.
+    pub own: Option<(String, String)>,
+    /// The web pages that may play the video.
+    pub origins: crate::whep::Origins,
     /// Peers' streams, for the dashboard panel.
     pub remote: Mutex<Vec<PeerStreams>>,
     pub metrics: myelin_sdk::PluginMetrics,

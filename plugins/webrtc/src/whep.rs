@@ -72,6 +72,87 @@ impl Drop for Slot {
     }
 }
 
+/// Which web pages may play this node's video from a browser: a page's fetch carries its
+/// `Origin`, and WHEP answers it (and names it in `Access-Control-Allow-Origin`) only for the
+/// dashboards of this fleet. Clients that are not pages (aiortc, ffmpeg, curl) send no
+/// `Origin` and are not affected.
+pub struct Origins {
+    /// `[plugins.webrtc].allow_origins`, lowercased.
+    pub extra: Vec<String>,
+    /// This node's overlay addresses (its own dashboard on its remote listener).
+    pub own: Vec<IpAddr>,
+    /// The fleet: a dashboard on a member's overlay address is the fleet's.
+    pub mesh: Option<myelin_sdk::tokio::sync::watch::Receiver<myelin_sdk::MeshView>>,
+}
+
+impl Origins {
+    /// A dashboard on loopback (the operator's own machine), on this node's or a member's
+    /// overlay address (any port), or one the config names.
+    pub fn allows(&self, origin: &str) -> bool {
+        let origin = origin.trim().to_ascii_lowercase();
+        if self.extra.contains(&origin) {
+            return true;
+        }
+        let Some(authority) = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+        else {
+            return false;
+        };
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+        };
+        if host == "localhost" {
+            return true;
+        }
+        let Ok(ip) = host.parse::<IpAddr>() else {
+            return false;
+        };
+        if ip.is_loopback() || self.own.contains(&ip) {
+            return true;
+        }
+        self.mesh.as_ref().is_some_and(|mesh| {
+            mesh.borrow().peers.iter().any(|p| {
+                p.overlay_ips
+                    .iter()
+                    .any(|n| n.prefix_len() == n.max_prefix_len() && n.addr() == ip)
+            })
+        })
+    }
+}
+
+/// Refuses a page of any other origin (no CORS header, so its script cannot read the answer
+/// either), and names an allowed page's origin instead of `*`.
+async fn check_origin(
+    State(hub): State<Arc<StreamHub>>,
+    req: myelin_sdk::axum::extract::Request,
+    next: myelin_sdk::axum::middleware::Next,
+) -> Response {
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
+    let Some(origin) = origin else {
+        return next.run(req).await;
+    };
+    if !hub.origins.allows(&origin) {
+        return myelin_sdk::error_response(
+            StatusCode::FORBIDDEN,
+            format!("a page from {origin} may not play this node's video"),
+            "open the video from a fleet member's dashboard, or add the page's origin to [plugins.webrtc].allow_origins",
+        );
+    }
+    let mut r = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&origin) {
+        r.headers_mut()
+            .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        r.headers_mut()
+            .insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    r
+}
+
 fn cors(mut r: Response) -> Response {
     let h = r.headers_mut();
     h.insert(
@@ -123,6 +204,10 @@ pub fn whep_router(hub: Arc<StreamHub>, local: IpAddr) -> Router {
                 "POST an SDP offer to /<stream>/whep; GET /streams lists the streams",
             )
         })
+        .layer(myelin_sdk::axum::middleware::from_fn_with_state(
+            hub.clone(),
+            check_origin,
+        ))
         .with_state((hub, local))
 }
 
@@ -263,6 +348,12 @@ mod tests {
             streams: HashMap::from([(stream.name.clone(), stream)]),
             token: None,
             port: 8889,
+            own: None,
+            origins: Origins {
+                extra: vec!["http://10.210.0.1:7800".into()],
+                own: vec![IpAddr::from([10, 77, 0, 2])],
+                mesh: None,
+            },
             remote: Mutex::new(Vec::new()),
             metrics: metrics(),
         })
@@ -345,5 +436,106 @@ mod tests {
         .await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         assert_eq!(s.viewer_count(), 0);
+    }
+
+    /// A browser on the operator's dashboard (another origin) posts its offer with
+    /// `Content-Type: application/sdp`, so it asks first: the preflight must allow that
+    /// origin (and no other), POST and the header, and expose `Location` for the DELETE that
+    /// ends a session.
+    #[tokio::test]
+    async fn a_dashboard_on_another_origin_passes_the_preflight() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let hub = hub_with(stream("front", "127.0.0.1:9", None, 2));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(myelin_sdk::serve::serve(
+            listener,
+            whep_router(hub, IpAddr::from([127, 0, 0, 1])),
+            myelin_sdk::serve::Limits::default(),
+            std::future::pending(),
+        ));
+        let ask = |request: String| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).await.unwrap();
+            answer.to_ascii_lowercase()
+        };
+        let preflight = ask(format!(
+            "OPTIONS /front/whep HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://10.210.0.1:7800\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+        assert!(preflight.starts_with("http/1.1 204"), "{preflight}");
+        assert!(
+            preflight.contains("access-control-allow-origin: http://10.210.0.1:7800"),
+            "{preflight}"
+        );
+        assert!(
+            preflight.contains("access-control-allow-methods: get, post, delete, options"),
+            "{preflight}"
+        );
+        assert!(
+            preflight.contains("access-control-allow-headers: content-type, authorization"),
+            "{preflight}"
+        );
+        // The session's DELETE is preflighted too, and an error answer carries CORS headers
+        // (so the page can read why).
+        let delete = ask(format!(
+            "OPTIONS /front/whep/abc HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://10.210.0.1:7800\r\nAccess-Control-Request-Method: DELETE\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+        assert!(delete.starts_with("http/1.1 204"), "{delete}");
+        let refused = ask(format!(
+            "POST /front/whep HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://10.210.0.1:7800\r\nContent-Type: application/sdp\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbad"
+        ))
+        .await;
+        assert!(refused.starts_with("http/1.1 400"), "{refused}");
+        assert!(
+            refused.contains("access-control-allow-origin: http://10.210.0.1:7800"),
+            "{refused}"
+        );
+        assert!(
+            refused.contains("access-control-expose-headers: location"),
+            "{refused}"
+        );
+        let preflight_from = |origin: &str| {
+            ask(format!(
+                "OPTIONS /front/whep HTTP/1.1\r\nHost: {addr}\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n"
+            ))
+        };
+        // Any other web page: refused, and told nothing it could read. Sandboxed frames
+        // (origin `null`) too: any site can make one.
+        for other in [
+            "http://evil.example",
+            "null",
+            "http://10.77.0.9:7800",
+            "http://10.210.0.1:7801",
+        ] {
+            let answer = preflight_from(other).await;
+            assert!(answer.starts_with("http/1.1 403"), "{other}: {answer}");
+            assert!(
+                !answer.contains("access-control-allow-origin"),
+                "{other}: {answer}"
+            );
+        }
+        // Pages this node's fleet serves: loopback and its own overlay address, any port.
+        for ok in [
+            "http://127.0.0.1:7800",
+            "http://localhost:7800",
+            "http://[::1]:9",
+            "http://10.77.0.2:7800",
+        ] {
+            let answer = preflight_from(ok).await;
+            assert!(
+                answer.contains(&format!("access-control-allow-origin: {ok}")),
+                "{ok}: {answer}"
+            );
+        }
+        // Clients that are not pages send no Origin and keep working.
+        let plain = ask(format!(
+            "GET /streams HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+        assert!(plain.starts_with("http/1.1 200"), "{plain}");
     }
 }

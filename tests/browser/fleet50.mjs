@@ -1,0 +1,42 @@
+// A large fleet's page: opened from the lab host, it must list every member (`want` cards)
+// within 3 s, keep updating, and log no errors.
+// Usage: node fleet50.mjs <fleet URL with #token=...> <want> <screenshot>
+import { chromium } from "playwright-core";
+
+const [url, want, shot] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"],
+});
+const problems = [];
+try {
+  const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  page.on("console", (m) => { if (m.type() === "error") problems.push(`console error: ${m.text()}`); });
+  const opened = Date.now();
+  await page.goto(url);
+  await page.waitForFunction((n) => document.querySelectorAll("#fleet .card").length >= n, Number(want), { timeout: 30000 });
+  // Measured by the page itself from the start of its navigation (a busy machine's browser
+  // start is not the page's time); the outer figure is printed too.
+  const ready = Number(await page.evaluate(() => document.body.dataset.fleetReadyMs)) / 1000;
+  const cards = await page.locator("#fleet .card").count();
+  console.log(`fleet50: ${cards} cards ready ${ready.toFixed(2)} s after the page's navigation began (${((Date.now() - opened) / 1000).toFixed(2)} s after asking the browser to open it)`);
+  // Then each card fills in with what its member said (interlock, plugins).
+  await page.waitForFunction((n) => document.querySelectorAll("#fleet .card .badge").length >= n, Number(want), { timeout: 60000 });
+  console.log(`fleet50: every card filled in ${((Date.now() - opened) / 1000).toFixed(2)} s after opening`);
+  const updates = Number(await page.evaluate(() => document.body.dataset.fleetUpdates));
+  await page.waitForFunction((n) => Number(document.body.dataset.fleetUpdates) > n + 1, updates, { timeout: 15000 });
+  console.log("fleet50: the page keeps updating");
+  await page.fill("#filter", "robot4");
+  const shown = await page.locator("#fleet .card:not([hidden])").count();
+  console.log(`fleet50: filter robot4 shows ${shown} cards`);
+  if (shown !== 11) throw new Error(`filter robot4 shows ${shown} cards, expected robot4 and robot40..49`);
+  await page.fill("#filter", "");
+  await page.screenshot({ path: shot });
+  if (ready > 3) throw new Error(`the page took ${ready} s to list ${want} members (budget 3 s)`);
+  if (problems.length) throw new Error(`the page logged errors:\n${problems.join("\n")}`);
+  console.log("fleet50: no console errors");
+} finally {
+  await browser.close();
+}
