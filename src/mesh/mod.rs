@@ -4,6 +4,7 @@
 pub mod cert;
 pub mod control;
 pub mod enroll;
+pub mod paths;
 pub mod probe;
 pub mod revoke;
 pub mod shell;
