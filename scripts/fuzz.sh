@@ -18,7 +18,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(probe plugin_frames config wireguard_verify npy npz image_frame rtp_h264 whep_offer mesh_control certificate enrollment firewall_packet dns_query multicast_packet)
+  targets=(probe plugin_frames config wireguard_verify npy npz image_frame rtp_h264 whep_offer mesh_control certificate enrollment firewall_packet dns_query multicast_packet rtnetlink)
 fi
 
 # Its own target directory: the fuzz build (instrumented, release) would otherwise evict the

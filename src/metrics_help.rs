@@ -64,6 +64,10 @@ pub fn describe() {
         "myelin_peer_endpoint_changes_total",
         "Times the peer's endpoint moved (roaming)."
     );
+    describe_counter!(
+        "myelin_roams_total",
+        "Times this node's own addresses or routes changed and every peer was told its new endpoint at once."
+    );
     describe_gauge!(
         "myelin_peer_up",
         "1 while a WireGuard session with the peer is current."

@@ -108,6 +108,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         })
     };
     let (members_tx, members_rx) = watch::channel(Vec::new());
+    let (connectivity_tx, connectivity_rx) = watch::channel(None);
     let mesh_stop = tokio_util::sync::CancellationToken::new();
     let enroll_task = match (enroll_listener, enroller) {
         (Some(listener), Some(enroller)) => {
@@ -155,6 +156,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
                 control,
                 rx,
                 members_tx,
+                connectivity_tx,
                 mesh_stop.clone(),
             )))
         }
@@ -220,6 +222,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
         },
         peers: tunnel.peer_control(),
         members: members_rx,
+        connectivity: connectivity_rx,
         event_streams: Default::default(),
         config_path: config_path.to_path_buf(),
         fleet: api::fleet::Fleet::new(config.control.fleet_port),

@@ -317,6 +317,93 @@ fn roaming_peer_is_followed_quickly() {
     assert_eq!(view["up"], true);
 }
 
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Roaming with the peers told at once. Probes are slowed to one a minute and there is no
+/// persistent keepalive, so nothing but the node's own address watch can move the other
+/// side's endpoint in time: 20 roams with the roaming node as initiator (it pings first) and
+/// 20 as responder (the other side pings it). The outage runs from the new address being
+/// configured to the first answered ping (each ping waits at most 50 ms: the overlay RTT here
+/// is well under a millisecond).
+#[test]
+fn a_roam_is_announced_to_every_peer_at_once() {
+    let _serial = serial();
+    let link = Link::new("roam20");
+    let mut alpha = Spec::new("alpha", &["10.77.0.1/16"]);
+    let mut beta = Spec::new("beta", &["10.77.0.2/16"]);
+    alpha.probe_ms = 60_000;
+    beta.probe_ms = 60_000;
+    alpha.peer(&beta, Some(&format!("{}:51820", link.b_addr)), "");
+    beta.peer(&alpha, Some(&format!("{}:51820", link.a_addr)), "");
+    let a = Node::start_spec(link.a.clone(), &alpha, "");
+    let b = Node::start_spec(link.b.clone(), &beta, "");
+    ping_until(&link.a, "10.77.0.2", HANDSHAKE);
+    let prefix = link.b_addr.rsplit_once('.').unwrap().0.to_string();
+    let mut current = link.b_addr.clone();
+    let (mut initiator, mut responder) = (Vec::new(), Vec::new());
+    for trial in 0..40 {
+        let next = format!("{prefix}.{}", 100 + trial);
+        link.b.run(
+            "ip",
+            &["addr", "del", &format!("{current}/24"), "dev", &link.b_if],
+        );
+        link.b.run(
+            "ip",
+            &["addr", "add", &format!("{next}/24"), "dev", &link.b_if],
+        );
+        let moved = Instant::now();
+        let (from, to) = if trial % 2 == 0 {
+            (&link.a, "10.77.0.2")
+        } else {
+            (&link.b, "10.77.0.1")
+        };
+        while !from
+            .command("ping")
+            .args(["-c", "1", "-W", "0.05", to])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            assert!(
+                moved.elapsed() < Duration::from_secs(10),
+                "no answer from {to} within 10 s of roam {trial}"
+            );
+        }
+        if trial % 2 == 0 {
+            responder.push(moved.elapsed());
+        } else {
+            initiator.push(moved.elapsed());
+        }
+        current = next;
+    }
+    initiator.sort();
+    responder.sort();
+    let figures = |v: &[Duration]| (percentile(v, 0.5), percentile(v, 0.99));
+    let (i50, i99) = figures(&initiator);
+    let (r50, r99) = figures(&responder);
+    eprintln!(
+        "roam outage over 20 roams each: roaming node as initiator p50 {} ms p99 {} ms; as responder p50 {} ms p99 {} ms",
+        i50.as_millis(),
+        i99.as_millis(),
+        r50.as_millis(),
+        r99.as_millis()
+    );
+    assert!(i99 < Duration::from_secs(1), "initiator p99 {i99:?}");
+    assert!(r99 < Duration::from_secs(1), "responder p99 {r99:?}");
+    drop(a);
+    let metrics = b.metrics();
+    let roams = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("myelin_roams_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        roams >= 40.0,
+        "beta counted {roams} roams for 40 address changes"
+    );
+}
+
 #[test]
 fn a_restarted_node_reconnects_without_touching_the_other() {
     let _serial = serial();

@@ -29,6 +29,8 @@ pub struct ApiState {
     pub peers: crate::tunnel::PeerControl,
     /// Mesh members as this node knows them (empty without [mesh]).
     pub members: watch::Receiver<Vec<crate::mesh::control::MemberView>>,
+    /// The mesh's view of this node's own reachability (None without `[mesh]`).
+    pub connectivity: watch::Receiver<Option<crate::mesh::control::Connectivity>>,
     /// Open `/api/v1/events` streams (capped at `events::MAX_STREAMS`).
     pub event_streams: Arc<std::sync::atomic::AtomicUsize>,
     /// The config file, read again by `POST /api/v1/firewall/reload`.
@@ -419,6 +421,7 @@ async fn status(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {
         "uptime_s": s.started.elapsed().as_secs_f64(),
         "peers": s.mesh.borrow().peers.len(),
         "peers_up": s.mesh.borrow().peers.iter().filter(|p| p.up).count(),
+        "connectivity": s.connectivity.borrow().clone(),
         "plugins": plugins.iter().map(|p| json!({"name": p.name, "state": p.state})).collect::<Vec<_>>(),
     }))
 }

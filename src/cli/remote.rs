@@ -88,6 +88,27 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
         "peers:      {} configured, {} up",
         v["peers"], v["peers_up"]
     );
+    let c = &v["connectivity"];
+    if c.is_object() {
+        let seen: Vec<String> = c["observed"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|o| {
+                        format!(
+                            "{} by {}",
+                            o["endpoint"].as_str().unwrap_or("?"),
+                            o["lighthouse"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!("nat:        {}", c["nat"].as_str().unwrap_or("unknown"));
+        if !seen.is_empty() {
+            println!("seen as:    {}", seen.join(", "));
+        }
+    }
     let plugins: Vec<String> = v["plugins"]
         .as_array()
         .map(|a| {

@@ -187,7 +187,24 @@ pub struct Mesh {
     lookup_budget: HashMap<[u8; 32], (Instant, u32)>,
     /// Looked-up members: when a lighthouse last found them.
     found: HashMap<[u8; 32], Instant>,
+    /// This node's reflexive address as each lighthouse sees it (its `Observed` answers).
+    observed: HashMap<[u8; 32], SocketAddr>,
     out: VecDeque<Output>,
+}
+
+/// What this node knows of its own reachability: its candidates, the address each lighthouse
+/// sees, and the NAT mapping that implies.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Connectivity {
+    pub nat: &'static str,
+    pub candidates: Vec<SocketAddr>,
+    pub observed: Vec<ObservedBy>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ObservedBy {
+    pub lighthouse: String,
+    pub endpoint: SocketAddr,
 }
 
 fn chain_bytes(chain: &[Certificate]) -> Vec<Vec<u8>> {
@@ -234,6 +251,7 @@ impl Mesh {
             renewals: HashMap::new(),
             lookup_budget: HashMap::new(),
             found: HashMap::new(),
+            observed: HashMap::new(),
             out: VecDeque::new(),
         };
         if let Some(list) = mesh.config.revocations.take() {
@@ -425,6 +443,11 @@ impl Mesh {
                     self.welcomed.insert(from);
                 }
             }
+            Message::Observed { endpoint } => {
+                if self.is_lighthouse_key(&from) {
+                    self.observed.insert(from, endpoint);
+                }
+            }
             Message::Register {
                 talk_to,
                 refresh_s,
@@ -439,6 +462,11 @@ impl Mesh {
                     self.send(from, self.hello());
                     return;
                 };
+                // The member learns its reflexive address (two lighthouses that see different
+                // ports mean its NAT maps every destination anew).
+                if let Some(seen) = endpoint {
+                    self.send(from, Message::Observed { endpoint: seen });
+                }
                 let mut multicast_changed = false;
                 if let Some(k) = self.known.get_mut(&from) {
                     let seen = endpoint.or(k.endpoint);
@@ -1074,6 +1102,44 @@ impl Mesh {
     fn register_with(&mut self, key: [u8; 32], now: Instant) {
         self.awaiting.entry(key).or_insert((now, ANSWER_TIMEOUT));
         self.send(key, self.register_message());
+    }
+
+    /// This node's own addresses, as offered to lighthouses (they change on a roam).
+    pub fn set_candidates(&mut self, candidates: Vec<SocketAddr>) {
+        self.config.candidates = candidates;
+    }
+
+    /// This node's addresses changed: register with every lighthouse now, so the rosters
+    /// they push carry the new endpoint without waiting for the next refresh.
+    pub fn roamed(&mut self, now: Instant) {
+        self.observed.clear();
+        for key in self.lighthouse_keys() {
+            self.register_with(key, now);
+        }
+    }
+
+    /// This node's candidates, the reflexive address each lighthouse reported, and the NAT
+    /// mapping they imply.
+    pub fn connectivity(&self) -> Connectivity {
+        let mut observed: Vec<ObservedBy> = self
+            .config
+            .lighthouses
+            .iter()
+            .filter_map(|l| {
+                Some(ObservedBy {
+                    lighthouse: l.name.clone(),
+                    endpoint: *self.observed.get(&l.public_key)?,
+                })
+            })
+            .collect();
+        observed.sort_by(|a, b| a.lighthouse.cmp(&b.lighthouse));
+        let local: Vec<std::net::IpAddr> = self.config.candidates.iter().map(|c| c.ip()).collect();
+        let seen: Vec<SocketAddr> = observed.iter().map(|o| o.endpoint).collect();
+        Connectivity {
+            nat: super::paths::classify(&local, &seen).as_str(),
+            candidates: self.config.candidates.clone(),
+            observed,
+        }
     }
 
     fn register_message(&self) -> Message {

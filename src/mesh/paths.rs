@@ -121,6 +121,20 @@ impl NatMapping {
     }
 }
 
+/// The NAT mapping implied by the addresses lighthouses see (`seen`, one per lighthouse) and
+/// this node's own addresses (`local`).
+pub fn classify(local: &[IpAddr], seen: &[SocketAddr]) -> NatMapping {
+    if seen.iter().any(|s| local.contains(&s.ip())) {
+        NatMapping::None
+    } else if seen.len() < 2 {
+        NatMapping::Unknown
+    } else if seen.iter().all(|s| *s == seen[0]) {
+        NatMapping::EndpointIndependent
+    } else {
+        NatMapping::EndpointDependent
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     PathChanged {
@@ -534,15 +548,7 @@ impl Agent {
 
     fn classify(&mut self) {
         let seen: Vec<SocketAddr> = self.lighthouses.iter().filter_map(|l| l.observed).collect();
-        let mapping = if seen.iter().any(|s| self.local.contains(&s.ip())) {
-            NatMapping::None
-        } else if seen.len() < 2 {
-            NatMapping::Unknown
-        } else if seen.iter().all(|s| *s == seen[0]) {
-            NatMapping::EndpointIndependent
-        } else {
-            NatMapping::EndpointDependent
-        };
+        let mapping = classify(&self.local, &seen);
         if mapping != self.mapping && mapping != NatMapping::Unknown {
             self.events.push_back(Event::NatMapping(mapping));
         }

@@ -110,7 +110,7 @@ pub fn mesh_config(
             ));
         }
     }
-    let lighthouses = section
+    let lighthouses: Vec<LighthouseConfig> = section
         .lighthouses
         .iter()
         .map(|l| LighthouseConfig {
@@ -120,6 +120,7 @@ pub fn mesh_config(
             endpoint: l.endpoint,
         })
         .collect();
+    let candidates = local_candidates(&lighthouses, config.node.listen_port);
     Ok(Some(MeshConfig {
         ca,
         chain,
@@ -130,7 +131,7 @@ pub fn mesh_config(
             .as_ref()
             .map(|m| m.groups.clone())
             .unwrap_or_default(),
-        candidates: Vec::new(),
+        candidates,
         lighthouse: config.lighthouse.enabled,
         refresh: Duration::from_secs(section.refresh_s),
         revocations: match &section.revocations {
@@ -139,6 +140,30 @@ pub fn mesh_config(
         },
         issuer: issuer(config)?,
     }))
+}
+
+/// This node's own addresses toward its lighthouses: the source address the kernel picks for
+/// each (a connected UDP socket sends nothing), with the WireGuard port. A lighthouse that sees
+/// one of them sees this node without a NAT in between.
+pub fn local_candidates(lighthouses: &[LighthouseConfig], port: u16) -> Vec<std::net::SocketAddr> {
+    let mut out = Vec::new();
+    for l in lighthouses {
+        let any: std::net::SocketAddr = if l.endpoint.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let local = std::net::UdpSocket::bind(any)
+            .and_then(|s| s.connect(l.endpoint).map(|()| s))
+            .and_then(|s| s.local_addr());
+        if let Ok(a) = local {
+            let c = std::net::SocketAddr::new(a.ip(), port);
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    out
 }
 
 /// The lighthouse's certificate issuer, when `[lighthouse]` has a signer: it renews members'
@@ -236,6 +261,7 @@ pub async fn run(
     peers: PeerControl,
     receivers: MeshReceivers,
     members: watch::Sender<Vec<MemberView>>,
+    connectivity: watch::Sender<Option<super::control::Connectivity>>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let MeshReceivers {
@@ -243,11 +269,14 @@ pub async fn run(
         mut misses,
     } = receivers;
     let revocations_file = files.revocations;
+    let lighthouse_list = config.lighthouses.clone();
+    let listen_port = config.candidates.first().map_or(0, |c| c.port());
     let mut mesh = Mesh::new(config, Instant::now());
     let mut next_sweep = Instant::now() + RESTRICTED_FOR;
     let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let mut revocations_seen = revocations_file.as_deref().and_then(modified);
     let mut published = u64::MAX;
+    let mut roams = peers.roams();
     loop {
         while let Some(output) = mesh.poll_output() {
             apply(&peers, &files.cert, output);
@@ -265,6 +294,14 @@ pub async fn run(
                 changed
             });
         }
+        let now_reachable = Some(mesh.connectivity());
+        connectivity.send_if_modified(|current| {
+            let changed = *current != now_reachable;
+            if changed {
+                current.clone_from(&now_reachable);
+            }
+            changed
+        });
         let wake = mesh.poll_timeout().min(next_sweep);
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -281,6 +318,10 @@ pub async fn run(
                 mesh.handle(d.from, d.endpoint, &d.payload, Instant::now(), unix_now());
             }
             Some(address) = misses.recv() => mesh.lookup(address, Instant::now()),
+            Ok(()) = roams.changed() => {
+                mesh.set_candidates(local_candidates(&lighthouse_list, listen_port));
+                mesh.roamed(Instant::now());
+            }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
                 let now = Instant::now();
                 mesh.handle_timeout(now, unix_now());

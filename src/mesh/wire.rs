@@ -74,6 +74,9 @@ pub enum Message {
     /// A member that stops: "forget me now" (its lighthouses drop its registration, its peers
     /// drop it) instead of waiting for its registration to expire.
     Leave,
+    /// A lighthouse to a member, answering its registration: the address the member's
+    /// datagrams come from as the lighthouse sees them (its reflexive address).
+    Observed { endpoint: SocketAddr },
 }
 
 fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
@@ -290,6 +293,10 @@ impl Message {
             }
             Message::Renew => out.push(8),
             Message::Leave => out.push(11),
+            Message::Observed { endpoint } => {
+                out.push(12);
+                put_sock(&mut out, Some(*endpoint));
+            }
             Message::Renewed { chain } => {
                 out.push(9);
                 put_chain(&mut out, chain);
@@ -388,6 +395,9 @@ impl Message {
             }
             8 => Message::Renew,
             11 => Message::Leave,
+            12 => Message::Observed {
+                endpoint: r.sock()?.ok_or(WireError("empty address"))?,
+            },
             9 => Message::Renewed { chain: r.chain()? },
             10 => {
                 let opens_at = r.u64()?;
@@ -472,6 +482,12 @@ mod tests {
                 chain: vec![vec![7; 200]],
             },
             Message::Welcome,
+            Message::Observed {
+                endpoint: "[2001:db8::7]:40000".parse().unwrap(),
+            },
+            Message::Observed {
+                endpoint: "198.51.100.9:61000".parse().unwrap(),
+            },
             Message::Revocations {
                 issued_at: 5,
                 page: 1,

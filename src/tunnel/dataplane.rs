@@ -491,6 +491,30 @@ pub(super) fn rehandshake(shared: &DataPlaneShared, slot: usize, peer: &Peer) ->
     true
 }
 
+/// Sends `peer` a keepalive under the current session (a handshake initiation where there is
+/// none) from wherever this node is now: the peer moves its endpoint on it, as on any
+/// authenticated datagram. False when the peer has no endpoint.
+pub(super) fn announce(shared: &DataPlaneShared, peer: &Peer) -> bool {
+    let Some(to) = peer.endpoint() else {
+        return false;
+    };
+    let mut out = [0u8; HANDSHAKE_INIT_LEN + 64];
+    let len = match peer.tunn.lock() {
+        Ok(mut t) => match t.encapsulate(&[], &mut out) {
+            TunnResult::WriteToNetwork(p) => p.len(),
+            _ => return false,
+        },
+        Err(_) => return false,
+    };
+    match out.get(..len) {
+        Some(p) => {
+            send(shared, to, p, None);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Wraps `payload` in IPv4/UDP from this node's overlay address to the peer's, and sends it
 /// through the peer's tunnel.
 pub(super) fn send_control(shared: &DataPlaneShared, peer: &Peer, payload: &[u8]) -> bool {

@@ -8,6 +8,7 @@ pub mod guard;
 pub mod lanes;
 pub mod mroute;
 pub mod multicast;
+pub mod netwatch;
 pub mod peers;
 pub mod routes;
 
@@ -108,6 +109,8 @@ pub(crate) struct DataPlaneShared {
     pub firewall: Option<Mutex<dataplane::FirewallState>>,
     /// `[multicast]`: only the data-plane thread takes the lock.
     pub multicast: Option<Mutex<multicast::Replicator>>,
+    /// Counts changes of this node's own addresses and routes (roams) it told its peers of.
+    pub roams: tokio::sync::watch::Sender<u64>,
 }
 
 /// Where the data plane hands mesh control messages, and whether a handshake from a key it
@@ -235,6 +238,22 @@ impl PeerControl {
         }
     }
 
+    /// Tells every peer where this node is now: an authenticated keepalive from the current
+    /// address (a handshake where there is no session) moves the peer's endpoint at once.
+    /// Returns how many peers were told.
+    pub fn announce_all(&self) -> usize {
+        let table = self.0.table.load();
+        table
+            .iter()
+            .filter(|(_, peer)| dataplane::announce(&self.0, peer))
+            .count()
+    }
+
+    /// A receiver that changes whenever this node roamed (its addresses or routes changed).
+    pub fn roams(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.roams.subscribe()
+    }
+
     /// Sends a mesh control message to the peer with key `to`, inside its tunnel (a handshake
     /// first, if there is no session). False when there is no such peer or no path.
     pub fn send_control(&self, to: &[u8; 32], payload: &[u8]) -> bool {
@@ -260,6 +279,8 @@ pub struct Tunnel {
     dataplane: DataPlaneThread,
     guard: Option<guard::OverlayGuard>,
     multicast_routes: Option<mroute::MulticastRoutes>,
+    /// Stops the address watch (`netwatch`).
+    watch_cancel: tokio_util::sync::CancellationToken,
     pub interface: String,
     pub offload: bool,
 }
@@ -476,6 +497,7 @@ impl Tunnel {
                     std::time::Instant::now(),
                 ))
             }),
+            roams: tokio::sync::watch::Sender::new(0),
         });
         let dataplane = spawn_dataplane(&shared).map_err(|cause| TunnelError::Thread { cause })?;
         let multicast_routes = match &config.multicast {
@@ -491,6 +513,28 @@ impl Tunnel {
                 }
             },
         };
+        let watch_cancel = tokio_util::sync::CancellationToken::new();
+        let control = PeerControl(shared.clone());
+        let announce = move || {
+            let told = control.announce_all();
+            control.0.roams.send_modify(|n| *n += 1);
+            metrics::counter!("myelin_roams_total").increment(1);
+            tracing::info!(
+                peers = told,
+                "this node's addresses or routes changed: peers told at once"
+            );
+        };
+        match netwatch::interface_index(&name)
+            .ok_or_else(|| {
+                netwatch::WatchError::Socket(std::io::Error::other(format!(
+                    "the TUN device {name} has no interface index"
+                )))
+            })
+            .and_then(|tun| netwatch::spawn(tun, announce, watch_cancel.clone()))
+        {
+            Ok(_) => {}
+            Err(e) => tracing::warn!("{e}"),
+        }
         tracing::info!(
             interface = %name,
             port = config.node.listen_port,
@@ -503,6 +547,7 @@ impl Tunnel {
             dataplane,
             guard,
             multicast_routes,
+            watch_cancel,
             interface: name,
             offload,
         })
@@ -515,6 +560,7 @@ impl Tunnel {
 
     /// Stops the data plane; the TUN device goes away with the last task.
     pub async fn stop(self) {
+        self.watch_cancel.cancel();
         let (shared, dataplane) = (self.shared, self.dataplane);
         let _ = tokio::task::spawn_blocking(move || stop_dataplane(&shared, dataplane)).await;
         if let Some(guard) = self.guard {

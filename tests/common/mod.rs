@@ -322,6 +322,8 @@ pub struct Spec {
     pub rest: String,
     /// Lines added to `[control]` (remote_listen, allow_groups, ...).
     pub control: String,
+    /// `[probe].interval_ms`.
+    pub probe_ms: u64,
 }
 
 impl Spec {
@@ -334,6 +336,7 @@ impl Spec {
             addresses: addresses.iter().map(|a| a.to_string()).collect(),
             rest: String::new(),
             control: String::new(),
+            probe_ms: 100,
         }
     }
 
@@ -368,11 +371,12 @@ impl Node {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let addresses: Vec<String> = spec.addresses.iter().map(|a| format!("\"{a}\"")).collect();
         let text = format!(
-            "[node]\nname = \"{}\"\nprivate_key_file = \"{}\"\nlisten_port = 51820\naddress = [{}]\n\n[control]\nlisten = \"127.0.0.1:0\"\n{}\n[probe]\ninterval_ms = 100\n\n{}\n[plugins]\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\n{plugins}\n",
+            "[node]\nname = \"{}\"\nprivate_key_file = \"{}\"\nlisten_port = 51820\naddress = [{}]\n\n[control]\nlisten = \"127.0.0.1:0\"\n{}\n[probe]\ninterval_ms = {}\n\n{}\n[plugins]\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\n{plugins}\n",
             spec.name,
             key.display(),
             addresses.join(", "),
             spec.control,
+            spec.probe_ms,
             spec.rest,
             dir.path().join("run").display(),
             dir.path().join("state").display()

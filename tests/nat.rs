@@ -1,0 +1,261 @@
+//! The NAT lab: two lighthouses and a public operator on an "internet" bridge, robots behind
+//! NAT routers in namespaces (nftables masquerade, as a home router; `fully-random`, as a
+//! carrier-grade NAT), the recipe of ../shared/natlab. Members learn the address each
+//! lighthouse sees them at and classify their NAT, and robots behind either kind reach a
+//! public operator directly.
+
+mod common;
+
+use common::mesh::Fleetca;
+use common::netns::Netns;
+use common::{ping_until, Node, Spec};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Each run of this binary starts six nodes; on two cores they take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[derive(Clone, Copy)]
+enum NatKind {
+    /// Endpoint-independent mapping (masquerade keeps the port), filtered by conntrack.
+    Easy,
+    /// A new random port per destination (`masquerade fully-random`).
+    Hard,
+}
+
+/// The "internet": a bridge in its own namespace; every host on it gets a veth named `wan`.
+struct Internet {
+    ns: Arc<Netns>,
+    ports: usize,
+}
+
+impl Internet {
+    fn new() -> Internet {
+        let ns = Arc::new(Netns::new("inet"));
+        ns.run("ip", &["link", "add", "br0", "type", "bridge"]);
+        ns.run("ip", &["link", "set", "br0", "up"]);
+        Internet { ns, ports: 0 }
+    }
+
+    /// A namespace on the internet at `addr` (/24).
+    fn host(&mut self, tag: &str, addr: &str) -> Arc<Netns> {
+        let ns = Arc::new(Netns::new(tag));
+        self.ports += 1;
+        let port = format!("p{}", self.ports);
+        self.ns.run(
+            "ip",
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", "wan", "netns", &ns.name,
+            ],
+        );
+        self.ns
+            .run("ip", &["link", "set", &port, "master", "br0", "up"]);
+        ns.run("ip", &["addr", "add", &format!("{addr}/24"), "dev", "wan"]);
+        ns.run("ip", &["link", "set", "wan", "up"]);
+        ns
+    }
+
+    /// A NAT router at `public` with one host behind it at 10.`site`.0.2; returns both.
+    fn behind_nat(
+        &mut self,
+        tag: &str,
+        public: &str,
+        site: u8,
+        kind: NatKind,
+    ) -> (Arc<Netns>, Arc<Netns>) {
+        let router = self.host(&format!("{tag}r"), public);
+        let host = Arc::new(Netns::new(tag));
+        router.run(
+            "ip",
+            &[
+                "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", &host.name,
+            ],
+        );
+        router.run(
+            "ip",
+            &["addr", "add", &format!("10.{site}.0.1/24"), "dev", "lan"],
+        );
+        router.run("ip", &["link", "set", "lan", "up"]);
+        host.run(
+            "ip",
+            &["addr", "add", &format!("10.{site}.0.2/24"), "dev", "eth0"],
+        );
+        host.run("ip", &["link", "set", "eth0", "up"]);
+        host.run(
+            "ip",
+            &["route", "add", "default", "via", &format!("10.{site}.0.1")],
+        );
+        router.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        let masquerade = match kind {
+            NatKind::Easy => "masquerade",
+            NatKind::Hard => "masquerade fully-random",
+        };
+        // The input policy stays `drop`: a router that accepts unsolicited datagrams creates
+        // conntrack entries for them and breaks hole punching (natlab's trap).
+        let rules = format!(
+            "table ip natlab {{\n\
+               chain postr {{ type nat hook postrouting priority srcnat; oifname \"wan\" {masquerade}; }}\n\
+               chain fwdc {{ type filter hook forward priority 0; policy drop; ct state established,related accept; iifname \"lan\" oifname \"wan\" accept; }}\n\
+               chain inp {{ type filter hook input priority 0; policy drop; ct state established,related accept; iifname \"lan\" accept; }}\n\
+             }}\n"
+        );
+        let mut nft = router
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft (install nftables)");
+        use std::io::Write;
+        nft.stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(
+            nft.wait().unwrap().success(),
+            "nft rules in {}",
+            router.name
+        );
+        (router, host)
+    }
+}
+
+fn lighthouse_entry(l: &Spec, endpoint: &str, name: &str) -> String {
+    format!(
+        "{{ name = \"{name}\", endpoint = \"{endpoint}:51820\", public_key = \"{}\", overlay = \"{}\" }}",
+        l.public,
+        l.addresses[0].split('/').next().unwrap()
+    )
+}
+
+fn connectivity(node: &Node, want: &str) -> serde_json::Value {
+    node.poll(
+        &format!("{}'s NAT to be classified as {want}", node.ns.name),
+        Duration::from_secs(20),
+        || node.get("/api/v1/status")["connectivity"].clone(),
+        |c| c["nat"] == want,
+    )
+}
+
+#[test]
+fn members_learn_their_nat_from_two_lighthouses_and_robots_behind_nat_reach_a_public_operator() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut internet = Internet::new();
+    let lh1_ns = internet.host("lh1", "203.0.113.10");
+    let lh2_ns = internet.host("lh2", "203.0.113.11");
+    let op_ns = internet.host("op", "203.0.113.20");
+    let (_easy_router, easy_ns) = internet.behind_nat("easy", "203.0.113.21", 1, NatKind::Easy);
+    let (_hard_router, hard_ns) = internet.behind_nat("hard", "203.0.113.22", 2, NatKind::Hard);
+    let (_home_router, home_ns) = internet.behind_nat("home", "203.0.113.23", 3, NatKind::Easy);
+
+    let ca = Fleetca::new("natlab-fleet");
+    let mut lh1 = Spec::new("lighthouse1", &["10.78.0.250/16"]);
+    let mut lh2 = Spec::new("lighthouse2", &["10.78.0.251/16"]);
+    let lighthouses = format!(
+        "lighthouses = [{}, {}]\n",
+        lighthouse_entry(&lh1, "203.0.113.10", "lighthouse1"),
+        lighthouse_entry(&lh2, "203.0.113.11", "lighthouse2")
+    );
+    let section = |spec: &Spec, group: &str, talk_to: &str| {
+        format!(
+            "[mesh]\nca = \"{}\"\ncert = \"{}\"\ntalk_to = [{talk_to}]\nrefresh_s = 2\n{lighthouses}",
+            ca.ca(),
+            ca.sign(spec, group)
+        )
+    };
+    for l in [&mut lh1, &mut lh2] {
+        l.rest = format!(
+            "{}[lighthouse]\nenabled = true\n",
+            section(l, "lighthouses", "")
+        );
+    }
+    let members: Vec<Spec> = [
+        ("operator", "operators", 1),
+        ("robot1", "robots", 2),
+        ("robot2", "robots", 3),
+        ("robot3", "robots", 4),
+    ]
+    .iter()
+    .map(|(name, group, host)| {
+        let mut s = Spec::new(name, &[&format!("10.78.0.{host}/16")]);
+        s.rest = section(&s, group, "\"robots\", \"operators\"");
+        s
+    })
+    .collect();
+    let _lh1 = Node::start_spec(lh1_ns, &lh1, "");
+    let _lh2 = Node::start_spec(lh2_ns, &lh2, "");
+    let started = Instant::now();
+    let operator = Node::start_spec(op_ns.clone(), &members[0], "");
+    let robot1 = Node::start_spec(easy_ns.clone(), &members[1], "");
+    let robot2 = Node::start_spec(hard_ns.clone(), &members[2], "");
+    let _robot3 = Node::start_spec(home_ns.clone(), &members[3], "");
+
+    let op = connectivity(&operator, "none (public address)");
+    let easy = connectivity(&robot1, "endpoint-independent (easy)");
+    let hard = connectivity(&robot2, "endpoint-dependent (hard)");
+    eprintln!("operator {op}\nrobot1 {easy}\nrobot2 {hard}");
+    for o in easy["observed"].as_array().unwrap() {
+        assert!(
+            o["endpoint"].as_str().unwrap().starts_with("203.0.113.21:"),
+            "{easy}"
+        );
+    }
+    let ports: Vec<&str> = hard["observed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["endpoint"].as_str().unwrap())
+        .collect();
+    assert!(
+        ports.len() == 2
+            && ports[0] != ports[1]
+            && ports.iter().all(|p| p.starts_with("203.0.113.22:")),
+        "{hard}"
+    );
+
+    // `myelin status` says it in words.
+    let out = easy_ns
+        .command(common::BIN)
+        .args(["status", "--api", &robot1.api.to_string()])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("nat:        endpoint-independent (easy)") && text.contains("by lighthouse1"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // easy-public and hard-public meet directly (no relay exists yet).
+    let easy_first = ping_until(&easy_ns, "10.78.0.1", Duration::from_secs(30));
+    let hard_first = ping_until(&hard_ns, "10.78.0.1", Duration::from_secs(30));
+    ping_until(&op_ns, "10.78.0.2", Duration::from_secs(10));
+    ping_until(&op_ns, "10.78.0.3", Duration::from_secs(10));
+    eprintln!(
+        "NAT lab: nodes up to classified {:.1} s; first ping robot1 (easy) -> operator after {} ms more, robot2 (hard) -> operator {} ms",
+        started.elapsed().as_secs_f64(),
+        easy_first.as_millis(),
+        hard_first.as_millis()
+    );
+    // easy-easy: both behind NAT; the roster gives each the other's reflexive address and
+    // their handshakes cross.
+    let punched = Instant::now();
+    let easy_easy = ping_until(&easy_ns, "10.78.0.4", Duration::from_secs(40));
+    ping_until(&home_ns, "10.78.0.2", Duration::from_secs(10));
+    eprintln!(
+        "NAT lab: robot1 (easy) <-> robot3 (easy) direct after {} ms",
+        punched.elapsed().as_millis().max(easy_easy.as_millis())
+    );
+    let view = operator.wait_peer(
+        "robot1",
+        Duration::from_secs(10),
+        "seen behind its NAT",
+        |p| {
+            p["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("203.0.113.21:"))
+        },
+    );
+    assert_eq!(view["up"], true);
+}
