@@ -55,36 +55,21 @@ impl Internet {
         ns
     }
 
-    /// A NAT router at `public` with one host behind it at 10.`site`.0.2; returns both.
-    fn behind_nat(
-        &mut self,
-        tag: &str,
-        public: &str,
-        site: u8,
-        kind: NatKind,
-    ) -> (Arc<Netns>, Arc<Netns>) {
+    /// A NAT router at `public` with a LAN at 10.`site`.0.0/24 behind it (hosts come with
+    /// `Site::host`).
+    fn behind_nat(&mut self, tag: &str, public: &str, site: u8, kind: NatKind) -> Site {
         let router = self.host(&format!("{tag}r"), public);
-        let host = Arc::new(Netns::new(tag));
-        router.run(
-            "ip",
-            &[
-                "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", &host.name,
-            ],
-        );
+        router.run("ip", &["link", "add", "lan", "type", "bridge"]);
         router.run(
             "ip",
             &["addr", "add", &format!("10.{site}.0.1/24"), "dev", "lan"],
         );
         router.run("ip", &["link", "set", "lan", "up"]);
-        host.run(
-            "ip",
-            &["addr", "add", &format!("10.{site}.0.2/24"), "dev", "eth0"],
-        );
-        host.run("ip", &["link", "set", "eth0", "up"]);
-        host.run(
-            "ip",
-            &["route", "add", "default", "via", &format!("10.{site}.0.1")],
-        );
+        let s = Site {
+            router: router.clone(),
+            site,
+            hosts: 0,
+        };
         router.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
         let masquerade = match kind {
             NatKind::Easy => "masquerade",
@@ -95,7 +80,7 @@ impl Internet {
         let rules = format!(
             "table ip natlab {{\n\
                chain postr {{ type nat hook postrouting priority srcnat; oifname \"wan\" {masquerade}; }}\n\
-               chain fwdc {{ type filter hook forward priority 0; policy drop; ct state established,related accept; iifname \"lan\" oifname \"wan\" accept; }}\n\
+               chain fwdc {{ type filter hook forward priority 0; policy drop; ct state established,related accept; iifname \"lan\" oifname {{ \"wan\", \"lan\" }} accept; }}\n\
                chain inp {{ type filter hook input priority 0; policy drop; ct state established,related accept; iifname \"lan\" accept; }}\n\
              }}\n"
         );
@@ -116,7 +101,45 @@ impl Internet {
             "nft rules in {}",
             router.name
         );
-        (router, host)
+        s
+    }
+}
+
+/// A NAT router's LAN (a bridge named `lan`) and the hosts on it.
+struct Site {
+    router: Arc<Netns>,
+    site: u8,
+    hosts: u8,
+}
+
+impl Site {
+    /// The next host on this site's LAN, at 10.`site`.0.`2 + n`.
+    fn host(&mut self, tag: &str) -> Arc<Netns> {
+        let host = Arc::new(Netns::new(tag));
+        let port = format!("h{}", self.hosts);
+        let addr = format!("10.{}.0.{}", self.site, 2 + self.hosts);
+        self.hosts += 1;
+        self.router.run(
+            "ip",
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &host.name,
+            ],
+        );
+        self.router
+            .run("ip", &["link", "set", &port, "master", "lan", "up"]);
+        host.run("ip", &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        host.run("ip", &["link", "set", "eth0", "up"]);
+        host.run(
+            "ip",
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.{}.0.1", self.site),
+            ],
+        );
+        host
     }
 }
 
@@ -144,9 +167,13 @@ fn members_learn_their_nat_from_two_lighthouses_and_robots_behind_nat_reach_a_pu
     let lh1_ns = internet.host("lh1", "203.0.113.10");
     let lh2_ns = internet.host("lh2", "203.0.113.11");
     let op_ns = internet.host("op", "203.0.113.20");
-    let (_easy_router, easy_ns) = internet.behind_nat("easy", "203.0.113.21", 1, NatKind::Easy);
-    let (_hard_router, hard_ns) = internet.behind_nat("hard", "203.0.113.22", 2, NatKind::Hard);
-    let (_home_router, home_ns) = internet.behind_nat("home", "203.0.113.23", 3, NatKind::Easy);
+    let mut easy_site = internet.behind_nat("easy", "203.0.113.21", 1, NatKind::Easy);
+    let easy_ns = easy_site.host("easy");
+    let neighbour_ns = easy_site.host("near");
+    let mut hard_site = internet.behind_nat("hard", "203.0.113.22", 2, NatKind::Hard);
+    let hard_ns = hard_site.host("hard");
+    let mut home_site = internet.behind_nat("home", "203.0.113.23", 3, NatKind::Easy);
+    let home_ns = home_site.host("home");
 
     let ca = Fleetca::new("natlab-fleet");
     let mut lh1 = Spec::new("lighthouse1", &["10.78.0.250/16"]);
@@ -174,6 +201,7 @@ fn members_learn_their_nat_from_two_lighthouses_and_robots_behind_nat_reach_a_pu
         ("robot1", "robots", 2),
         ("robot2", "robots", 3),
         ("robot3", "robots", 4),
+        ("robot4", "robots", 5),
     ]
     .iter()
     .map(|(name, group, host)| {
@@ -189,6 +217,7 @@ fn members_learn_their_nat_from_two_lighthouses_and_robots_behind_nat_reach_a_pu
     let robot1 = Node::start_spec(easy_ns.clone(), &members[1], "");
     let robot2 = Node::start_spec(hard_ns.clone(), &members[2], "");
     let _robot3 = Node::start_spec(home_ns.clone(), &members[3], "");
+    let _robot4 = Node::start_spec(neighbour_ns.clone(), &members[4], "");
 
     let op = connectivity(&operator, "none (public address)");
     let easy = connectivity(&robot1, "endpoint-independent (easy)");
@@ -246,6 +275,23 @@ fn members_learn_their_nat_from_two_lighthouses_and_robots_behind_nat_reach_a_pu
     eprintln!(
         "NAT lab: robot1 (easy) <-> robot3 (easy) direct after {} ms",
         punched.elapsed().as_millis().max(easy_easy.as_millis())
+    );
+    // Two robots behind one NAT (which does not hairpin) meet on their shared LAN.
+    let lan = ping_until(&easy_ns, "10.78.0.5", Duration::from_secs(20));
+    let robot4 = robot1.wait_peer(
+        "robot4",
+        Duration::from_secs(5),
+        "at its LAN address",
+        |p| {
+            p["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("10.1.0."))
+        },
+    );
+    eprintln!(
+        "NAT lab: robot1 <-> robot4 on one site: {} ms, at {}",
+        lan.as_millis(),
+        robot4["endpoint"]
     );
     let view = operator.wait_peer(
         "robot1",

@@ -122,6 +122,8 @@ struct Known {
 /// A member registered at this lighthouse.
 struct Registration {
     talk_to: Vec<String>,
+    /// The member's own interface addresses, passed on in rosters.
+    candidates: Vec<SocketAddr>,
     last_seen: Instant,
     /// Three of the member's own refresh intervals.
     expires_after: Duration,
@@ -452,7 +454,7 @@ impl Mesh {
                 talk_to,
                 refresh_s,
                 multicast,
-                ..
+                candidates,
             } => {
                 if !self.config.lighthouse {
                     return;
@@ -490,8 +492,11 @@ impl Mesh {
                 let expires_after = Duration::from_secs(u64::from(refresh_s.clamp(1, 3600)) * 3);
                 let changed = match self.registrations.get_mut(&from) {
                     Some(reg) => {
-                        let changed = reg.talk_to != talk_to || multicast_changed;
+                        let changed = reg.talk_to != talk_to
+                            || multicast_changed
+                            || reg.candidates != candidates;
                         reg.talk_to = talk_to;
+                        reg.candidates = candidates.clone();
                         reg.last_seen = now;
                         reg.expires_after = expires_after;
                         changed
@@ -501,6 +506,7 @@ impl Mesh {
                             from,
                             Registration {
                                 talk_to,
+                                candidates: candidates.clone(),
                                 last_seen: now,
                                 expires_after,
                                 last_pushed: None,
@@ -566,14 +572,15 @@ impl Mesh {
                 }
                 let member = self
                     .registrations
-                    .keys()
-                    .filter(|k| **k != from)
-                    .filter_map(|k| self.known.get(k))
-                    .find(|k| k.node.addresses.iter().any(|a| a.addr() == address))
-                    .map(|k| RosterEntry {
+                    .iter()
+                    .filter(|(k, _)| **k != from)
+                    .filter_map(|(k, reg)| Some((self.known.get(k)?, reg)))
+                    .find(|(k, _)| k.node.addresses.iter().any(|a| a.addr() == address))
+                    .map(|(k, reg)| RosterEntry {
                         chain: k.chain.clone(),
                         endpoint: k.endpoint,
                         multicast: k.multicast.clone(),
+                        candidates: reg.candidates.clone(),
                     });
                 self.send(from, Message::Found { address, member });
             }
@@ -787,12 +794,10 @@ impl Mesh {
         }
         self.found.insert(key, now);
         tracing::info!(member = %node.0.name, %address, "found on demand");
-        self.admit(
-            node,
-            entry.chain,
-            (entry.endpoint, entry.multicast),
-            "lookup",
-        );
+        let endpoint = self
+            .on_our_site(entry.endpoint, &entry.candidates)
+            .or(entry.endpoint);
+        self.admit(node, entry.chain, (endpoint, entry.multicast), "lookup");
         if self.known.contains_key(&key) {
             self.send(key, self.hello());
         }
@@ -890,7 +895,10 @@ impl Mesh {
                 continue;
             };
             listed.insert(key);
-            let endpoint = self.known.get(&key).and_then(|k| k.endpoint).or(e.endpoint);
+            let endpoint = match self.on_our_site(e.endpoint, &e.candidates) {
+                Some(lan) => Some(lan),
+                None => self.known.get(&key).and_then(|k| k.endpoint).or(e.endpoint),
+            };
             let new = !self.known.contains_key(&key);
             self.admit(node, e.chain, (endpoint, e.multicast), "roster");
             // Introduce ourselves: the member may not have us in its roster.
@@ -951,17 +959,18 @@ impl Mesh {
         };
         let mut entries: Vec<(&String, RosterEntry)> = self
             .registrations
-            .keys()
-            .filter(|k| *k != to)
-            .filter_map(|k| self.known.get(k))
-            .filter(|k| k.node.groups.iter().any(|g| reg.talk_to.contains(g)))
-            .map(|k| {
+            .iter()
+            .filter(|(k, _)| *k != to)
+            .filter_map(|(k, r)| Some((self.known.get(k)?, r)))
+            .filter(|(k, _)| k.node.groups.iter().any(|g| reg.talk_to.contains(g)))
+            .map(|(k, r)| {
                 (
                     &k.node.name,
                     RosterEntry {
                         chain: k.chain.clone(),
                         endpoint: k.endpoint,
                         multicast: k.multicast.clone(),
+                        candidates: r.candidates.clone(),
                     },
                 )
             })
@@ -1102,6 +1111,26 @@ impl Mesh {
     fn register_with(&mut self, key: [u8; 32], now: Instant) {
         self.awaiting.entry(key).or_insert((now, ANSWER_TIMEOUT));
         self.send(key, self.register_message());
+    }
+
+    /// A member the lighthouses see at the same public address as this node sits behind the
+    /// same NAT, which rarely forwards a datagram back inside (hairpinning): it is reached at
+    /// its own address on the shared network instead. None when that does not apply.
+    fn on_our_site(
+        &self,
+        seen: Option<SocketAddr>,
+        candidates: &[SocketAddr],
+    ) -> Option<SocketAddr> {
+        let seen = seen?;
+        if !self.observed.values().any(|o| o.ip() == seen.ip()) {
+            return None;
+        }
+        candidates
+            .iter()
+            .find(|c| {
+                c.is_ipv4() == seen.is_ipv4() && !self.config.candidates.contains(c) && **c != seen
+            })
+            .copied()
     }
 
     /// This node's own addresses, as offered to lighthouses (they change on a roam).
@@ -1970,6 +1999,7 @@ mod tests {
                 chain: vec![robot_cert.to_bytes().to_vec()],
                 endpoint: None,
                 multicast: vec![],
+                candidates: vec![],
             }],
         };
         op.handle([10; 32], None, &stale.encode(), t0, UNIX);

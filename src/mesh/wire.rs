@@ -26,6 +26,9 @@ pub struct RosterEntry {
     pub endpoint: Option<SocketAddr>,
     /// The multicast groups it takes part in, as it registered them.
     pub multicast: Vec<IpAddr>,
+    /// Its own interface addresses, as it registered them: a member behind the same NAT
+    /// reaches it there (NATs rarely hairpin).
+    pub candidates: Vec<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +116,14 @@ fn put_entry(out: &mut Vec<u8>, m: &RosterEntry) {
     put_chain(out, &m.chain);
     put_sock(out, m.endpoint);
     put_groups(out, &m.multicast);
+    put_candidates(out, &m.candidates);
+}
+
+fn put_candidates(out: &mut Vec<u8>, candidates: &[SocketAddr]) {
+    out.push(candidates.len().min(MAX_CANDIDATES) as u8);
+    for c in candidates.iter().take(MAX_CANDIDATES) {
+        put_sock(out, Some(*c));
+    }
 }
 
 fn put_chain(out: &mut Vec<u8>, chain: &[Vec<u8>]) {
@@ -204,7 +215,17 @@ impl<'a> Reader<'a> {
             chain: self.chain()?,
             endpoint: self.sock()?,
             multicast: self.groups()?,
+            candidates: self.candidates()?,
         })
+    }
+    fn candidates(&mut self) -> Result<Vec<SocketAddr>, WireError> {
+        let n = self.u8()? as usize;
+        if n > MAX_CANDIDATES {
+            return Err(WireError("too many candidates"));
+        }
+        (0..n)
+            .map(|_| self.sock()?.ok_or(WireError("empty candidate")))
+            .collect()
     }
     fn ip(&mut self) -> Result<IpAddr, WireError> {
         self.family_ip()?.ok_or(WireError("empty address"))
@@ -241,10 +262,7 @@ impl Message {
                     out.push(g.len() as u8);
                     out.extend_from_slice(g);
                 }
-                out.push(candidates.len().min(MAX_CANDIDATES) as u8);
-                for c in candidates.iter().take(MAX_CANDIDATES) {
-                    put_sock(&mut out, Some(*c));
-                }
+                put_candidates(&mut out, candidates);
                 put_groups(&mut out, multicast);
             }
             Message::Revocations {
@@ -332,13 +350,7 @@ impl Message {
                     return Err(WireError("too many groups"));
                 }
                 let talk_to = (0..n).map(|_| r.text()).collect::<Result<_, _>>()?;
-                let n = r.u8()? as usize;
-                if n > MAX_CANDIDATES {
-                    return Err(WireError("too many candidates"));
-                }
-                let candidates = (0..n)
-                    .map(|_| r.sock()?.ok_or(WireError("empty candidate")))
-                    .collect::<Result<_, _>>()?;
+                let candidates = r.candidates()?;
                 let multicast = r.groups()?;
                 Message::Register {
                     talk_to,
@@ -441,7 +453,9 @@ pub fn roster_pages(generation: u64, members: &[RosterEntry]) -> Vec<Message> {
             + m.chain.iter().map(|c| c.len() + 2).sum::<usize>()
             + 19
             + 1
-            + 17 * m.multicast.len().min(MAX_GROUPS);
+            + 17 * m.multicast.len().min(MAX_GROUPS)
+            + 1
+            + 19 * m.candidates.len().min(MAX_CANDIDATES);
         if size + len > MAX_MESSAGE - 32 && pages.last().is_some_and(|p| !p.is_empty()) {
             pages.push(Vec::new());
             size = 0;
@@ -476,6 +490,10 @@ mod tests {
             chain: vec![vec![1; 180], vec![2; 180]],
             endpoint: Some("192.0.2.1:51820".parse().unwrap()),
             multicast: vec!["239.255.0.1".parse().unwrap(), "ff05::1:3".parse().unwrap()],
+            candidates: vec![
+                "10.1.0.2:51820".parse().unwrap(),
+                "[2001:db8::2]:51820".parse().unwrap(),
+            ],
         };
         for m in [
             Message::Hello {
@@ -535,6 +553,7 @@ mod tests {
                     RosterEntry {
                         endpoint: None,
                         multicast: vec![],
+                        candidates: vec![],
                         ..entry
                     },
                 ],
@@ -570,6 +589,7 @@ mod tests {
                 chain: vec![vec![i; 190], vec![i; 190]],
                 endpoint: Some("192.0.2.1:51820".parse().unwrap()),
                 multicast: vec!["ff05::1:3".parse().unwrap(); (i % 3) as usize],
+                candidates: vec!["[2001:db8::1]:51820".parse().unwrap(); (i % 9) as usize],
             })
             .collect();
         let pages = roster_pages(3, &members);

@@ -61,6 +61,8 @@ pub struct Peer {
     pub created: std::time::Instant,
     pub endpoint: Mutex<Option<SocketAddr>>,
     pub endpoint_changes: AtomicU64,
+    /// The endpoint was set by an authenticated packet (not only by configuration or a roster).
+    endpoint_proven: std::sync::atomic::AtomicBool,
     /// Packets between the TUN and this peer, counted by the data plane.
     pub rx_packets: AtomicU64,
     pub tx_packets: AtomicU64,
@@ -101,6 +103,7 @@ impl Peer {
             created: std::time::Instant::now(),
             endpoint: Mutex::new(spec.endpoint),
             endpoint_changes: AtomicU64::new(0),
+            endpoint_proven: std::sync::atomic::AtomicBool::new(false),
             rx_packets: AtomicU64::new(0),
             tx_packets: AtomicU64::new(0),
             probe_addr,
@@ -114,6 +117,7 @@ impl Peer {
 
     /// Roaming: an authenticated packet came from `from`.
     pub(super) fn saw(&self, from: SocketAddr) {
+        self.endpoint_proven.store(true, Ordering::Relaxed);
         if let Ok(mut e) = self.endpoint.lock() {
             if *e != Some(from) {
                 if e.is_some() {
@@ -240,8 +244,16 @@ impl PeerTable {
             peer.created = old.created;
         }
         if let (Some(old), Ok(mut e)) = (&existing, peer.endpoint.lock()) {
-            // A roster or API update never moves an endpoint an authenticated packet set.
-            *e = learned.or(*e);
+            // A roster or API update never moves an endpoint an authenticated packet set; one
+            // that only configuration set follows the update (a roster may know better, e.g.
+            // the peer's address on a LAN this node shares).
+            let proven = old.1.endpoint_proven.load(Ordering::Relaxed);
+            *e = if proven {
+                learned.or(*e)
+            } else {
+                e.or(learned)
+            };
+            peer.endpoint_proven.store(proven, Ordering::Relaxed);
             peer.rx_packets
                 .store(old.1.rx_packets.load(Ordering::Relaxed), Ordering::Relaxed);
             peer.tx_packets
@@ -355,5 +367,26 @@ mod tests {
         s.endpoint = Some("198.51.100.1:51820".parse().unwrap());
         let t2 = t.upsert(&k, s).unwrap().unwrap();
         assert_eq!(t2.get(0).unwrap().endpoint(), Some(learned));
+        // And it stays proven through further updates.
+        let mut s = spec("a", 1, "10.0.0.1/32");
+        s.endpoint = Some("198.51.100.2:51820".parse().unwrap());
+        let t3 = t2.upsert(&k, s).unwrap().unwrap();
+        assert_eq!(t3.get(0).unwrap().endpoint(), Some(learned));
+    }
+
+    #[test]
+    fn an_update_moves_an_endpoint_no_packet_proved() {
+        let k = secret();
+        let mut s = spec("a", 1, "10.0.0.1/32");
+        s.endpoint = Some("203.0.113.21:38283".parse().unwrap());
+        let t = PeerTable::default().upsert(&k, s).unwrap().unwrap();
+        let lan: SocketAddr = "10.1.0.3:51820".parse().unwrap();
+        let mut s = spec("a", 1, "10.0.0.1/32");
+        s.endpoint = Some(lan);
+        let t2 = t.upsert(&k, s).unwrap().unwrap();
+        assert_eq!(t2.get(0).unwrap().endpoint(), Some(lan));
+        // An update without an endpoint keeps the one there is.
+        let t3 = t2.upsert(&k, spec("a", 1, "10.0.0.1/32")).unwrap().unwrap();
+        assert_eq!(t3.get(0).unwrap().endpoint(), Some(lan));
     }
 }
