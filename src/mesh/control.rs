@@ -2157,4 +2157,45 @@ mod tests {
         );
         assert_eq!(rehandshakes(&mut robot, t0 + Duration::from_secs(5)), 0);
     }
+
+    #[test]
+    fn the_lighthouse_says_where_it_sees_a_member_and_a_roam_registers_again_at_once() {
+        let t0 = Instant::now();
+        let k = ca_key();
+        let mut lh = lighthouse(&k, UNIX + 1000, t0);
+        let mut robot = mesh(
+            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
+            &["operators"],
+            false,
+            t0,
+        );
+        robot.set_candidates(vec!["10.1.0.2:51820".parse().unwrap()]);
+        robot.handle_timeout(t0, UNIX);
+        settle(&mut [(10, &mut lh), (11, &mut robot)], t0);
+        let c = robot.connectivity();
+        assert_eq!(
+            c.observed,
+            vec![ObservedBy {
+                lighthouse: "lighthouse".into(),
+                endpoint: "192.0.2.11:51820".parse().unwrap(),
+            }]
+        );
+        // One lighthouse that sees another address than our own cannot tell the NAT's kind.
+        assert_eq!(c.nat, "unknown");
+        // The roam: the registration goes out now, long before the refresh is due.
+        let t1 = t0 + Duration::from_millis(10);
+        robot.roamed(t1);
+        assert!(robot.connectivity().observed.is_empty());
+        let registrations = std::iter::from_fn(|| robot.poll_output())
+            .filter(|o| {
+                matches!(o, Output::Send { to, message: Message::Register { .. } } if *to == [10; 32])
+            })
+            .count();
+        assert_eq!(registrations, 1);
+        // A lighthouse that sees one of our own addresses: no NAT.
+        robot.set_candidates(vec!["192.0.2.11:51820".parse().unwrap()]);
+        robot.roamed(t1);
+        settle(&mut [(10, &mut lh), (11, &mut robot)], t1);
+        assert_eq!(robot.connectivity().nat, "none (public address)");
+    }
 }

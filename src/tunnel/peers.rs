@@ -117,7 +117,9 @@ impl Peer {
 
     /// Roaming: an authenticated packet came from `from`.
     pub(super) fn saw(&self, from: SocketAddr) {
-        self.endpoint_proven.store(true, Ordering::Relaxed);
+        if !self.endpoint_proven.load(Ordering::Relaxed) {
+            self.endpoint_proven.store(true, Ordering::Relaxed);
+        }
         if let Ok(mut e) = self.endpoint.lock() {
             if *e != Some(from) {
                 if e.is_some() {
