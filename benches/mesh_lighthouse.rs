@@ -158,6 +158,7 @@ fn lighthouse(ca_key: &SigningKey, now: Instant) -> Mesh {
             talk_to: vec![],
             multicast: vec![],
             candidates: vec![],
+            listen_port: 51820,
             lighthouse: true,
             refresh: Duration::from_secs(30),
             revocations: None,

@@ -344,6 +344,10 @@ fn a_roam_is_announced_to_every_peer_at_once() {
     let mut current = link.b_addr.clone();
     let (mut initiator, mut responder) = (Vec::new(), Vec::new());
     for trial in 0..40 {
+        // Pacing, not synchronisation: a robot roams a few times a minute at most, and the
+        // node backs off from address changes that come more than ten a second (a flapping
+        // interface); 250 ms apart keeps these roams under that.
+        std::thread::sleep(Duration::from_millis(250));
         let next = format!("{prefix}.{}", 100 + trial);
         link.b.run(
             "ip",

@@ -24,6 +24,12 @@ pub const SLOW_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// out at once, later ones are coalesced, so a burst of joins costs each watcher a few rosters
 /// instead of one per join.
 pub const ROSTER_MIN_GAP: Duration = Duration::from_millis(500);
+/// A member added at its LAN address that sends nothing for this long is reached at its
+/// public address instead (the shared public address was a carrier-grade NAT, not a site).
+pub const LAN_TRIAL: Duration = Duration::from_secs(5);
+/// Senders remembered in `heard` beyond the known members (restricted peers that never
+/// introduce themselves must not grow it without bound).
+const MAX_HEARD: usize = 4096;
 /// How often the same overlay address is looked up at the lighthouses.
 const LOOKUP_GAP: Duration = Duration::from_secs(1);
 /// A lighthouse answers a registration at once (with a roster); silence this long means its
@@ -56,6 +62,8 @@ pub struct MeshConfig {
     pub multicast: Vec<std::net::IpAddr>,
     /// This node's own addresses (interfaces and listen port), offered to peers.
     pub candidates: Vec<SocketAddr>,
+    /// The WireGuard listen port, for candidates found after a roam.
+    pub listen_port: u16,
     /// Serve registrations and rosters.
     pub lighthouse: bool,
     /// How often a member registers again; a lighthouse forgets a member after three.
@@ -191,6 +199,14 @@ pub struct Mesh {
     found: HashMap<[u8; 32], Instant>,
     /// This node's reflexive address as each lighthouse sees it (its `Observed` answers).
     observed: HashMap<[u8; 32], SocketAddr>,
+    /// Members added at a LAN address (`on_our_site`) not heard from yet: since when, and the
+    /// public address to fall back to if they stay silent.
+    lan_trials: HashMap<[u8; 32], (Instant, Option<SocketAddr>)>,
+    /// Members whose LAN address did not answer: reached at their public address from then on
+    /// (until this node roams).
+    lan_failed: HashSet<[u8; 32]>,
+    /// Members a control message came from: a session with them works on some path.
+    heard: HashSet<[u8; 32]>,
     out: VecDeque<Output>,
 }
 
@@ -254,6 +270,9 @@ impl Mesh {
             lookup_budget: HashMap::new(),
             found: HashMap::new(),
             observed: HashMap::new(),
+            lan_trials: HashMap::new(),
+            lan_failed: HashSet::new(),
+            heard: HashSet::new(),
             out: VecDeque::new(),
         };
         if let Some(list) = mesh.config.revocations.take() {
@@ -287,6 +306,11 @@ impl Mesh {
             .awaiting
             .values()
             .map(|(since, gap)| *since + (*gap).max(ANSWER_TIMEOUT))
+            .fold(t, Instant::min);
+        let t = self
+            .lan_trials
+            .values()
+            .map(|(since, _)| *since + LAN_TRIAL)
             .fold(t, Instant::min);
         self.next_flush.map_or(t, |f| t.min(f))
     }
@@ -396,6 +420,9 @@ impl Mesh {
     }
 
     fn forget(&mut self, key: &[u8; 32]) {
+        self.heard.remove(key);
+        self.lan_trials.remove(key);
+        self.lan_failed.remove(key);
         self.welcomed.remove(key);
         self.renewals.remove(key);
         self.lookup_budget.remove(key);
@@ -424,6 +451,10 @@ impl Mesh {
             return;
         };
         self.awaiting.remove(&from);
+        self.lan_trials.remove(&from);
+        if self.known.contains_key(&from) || self.heard.len() < MAX_HEARD {
+            self.heard.insert(from);
+        }
         match message {
             Message::Hello { chain } => {
                 let Some(node) = self.verify(&from, &chain, unix) else {
@@ -794,9 +825,11 @@ impl Mesh {
         }
         self.found.insert(key, now);
         tracing::info!(member = %node.0.name, %address, "found on demand");
-        let endpoint = self
-            .on_our_site(entry.endpoint, &entry.candidates)
-            .or(entry.endpoint);
+        let lan = self.on_our_site(&key, entry.endpoint, &entry.candidates);
+        if lan.is_some() {
+            self.try_lan(key, entry.endpoint, now);
+        }
+        let endpoint = lan.or(entry.endpoint);
         self.admit(node, entry.chain, (endpoint, entry.multicast), "lookup");
         if self.known.contains_key(&key) {
             self.send(key, self.hello());
@@ -895,8 +928,11 @@ impl Mesh {
                 continue;
             };
             listed.insert(key);
-            let endpoint = match self.on_our_site(e.endpoint, &e.candidates) {
-                Some(lan) => Some(lan),
+            let endpoint = match self.on_our_site(&key, e.endpoint, &e.candidates) {
+                Some(lan) => {
+                    self.try_lan(key, e.endpoint, now);
+                    Some(lan)
+                }
                 None => self.known.get(&key).and_then(|k| k.endpoint).or(e.endpoint),
             };
             let new = !self.known.contains_key(&key);
@@ -1113,24 +1149,62 @@ impl Mesh {
         self.send(key, self.register_message());
     }
 
-    /// A member the lighthouses see at the same public address as this node sits behind the
-    /// same NAT, which rarely forwards a datagram back inside (hairpinning): it is reached at
-    /// its own address on the shared network instead. None when that does not apply.
+    /// A member the lighthouses see at the same public address as this node probably sits
+    /// behind the same NAT, which rarely forwards a datagram back inside (hairpinning): it is
+    /// tried at its own address on the shared network instead. A carrier-grade NAT also gives
+    /// many customers one address, and there the LAN address leads nowhere: a member that
+    /// stays silent there for `LAN_TRIAL` is reached at its public address from then on.
     fn on_our_site(
         &self,
+        key: &[u8; 32],
         seen: Option<SocketAddr>,
         candidates: &[SocketAddr],
     ) -> Option<SocketAddr> {
         let seen = seen?;
-        if !self.observed.values().any(|o| o.ip() == seen.ip()) {
+        if self.lan_failed.contains(key) || !self.observed.values().any(|o| o.ip() == seen.ip()) {
             return None;
         }
         candidates
             .iter()
             .find(|c| {
-                c.is_ipv4() == seen.is_ipv4() && !self.config.candidates.contains(c) && **c != seen
+                let ip = c.ip();
+                c.is_ipv4() == seen.is_ipv4()
+                    && c.port() != 0
+                    && !(ip.is_loopback() || ip.is_multicast() || ip.is_unspecified())
+                    && !self.config.candidates.contains(c)
+                    && **c != seen
             })
             .copied()
+    }
+
+    /// Starts (or keeps) the trial of `key` at its LAN address, unless a session with it
+    /// already works.
+    fn try_lan(&mut self, key: [u8; 32], public: Option<SocketAddr>, now: Instant) {
+        if !self.heard.contains(&key) {
+            self.lan_trials.entry(key).or_insert((now, public));
+        }
+    }
+
+    /// Members silent at their LAN address for `LAN_TRIAL` go back to their public one.
+    fn end_lan_trials(&mut self, now: Instant) {
+        let over: Vec<([u8; 32], Option<SocketAddr>)> = self
+            .lan_trials
+            .iter()
+            .filter(|(_, (since, _))| now.saturating_duration_since(*since) >= LAN_TRIAL)
+            .map(|(k, (_, public))| (*k, *public))
+            .collect();
+        for (key, public) in over {
+            self.lan_trials.remove(&key);
+            self.lan_failed.insert(key);
+            if let Some(k) = self.known.get_mut(&key) {
+                tracing::info!(member = %k.node.name, "no answer at its LAN address; trying the address the lighthouse sees");
+                k.endpoint = public;
+                self.version += 1;
+            }
+            if let Some(spec) = self.spec_of(&key) {
+                self.out.push_back(Output::Upsert(spec));
+            }
+        }
     }
 
     /// This node's own addresses, as offered to lighthouses (they change on a roam).
@@ -1142,6 +1216,7 @@ impl Mesh {
     /// they push carry the new endpoint without waiting for the next refresh.
     pub fn roamed(&mut self, now: Instant) {
         self.observed.clear();
+        self.lan_failed.clear();
         for key in self.lighthouse_keys() {
             self.register_with(key, now);
         }
@@ -1183,6 +1258,7 @@ impl Mesh {
     /// Timers: registration refresh, expiry of certificates and registrations.
     pub fn handle_timeout(&mut self, now: Instant, unix: u64) {
         self.flush_rosters(now);
+        self.end_lan_trials(now);
         self.chase_silent_lighthouses(now);
         if now >= self.next_retry {
             self.next_retry = now + self.config.refresh.min(REGISTER_RETRY);
@@ -1473,6 +1549,7 @@ mod tests {
                 talk_to: talk_to.iter().map(|g| g.to_string()).collect(),
                 multicast: vec![],
                 candidates: vec![],
+                listen_port: 51820,
                 lighthouse,
                 refresh: REFRESH,
                 revocations: None,
@@ -2197,5 +2274,127 @@ mod tests {
         robot.roamed(t1);
         settle(&mut [(10, &mut lh), (11, &mut robot)], t1);
         assert_eq!(robot.connectivity().nat, "none (public address)");
+    }
+
+    /// `settle` where node `k` is seen at `seen(k)` and a message from `a` to `b` arrives only
+    /// if `passes(a, b)`.
+    fn settle_via(
+        nodes: &mut [(u8, &mut Mesh)],
+        now: Instant,
+        seen: impl Fn(u8) -> SocketAddr,
+        passes: impl Fn(u8, u8) -> bool,
+    ) -> Vec<(u8, Output)> {
+        let mut changes = Vec::new();
+        loop {
+            let mut moved = false;
+            for i in 0..nodes.len() {
+                let from = nodes[i].0;
+                while let Some(o) = nodes[i].1.poll_output() {
+                    match o {
+                        Output::Send { to, message } => {
+                            moved = true;
+                            if let Some((k, m)) = nodes.iter_mut().find(|(k, _)| [*k; 32] == to) {
+                                if passes(from, *k) {
+                                    m.handle(
+                                        [from; 32],
+                                        Some(seen(from)),
+                                        &message.encode(),
+                                        now,
+                                        UNIX,
+                                    );
+                                }
+                            }
+                        }
+                        other => changes.push((from, other)),
+                    }
+                }
+            }
+            if !moved {
+                return changes;
+            }
+        }
+    }
+
+    fn endpoint_set(changes: &[(u8, Output)], at: u8, name: &str) -> Option<Option<SocketAddr>> {
+        changes.iter().rev().find_map(|(n, o)| match o {
+            Output::Upsert(spec) if *n == at && spec.name == name => Some(spec.endpoint),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn members_behind_one_nat_meet_on_their_lan_and_fall_back_when_it_leads_nowhere() {
+        for lan_works in [true, false] {
+            let t0 = Instant::now();
+            let k = ca_key();
+            let mut lh = lighthouse(&k, UNIX + 1000, t0);
+            let mut r1 = mesh(
+                node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
+                &["robots"],
+                false,
+                t0,
+            );
+            let mut r2 = mesh(
+                node_cert(&k, "robot2", 13, "10.77.0.13/16", &["robots"], UNIX + 1000),
+                &["robots"],
+                false,
+                t0,
+            );
+            r1.set_candidates(vec!["10.1.0.2:51820".parse().unwrap()]);
+            r2.set_candidates(vec!["10.1.0.3:51820".parse().unwrap()]);
+            // Both behind one public address, 203.0.113.21, with their own ports.
+            let seen = |k: u8| -> SocketAddr {
+                match k {
+                    10 => "192.0.2.1:51820".parse().unwrap(),
+                    k => format!("203.0.113.21:{}", 40000 + u16::from(k))
+                        .parse()
+                        .unwrap(),
+                }
+            };
+            let passes = move |a: u8, b: u8| lan_works || a == 10 || b == 10;
+            for m in [&mut r1, &mut r2] {
+                m.handle_timeout(t0, UNIX);
+            }
+            let changes = settle_via(
+                &mut [(10, &mut lh), (11, &mut r1), (13, &mut r2)],
+                t0,
+                seen,
+                passes,
+            );
+            // Rosters reach each robot again at its next registration; the last one counts.
+            let t1 = t0 + Duration::from_secs(1);
+            let mut all = changes;
+            for m in [&mut r1, &mut r2] {
+                m.roamed(t1);
+            }
+            all.extend(settle_via(
+                &mut [(10, &mut lh), (11, &mut r1), (13, &mut r2)],
+                t1,
+                seen,
+                passes,
+            ));
+            assert_eq!(
+                endpoint_set(&all, 11, "robot2"),
+                Some(Some("10.1.0.3:51820".parse().unwrap())),
+                "robot1 tries robot2 on the LAN first"
+            );
+            // After the trial: a member that answered stays on the LAN, a silent one goes
+            // back to the address the lighthouse sees.
+            let t2 = t1 + LAN_TRIAL + Duration::from_millis(1);
+            assert!(r1.poll_timeout() <= t2);
+            r1.handle_timeout(t2, UNIX);
+            let after: Vec<(u8, Output)> = std::iter::from_fn(|| r1.poll_output())
+                .filter(|o| matches!(o, Output::Upsert(_)))
+                .map(|o| (11, o))
+                .collect();
+            if lan_works {
+                assert_eq!(endpoint_set(&after, 11, "robot2"), None, "{after:?}");
+            } else {
+                assert_eq!(
+                    endpoint_set(&after, 11, "robot2"),
+                    Some(Some("203.0.113.21:40013".parse().unwrap()))
+                );
+            }
+        }
     }
 }

@@ -46,6 +46,8 @@ const REREGISTER_GAP: Duration = Duration::from_millis(250);
 /// A better direct path replaces the chosen one only when its RTT is below this share of the
 /// chosen one's, so two similar paths do not flap.
 const SWITCH_RATIO: f64 = 0.8;
+/// Direct paths kept per peer at most.
+const MAX_PATHS: usize = 32;
 /// Unconfirmed peer-reflexive addresses kept per peer.
 const MAX_LEARNED: usize = 4;
 /// Candidates taken from one introduction; more are ignored.
@@ -415,10 +417,16 @@ impl Agent {
     }
 
     fn reachable(&self, addr: &SocketAddr) -> bool {
+        let ip = addr.ip();
+        let routable = !(ip.is_unspecified()
+            || ip.is_loopback()
+            || ip.is_multicast()
+            || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+            || addr.port() == 0);
         let same_family = self.local.iter().any(|l| l.is_ipv4() == addr.is_ipv4());
-        let own = self.local.contains(&addr.ip())
-            || self.lighthouses.iter().any(|l| l.observed == Some(*addr));
-        same_family && !own && !addr.ip().is_unspecified()
+        let own =
+            self.local.contains(&ip) || self.lighthouses.iter().any(|l| l.observed == Some(*addr));
+        routable && same_family && !own
     }
 
     fn start_punch(&mut self, peer: Key, now: Instant) {
@@ -430,6 +438,15 @@ impl Agent {
 
     /// An authenticated signal from `from`, which arrived over `via`.
     pub fn handle(&mut self, from: Key, via: Via, signal: Signal, now: Instant) {
+        if let Via::Relay(r) = via {
+            if !self
+                .lighthouses
+                .iter()
+                .any(|l| l.point.key == r && l.point.relay)
+            {
+                return;
+            }
+        }
         let lighthouse = self.lighthouses.iter().position(|l| l.point.key == from);
         match (signal, lighthouse) {
             (Signal::Observed { addr }, Some(i)) => {
@@ -537,8 +554,14 @@ impl Agent {
         if moved {
             p.direct.values_mut().for_each(Measured::forget);
         }
+        // Paths to addresses the peer no longer offers go, unless they work.
+        p.direct
+            .retain(|a, m| m.working() || new.contains(a) || (m.learned && !moved));
         p.candidates = new;
         for a in reachable {
+            if p.direct.len() >= MAX_PATHS {
+                break;
+            }
             p.direct.entry(a).or_default();
         }
         p.next_connect = now + RETRY_DIRECT;
@@ -821,7 +844,11 @@ struct Registered {
     observed: SocketAddr,
     candidates: Vec<SocketAddr>,
     allowance: Allowance,
+    last_seen: Instant,
 }
+
+/// A registration not refreshed for this long is gone (three missed refreshes).
+pub const REGISTRATION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Relay and introduction counters, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -842,6 +869,7 @@ pub struct Rendezvous {
     registered: HashMap<Key, Registered>,
     transmits: VecDeque<(Key, SocketAddr, Signal)>,
     stats: RendezvousStats,
+    next_prune: Option<Instant>,
 }
 
 impl Rendezvous {
@@ -852,6 +880,7 @@ impl Rendezvous {
             registered: HashMap::new(),
             transmits: VecDeque::new(),
             stats: RendezvousStats::default(),
+            next_prune: None,
         }
     }
 
@@ -866,6 +895,12 @@ impl Rendezvous {
 
     pub fn members(&self) -> usize {
         self.registered.len()
+    }
+
+    /// Drops a member at once (it left, or its certificate was revoked): it is neither
+    /// introduced nor relayed to from now on.
+    pub fn forget(&mut self, key: &Key) {
+        self.registered.remove(key);
     }
 
     /// A signal from `from`, seen from `src`. `member` is whether `from` holds a valid
@@ -891,12 +926,19 @@ impl Rendezvous {
                     tokens: rate,
                     at: now,
                 },
+                last_seen: now,
             });
             entry.observed = src;
+            entry.last_seen = now;
             entry.candidates = candidates.into_iter().take(MAX_CANDIDATES).collect();
             self.transmits
                 .push_back((from, src, Signal::Observed { addr: src }));
             return;
+        }
+        if self.next_prune.is_none_or(|t| now >= t) {
+            self.next_prune = Some(now + REGISTRATION_LIFETIME / 6);
+            self.registered
+                .retain(|_, r| now.saturating_duration_since(r.last_seen) < REGISTRATION_LIFETIME);
         }
         let Some(me) = self.registered.get_mut(&from) else {
             self.transmits
@@ -905,6 +947,7 @@ impl Rendezvous {
         };
         // An authenticated datagram moves the member's endpoint (WireGuard's roaming rule).
         me.observed = src;
+        me.last_seen = now;
         match signal {
             Signal::Connect { peer, candidates } => {
                 let mut mine: Vec<SocketAddr> =

@@ -132,6 +132,7 @@ pub fn mesh_config(
             .map(|m| m.groups.clone())
             .unwrap_or_default(),
         candidates,
+        listen_port: config.node.listen_port,
         lighthouse: config.lighthouse.enabled,
         refresh: Duration::from_secs(section.refresh_s),
         revocations: match &section.revocations {
@@ -270,7 +271,7 @@ pub async fn run(
     } = receivers;
     let revocations_file = files.revocations;
     let lighthouse_list = config.lighthouses.clone();
-    let listen_port = config.candidates.first().map_or(0, |c| c.port());
+    let listen_port = config.listen_port;
     let mut mesh = Mesh::new(config, Instant::now());
     let mut next_sweep = Instant::now() + RESTRICTED_FOR;
     let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();

@@ -20,9 +20,15 @@ const RTA_OIF: u16 = 4;
 const NLMSG_HDRLEN: usize = 16;
 const LOOPBACK: u32 = 1;
 
-/// Announcements happen at most this often, however fast an interface flaps; changes in
-/// between are folded into the next one.
+/// Announcements happen at most this often; changes in between are folded into the next one.
 pub const MIN_GAP: Duration = Duration::from_millis(20);
+/// Under sustained churn (an interface that flaps, a routing daemon: more than
+/// `CHURN_PER_SECOND` announcements in a second) the gap doubles up to this, and goes back to
+/// `MIN_GAP` after a calmer second.
+pub const MAX_GAP: Duration = Duration::from_secs(1);
+const CHURN_PER_SECOND: u32 = 10;
+/// Addresses of this scope or narrower (link, host) do not reach other machines.
+const RT_SCOPE_LINK: u8 = 253;
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_ne_bytes([*b.get(at)?, *b.get(at + 1)?]))
@@ -56,8 +62,10 @@ fn route_oif(body: &[u8]) -> Option<u32> {
 }
 
 /// Whether a batch of rtnetlink messages changes how this node reaches the world: an address
-/// added or removed, or a main-table route, on any interface but `ignore` (the TUN) and
-/// loopback. Truncated or malformed messages end the batch; what came before still counts.
+/// of global or site scope added or removed, or a default route in the main table, on any
+/// interface but `ignore` (the TUN) and loopback. Link-local addresses and narrower routes
+/// (a container's veth, a routing daemon's prefixes) do not count. Truncated or malformed
+/// messages end the batch; what came before still counts.
 pub fn changes_reachability(batch: &[u8], ignore: u32) -> bool {
     let mut at = 0;
     while at + NLMSG_HDRLEN <= batch.len() {
@@ -71,9 +79,13 @@ pub fn changes_reachability(batch: &[u8], ignore: u32) -> bool {
         let body = &batch[at + NLMSG_HDRLEN..at + len];
         let interface = match kind {
             // struct ifaddrmsg: family, prefixlen, flags, scope (u8 each), then the index.
-            RTM_NEWADDR | RTM_DELADDR => u32_at(body, 4),
-            // struct rtmsg: table is its 5th byte.
-            RTM_NEWROUTE | RTM_DELROUTE if body.get(4) == Some(&RT_TABLE_MAIN) => {
+            RTM_NEWADDR | RTM_DELADDR if body.get(3).is_some_and(|s| *s < RT_SCOPE_LINK) => {
+                u32_at(body, 4)
+            }
+            // struct rtmsg: dst_len is its 2nd byte (0: a default route), table its 5th.
+            RTM_NEWROUTE | RTM_DELROUTE
+                if body.get(1) == Some(&0) && body.get(4) == Some(&RT_TABLE_MAIN) =>
+            {
                 Some(route_oif(body).unwrap_or(0))
             }
             _ => None,
@@ -132,10 +144,31 @@ pub fn spawn(
     Ok(tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         let mut last: Option<tokio::time::Instant> = None;
+        let mut gap = MIN_GAP;
         let mut pending = false;
+        // Announcements in the current second, and when it started.
+        let mut window = (tokio::time::Instant::now(), 0u32);
+        // The next gap: doubled while announcements come faster than churn allows.
+        let mut widen = |gap: Duration| {
+            let now = tokio::time::Instant::now();
+            if now.duration_since(window.0) >= Duration::from_secs(1) {
+                let calm = window.1 <= CHURN_PER_SECOND;
+                window = (now, 1);
+                if calm {
+                    return MIN_GAP;
+                }
+            } else {
+                window.1 += 1;
+            }
+            if window.1 > CHURN_PER_SECOND {
+                (gap * 2).min(MAX_GAP)
+            } else {
+                gap
+            }
+        };
         loop {
             let due = match (pending, last) {
-                (true, Some(t)) => Some(t + MIN_GAP),
+                (true, Some(t)) => Some(t + gap),
                 (true, None) => Some(tokio::time::Instant::now()),
                 _ => None,
             };
@@ -148,11 +181,18 @@ pub fn spawn(
                     }
                 } => {
                     pending = false;
+                    gap = widen(gap);
                     last = Some(tokio::time::Instant::now());
                     roamed();
                 }
                 ready = fd.readable() => {
-                    let Ok(mut guard) = ready else { return };
+                    let mut guard = match ready {
+                        Ok(g) => g,
+                        Err(e) => {
+                            tracing::warn!("the address watch stopped: {e}; roaming is noticed at the next keepalive instead");
+                            return;
+                        }
+                    };
                     // Drain everything queued: a roam is several messages (address, routes).
                     loop {
                         match rustix::net::recv(guard.get_inner(), &mut buf[..], rustix::net::RecvFlags::DONTWAIT) {
@@ -167,14 +207,16 @@ pub fn spawn(
                             }
                             // The kernel dropped messages (ENOBUFS): something changed.
                             Err(rustix::io::Errno::NOBUFS) => pending = true,
+                            Err(rustix::io::Errno::INTR) => {}
                             Err(e) => {
                                 tracing::warn!("the address watch stopped: {e}; roaming is noticed at the next keepalive instead");
                                 return;
                             }
                         }
                     }
-                    if pending && last.is_none_or(|t| t.elapsed() >= MIN_GAP) {
+                    if pending && last.is_none_or(|t| t.elapsed() >= gap) {
                         pending = false;
+                        gap = widen(gap);
                         last = Some(tokio::time::Instant::now());
                         roamed();
                     }
@@ -201,13 +243,21 @@ mod tests {
     }
 
     fn address(kind: u16, index: u32) -> Vec<u8> {
-        let mut body = vec![2, 24, 0, 0];
+        scoped(kind, index, 0)
+    }
+
+    fn scoped(kind: u16, index: u32, scope: u8) -> Vec<u8> {
+        let mut body = vec![2, 24, 0, scope];
         body.extend_from_slice(&index.to_ne_bytes());
         message(kind, &body)
     }
 
     fn route(kind: u16, table: u8, oif: Option<u32>) -> Vec<u8> {
-        let mut body = vec![2, 0, 0, 0, table, 3, 0, 1, 0, 0, 0, 0];
+        prefix_route(kind, 0, table, oif)
+    }
+
+    fn prefix_route(kind: u16, dst_len: u8, table: u8, oif: Option<u32>) -> Vec<u8> {
+        let mut body = vec![2, dst_len, 0, 0, table, 3, 0, 1, 0, 0, 0, 0];
         if let Some(i) = oif {
             body.extend_from_slice(&8u16.to_ne_bytes());
             body.extend_from_slice(&RTA_OIF.to_ne_bytes());
@@ -238,6 +288,17 @@ mod tests {
         // The local table changes with every address; the address message already counted.
         assert!(!changes_reachability(
             &route(RTM_NEWROUTE, 255, Some(2)),
+            tun
+        ));
+        // Link-local and host-scope addresses, and routes narrower than a default one, do not.
+        assert!(!changes_reachability(
+            &scoped(RTM_NEWADDR, 2, RT_SCOPE_LINK),
+            tun
+        ));
+        assert!(!changes_reachability(&scoped(RTM_NEWADDR, 2, 254), tun));
+        assert!(changes_reachability(&scoped(RTM_NEWADDR, 2, 200), tun));
+        assert!(!changes_reachability(
+            &prefix_route(RTM_NEWROUTE, 64, RT_TABLE_MAIN, Some(2)),
             tun
         ));
         // Link messages (RTM_NEWLINK = 16) are not subscribed to, and do not count.
