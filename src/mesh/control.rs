@@ -199,6 +199,8 @@ pub struct Mesh {
     found: HashMap<[u8; 32], Instant>,
     /// This node's reflexive address as each lighthouse sees it (its `Observed` answers).
     observed: HashMap<[u8; 32], SocketAddr>,
+    /// Counts changes to what `connectivity()` shows (observed addresses, candidates).
+    reach_version: u64,
     /// Members added at a LAN address (`on_our_site`) not heard from yet: since when, and the
     /// public address to fall back to if they stay silent.
     lan_trials: HashMap<[u8; 32], (Instant, Option<SocketAddr>)>,
@@ -270,6 +272,7 @@ impl Mesh {
             lookup_budget: HashMap::new(),
             found: HashMap::new(),
             observed: HashMap::new(),
+            reach_version: 0,
             lan_trials: HashMap::new(),
             lan_failed: HashSet::new(),
             heard: HashSet::new(),
@@ -477,8 +480,10 @@ impl Mesh {
                 }
             }
             Message::Observed { endpoint } => {
-                if self.is_lighthouse_key(&from) {
-                    self.observed.insert(from, endpoint);
+                if self.is_lighthouse_key(&from)
+                    && self.observed.insert(from, endpoint) != Some(endpoint)
+                {
+                    self.reach_version += 1;
                 }
             }
             Message::Register {
@@ -1167,10 +1172,8 @@ impl Mesh {
         candidates
             .iter()
             .find(|c| {
-                let ip = c.ip();
                 c.is_ipv4() == seen.is_ipv4()
-                    && c.port() != 0
-                    && !(ip.is_loopback() || ip.is_multicast() || ip.is_unspecified())
+                    && super::paths::routable(c)
                     && !self.config.candidates.contains(c)
                     && **c != seen
             })
@@ -1210,16 +1213,23 @@ impl Mesh {
     /// This node's own addresses, as offered to lighthouses (they change on a roam).
     pub fn set_candidates(&mut self, candidates: Vec<SocketAddr>) {
         self.config.candidates = candidates;
+        self.reach_version += 1;
     }
 
     /// This node's addresses changed: register with every lighthouse now, so the rosters
     /// they push carry the new endpoint without waiting for the next refresh.
     pub fn roamed(&mut self, now: Instant) {
         self.observed.clear();
+        self.reach_version += 1;
         self.lan_failed.clear();
         for key in self.lighthouse_keys() {
             self.register_with(key, now);
         }
+    }
+
+    /// Changes whenever `connectivity()` may show something new.
+    pub fn reach_version(&self) -> u64 {
+        self.reach_version
     }
 
     /// This node's candidates, the reflexive address each lighthouse reported, and the NAT
@@ -1565,33 +1575,12 @@ mod tests {
     }
 
     fn settle_at(nodes: &mut [(u8, &mut Mesh)], now: Instant, unix: u64) -> Vec<(u8, Output)> {
-        let mut changes = Vec::new();
-        loop {
-            let mut moved = false;
-            for i in 0..nodes.len() {
-                let from = nodes[i].0;
-                while let Some(o) = nodes[i].1.poll_output() {
-                    match o {
-                        Output::Send { to, message } => {
-                            moved = true;
-                            if let Some((_, m)) = nodes.iter_mut().find(|(k, _)| [*k; 32] == to) {
-                                m.handle(
-                                    [from; 32],
-                                    Some(format!("192.0.2.{from}:51820").parse().unwrap()),
-                                    &message.encode(),
-                                    now,
-                                    unix,
-                                );
-                            }
-                        }
-                        other => changes.push((from, other)),
-                    }
-                }
-            }
-            if !moved {
-                return changes;
-            }
-        }
+        settle_via(
+            nodes,
+            (now, unix),
+            |from| format!("192.0.2.{from}:51820").parse().unwrap(),
+            |_, _| true,
+        )
     }
 
     fn upserted(changes: &[(u8, Output)], at: u8, name: &str) -> bool {
@@ -2276,11 +2265,11 @@ mod tests {
         assert_eq!(robot.connectivity().nat, "none (public address)");
     }
 
-    /// `settle` where node `k` is seen at `seen(k)` and a message from `a` to `b` arrives only
-    /// if `passes(a, b)`.
+    /// Delivers every message until none is left: node `k` is seen at `seen(k)`, and a message
+    /// from `a` to `b` arrives only if `passes(a, b)`. Returns the other outputs.
     fn settle_via(
         nodes: &mut [(u8, &mut Mesh)],
-        now: Instant,
+        (now, unix): (Instant, u64),
         seen: impl Fn(u8) -> SocketAddr,
         passes: impl Fn(u8, u8) -> bool,
     ) -> Vec<(u8, Output)> {
@@ -2300,7 +2289,7 @@ mod tests {
                                         Some(seen(from)),
                                         &message.encode(),
                                         now,
-                                        UNIX,
+                                        unix,
                                     );
                                 }
                             }
@@ -2357,7 +2346,7 @@ mod tests {
             }
             let changes = settle_via(
                 &mut [(10, &mut lh), (11, &mut r1), (13, &mut r2)],
-                t0,
+                (t0, UNIX),
                 seen,
                 passes,
             );
@@ -2369,7 +2358,7 @@ mod tests {
             }
             all.extend(settle_via(
                 &mut [(10, &mut lh), (11, &mut r1), (13, &mut r2)],
-                t1,
+                (t1, UNIX),
                 seen,
                 passes,
             ));

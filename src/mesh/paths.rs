@@ -123,6 +123,17 @@ impl NatMapping {
     }
 }
 
+/// Whether a candidate another member offered may be probed at all: never loopback,
+/// multicast, broadcast, the unspecified address or port 0.
+pub fn routable(addr: &SocketAddr) -> bool {
+    let ip = addr.ip();
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+        || addr.port() == 0)
+}
+
 /// The NAT mapping implied by the addresses lighthouses see (`seen`, one per lighthouse) and
 /// this node's own addresses (`local`).
 pub fn classify(local: &[IpAddr], seen: &[SocketAddr]) -> NatMapping {
@@ -418,15 +429,10 @@ impl Agent {
 
     fn reachable(&self, addr: &SocketAddr) -> bool {
         let ip = addr.ip();
-        let routable = !(ip.is_unspecified()
-            || ip.is_loopback()
-            || ip.is_multicast()
-            || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
-            || addr.port() == 0);
         let same_family = self.local.iter().any(|l| l.is_ipv4() == addr.is_ipv4());
         let own =
             self.local.contains(&ip) || self.lighthouses.iter().any(|l| l.observed == Some(*addr));
-        routable && same_family && !own
+        routable(addr) && same_family && !own
     }
 
     fn start_punch(&mut self, peer: Key, now: Instant) {

@@ -278,6 +278,7 @@ pub async fn run(
     let mut revocations_seen = revocations_file.as_deref().and_then(modified);
     let mut published = u64::MAX;
     let mut roams = peers.roams();
+    let mut reach_published = u64::MAX;
     loop {
         while let Some(output) = mesh.poll_output() {
             apply(&peers, &files.cert, output);
@@ -295,14 +296,10 @@ pub async fn run(
                 changed
             });
         }
-        let now_reachable = Some(mesh.connectivity());
-        connectivity.send_if_modified(|current| {
-            let changed = *current != now_reachable;
-            if changed {
-                current.clone_from(&now_reachable);
-            }
-            changed
-        });
+        if mesh.reach_version() != reach_published {
+            reach_published = mesh.reach_version();
+            connectivity.send_replace(Some(mesh.connectivity()));
+        }
         let wake = mesh.poll_timeout().min(next_sweep);
         tokio::select! {
             _ = cancel.cancelled() => {
