@@ -8,7 +8,7 @@ const token = new URLSearchParams(new URL(url).hash.slice(1)).get("token");
 const origin = new URL(url).origin;
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"],
 });
 const step = (what) => console.log(`dashboard: ${what}`);

@@ -12,7 +12,7 @@ import { execFileSync } from "node:child_process";
 const [url, shot, robotNs, tun, robotUrl, ...robots] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--autoplay-policy=no-user-gesture-required",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--autoplay-policy=no-user-gesture-required",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"],
 });
 const step = (what) => console.log(`fleet: ${what}`);

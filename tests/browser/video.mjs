@@ -6,7 +6,7 @@ import { chromium } from "playwright-core";
 const [url, shot, key] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--autoplay-policy=no-user-gesture-required",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--autoplay-policy=no-user-gesture-required",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"],
 });
 try {
