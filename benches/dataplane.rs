@@ -140,6 +140,7 @@ fn connected_table(n: u32) -> PeerTable {
             probe_interval: None,
             groups: vec![],
             multicast: vec![],
+            certified: false,
         };
         match table.upsert(&ours, spec) {
             Ok(Some(next)) => table = next,

@@ -54,6 +54,9 @@ pub struct Config {
     /// Multicast groups carried over the overlay (docs/robotics.md); none: not carried.
     #[serde(default)]
     pub multicast: Option<MulticastSection>,
+    /// Relaying WireGuard datagrams between members that cannot reach each other directly.
+    #[serde(default)]
+    pub relay: RelaySection,
     #[serde(default, rename = "plugins")]
     plugins_raw: toml::Table,
     #[serde(skip)]
@@ -255,6 +258,41 @@ pub struct LighthouseSection {
     /// theirs here in the last third of it.
     #[serde(default)]
     pub cert_lifetime: Option<String>,
+}
+
+/// `[relay]`: a mesh node that forwards members' WireGuard datagrams (ciphertext it holds no
+/// key for) between members that cannot reach each other directly.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySection {
+    /// Relay for members; unset: lighthouses relay, other nodes do not.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Per member, what it may send through this relay (its peers' answers count against
+    /// them); bursts of one second of it are allowed.
+    #[serde(default = "default_relay_kbit")]
+    pub member_kbit_per_s: u32,
+}
+
+fn default_relay_kbit() -> u32 {
+    20_000
+}
+
+impl Default for RelaySection {
+    fn default() -> Self {
+        RelaySection {
+            enabled: None,
+            member_kbit_per_s: default_relay_kbit(),
+        }
+    }
+}
+
+impl RelaySection {
+    /// Whether this node relays: as configured, else when it is a lighthouse; never outside
+    /// a mesh (only certified members may use a relay).
+    pub fn enabled(&self, config: &Config) -> bool {
+        config.mesh.is_some() && self.enabled.unwrap_or(config.lighthouse.enabled)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -665,6 +703,20 @@ impl Config {
                 &["probe", "interval_ms"],
                 "interval_ms must be at least 1".into(),
                 "the default is 100",
+            ));
+        }
+        if config.relay.enabled == Some(true) && config.mesh.is_none() {
+            return Err(invalid(
+                &["relay", "enabled"],
+                "a relay serves mesh members (it checks their certificates), and this node has no [mesh]".into(),
+                "add a [mesh] section, or remove [relay]",
+            ));
+        }
+        if config.relay.member_kbit_per_s == 0 {
+            return Err(invalid(
+                &["relay", "member_kbit_per_s"],
+                "member_kbit_per_s must be at least 1".into(),
+                "the default is 20000 (20 Mbit/s per member); set [relay] enabled = false to relay nothing",
             ));
         }
         let mut seen = std::collections::BTreeSet::new();

@@ -65,6 +65,28 @@ pub fn describe() {
         "Times the peer's endpoint moved (roaming)."
     );
     describe_counter!(
+        "myelin_path_changes_total",
+        "Times a peer's path changed: to a relay (the direct path went silent or never answered), or to direct (a direct try was answered both ways)."
+    );
+    describe_counter!(
+        "myelin_path_direct_tries_total",
+        "Direct keepalives sent to relayed peers (every 5 s each): an answer ends the relaying."
+    );
+    describe_counter!(
+        "myelin_relayed_bytes_total",
+        Unit::Bytes,
+        "WireGuard datagrams this node sent to peers (out) or received from them (in) through a relay."
+    );
+    describe_counter!(
+        "myelin_relay_bytes_total",
+        Unit::Bytes,
+        "WireGuard datagrams this relay forwarded between members."
+    );
+    describe_counter!(
+        "myelin_relay_refused_total",
+        "Datagrams this relay did not forward, by reason: not_member, unknown_target, over_rate, loop."
+    );
+    describe_counter!(
         "myelin_roams_total",
         "Times this node's own addresses or routes changed and every peer was told its new endpoint at once."
     );

@@ -305,3 +305,154 @@ fn members_learn_their_nat_from_two_lighthouses_and_robots_behind_nat_reach_a_pu
     );
     assert_eq!(view["up"], true);
 }
+
+/// The summed value of every series of metric `name` in a Prometheus exposition.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Round trips of `count` pings from `ns` to `addr`, 100 ms apart: (answered, median ms).
+fn ping_rtt(ns: &Netns, addr: &str, count: u32) -> (usize, f64) {
+    let out = ns
+        .command("ping")
+        .args(["-c", &count.to_string(), "-i", "0.1", "-W", "1", addr])
+        .output()
+        .unwrap();
+    let mut rtts: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    rtts.sort_by(f64::total_cmp);
+    let median = rtts.get(rtts.len() / 2).copied().unwrap_or(f64::NAN);
+    (rtts.len(), median)
+}
+
+#[test]
+fn members_that_cannot_meet_directly_are_relayed_and_survive_a_lighthouse_restart() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut internet = Internet::new();
+    let lh1_ns = internet.host("rl1", "203.0.113.10");
+    let lh2_ns = internet.host("rl2", "203.0.113.11");
+    let mut easy_site = internet.behind_nat("reasy", "203.0.113.21", 1, NatKind::Easy);
+    let easy_ns = easy_site.host("reasyh");
+    let mut hard_site = internet.behind_nat("rhard", "203.0.113.22", 2, NatKind::Hard);
+    let hard_ns = hard_site.host("rhardh");
+    let mut hard2_site = internet.behind_nat("rhard2", "203.0.113.24", 4, NatKind::Hard);
+    let hard2_ns = hard2_site.host("rhard2h");
+
+    let ca = Fleetca::new("natlab-relay");
+    let mut lh1 = Spec::new("lighthouse1", &["10.78.0.250/16"]);
+    let mut lh2 = Spec::new("lighthouse2", &["10.78.0.251/16"]);
+    let lighthouses = format!(
+        "lighthouses = [{}, {}]\n",
+        lighthouse_entry(&lh1, "203.0.113.10", "lighthouse1"),
+        lighthouse_entry(&lh2, "203.0.113.11", "lighthouse2")
+    );
+    let section = |spec: &Spec, group: &str, talk_to: &str| {
+        format!(
+            "[mesh]\nca = \"{}\"\ncert = \"{}\"\ntalk_to = [{talk_to}]\nrefresh_s = 2\n{lighthouses}",
+            ca.ca(),
+            ca.sign(spec, group)
+        )
+    };
+    for l in [&mut lh1, &mut lh2] {
+        // Lighthouses relay unless told not to.
+        l.rest = format!(
+            "{}[lighthouse]\nenabled = true\n",
+            section(l, "lighthouses", "")
+        );
+    }
+    let members: Vec<Spec> = [("robot1", 2), ("robot2", 3), ("robot5", 6)]
+        .iter()
+        .map(|(name, host)| {
+            let mut s = Spec::new(name, &[&format!("10.78.0.{host}/16")]);
+            s.rest = section(&s, "robots", "\"robots\"");
+            s
+        })
+        .collect();
+    let mut lighthouse1 = Node::start_spec(lh1_ns, &lh1, "");
+    let _lighthouse2 = Node::start_spec(lh2_ns, &lh2, "");
+    let started = Instant::now();
+    let robot1 = Node::start_spec(easy_ns.clone(), &members[0], "");
+    let robot2 = Node::start_spec(hard_ns.clone(), &members[1], "");
+    let robot5 = Node::start_spec(hard2_ns.clone(), &members[2], "");
+    for node in [&robot1, &robot2, &robot5] {
+        let c = node.poll(
+            &format!("{} to learn that both lighthouses relay", node.ns.name),
+            Duration::from_secs(20),
+            || node.get("/api/v1/status")["connectivity"].clone(),
+            |c| c["relays"].as_array().is_some_and(|r| r.len() == 2),
+        );
+        assert_eq!(c["relays"][0], "lighthouse1", "{c}");
+    }
+    let ready = started.elapsed();
+
+    // easy-hard: robot1's NAT filters by address and port, robot2's maps every destination
+    // anew, so no direct path exists: the lighthouse relays.
+    let easy_hard = ping_until(&easy_ns, "10.78.0.3", Duration::from_secs(30));
+    let relayed = |node: &Node, peer: &str| {
+        node.wait_peer(peer, Duration::from_secs(5), "relayed", |p| {
+            p["relay"].as_str().is_some_and(|r| r.starts_with("lighthouse"))
+        })
+    };
+    let view = relayed(&robot1, "robot2");
+    relayed(&robot2, "robot1");
+    let (answered, easy_hard_rtt) = ping_rtt(&easy_ns, "10.78.0.3", 20);
+    assert!(answered >= 18, "{answered}/20 pings through the relay");
+    // hard-hard.
+    let hard_hard = ping_until(&hard_ns, "10.78.0.6", Duration::from_secs(30));
+    relayed(&robot2, "robot5");
+    relayed(&robot5, "robot2");
+    let (answered, hard_hard_rtt) = ping_rtt(&hard_ns, "10.78.0.6", 20);
+    assert!(answered >= 18, "{answered}/20 pings through the relay");
+    eprintln!(
+        "NAT lab relay: nodes up to relays known {:.1} s; easy-hard first ping after {} ms more, relayed via {}, RTT median {easy_hard_rtt:.2} ms; hard-hard first ping {} ms, RTT median {hard_hard_rtt:.2} ms",
+        ready.as_secs_f64(),
+        easy_hard.as_millis(),
+        view["relay"],
+        hard_hard.as_millis()
+    );
+    // The relay sees every datagram (only ciphertext) and counts it.
+    let forwarded = metric_sum(&lighthouse1.metrics(), "myelin_relay_bytes_total");
+    assert!(forwarded > 0.0, "lighthouse1 forwarded {forwarded} bytes");
+    // While relayed, the direct path is tried again every 5 s.
+    let tries = metric_sum(&robot1.metrics(), "myelin_path_direct_tries_total");
+    robot1.poll(
+        "robot1 to try robot2 directly again",
+        Duration::from_secs(12),
+        || serde_json::json!(metric_sum(&robot1.metrics(), "myelin_path_direct_tries_total")),
+        |n| n.as_f64().is_some_and(|n| n > tries),
+    );
+    relayed(&robot1, "robot2");
+
+    // The relay in use restarts (its sessions lost): the pair moves to the other relay and
+    // comes back; pings resume.
+    let cut = Instant::now();
+    lighthouse1.kill_and_restart();
+    let restarted = cut.elapsed();
+    let resumed = ping_until(&easy_ns, "10.78.0.3", Duration::from_secs(20));
+    ping_until(&hard_ns, "10.78.0.6", Duration::from_secs(20));
+    let (answered, _) = ping_rtt(&easy_ns, "10.78.0.3", 20);
+    assert!(answered >= 18, "{answered}/20 pings after the restart");
+    eprintln!(
+        "NAT lab relay: lighthouse1 killed and started again in {} ms; robot1 -> robot2 answered {} ms after the kill (now via {})",
+        restarted.as_millis(),
+        (restarted + resumed).as_millis(),
+        robot1.peer("robot2")["relay"]
+    );
+    // `myelin peers` says how each peer is reached.
+    let out = easy_ns
+        .command(common::BIN)
+        .args(["peers", "--api", &robot1.api.to_string()])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("path:             relayed via lighthouse"), "{text}");
+}

@@ -524,6 +524,7 @@ async fn gather(s: &ApiState) -> Vec<Value> {
                 "groups": member_groups,
                 "online": p.up,
                 "endpoint": p.endpoint,
+                "relay": p.relay,
                 "rtt_ms": p.rtt_ms,
                 "loss": p.loss,
                 "reachable": error.is_none(),

@@ -501,6 +501,7 @@ fn peer_spec(body: &[u8]) -> Result<crate::tunnel::PeerSpec, ApiError> {
         probe_interval: None,
         groups: Vec::new(),
         multicast: Vec::new(),
+        certified: false,
     })
 }
 

@@ -373,6 +373,21 @@ fn fleet_row(m: &Value) -> String {
     )
 }
 
+/// "direct IPv4", "direct IPv6" or "relayed via <relay>", with the number of changes.
+fn path_text(p: &Value) -> String {
+    let path = match (p["relay"].as_str(), p["endpoint"].as_str()) {
+        (Some(relay), Some(direct)) => format!("relayed via {relay} (direct {direct} tried every 5 s)"),
+        (Some(relay), None) => format!("relayed via {relay}"),
+        (None, Some(e)) if e.starts_with('[') => "direct IPv6".to_string(),
+        (None, Some(_)) => "direct IPv4".to_string(),
+        (None, None) => "none (no endpoint yet)".to_string(),
+    };
+    match p["path_changes"].as_u64() {
+        Some(n) if n > 0 => format!("{path}, {n} path changes"),
+        _ => path,
+    }
+}
+
 pub async fn peers(args: &PeersArgs) -> anyhow::Result<()> {
     let addr = api_addr(&args.api, &args.config)?;
     let v = request(addr, "GET", "/api/v1/peers").await?;
@@ -393,6 +408,7 @@ pub async fn peers(args: &PeersArgs) -> anyhow::Result<()> {
             "  endpoint:         {}",
             p["endpoint"].as_str().unwrap_or("(none)")
         );
+        println!("  path:             {}", path_text(&p));
         let ips: Vec<&str> = p["overlay_ips"]
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_str).collect())

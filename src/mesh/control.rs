@@ -66,6 +66,8 @@ pub struct MeshConfig {
     pub listen_port: u16,
     /// Serve registrations and rosters.
     pub lighthouse: bool,
+    /// Relay WireGuard datagrams between members (`[relay]`); said in `Observed`.
+    pub relay: bool,
     /// How often a member registers again; a lighthouse forgets a member after three.
     pub refresh: Duration,
     /// The CA's revocation list, if this node has one (lighthouses push theirs to members).
@@ -199,8 +201,11 @@ pub struct Mesh {
     found: HashMap<[u8; 32], Instant>,
     /// This node's reflexive address as each lighthouse sees it (its `Observed` answers).
     observed: HashMap<[u8; 32], SocketAddr>,
-    /// Counts changes to what `connectivity()` shows (observed addresses, candidates).
+    /// Counts changes to what `connectivity()` shows (observed addresses, candidates, relays).
     reach_version: u64,
+    /// Lighthouses that said they relay (`Observed`): where this node's datagrams go when a
+    /// member cannot be reached directly.
+    relays: std::collections::BTreeSet<[u8; 32]>,
     /// Members added at a LAN address (`on_our_site`) not heard from yet: since when, and the
     /// public address to fall back to if they stay silent.
     lan_trials: HashMap<[u8; 32], (Instant, Option<SocketAddr>)>,
@@ -219,6 +224,8 @@ pub struct Connectivity {
     pub nat: &'static str,
     pub candidates: Vec<SocketAddr>,
     pub observed: Vec<ObservedBy>,
+    /// The lighthouses that relay for this node (by name).
+    pub relays: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -273,6 +280,7 @@ impl Mesh {
             found: HashMap::new(),
             observed: HashMap::new(),
             reach_version: 0,
+            relays: std::collections::BTreeSet::new(),
             lan_trials: HashMap::new(),
             lan_failed: HashSet::new(),
             heard: HashSet::new(),
@@ -294,6 +302,7 @@ impl Mesh {
                 probe_interval: Some(SLOW_PROBE_INTERVAL),
                 groups: Vec::new(),
                 multicast: Vec::new(),
+                certified: true,
             }));
         }
         mesh
@@ -386,6 +395,7 @@ impl Mesh {
                 .then_some(SLOW_PROBE_INTERVAL),
             groups: node.groups.clone(),
             multicast,
+            certified: true,
         }
     }
 
@@ -479,11 +489,19 @@ impl Mesh {
                     self.welcomed.insert(from);
                 }
             }
-            Message::Observed { endpoint } => {
-                if self.is_lighthouse_key(&from)
-                    && self.observed.insert(from, endpoint) != Some(endpoint)
-                {
-                    self.reach_version += 1;
+            Message::Observed { endpoint, relay } => {
+                if self.is_lighthouse_key(&from) {
+                    if self.observed.insert(from, endpoint) != Some(endpoint) {
+                        self.reach_version += 1;
+                    }
+                    let changed = if relay {
+                        self.relays.insert(from)
+                    } else {
+                        self.relays.remove(&from)
+                    };
+                    if changed {
+                        self.reach_version += 1;
+                    }
                 }
             }
             Message::Register {
@@ -503,7 +521,13 @@ impl Mesh {
                 // The member learns its reflexive address (two lighthouses that see different
                 // ports mean its NAT maps every destination anew).
                 if let Some(seen) = endpoint {
-                    self.send(from, Message::Observed { endpoint: seen });
+                    self.send(
+                        from,
+                        Message::Observed {
+                            endpoint: seen,
+                            relay: self.config.relay,
+                        },
+                    );
                 }
                 let mut multicast_changed = false;
                 if let Some(k) = self.known.get_mut(&from) {
@@ -1253,7 +1277,24 @@ impl Mesh {
             nat: super::paths::classify(&local, &seen).as_str(),
             candidates: self.config.candidates.clone(),
             observed,
+            relays: self
+                .config
+                .lighthouses
+                .iter()
+                .filter(|l| self.relays.contains(&l.public_key))
+                .map(|l| l.name.clone())
+                .collect(),
         }
+    }
+
+    /// The keys of the lighthouses that relay for this node, in configuration order.
+    pub fn relay_keys(&self) -> Vec<[u8; 32]> {
+        self.config
+            .lighthouses
+            .iter()
+            .map(|l| l.public_key)
+            .filter(|k| self.relays.contains(k))
+            .collect()
     }
 
     fn register_message(&self) -> Message {
@@ -1561,6 +1602,7 @@ mod tests {
                 candidates: vec![],
                 listen_port: 51820,
                 lighthouse,
+                relay: lighthouse,
                 refresh: REFRESH,
                 revocations: None,
                 issuer: None,

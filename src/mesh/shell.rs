@@ -134,6 +134,7 @@ pub fn mesh_config(
         candidates,
         listen_port: config.node.listen_port,
         lighthouse: config.lighthouse.enabled,
+        relay: config.relay.enabled(config),
         refresh: Duration::from_secs(section.refresh_s),
         revocations: match &section.revocations {
             Some(path) => read_revocations(path)?,
@@ -299,6 +300,7 @@ pub async fn run(
         if mesh.reach_version() != reach_published {
             reach_published = mesh.reach_version();
             connectivity.send_replace(Some(mesh.connectivity()));
+            peers.set_relays(mesh.relay_keys());
         }
         let wake = mesh.poll_timeout().min(next_sweep);
         tokio::select! {

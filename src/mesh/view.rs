@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 fn peer_view(
     peer: &Peer,
+    relay: Option<String>,
     probe: ProbeStats,
     recent_probes: Vec<myelin_sdk::ProbeSample>,
 ) -> PeerView {
@@ -26,6 +27,8 @@ fn peer_view(
         public_key: peer.public_key.clone(),
         overlay_ips: peer.allowed_ips.clone(),
         endpoint: peer.endpoint(),
+        relay,
+        path_changes: peer.path.changes(),
         last_handshake_age_ms: handshake.map(|d| d.as_millis() as u64),
         rtt_ms: probe.rtt.map(ms),
         jitter_ms: probe.jitter.map(ms),
@@ -227,8 +230,13 @@ pub async fn run(
                     .iter()
                     .filter(|(_, p)| !p.allowed_ips.is_empty())
                     .map(|(i, p)| {
+                        let relay = p.path.relay().map(|k| match table.by_key(&k) {
+                            Some((_, r)) => r.name.clone(),
+                            None => crate::mesh::cert::hex(&k[..6]),
+                        });
                         let v = peer_view(
                             p,
+                            relay,
                             prober.stats(i, now),
                             prober.recent(i, now, RECENT_PROBES),
                         );

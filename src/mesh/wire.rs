@@ -14,6 +14,32 @@ const MAX_CANDIDATES: usize = 8;
 const MAX_TALK_TO: usize = 32;
 const MAX_GROUPS: usize = crate::tunnel::multicast::MAX_GROUPS;
 
+/// The type byte of a relayed datagram (`relay_frame`), after `MAGIC`.
+const RELAY: u8 = 13;
+/// The largest WireGuard datagram a relay carries: a full-size packet of the largest TUN MTU
+/// the node allows (9000), plus WireGuard's 32 bytes.
+pub const MAX_RELAYED: usize = 9032;
+
+/// A WireGuard datagram carried by a relay, inside the member-to-relay tunnel: to the relay,
+/// `peer` is where it goes; from the relay, who sent it. The relay never holds a key for the
+/// datagram itself, so it sees only ciphertext.
+pub fn relay_frame(peer: &[u8; 32], datagram: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(MAGIC.len() + 1 + 32 + datagram.len());
+    out.extend_from_slice(MAGIC);
+    out.push(RELAY);
+    out.extend_from_slice(peer);
+    out.extend_from_slice(datagram);
+    out
+}
+
+/// The peer and datagram of a relay frame; `None` for anything else (other mesh messages
+/// included), and for an empty or oversized datagram.
+pub fn parse_relay(bytes: &[u8]) -> Option<(&[u8; 32], &[u8])> {
+    let rest = bytes.strip_prefix(MAGIC.as_slice())?.strip_prefix(&[RELAY])?;
+    let (peer, datagram) = rest.split_first_chunk::<32>()?;
+    (!datagram.is_empty() && datagram.len() <= MAX_RELAYED).then_some((peer, datagram))
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("malformed mesh message: {0}")]
 pub struct WireError(pub &'static str);
@@ -78,8 +104,9 @@ pub enum Message {
     /// drop it) instead of waiting for its registration to expire.
     Leave,
     /// A lighthouse to a member, answering its registration: the address the member's
-    /// datagrams come from as the lighthouse sees them (its reflexive address).
-    Observed { endpoint: SocketAddr },
+    /// datagrams come from as the lighthouse sees them (its reflexive address), and whether
+    /// the lighthouse relays between members (`[relay]`).
+    Observed { endpoint: SocketAddr, relay: bool },
 }
 
 fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
@@ -311,9 +338,10 @@ impl Message {
             }
             Message::Renew => out.push(8),
             Message::Leave => out.push(11),
-            Message::Observed { endpoint } => {
+            Message::Observed { endpoint, relay } => {
                 out.push(12);
                 put_sock(&mut out, Some(*endpoint));
+                out.push(u8::from(*relay));
             }
             Message::Renewed { chain } => {
                 out.push(9);
@@ -409,6 +437,15 @@ impl Message {
             11 => Message::Leave,
             12 => Message::Observed {
                 endpoint: r.sock()?.ok_or(WireError("empty address"))?,
+                // A lighthouse from before relays sends no flag: it does not relay.
+                relay: match r.0.first() {
+                    None => false,
+                    Some(_) => match r.u8()? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(WireError("relay flag is neither 0 nor 1")),
+                    },
+                },
             },
             9 => Message::Renewed { chain: r.chain()? },
             10 => {
@@ -502,9 +539,11 @@ mod tests {
             Message::Welcome,
             Message::Observed {
                 endpoint: "[2001:db8::7]:40000".parse().unwrap(),
+                relay: true,
             },
             Message::Observed {
                 endpoint: "198.51.100.9:61000".parse().unwrap(),
+                relay: false,
             },
             Message::Revocations {
                 issued_at: 5,

@@ -130,6 +130,7 @@ mod tests {
             probe_interval: None,
             groups: vec![],
             multicast: Vec::new(),
+            certified: false,
         };
         let peer = Peer::new(&ours, spec, seed as usize);
         let mut remote = Tunn::new(theirs, PublicKey::from(&ours), None, None, 99, None);

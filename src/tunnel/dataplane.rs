@@ -15,6 +15,7 @@
 
 use super::batch::{Batcher, HANDSHAKE_INIT_LEN, OVERHEAD};
 use super::lanes::{self, BulkQueue};
+use super::path::{Direct, Seen, Tick};
 use super::{DataPlaneShared, Peer, PeerTable};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
@@ -30,6 +31,8 @@ use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// The first byte of a WireGuard cookie reply (message type 3, little-endian).
 const COOKIE_REPLY: u8 = 3;
+/// The first byte of a WireGuard data message (type 4).
+const DATA: u8 = 4;
 /// Room for one UDP datagram (a GRO train or a single packet).
 const RX_SLOT: usize = 65536;
 const RX_BATCH: usize = 8;
@@ -297,10 +300,217 @@ fn encapsulate(shared: &DataPlaneShared, packet: &[u8], batcher: &mut Batcher) {
     if !firewall_allows(shared, packet, peer, false) {
         return;
     }
+    push(shared, peer, packet, batcher);
+}
+
+/// One packet for `peer` on its path: into the GSO batch for its endpoint, or encapsulated
+/// on its own and framed for its relay.
+fn push(shared: &DataPlaneShared, peer: &Peer, packet: &[u8], batcher: &mut Batcher) {
+    peer.path.sending.store(true, Ordering::Relaxed);
+    if peer.path.relayed.load(Ordering::Relaxed) {
+        let mut out = vec![0u8; (packet.len() + OVERHEAD).max(HANDSHAKE_INIT_LEN)];
+        let len = match peer.tunn.lock() {
+            Ok(mut t) => match t.encapsulate(packet, &mut out) {
+                TunnResult::WriteToNetwork(p) => p.len(),
+                _ => return,
+            },
+            Err(_) => return,
+        };
+        peer.tx_packets.fetch_add(1, Ordering::Relaxed);
+        if let Some(p) = out.get(..len) {
+            transmit(shared, peer, p);
+        }
+        return;
+    }
     let Some(to) = peer.endpoint() else { return };
     batcher.push(peer, to, packet, &mut |to, contents, segment| {
         send(shared, to, contents, segment)
     });
+}
+
+/// Where a datagram came from: straight from the network, or out of a relay's frame (`via`
+/// the relay's key, `at` the relay's own address).
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    Direct(SocketAddr),
+    Relayed { via: [u8; 32], at: SocketAddr },
+}
+
+impl Source {
+    fn addr(self) -> SocketAddr {
+        match self {
+            Source::Direct(a) | Source::Relayed { at: a, .. } => a,
+        }
+    }
+}
+
+/// Sends one datagram to `peer` on its path: to its endpoint, or through its relay. False
+/// when it has neither.
+fn transmit(shared: &DataPlaneShared, peer: &Peer, datagram: &[u8]) -> bool {
+    match peer.path.relay() {
+        Some(via) => relay_out(shared, &via, &peer.public_key_bytes, datagram),
+        None => match peer.endpoint() {
+            Some(to) => {
+                send(shared, to, datagram, None);
+                true
+            }
+            None => false,
+        },
+    }
+}
+
+/// An answer to a datagram from `source`: back the way it came.
+fn reply(shared: &DataPlaneShared, peer: &Peer, source: Source, datagram: &[u8]) {
+    match source {
+        Source::Direct(to) => send(shared, to, datagram, None),
+        Source::Relayed { via, .. } => {
+            relay_out(shared, &via, &peer.public_key_bytes, datagram);
+        }
+    }
+}
+
+/// Frames `datagram` for `target` and sends it to relay `via` inside the tunnel with it.
+fn relay_out(shared: &DataPlaneShared, via: &[u8; 32], target: &[u8; 32], datagram: &[u8]) -> bool {
+    let table = shared.table.load();
+    let Some((_, relay)) = table.by_key(via) else {
+        return false;
+    };
+    // A relay is reached directly: never a frame inside a frame.
+    if relay.path.relayed.load(Ordering::Relaxed) {
+        return false;
+    }
+    metrics::counter!("myelin_relayed_bytes_total", "direction" => "out")
+        .increment(datagram.len() as u64);
+    send_control(
+        shared,
+        relay,
+        &crate::mesh::wire::relay_frame(target, datagram),
+    )
+}
+
+/// A relay frame from member `sender` for `target`: forwarded inside the target's tunnel,
+/// framed with the sender's key, when both are certified members and the sender is within
+/// its rate.
+fn forward(
+    shared: &DataPlaneShared,
+    table: &PeerTable,
+    sender: &Peer,
+    target: &[u8; 32],
+    datagram: &[u8],
+) {
+    let Some(relay) = &shared.relay else {
+        return;
+    };
+    let verdict = (|| {
+        use super::relay::Refused;
+        if !sender.spec.certified {
+            return Err(Refused::NotMember);
+        }
+        if *target == sender.public_key_bytes || *target == shared.static_public.to_bytes() {
+            return Err(Refused::Loop);
+        }
+        let (_, to) = table.by_key(target).ok_or(Refused::UnknownTarget)?;
+        if !to.spec.certified || to.path.relayed.load(Ordering::Relaxed) {
+            return Err(Refused::UnknownTarget);
+        }
+        let mut relay = relay.lock().map_err(|_| Refused::UnknownTarget)?;
+        if !relay.admit(&sender.public_key_bytes, datagram.len(), shared.now_ms()) {
+            return Err(Refused::OverRate);
+        }
+        Ok(to)
+    })();
+    match verdict {
+        Ok(to) => {
+            let frame = crate::mesh::wire::relay_frame(&sender.public_key_bytes, datagram);
+            if send_control(shared, to, &frame) {
+                metrics::counter!("myelin_relay_bytes_total").increment(datagram.len() as u64);
+            }
+        }
+        Err(why) => {
+            metrics::counter!("myelin_relay_refused_total", "reason" => why.label()).increment(1);
+            tracing::debug!(from = %sender.name, "relay refused: {}", why.label());
+        }
+    }
+}
+
+/// An authenticated datagram from `peer` came from `source`: its endpoint and path follow.
+fn heard(shared: &DataPlaneShared, peer: &Peer, source: Source) {
+    let now = shared.now_ms();
+    let link = &peer.path;
+    match source {
+        Source::Direct(from) => {
+            link.direct_rx.store(now, Ordering::Relaxed);
+            if !link.relayed.load(Ordering::Relaxed) {
+                peer.saw(from);
+                return;
+            }
+            let verdict = match link.state.lock() {
+                Ok(mut s) => {
+                    let v = s.heard_direct(from, now);
+                    link.relayed.store(s.relay().is_some(), Ordering::Relaxed);
+                    v
+                }
+                Err(_) => return,
+            };
+            match verdict {
+                Direct::Follow => peer.saw(from),
+                Direct::Upgrade => {
+                    peer.saw(from);
+                    path_changed(peer, "direct", &from.to_string());
+                }
+                Direct::Probe(to) => probe_direct(shared, peer, to),
+                Direct::Ignore => {}
+            }
+        }
+        Source::Relayed { via, .. } => {
+            link.relayed_rx.store(now, Ordering::Relaxed);
+            let direct_rx = link.direct_rx.load(Ordering::Relaxed);
+            let moved = match link.state.lock() {
+                Ok(mut s) => {
+                    let moved = s.heard_relayed(via, direct_rx, now);
+                    link.relayed.store(s.relay().is_some(), Ordering::Relaxed);
+                    moved
+                }
+                Err(_) => return,
+            };
+            if moved {
+                path_changed(peer, "relay", &relay_name(shared, &via));
+            }
+        }
+    }
+}
+
+fn relay_name(shared: &DataPlaneShared, via: &[u8; 32]) -> String {
+    match shared.table.load().by_key(via) {
+        Some((_, p)) => p.name.clone(),
+        None => crate::mesh::cert::hex(&via[..6]),
+    }
+}
+
+fn path_changed(peer: &Peer, to: &'static str, detail: &str) {
+    metrics::counter!("myelin_path_changes_total", "to" => to).increment(1);
+    tracing::info!(peer = %peer.name, "path: {to} ({detail})");
+}
+
+/// A keepalive straight to `to` under the current session (never a handshake: that would
+/// replace the one in flight through the relay).
+fn probe_direct(shared: &DataPlaneShared, peer: &Peer, to: SocketAddr) {
+    let mut out = [0u8; HANDSHAKE_INIT_LEN + 64];
+    let len = match peer.tunn.lock() {
+        Ok(mut t) => {
+            if t.time_since_last_handshake().is_none() {
+                return;
+            }
+            match t.encapsulate(&[], &mut out) {
+                TunnResult::WriteToNetwork(p) if p.first() == Some(&DATA) => p.len(),
+                _ => return,
+            }
+        }
+        Err(_) => return,
+    };
+    if let Some(p) = out.get(..len) {
+        send(shared, to, p, None);
+    }
 }
 
 /// A multicast packet from the TUN: one copy, inside WireGuard, to every member that
@@ -338,10 +548,10 @@ fn replicate(shared: &DataPlaneShared, packet: &[u8], batcher: &mut Batcher) {
         if !firewall_allows(shared, packet, peer, false) {
             continue;
         }
-        let Some(to) = peer.endpoint() else { continue };
-        batcher.push(peer, to, packet, &mut |to, contents, segment| {
-            send(shared, to, contents, segment)
-        });
+        if peer.endpoint().is_none() && !peer.path.relayed.load(Ordering::Relaxed) {
+            continue;
+        }
+        push(shared, peer, packet, batcher);
         copies += 1;
     }
     metrics::counter!("myelin_multicast_replicas_total", "group" => label.clone())
@@ -383,7 +593,7 @@ fn find_peer(
     shared: &DataPlaneShared,
     table: &PeerTable,
     packet: &Packet,
-    from: SocketAddr,
+    from: Option<SocketAddr>,
 ) -> Option<usize> {
     match packet {
         Packet::HandshakeInit(init) => {
@@ -392,7 +602,9 @@ fn find_peer(
                 parse_handshake_anon(&shared.static_private, &shared.static_public, init).ok()?;
             match table.by_key(&half.peer_static_public) {
                 Some((slot, _)) => Some(slot),
-                None => restricted_peer(shared, table, half.peer_static_public, from),
+                // Through a relay only members already known: the relay vouched for the
+                // sender, not for a stranger's handshake.
+                None => restricted_peer(shared, table, half.peer_static_public, from?),
             }
         }
         Packet::HandshakeResponse(r) => Some((r.receiver_idx >> 8) as usize),
@@ -432,6 +644,7 @@ fn restricted_peer(
         probe_interval: None,
         groups: Vec::new(),
         multicast: Vec::new(),
+        certified: false,
     };
     let key_of = spec.public_key;
     // The mesh may have admitted this key since `table` was loaded: never overwrite a peer.
@@ -471,9 +684,9 @@ fn mesh_payload(packet: &[u8]) -> Option<&[u8]> {
 /// restarted and lost the session this side still holds. What is sent until the handshake
 /// completes waits for the new session instead of going out under the dead one.
 pub(super) fn rehandshake(shared: &DataPlaneShared, slot: usize, peer: &Peer) -> bool {
-    let Some(to) = peer.endpoint() else {
+    if peer.endpoint().is_none() && peer.path.relay().is_none() {
         return false;
-    };
+    }
     let mut out = [0u8; HANDSHAKE_INIT_LEN];
     let len = match peer.tunn.lock() {
         Ok(mut t) => {
@@ -486,7 +699,7 @@ pub(super) fn rehandshake(shared: &DataPlaneShared, slot: usize, peer: &Peer) ->
         Err(_) => return false,
     };
     if let Some(p) = out.get(..len) {
-        send(shared, to, p, None);
+        transmit(shared, peer, p);
     }
     true
 }
@@ -495,9 +708,9 @@ pub(super) fn rehandshake(shared: &DataPlaneShared, slot: usize, peer: &Peer) ->
 /// none) from wherever this node is now: the peer moves its endpoint on it, as on any
 /// authenticated datagram. False when the peer has no endpoint.
 pub(super) fn announce(shared: &DataPlaneShared, peer: &Peer) -> bool {
-    let Some(to) = peer.endpoint() else {
+    if peer.endpoint().is_none() && peer.path.relay().is_none() {
         return false;
-    };
+    }
     let mut out = [0u8; HANDSHAKE_INIT_LEN + 64];
     let len = match peer.tunn.lock() {
         Ok(mut t) => match t.encapsulate(&[], &mut out) {
@@ -506,13 +719,7 @@ pub(super) fn announce(shared: &DataPlaneShared, peer: &Peer) -> bool {
         },
         Err(_) => return false,
     };
-    match out.get(..len) {
-        Some(p) => {
-            send(shared, to, p, None);
-            true
-        }
-        None => false,
-    }
+    out.get(..len).is_some_and(|p| transmit(shared, peer, p))
 }
 
 /// Wraps `payload` in IPv4/UDP from this node's overlay address to the peer's, and sends it
@@ -526,9 +733,9 @@ pub(super) fn send_control(shared: &DataPlaneShared, peer: &Peer, payload: &[u8]
         tracing::debug!(peer = %peer.name, "no IPv4 overlay path for a mesh message");
         return false;
     };
-    let Some(to) = peer.endpoint() else {
+    if peer.endpoint().is_none() && !peer.path.relayed.load(Ordering::Relaxed) {
         return false;
-    };
+    }
     let port = crate::mesh::wire::MESH_PORT.to_be_bytes();
     let udp_len = 8 + payload.len();
     let total = 20 + udp_len;
@@ -557,10 +764,7 @@ pub(super) fn send_control(shared: &DataPlaneShared, peer: &Peer, payload: &[u8]
         },
         Err(_) => return false,
     };
-    if let Some(p) = out.get(..len) {
-        send(shared, to, p, None);
-    }
-    true
+    out.get(..len).is_some_and(|p| transmit(shared, peer, p))
 }
 
 fn ipv4_checksum(header: &[u8]) -> u16 {
@@ -591,6 +795,7 @@ fn verify<'a>(
         Err(TunnResult::WriteToNetwork(cookie)) => {
             metrics::counter!("myelin_tunnel_handshake_refused_total", "reason" => "under_load")
                 .increment(1);
+            // Through a relay there is no address to answer: the sender retries.
             send(shared, from, cookie, None);
             None
         }
@@ -684,6 +889,7 @@ pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
     let mut reader = TunReader::new(&shared);
     let mut timer_buf = vec![0u8; 2048];
     let mut next_tick = Instant::now() + TIMER_TICK;
+    let mut last_tick = shared.tick_clock();
     loop {
         // Queued bulk means more work now: look at the sources without sleeping.
         let timeout = if reader.bulk.is_empty() && inbound.idle() {
@@ -694,6 +900,7 @@ pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
         let Some(ready) = wait(&shared, &poller, &mut events, timeout) else {
             return;
         };
+        shared.tick_clock();
         if ready.udp {
             receive(&shared, &mut inbound);
         }
@@ -717,7 +924,8 @@ pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
         let now = Instant::now();
         if now >= next_tick {
             reader.bulk.shrink_when_empty();
-            timers(&shared, &mut timer_buf);
+            timers(&shared, &mut timer_buf, last_tick);
+            last_tick = shared.now_ms();
             next_tick = now + TIMER_TICK;
         }
     }
@@ -838,38 +1046,97 @@ fn receive_datagram(
     let Some(packet) = verify(shared, from, datagram, &mut out.reply) else {
         return;
     };
-    let mut table = shared.table.load();
-    let Some(idx) = find_peer(shared, &table, &packet, from) else {
+    if let Some(Decapsulated::Relayed { via, from, datagram }) =
+        receive_packet(shared, out, packet, Source::Direct(from), datagram)
+    {
+        receive_relayed(shared, out, via, from, &datagram);
+    }
+}
+
+/// A datagram that relay `via` (at `at`) framed as coming from member `from`: decapsulated
+/// like a direct one, answered through the relay.
+fn receive_relayed(
+    shared: &DataPlaneShared,
+    out: &mut TunWriter,
+    (via, at): ([u8; 32], SocketAddr),
+    from: [u8; 32],
+    datagram: &[u8],
+) {
+    metrics::counter!("myelin_relayed_bytes_total", "direction" => "in")
+        .increment(datagram.len() as u64);
+    // Under load a handshake through a relay is refused rather than answered with a cookie
+    // (verify's cookie would go to the relay's address, which cannot use it).
+    let packet = match shared.handshakes.verify_packet(None, datagram, &mut out.reply) {
+        Ok(packet) => packet,
+        Err(_) => return,
+    };
+    let table = shared.table.load();
+    let Some(idx) = find_peer(shared, &table, &packet, None) else {
         return;
     };
+    // The relay said who sent it; a datagram of another member's session is dropped.
+    if table.get(idx).is_none_or(|p| p.public_key_bytes != from) {
+        return;
+    }
+    // A frame inside a frame is never unpacked again.
+    let _ = receive_packet(shared, out, packet, Source::Relayed { via, at }, datagram);
+}
+
+/// What `decapsulate` made of a datagram.
+enum Decapsulated {
+    /// Nothing for the TUN (answered, refused, or a control message handed on).
+    Nothing,
+    /// A packet for the TUN, in the next buffer.
+    Packet,
+    /// A relay this node uses framed a member's datagram: `via` (the relay and its address),
+    /// `from` (the member it says sent it).
+    Relayed {
+        via: ([u8; 32], SocketAddr),
+        from: [u8; 32],
+        datagram: Vec<u8>,
+    },
+}
+
+/// A verified datagram: its peer, then `decapsulate` into the next TUN buffer.
+fn receive_packet(
+    shared: &DataPlaneShared,
+    out: &mut TunWriter,
+    packet: Packet,
+    source: Source,
+    datagram: &[u8],
+) -> Option<Decapsulated> {
+    let mut table = shared.table.load();
+    let direct = match source {
+        Source::Direct(a) => Some(a),
+        Source::Relayed { .. } => None,
+    };
+    let idx = find_peer(shared, &table, &packet, direct)?;
     if table.get(idx).is_none() {
         // A restricted peer was just made for this handshake.
         table = shared.table.load();
     }
-    let Some(peer) = table.get(idx) else {
-        return;
-    };
+    let peer = table.get(idx)?;
     if out.ready == out.bufs.len() {
         write_tun(shared, out);
     }
-    let Some(buf) = out.bufs.get_mut(out.ready) else {
-        return;
-    };
+    let buf = out.bufs.get_mut(out.ready)?;
     // Only the length matters: decapsulation overwrites the packet and tun-rs writes the
     // virtio-net header, so the old bytes need no zeroing on every packet.
     buf.resize(out.off + datagram.len(), 0);
     let authenticates = !matches!(packet, Packet::PacketCookieReply(_));
-    if decapsulate(
+    let outcome = decapsulate(
         shared,
         (&table, peer, idx),
-        from,
+        source,
         (datagram, authenticates),
         buf,
         out.off,
         &mut out.reply,
-    ) {
+    );
+    if let Decapsulated::Packet = outcome {
         out.ready += 1;
     }
+    Some(outcome)
 }
 
 /// Decapsulates one verified datagram into `buf[off..]`; true when it holds a packet for the
@@ -880,14 +1147,15 @@ fn receive_datagram(
 fn decapsulate(
     shared: &DataPlaneShared,
     (table, peer, idx): (&PeerTable, &Peer, usize),
-    from: SocketAddr,
+    source: Source,
     (datagram, authenticates): (&[u8], bool),
     buf: &mut Vec<u8>,
     off: usize,
     reply: &mut [u8],
-) -> bool {
+) -> Decapsulated {
+    let from = source.addr();
     let Some(dst) = buf.get_mut(off..) else {
-        return false;
+        return Decapsulated::Nothing;
     };
     enum Outcome {
         Packet(usize, IpAddr),
@@ -918,20 +1186,20 @@ fn decapsulate(
         },
     };
     match outcome {
-        Outcome::Rejected => false,
+        Outcome::Rejected => Decapsulated::Nothing,
         Outcome::Nothing => {
             if authenticates {
-                peer.saw(from);
+                heard(shared, peer, source);
             }
-            false
+            Decapsulated::Nothing
         }
         Outcome::Reply(len) => {
             let cookie = reply.first() == Some(&COOKIE_REPLY);
             if authenticates && !cookie {
-                peer.saw(from);
+                heard(shared, peer, source);
             }
             if let Some(r) = reply.get(..len) {
-                send(shared, from, r, None);
+                self::reply(shared, peer, source, r);
             }
             // Packets queued while the handshake ran go out now.
             loop {
@@ -943,45 +1211,62 @@ fn decapsulate(
                     Err(_) => break,
                 };
                 if let Some(r) = reply.get(..queued) {
-                    send(shared, from, r, None);
+                    self::reply(shared, peer, source, r);
                 }
             }
-            false
+            Decapsulated::Nothing
         }
         Outcome::Packet(len, src) => {
-            peer.saw(from);
+            heard(shared, peer, source);
             if let Some(hook) = shared.mesh.get() {
                 if let Some(payload) = buf.get(off..off + len).and_then(mesh_payload) {
+                    if let Some((member, inner)) = crate::mesh::wire::parse_relay(payload) {
+                        if let Source::Relayed { .. } = source {
+                            return Decapsulated::Nothing;
+                        }
+                        if shared.relays.load().contains(&peer.public_key_bytes) {
+                            return Decapsulated::Relayed {
+                                via: (peer.public_key_bytes, from),
+                                from: *member,
+                                datagram: inner.to_vec(),
+                            };
+                        }
+                        forward(shared, table, peer, member, inner);
+                        return Decapsulated::Nothing;
+                    }
                     let datagram = super::ControlDatagram {
                         from: peer.public_key_bytes,
-                        endpoint: Some(from),
+                        endpoint: match source {
+                            Source::Direct(a) => Some(a),
+                            Source::Relayed { .. } => None,
+                        },
                         payload: payload.to_vec(),
                     };
                     if hook.tx.try_send(datagram).is_err() {
                         metrics::counter!("myelin_mesh_control_dropped_total").increment(1);
                     }
-                    return false;
+                    return Decapsulated::Nothing;
                 }
             }
             // Cryptokey routing: the inner source must be one of this peer's allowed IPs.
             // The snapshot the peer came from: one table load per datagram.
             if table.route(src) != Some(idx) {
                 tracing::debug!(peer = %peer.name, "dropped a packet from {src}, outside its allowed IPs");
-                return false;
+                return Decapsulated::Nothing;
             }
             let Some(inner) = buf.get(off..off + len) else {
-                return false;
+                return Decapsulated::Nothing;
             };
             if !firewall_allows(shared, inner, peer, true) {
-                return false;
+                return Decapsulated::Nothing;
             }
             // After the firewall: what it refuses takes nothing from the group's cap.
             if super::multicast::destination(inner).is_some() && !multicast_accepts(shared, inner) {
-                return false;
+                return Decapsulated::Nothing;
             }
             buf.truncate(off + len);
             peer.rx_packets.fetch_add(1, Ordering::Relaxed);
-            true
+            Decapsulated::Packet
         }
     }
 }
@@ -1070,7 +1355,7 @@ fn firewall_allows(shared: &DataPlaneShared, packet: &[u8], peer: &Peer, inbound
 }
 
 /// Drives boringtun's timers: handshakes, retries, keepalives, session expiry.
-fn timers(shared: &DataPlaneShared, buf: &mut [u8]) {
+fn timers(shared: &DataPlaneShared, buf: &mut [u8], since: u64) {
     if let Some(Ok(mut state)) = shared.firewall.as_ref().map(|f| f.lock()) {
         state.firewall.handle_timeout(Instant::now());
     }
@@ -1085,8 +1370,87 @@ fn timers(shared: &DataPlaneShared, buf: &mut [u8]) {
             },
             Err(_) => continue,
         };
-        if let (Some(to), Some(p)) = (peer.endpoint(), buf.get(..len)) {
-            send(shared, to, p, None);
+        if let Some(p) = buf.get(..len) {
+            transmit(shared, peer, p);
+        }
+    }
+    paths(shared, &table, since);
+}
+
+/// Each certified peer's path, once a tick: to a relay when the direct path went silent
+/// (or never answered), and back when a direct try is answered. Without relays nothing is
+/// judged; a peer that is itself a relay is always reached directly.
+fn paths(shared: &DataPlaneShared, table: &PeerTable, since: u64) {
+    let relays = shared.relays.load();
+    let now = shared.now_ms();
+    for (_, peer) in table.iter() {
+        let link = &peer.path;
+        if !peer.spec.certified
+            || relays.contains(&peer.public_key_bytes)
+            || (relays.is_empty() && !link.relayed.load(Ordering::Relaxed))
+        {
+            continue;
+        }
+        let session = peer
+            .tunn
+            .lock()
+            .is_ok_and(|t| t.time_since_last_handshake().is_some());
+        let seen = Seen {
+            now,
+            since,
+            sent: link.sending.swap(false, Ordering::Relaxed),
+            direct_rx: link.direct_rx.load(Ordering::Relaxed),
+            relayed_rx: link.relayed_rx.load(Ordering::Relaxed),
+            endpoint: peer.endpoint(),
+            session,
+            dead_after: super::path::dead_after(
+                peer.spec
+                    .probe_interval
+                    .unwrap_or(shared.probe_interval)
+                    .as_millis() as u64,
+            ),
+        };
+        let (tick, relayed) = match link.state.lock() {
+            Ok(mut s) => {
+                let tick = s.tick(&seen, &relays);
+                (tick, s.relay().is_some())
+            }
+            Err(_) => continue,
+        };
+        let was = link.relayed.swap(relayed, Ordering::Relaxed);
+        match tick {
+            Tick::Relay(via) => {
+                path_changed(peer, "relay", &relay_name(shared, &via));
+                // Tell the peer at once, through the relay: a keepalive under the session,
+                // or a handshake where there is none.
+                let mut out = [0u8; HANDSHAKE_INIT_LEN + 64];
+                let len = match peer.tunn.lock() {
+                    Ok(mut t) => {
+                        let made = if session {
+                            t.encapsulate(&[], &mut out)
+                        } else {
+                            t.format_handshake_initiation(&mut out, true)
+                        };
+                        match made {
+                            TunnResult::WriteToNetwork(p) => p.len(),
+                            _ => 0,
+                        }
+                    }
+                    Err(_) => 0,
+                };
+                if let Some(p) = out.get(..len).filter(|p| !p.is_empty()) {
+                    transmit(shared, peer, p);
+                }
+            }
+            Tick::TryDirect(to) => {
+                metrics::counter!("myelin_path_direct_tries_total").increment(1);
+                probe_direct(shared, peer, to);
+            }
+            Tick::Stay => {
+                if was && !relayed {
+                    path_changed(peer, "direct", "no relay left");
+                }
+            }
         }
     }
 }

@@ -9,7 +9,9 @@ pub mod lanes;
 pub mod mroute;
 pub mod multicast;
 pub mod netwatch;
+pub mod path;
 pub mod peers;
+pub mod relay;
 pub mod routes;
 
 use crate::config::Config;
@@ -111,6 +113,17 @@ pub(crate) struct DataPlaneShared {
     pub multicast: Option<Mutex<multicast::Replicator>>,
     /// Counts changes of this node's own addresses and routes (roams) it told its peers of.
     pub roams: tokio::sync::watch::Sender<u64>,
+    /// The data plane's clock: milliseconds since `epoch`, read once per wake-up (per-packet
+    /// path decisions need no finer time, and no clock read per packet).
+    pub epoch: std::time::Instant,
+    pub clock_ms: std::sync::atomic::AtomicU64,
+    /// The relays this node may send through, in order of preference (its lighthouses that
+    /// said they relay); empty: every peer is reached directly.
+    pub relays: ArcSwap<Vec<[u8; 32]>>,
+    /// `[relay]`: this node forwards members' datagrams; only the data-plane thread locks it.
+    pub relay: Option<Mutex<relay::Relay>>,
+    /// `[probe].interval_ms`: how often a peer without its own cadence is probed.
+    pub probe_interval: std::time::Duration,
 }
 
 /// Where the data plane hands mesh control messages, and whether a handshake from a key it
@@ -143,6 +156,18 @@ pub const MAX_RESTRICTED: usize = 256;
 impl DataPlaneShared {
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// The data plane's clock (`clock_ms`); never 0, which path state reads as "never".
+    pub fn now_ms(&self) -> u64 {
+        self.clock_ms.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Reads the clock again (the data-plane thread, once per wake-up).
+    fn tick_clock(&self) -> u64 {
+        let now = (self.epoch.elapsed().as_millis() as u64).max(1);
+        self.clock_ms.store(now, Ordering::Relaxed);
+        now
     }
 
     fn change(
@@ -252,6 +277,13 @@ impl PeerControl {
     /// A receiver that changes whenever this node roamed (its addresses or routes changed).
     pub fn roams(&self) -> tokio::sync::watch::Receiver<u64> {
         self.0.roams.subscribe()
+    }
+
+    /// The relays this node may use from now on, in order of preference.
+    pub fn set_relays(&self, relays: Vec<[u8; 32]>) {
+        if **self.0.relays.load() != relays {
+            self.0.relays.store(Arc::new(relays));
+        }
     }
 
     /// Sends a mesh control message to the peer with key `to`, inside its tunnel (a handshake
@@ -379,6 +411,38 @@ fn bind_udp(port: u16) -> Result<(std::net::UdpSocket, bool), TunnelError> {
     Ok((socket.into(), is_v6))
 }
 
+/// Lets the kernel fragment datagrams larger than the path MTU (as kernel WireGuard does)
+/// instead of refusing them: a relayed datagram is a full-size WireGuard datagram inside a
+/// second tunnel, 80 bytes over a 1 500-byte underlay. quinn-udp sets "don't fragment";
+/// this undoes it after. Anything that fits the MTU goes out as before.
+fn may_fragment(udp: &std::net::UdpSocket, is_v6: bool) {
+    use std::os::fd::AsRawFd;
+    let off = libc::IP_PMTUDISC_DONT;
+    let set = |level, name| {
+        // SAFETY: setsockopt on a socket this function borrows, with a c_int that lives
+        // across the call and its exact size.
+        unsafe {
+            libc::setsockopt(
+                udp.as_raw_fd(),
+                level,
+                name,
+                (&off as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    let mut failed = set(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER) != 0;
+    if is_v6 {
+        failed |= set(libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER) != 0;
+    }
+    if failed {
+        tracing::warn!(
+            "cannot allow fragmentation on the WireGuard socket ({}): relayed full-size packets will be dropped",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 impl Tunnel {
     /// Creates the TUN device and sockets and starts the data plane.
     pub async fn start(config: &Config, key: &PrivateKey) -> Result<Tunnel, TunnelError> {
@@ -406,6 +470,7 @@ impl Tunnel {
                 cause,
                 hint: "the UDP socket could not be set up for batched I/O".into(),
             })?;
+        may_fragment(&udp, udp_is_v6);
         let static_private = key.secret().clone();
         let static_public = x25519::PublicKey::from(&static_private);
         let handshakes = Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT));
@@ -420,6 +485,7 @@ impl Tunnel {
                 probe_interval: None,
                 groups: Vec::new(),
                 multicast: p.multicast.clone(),
+                certified: false,
             };
             if let Some(next) = table.upsert(&static_private, spec)? {
                 table = next;
@@ -498,6 +564,14 @@ impl Tunnel {
                 ))
             }),
             roams: tokio::sync::watch::Sender::new(0),
+            epoch: std::time::Instant::now(),
+            clock_ms: std::sync::atomic::AtomicU64::new(1),
+            relays: ArcSwap::from_pointee(Vec::new()),
+            relay: config
+                .relay
+                .enabled(config)
+                .then(|| Mutex::new(relay::Relay::new(config.relay.member_kbit_per_s))),
+            probe_interval: std::time::Duration::from_millis(config.probe.interval_ms),
         });
         let dataplane = spawn_dataplane(&shared).map_err(|cause| TunnelError::Thread { cause })?;
         let multicast_routes = match &config.multicast {

@@ -45,6 +45,9 @@ pub struct PeerSpec {
     pub groups: Vec<String>,
     /// Multicast groups it takes part in: from the roster (mesh members) or `[[peers]]`.
     pub multicast: Vec<std::net::IpAddr>,
+    /// A mesh member or lighthouse whose certificate was verified: only these may send
+    /// through this node's relay, and only these are relayed to.
+    pub certified: bool,
 }
 
 /// One peer and its live state.
@@ -68,6 +71,8 @@ pub struct Peer {
     pub tx_packets: AtomicU64,
     /// The peer's own overlay address (its first host-length allowed IP), for probes.
     pub probe_addr: Option<IpAddr>,
+    /// Direct or through a relay; shared with the peer's next version, like its session.
+    pub path: Arc<super::path::PathLink>,
 }
 
 impl Peer {
@@ -107,6 +112,7 @@ impl Peer {
             rx_packets: AtomicU64::new(0),
             tx_packets: AtomicU64::new(0),
             probe_addr,
+            path: Arc::default(),
             spec,
         }
     }
@@ -245,6 +251,9 @@ impl PeerTable {
             peer.tunn = old.tunn.clone();
             peer.created = old.created;
         }
+        if let Some((_, old)) = &existing {
+            peer.path = old.path.clone();
+        }
         if let (Some(old), Ok(mut e)) = (&existing, peer.endpoint.lock()) {
             // A roster or API update never moves an endpoint an authenticated packet set; one
             // that only configuration set follows the update (a roster may know better, e.g.
@@ -298,6 +307,7 @@ mod tests {
             probe_interval: None,
             groups: Vec::new(),
             multicast: Vec::new(),
+            certified: false,
         }
     }
 

@@ -31,8 +31,15 @@ pub struct PeerView {
     pub public_key: String,
     /// The peer's allowed IPs; its overlay addresses are among them.
     pub overlay_ips: Vec<IpNet>,
-    /// Where its packets come from now (roaming updates this).
+    /// Where its packets come from now (roaming updates this); while relayed, the direct
+    /// address last known (tried again every few seconds).
     pub endpoint: Option<SocketAddr>,
+    /// The relay its datagrams go through (a lighthouse's name); `None`: direct.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    /// How often its path changed (direct to relay and back).
+    #[serde(default)]
+    pub path_changes: u64,
     /// Milliseconds since the last completed handshake.
     pub last_handshake_age_ms: Option<u64>,
     /// Probe round-trip time; `None` for peers that do not answer probes (plain WireGuard).

@@ -1,0 +1,374 @@
+//! Which way a peer's datagrams go: straight to its endpoint, or through a relay (a lighthouse
+//! that forwards them inside its own tunnels, seeing only ciphertext). Sans-IO: the data plane
+//! reports what it sent and heard, on a millisecond clock, and `PathState` says when to fall
+//! back to a relay, when to try the direct path again, and when a direct path is proven in
+//! both directions. `PathLink` is the part the packet path reads without a lock.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Something was sent on the path in use and nothing came back on it for this long: the path
+/// is dead. Peers are probed every 100 ms by default, so a live path answers well within it;
+/// a peer probed less often gets longer (`dead_after`).
+pub const DEAD_AFTER_MS: u64 = 600;
+
+/// How long a path may stay unanswered for a peer probed every `probe_interval_ms`: a probe
+/// and its answer must fit, or a one-way stream between two probes would look like a dead
+/// path.
+pub fn dead_after(probe_interval_ms: u64) -> u64 {
+    DEAD_AFTER_MS.max(probe_interval_ms.saturating_mul(3) / 2 + 300)
+}
+/// A datagram through a relay moves a peer reached directly onto that relay once nothing came
+/// directly for this long (the other side found the direct path dead first).
+pub const FOLLOW_AFTER_MS: u64 = 500;
+/// While relayed, the direct path is tried again this often.
+pub const RETRY_DIRECT_MS: u64 = 5_000;
+/// A direct datagram answers a direct probe sent this recently.
+pub const PROBE_VALID_MS: u64 = 2_000;
+/// While relayed, direct datagrams from one address are answered with a probe at most this
+/// often (each of them would otherwise cost a keepalive).
+const PROBE_GAP_MS: u64 = 250;
+
+/// What the packet path reads and writes per datagram, without a lock; shared by every
+/// version of a peer with the same key, like its session.
+#[derive(Debug, Default)]
+pub struct PathLink {
+    /// Datagrams go through `state`'s relay (read per packet).
+    pub relayed: AtomicBool,
+    /// Milliseconds (data-plane clock) of the last authenticated datagram that came directly,
+    /// and through a relay; 0: none yet.
+    pub direct_rx: AtomicU64,
+    pub relayed_rx: AtomicU64,
+    /// Something went to this peer since the last timer tick.
+    pub sending: AtomicBool,
+    pub state: Mutex<PathState>,
+}
+
+impl PathLink {
+    /// The relay in use, if any.
+    pub fn relay(&self) -> Option<[u8; 32]> {
+        if !self.relayed.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.state.lock().ok().and_then(|s| s.relay)
+    }
+
+    /// How many times the path changed (direct to relay and back, or between relays).
+    pub fn changes(&self) -> u64 {
+        self.state.lock().map(|s| s.changes).unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PathState {
+    relay: Option<[u8; 32]>,
+    /// Since when something sent on the path in use is unanswered; 0: nothing is.
+    unanswered_since: u64,
+    /// A direct keepalive sent while relayed: where, and when.
+    probe: Option<(SocketAddr, u64)>,
+    next_direct_try: u64,
+    changes: u64,
+}
+
+/// What a directly received, authenticated datagram means for a relayed peer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Direct {
+    /// Not relayed: the endpoint follows the datagram, as WireGuard's roaming does.
+    Follow,
+    /// It answers this side's probe: the direct path works both ways; leave the relay and
+    /// move the endpoint to it.
+    Upgrade,
+    /// Answer with a direct probe (a keepalive) to this address: the other side confirms
+    /// the path when it arrives.
+    Probe(SocketAddr),
+    /// Nothing to do (a probe went out a moment ago).
+    Ignore,
+}
+
+/// What a timer tick asks of the data plane for one peer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tick {
+    Stay,
+    /// Send through this relay from now on (and tell the peer at once: a keepalive, or a
+    /// handshake where there is no session).
+    Relay([u8; 32]),
+    /// Send a keepalive directly to this address; an answer from it ends the relaying.
+    TryDirect(SocketAddr),
+}
+
+/// What the data plane saw of one peer between two timer ticks.
+#[derive(Debug)]
+pub struct Seen {
+    pub now: u64,
+    /// The previous tick's time.
+    pub since: u64,
+    pub sent: bool,
+    pub direct_rx: u64,
+    pub relayed_rx: u64,
+    /// The address to try directly (its last known endpoint).
+    pub endpoint: Option<SocketAddr>,
+    /// A session exists (a keepalive can be sent without a handshake).
+    pub session: bool,
+    /// How long the path may stay unanswered (`dead_after`).
+    pub dead_after: u64,
+}
+
+impl PathState {
+    pub fn relay(&self) -> Option<[u8; 32]> {
+        self.relay
+    }
+
+    fn switch(&mut self, to: Option<[u8; 32]>, now: u64) {
+        if self.relay != to {
+            self.relay = to;
+            self.changes += 1;
+            self.unanswered_since = 0;
+            self.probe = None;
+            self.next_direct_try = now + RETRY_DIRECT_MS;
+        }
+    }
+
+    /// An authenticated datagram came directly from `from`.
+    pub fn heard_direct(&mut self, from: SocketAddr, now: u64) -> Direct {
+        if self.relay.is_none() {
+            return Direct::Follow;
+        }
+        // While relayed, direct datagrams are only probes and their answers (data goes
+        // through the relay until a side upgrades), so one from the address just probed
+        // answers the probe.
+        match self.probe {
+            Some((to, at)) if to == from && now.saturating_sub(at) <= PROBE_VALID_MS => {
+                self.switch(None, now);
+                Direct::Upgrade
+            }
+            Some((_, at)) if now.saturating_sub(at) < PROBE_GAP_MS => Direct::Ignore,
+            _ => {
+                self.probe = Some((from, now));
+                Direct::Probe(from)
+            }
+        }
+    }
+
+    /// An authenticated datagram came through relay `via`; true when this moved the peer
+    /// onto it. A peer reached directly stays direct while it was heard directly within
+    /// `FOLLOW_AFTER_MS`: datagrams still in flight through the relay must not undo an upgrade.
+    pub fn heard_relayed(&mut self, via: [u8; 32], direct_rx: u64, now: u64) -> bool {
+        match self.relay {
+            Some(r) if r == via => false,
+            Some(_) => {
+                self.switch(Some(via), now);
+                true
+            }
+            None if direct_rx == 0 || now.saturating_sub(direct_rx) > FOLLOW_AFTER_MS => {
+                self.switch(Some(via), now);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// One timer tick; `relays` are the relays this node may use, in order of preference.
+    pub fn tick(&mut self, seen: &Seen, relays: &[[u8; 32]]) -> Tick {
+        let heard = if self.relay.is_some() {
+            seen.relayed_rx
+        } else {
+            seen.direct_rx
+        };
+        if self.unanswered_since != 0 && heard >= self.unanswered_since {
+            self.unanswered_since = 0;
+        }
+        if seen.sent && self.unanswered_since == 0 && heard < seen.since {
+            self.unanswered_since = seen.since.max(1);
+        }
+        let dead = self.unanswered_since != 0
+            && seen.now.saturating_sub(self.unanswered_since) >= seen.dead_after;
+        match self.relay {
+            None => match relays.first() {
+                Some(first) if dead => {
+                    self.switch(Some(*first), seen.now);
+                    Tick::Relay(*first)
+                }
+                _ => Tick::Stay,
+            },
+            Some(via) => {
+                let at = relays.iter().position(|r| *r == via);
+                // The relay went away (or stopped relaying), or is dead while another exists:
+                // the next one; with none left, the direct path is all there is.
+                let next = match at {
+                    None => Some(relays.first().copied()),
+                    Some(i) if dead && relays.len() > 1 => {
+                        relays.get((i + 1) % relays.len()).copied().map(Some)
+                    }
+                    _ => None,
+                };
+                if let Some(next) = next {
+                    self.switch(next, seen.now);
+                    return match next {
+                        Some(r) => Tick::Relay(r),
+                        None => Tick::Stay,
+                    };
+                }
+                match seen.endpoint {
+                    Some(to) if seen.session && seen.now >= self.next_direct_try => {
+                        self.next_direct_try = seen.now + RETRY_DIRECT_MS;
+                        self.probe = Some((to, seen.now));
+                        Tick::TryDirect(to)
+                    }
+                    _ => Tick::Stay,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L1: [u8; 32] = [1; 32];
+    const L2: [u8; 32] = [2; 32];
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn seen(now: u64, sent: bool, direct_rx: u64, relayed_rx: u64) -> Seen {
+        Seen {
+            now,
+            since: now.saturating_sub(250),
+            sent,
+            direct_rx,
+            relayed_rx,
+            endpoint: Some(addr("198.51.100.7:51820")),
+            session: true,
+            dead_after: dead_after(100),
+        }
+    }
+
+    #[test]
+    fn a_peer_probed_once_a_second_is_not_judged_between_its_probes() {
+        // A one-way stream to the peer every tick; its probe answers come once a second.
+        let mut p = PathState::default();
+        for t in (250..20_000).step_by(250) {
+            let pong = t - t % 1_000 + 20;
+            let pong = if pong > t { pong - 1_000 } else { pong };
+            let mut s = seen(t, true, pong, 0);
+            s.dead_after = dead_after(1_000);
+            assert_eq!(p.tick(&s, &[L1]), Tick::Stay, "at {t} ms");
+        }
+    }
+
+    #[test]
+    fn a_path_that_answers_stays_direct_and_one_that_goes_silent_moves_to_the_relay() {
+        let mut p = PathState::default();
+        // Probes every tick, answered within the tick: never dead.
+        for t in (250..5_000).step_by(250) {
+            assert_eq!(p.tick(&seen(t, true, t - 20, 0), &[L1]), Tick::Stay);
+        }
+        // Silence from 5 000 ms on while sending: relayed within DEAD_AFTER plus a tick.
+        let mut moved = None;
+        for t in (5_000..8_000).step_by(250) {
+            if let Tick::Relay(r) = p.tick(&seen(t, true, 4_980, 0), &[L1]) {
+                moved = Some((t, r));
+                break;
+            }
+        }
+        let (at, via) = moved.expect("moved to the relay");
+        assert_eq!(via, L1);
+        assert!(at - 4_980 <= DEAD_AFTER_MS + 500, "relayed after {} ms", at - 4_980);
+        assert_eq!(p.relay(), Some(L1));
+        // Nothing sent, nothing heard: an idle peer is never judged.
+        let mut idle = PathState::default();
+        for t in (250..10_000).step_by(250) {
+            assert_eq!(idle.tick(&seen(t, false, 0, 0), &[L1]), Tick::Stay);
+        }
+        // Without a relay a dead path has nowhere to go.
+        let mut alone = PathState::default();
+        for t in (250..5_000).step_by(250) {
+            assert_eq!(alone.tick(&seen(t, true, 0, 0), &[]), Tick::Stay);
+        }
+    }
+
+    #[test]
+    fn while_relayed_the_direct_path_is_tried_and_taken_only_once_proven_both_ways() {
+        let mut a = PathState::default();
+        let mut b = PathState::default();
+        let a_at = addr("203.0.113.1:40000");
+        let b_at = addr("198.51.100.7:51820");
+        a.switch(Some(L1), 1_000);
+        assert!(b.heard_relayed(L1, 0, 1_010), "a peer never reached directly follows at once");
+        // A tries directly after RETRY_DIRECT_MS.
+        let mut tried = None;
+        for t in (1_250..8_000).step_by(250) {
+            if let Tick::TryDirect(to) = a.tick(&seen(t, true, 0, t - 10), &[L1]) {
+                tried = Some((t, to));
+                break;
+            }
+        }
+        let (t, to) = tried.expect("a direct try");
+        assert_eq!(to, b_at);
+        assert!(t >= 1_000 + RETRY_DIRECT_MS);
+        // B hears it directly: it answers with its own probe and stays relayed.
+        assert_eq!(b.heard_direct(a_at, t + 5), Direct::Probe(a_at));
+        assert_eq!(b.relay(), Some(L1));
+        // Another address a moment later (a NAT that maps anew) waits its turn.
+        assert_eq!(b.heard_direct(addr("203.0.113.1:40001"), t + 6), Direct::Ignore);
+        // A hears B's probe: proven both ways.
+        assert_eq!(a.heard_direct(b_at, t + 10), Direct::Upgrade);
+        assert_eq!(a.relay(), None);
+        // A's data now arrive at B directly: B had probed A's address, so it upgrades too.
+        assert_eq!(b.heard_direct(a_at, t + 15), Direct::Upgrade);
+        assert_eq!(b.relay(), None);
+        // Relayed datagrams still in flight do not undo it.
+        assert!(!b.heard_relayed(L1, t + 15, t + 20));
+        assert_eq!(b.relay(), None);
+        assert_eq!(a.heard_direct(b_at, t + 30), Direct::Follow);
+    }
+
+    #[test]
+    fn a_direct_datagram_from_elsewhere_is_no_proof() {
+        let mut a = PathState::default();
+        a.switch(Some(L1), 0);
+        a.probe = Some((addr("198.51.100.7:51820"), 100));
+        // From another address (the probe went elsewhere): probe it, no upgrade.
+        let other = addr("198.51.100.7:6000");
+        assert_eq!(a.heard_direct(other, 400), Direct::Probe(other));
+        assert_eq!(a.relay(), Some(L1));
+        // An answer long after the probe proves nothing either.
+        assert_eq!(a.heard_direct(other, 400 + PROBE_VALID_MS + 1), Direct::Probe(other));
+        assert_eq!(a.relay(), Some(L1));
+    }
+
+    #[test]
+    fn a_dead_relay_gives_way_to_the_next_and_a_vanished_one_to_the_first() {
+        let mut p = PathState::default();
+        p.switch(Some(L1), 0);
+        let mut moved = None;
+        for t in (250..5_000).step_by(250) {
+            if let Tick::Relay(r) = p.tick(&seen(t, true, 0, 0), &[L1, L2]) {
+                moved = Some(r);
+                break;
+            }
+        }
+        assert_eq!(moved, Some(L2));
+        // L2 stops relaying: back to L1 at once.
+        assert_eq!(p.tick(&seen(6_000, false, 0, 0), &[L1]), Tick::Relay(L1));
+        // No relay left: direct.
+        assert_eq!(p.tick(&seen(6_250, false, 0, 0), &[]), Tick::Stay);
+        assert_eq!(p.relay(), None);
+        assert!(p.changes >= 4);
+    }
+
+    #[test]
+    fn a_relayed_datagram_moves_a_direct_peer_only_once_direct_went_quiet() {
+        let mut p = PathState::default();
+        assert!(!p.heard_relayed(L1, 1_000, 1_000 + FOLLOW_AFTER_MS));
+        assert_eq!(p.relay(), None);
+        assert!(p.heard_relayed(L1, 1_000, 1_001 + FOLLOW_AFTER_MS));
+        assert_eq!(p.relay(), Some(L1));
+        // Through another relay: follow it.
+        assert!(p.heard_relayed(L2, 0, 2_000));
+        assert_eq!(p.relay(), Some(L2));
+    }
+}
