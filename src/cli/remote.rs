@@ -108,6 +108,13 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
         if !seen.is_empty() {
             println!("seen as:    {}", seen.join(", "));
         }
+        let relays: Vec<&str> = c["relays"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if !relays.is_empty() {
+            println!("relays:     {}", relays.join(", "));
+        }
     }
     let plugins: Vec<String> = v["plugins"]
         .as_array()
