@@ -293,6 +293,21 @@ fn members_learn_their_nat_from_two_lighthouses_and_robots_behind_nat_reach_a_pu
         lan.as_millis(),
         robot4["endpoint"]
     );
+    // Every pair here meets directly (a relay exists: the lighthouses relay by default).
+    for (node, peer) in [
+        (&robot1, "operator"),
+        (&robot2, "operator"),
+        (&robot1, "robot3"),
+        (&robot1, "robot4"),
+    ] {
+        let p = node.wait_peer(peer, Duration::from_secs(12), "reached directly", |p| {
+            p["relay"].is_null() && p["endpoint"].is_string()
+        });
+        eprintln!(
+            "NAT lab: {} -> {peer}: direct at {}, {} path changes",
+            node.ns.name, p["endpoint"], p["path_changes"]
+        );
+    }
     let view = operator.wait_peer(
         "robot1",
         Duration::from_secs(10),
@@ -455,4 +470,166 @@ fn members_that_cannot_meet_directly_are_relayed_and_survive_a_lighthouse_restar
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("path:             relayed via lighthouse"), "{text}");
+}
+
+/// Drops the direct WireGuard path between `ns` and `peer` (both ways), leaving every other
+/// address (the lighthouse) alone.
+fn cut_direct(ns: &Netns, peer: &str) {
+    let rules = format!(
+        "table inet cut {{\n\
+           chain out {{ type filter hook output priority 0; ip daddr {peer} udp dport 51820 drop; }}\n\
+           chain inp {{ type filter hook input priority 0; ip saddr {peer} udp sport 51820 drop; }}\n\
+         }}\n"
+    );
+    let mut nft = ns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    use std::io::Write;
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft cut in {}", ns.name);
+}
+
+/// The longest run of 100 ms intervals in which a stream delivered under a tenth of its
+/// median, in milliseconds (iperf3 -J intervals, as the receiver counted them).
+fn longest_stall(report: &serde_json::Value) -> u64 {
+    let bytes: Vec<f64> = report["intervals"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|i| i["sum"]["bytes"].as_f64()).collect())
+        .unwrap_or_default();
+    let mut sorted = bytes.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let (mut run, mut longest) = (0u64, 0u64);
+    for b in bytes {
+        run = if b < median / 10.0 { run + 100 } else { 0 };
+        longest = longest.max(run);
+    }
+    longest
+}
+
+#[test]
+fn a_stream_moves_to_the_relay_when_the_direct_path_dies_and_back_when_it_returns() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut internet = Internet::new();
+    let lh_ns = internet.host("sl1", "203.0.113.10");
+    let op_ns = internet.host("sop", "203.0.113.20");
+    let robot_ns = internet.host("srob", "203.0.113.30");
+    let ca = Fleetca::new("natlab-switch");
+    let mut lh = Spec::new("lighthouse1", &["10.78.0.250/16"]);
+    let lighthouses = format!(
+        "lighthouses = [{}]\n",
+        lighthouse_entry(&lh, "203.0.113.10", "lighthouse1")
+    );
+    let section = |spec: &Spec, group: &str, talk_to: &str| {
+        format!(
+            "[mesh]\nca = \"{}\"\ncert = \"{}\"\ntalk_to = [{talk_to}]\nrefresh_s = 2\n{lighthouses}",
+            ca.ca(),
+            ca.sign(spec, group)
+        )
+    };
+    lh.rest = format!(
+        "{}[lighthouse]\nenabled = true\n",
+        section(&lh, "lighthouses", "")
+    );
+    let mut op = Spec::new("operator", &["10.78.0.1/16"]);
+    op.rest = section(&op, "operators", "\"robots\"");
+    let mut robot = Spec::new("robot1", &["10.78.0.2/16"]);
+    robot.rest = section(&robot, "robots", "\"operators\"");
+    let _lighthouse = Node::start_spec(lh_ns, &lh, "");
+    let operator = Node::start_spec(op_ns.clone(), &op, "");
+    let robot1 = Node::start_spec(robot_ns.clone(), &robot, "");
+    ping_until(&op_ns, "10.78.0.2", Duration::from_secs(20));
+    operator.wait_peer("robot1", Duration::from_secs(5), "direct", |p| {
+        p["relay"].is_null() && p["endpoint"] == "203.0.113.30:51820"
+    });
+    robot1.poll(
+        "robot1 to learn that lighthouse1 relays",
+        Duration::from_secs(10),
+        || robot1.get("/api/v1/status")["connectivity"].clone(),
+        |c| c["relays"].as_array().is_some_and(|r| !r.is_empty()),
+    );
+
+    // A 10 Mbit/s TCP stream robot1 -> operator, counted by the operator every 100 ms.
+    let mut server = robot_ns
+        .command("iperf3")
+        .args(["-s", "-1", "-B", "10.78.0.2"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3");
+    common::wait_for(Duration::from_secs(10), "iperf3 to listen on robot1", || {
+        std::net::TcpStream::connect_timeout(
+            &"10.78.0.2:5201".parse().unwrap(),
+            Duration::from_millis(200),
+        )
+        .err()
+        .map_or(Some(()), |_| None)
+        .or_else(|| {
+            robot_ns
+                .command("ss")
+                .args(["-ltn", "sport = :5201"])
+                .output()
+                .ok()
+                .filter(|o| String::from_utf8_lossy(&o.stdout).contains("5201"))
+                .map(|_| ())
+        })
+    });
+    let client = op_ns
+        .command("iperf3")
+        .args([
+            "-c", "10.78.0.2", "-R", "-b", "10M", "-t", "24", "-i", "0.1", "-J",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("iperf3 client");
+    let flowing = |what: &str| {
+        let from = operator.peer("robot1")["rx_bytes"].as_u64().unwrap_or(0);
+        operator.poll(
+            what,
+            Duration::from_secs(10),
+            || operator.peer("robot1")["rx_bytes"].clone(),
+            |b| b.as_u64().is_some_and(|b| b > from + 1_000_000),
+        );
+    };
+    flowing("the stream to flow directly");
+    let cut = Instant::now();
+    cut_direct(&robot_ns, "203.0.113.20");
+    let relayed = operator.wait_peer("robot1", Duration::from_secs(5), "relayed", |p| {
+        p["relay"] == "lighthouse1"
+    });
+    let to_relay = cut.elapsed();
+    robot1.wait_peer("operator", Duration::from_secs(5), "relayed", |p| {
+        p["relay"] == "lighthouse1"
+    });
+    flowing("the stream to flow through the relay");
+    let healed = Instant::now();
+    robot_ns.run("nft", &["delete", "table", "inet", "cut"]);
+    operator.wait_peer("robot1", Duration::from_secs(12), "direct again", |p| {
+        p["relay"].is_null()
+    });
+    let to_direct = healed.elapsed();
+    robot1.wait_peer("operator", Duration::from_secs(5), "direct again", |p| {
+        p["relay"].is_null()
+    });
+    flowing("the stream to flow directly again");
+    let out = client.wait_with_output().unwrap();
+    let _ = server.wait();
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("iperf3 JSON report");
+    let stall = longest_stall(&report);
+    let intervals = report["intervals"].as_array().map_or(0, Vec::len);
+    eprintln!(
+        "NAT lab path switch: direct cut -> relayed after {} ms (at {}), healed -> direct after {} ms; longest stall of the 10 Mbit/s TCP stream {stall} ms over {intervals} intervals of 100 ms",
+        to_relay.as_millis(),
+        relayed["relay"],
+        to_direct.as_millis()
+    );
+    assert!(intervals >= 200, "{report}");
+    assert!(stall <= 1_500, "the stream stalled {stall} ms");
 }

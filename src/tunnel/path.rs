@@ -9,16 +9,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Something was sent on the path in use and nothing came back on it for this long: the path
-/// is dead. Peers are probed every 100 ms by default, so a live path answers well within it;
-/// a peer probed less often gets longer (`dead_after`).
-pub const DEAD_AFTER_MS: u64 = 600;
+/// is dead. Peers are probed every 100 ms by default, so a live path answers four times within
+/// it; a peer probed less often gets longer (`dead_after`). Under TCP's first retransmission
+/// timeouts (200 ms, then 400 ms more), so a stream's next retransmission already takes the
+/// relay.
+pub const DEAD_AFTER_MS: u64 = 400;
 
-/// How long a path may stay unanswered for a peer probed every `probe_interval_ms`: a probe
-/// and its answer must fit, or a one-way stream between two probes would look like a dead
-/// path.
+/// How long a path may stay unanswered for a peer probed every `probe_interval_ms`: two probes
+/// and an answer must fit, or a one-way stream between two probes would look like a dead path.
 pub fn dead_after(probe_interval_ms: u64) -> u64 {
-    DEAD_AFTER_MS.max(probe_interval_ms.saturating_mul(3) / 2 + 300)
+    DEAD_AFTER_MS.max(probe_interval_ms.saturating_mul(2) + 200)
 }
+/// A peer with no session yet goes to a relay after this long without an answer, however
+/// slowly it is probed: a handshake takes one round trip, and crossing handshakes through two
+/// NATs about two.
+pub const FIRST_CONTACT_MS: u64 = 1_000;
 /// A datagram through a relay moves a peer reached directly onto that relay once nothing came
 /// directly for this long (the other side found the direct path dead first).
 pub const FOLLOW_AFTER_MS: u64 = 500;
@@ -175,14 +180,22 @@ impl PathState {
         } else {
             seen.direct_rx
         };
-        if self.unanswered_since != 0 && heard >= self.unanswered_since {
+        // Silence counts from the last datagram heard on the path (or from the first sending
+        // after a quiet spell), and only while something is being sent.
+        if self.unanswered_since != 0 && heard > self.unanswered_since {
             self.unanswered_since = 0;
         }
-        if seen.sent && self.unanswered_since == 0 && heard < seen.since {
-            self.unanswered_since = seen.since.max(1);
+        if seen.sent && self.unanswered_since == 0 {
+            self.unanswered_since = heard.max(seen.since).max(1);
         }
-        let dead = self.unanswered_since != 0
-            && seen.now.saturating_sub(self.unanswered_since) >= seen.dead_after;
+        let limit = if seen.session {
+            seen.dead_after
+        } else {
+            seen.dead_after.min(FIRST_CONTACT_MS)
+        };
+        let dead = seen.sent
+            && self.unanswered_since != 0
+            && seen.now.saturating_sub(self.unanswered_since) >= limit;
         match self.relay {
             None => match relays.first() {
                 Some(first) if dead => {
@@ -276,13 +289,26 @@ mod tests {
         }
         let (at, via) = moved.expect("moved to the relay");
         assert_eq!(via, L1);
-        assert!(at - 4_980 <= DEAD_AFTER_MS + 500, "relayed after {} ms", at - 4_980);
+        assert!(at - 4_980 <= DEAD_AFTER_MS + 250, "relayed after {} ms", at - 4_980);
         assert_eq!(p.relay(), Some(L1));
         // Nothing sent, nothing heard: an idle peer is never judged.
         let mut idle = PathState::default();
         for t in (250..10_000).step_by(250) {
             assert_eq!(idle.tick(&seen(t, false, 0, 0), &[L1]), Tick::Stay);
         }
+        // A peer probed once a second that never answered waits FIRST_CONTACT_MS, not 2.2 s.
+        let mut first = PathState::default();
+        let mut relayed_at = None;
+        for t in (250..5_000).step_by(250) {
+            let mut s = seen(t, true, 0, 0);
+            s.session = false;
+            s.dead_after = dead_after(1_000);
+            if first.tick(&s, &[L1]) == Tick::Relay(L1) {
+                relayed_at = Some(t);
+                break;
+            }
+        }
+        assert!(relayed_at.is_some_and(|t| t <= 250 + FIRST_CONTACT_MS), "{relayed_at:?}");
         // Without a relay a dead path has nowhere to go.
         let mut alone = PathState::default();
         for t in (250..5_000).step_by(250) {
