@@ -9,16 +9,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Something was sent on the path in use and nothing came back on it for this long: the path
-/// is dead. Peers are probed every 100 ms by default, so a live path answers four times within
-/// it; a peer probed less often gets longer (`dead_after`). Under TCP's first retransmission
-/// timeouts (200 ms, then 400 ms more), so a stream's next retransmission already takes the
-/// relay.
-pub const DEAD_AFTER_MS: u64 = 400;
+/// is dead. Peers are probed every 100 ms by default, so a live path answers three times within
+/// it; a peer probed less often gets longer (`dead_after`). With the 250 ms timer tick the
+/// switch comes 300-550 ms after the silence began: before TCP's second retransmission
+/// (200 ms, then 400 ms more), so a stream's next retransmission already takes the relay.
+pub const DEAD_AFTER_MS: u64 = 300;
 
 /// How long a path may stay unanswered for a peer probed every `probe_interval_ms`: two probes
 /// and an answer must fit, or a one-way stream between two probes would look like a dead path.
 pub fn dead_after(probe_interval_ms: u64) -> u64 {
-    DEAD_AFTER_MS.max(probe_interval_ms.saturating_mul(2) + 200)
+    DEAD_AFTER_MS.max(probe_interval_ms.saturating_mul(2) + 100)
 }
 /// A peer with no session yet goes to a relay after this long without an answer, however
 /// slowly it is probed: a handshake takes one round trip, and crossing handshakes through two
