@@ -143,6 +143,46 @@ impl Site {
     }
 }
 
+impl Site {
+    /// Gives `host` (already elsewhere) an interface `ifname` on this site's LAN, at
+    /// 10.`site`.0.`2 + n`, without a route yet; returns the address.
+    fn attach(&mut self, host: &Netns, ifname: &str) -> String {
+        let port = format!("h{}", self.hosts);
+        let addr = format!("10.{}.0.{}", self.site, 2 + self.hosts);
+        self.hosts += 1;
+        self.router.run(
+            "ip",
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", ifname, "netns", &host.name,
+            ],
+        );
+        self.router
+            .run("ip", &["link", "set", &port, "master", "lan", "up"]);
+        host.run("ip", &["link", "set", ifname, "up"]);
+        addr
+    }
+}
+
+/// Moves `host` onto the LAN on `to` (address `addr` on site `site`): the new address and
+/// default route first, then the old interface `from` loses its address, as a robot's
+/// connection manager does when it changes networks.
+fn roam(host: &Netns, to: &str, addr: &str, site: u8, from: &str) {
+    host.run("ip", &["addr", "add", &format!("{addr}/24"), "dev", to]);
+    host.run(
+        "ip",
+        &[
+            "route",
+            "replace",
+            "default",
+            "via",
+            &format!("10.{site}.0.1"),
+            "dev",
+            to,
+        ],
+    );
+    host.run("ip", &["addr", "flush", "dev", from]);
+}
+
 fn lighthouse_entry(l: &Spec, endpoint: &str, name: &str) -> String {
     format!(
         "{{ name = \"{name}\", endpoint = \"{endpoint}:51820\", public_key = \"{}\", overlay = \"{}\" }}",
@@ -470,6 +510,8 @@ fn members_that_cannot_meet_directly_are_relayed_and_survive_a_lighthouse_restar
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("path:             relayed via lighthouse"), "{text}");
+    // And the addresses each member offered (its own, behind its NAT).
+    assert!(text.contains("candidates:       10.2.0.2:51820"), "{text}");
 }
 
 /// Drops the direct WireGuard path between `ns` and `peer` (both ways), leaving every other
@@ -632,4 +674,90 @@ fn a_stream_moves_to_the_relay_when_the_direct_path_dies_and_back_when_it_return
     );
     assert!(intervals >= 200, "{report}");
     assert!(stall <= 1_000, "the stream stalled {stall} ms");
+}
+
+#[test]
+fn a_robot_roams_from_one_nat_to_another_and_its_peers_follow_at_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut internet = Internet::new();
+    let lh_ns = internet.host("ml1", "203.0.113.10");
+    let op_ns = internet.host("mop", "203.0.113.20");
+    let mut site_a = internet.behind_nat("msa", "203.0.113.21", 1, NatKind::Easy);
+    let robot_ns = site_a.host("mrob");
+    let mut site_b = internet.behind_nat("msb", "203.0.113.25", 5, NatKind::Easy);
+    let mut hard_site = internet.behind_nat("mhd", "203.0.113.22", 2, NatKind::Hard);
+    let hard_ns = hard_site.host("mhdh");
+    let ca = Fleetca::new("natlab-roam");
+    let mut lh = Spec::new("lighthouse1", &["10.78.0.250/16"]);
+    let lighthouses = format!(
+        "lighthouses = [{}]\n",
+        lighthouse_entry(&lh, "203.0.113.10", "lighthouse1")
+    );
+    let section = |spec: &Spec, group: &str, talk_to: &str| {
+        format!(
+            "[mesh]\nca = \"{}\"\ncert = \"{}\"\ntalk_to = [{talk_to}]\nrefresh_s = 2\n{lighthouses}",
+            ca.ca(),
+            ca.sign(spec, group)
+        )
+    };
+    lh.rest = format!(
+        "{}[lighthouse]\nenabled = true\n",
+        section(&lh, "lighthouses", "")
+    );
+    let mut op = Spec::new("operator", &["10.78.0.1/16"]);
+    op.rest = section(&op, "operators", "\"robots\"");
+    let mut robot = Spec::new("robot1", &["10.78.0.2/16"]);
+    robot.rest = section(&robot, "robots", "\"operators\", \"robots\"");
+    let mut robot2 = Spec::new("robot2", &["10.78.0.3/16"]);
+    robot2.rest = section(&robot2, "robots", "\"operators\", \"robots\"");
+    let _lighthouse = Node::start_spec(lh_ns, &lh, "");
+    let operator = Node::start_spec(op_ns.clone(), &op, "");
+    let robot1 = Node::start_spec(robot_ns.clone(), &robot, "");
+    let _robot2 = Node::start_spec(hard_ns.clone(), &robot2, "");
+    ping_until(&robot_ns, "10.78.0.1", Duration::from_secs(20));
+    // robot2 sits behind a hard NAT: robot1 reaches it through the lighthouse.
+    ping_until(&robot_ns, "10.78.0.3", Duration::from_secs(20));
+    robot1.wait_peer("robot2", Duration::from_secs(10), "relayed", |p| {
+        p["relay"] == "lighthouse1"
+    });
+
+    let b_addr = site_b.attach(&robot_ns, "eth1");
+    let mut times = Vec::new();
+    for trial in 0..6 {
+        // Back and forth between site A (eth0, 10.1.0.2) and site B (eth1).
+        let (to, addr, site, from, public) = if trial % 2 == 0 {
+            ("eth1", b_addr.as_str(), 5, "eth0", "203.0.113.25:")
+        } else {
+            ("eth0", "10.1.0.2", 1, "eth1", "203.0.113.21:")
+        };
+        let moved = Instant::now();
+        roam(&robot_ns, to, addr, site, from);
+        // Odd trials: the operator speaks first (robot1 answers); even: robot1 does.
+        if trial % 2 == 0 {
+            ping_until(&robot_ns, "10.78.0.1", Duration::from_secs(10))
+        } else {
+            ping_until(&op_ns, "10.78.0.2", Duration::from_secs(10))
+        };
+        let usable = moved.elapsed();
+        operator.wait_peer("robot1", Duration::from_secs(5), "at its new NAT", |p| {
+            p["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.starts_with(public))
+        });
+        let relayed = ping_until(&robot_ns, "10.78.0.3", Duration::from_secs(10));
+        eprintln!(
+            "NAT lab roam {trial}: robot1 to {} ({}), usable with the operator after {} ms (robot1 {}), with robot2 (relayed) {} ms later",
+            public.trim_end_matches(':'),
+            to,
+            usable.as_millis(),
+            if trial % 2 == 0 { "initiator" } else { "responder" },
+            relayed.as_millis()
+        );
+        times.push(usable);
+    }
+    let worst = times.iter().max().unwrap();
+    assert!(
+        *worst < Duration::from_secs(1),
+        "a roam took {worst:?} (all: {times:?})"
+    );
 }

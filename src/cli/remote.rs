@@ -405,6 +405,12 @@ pub async fn peers(args: &PeersArgs) -> anyhow::Result<()> {
     if peers.is_empty() {
         println!("no peers configured");
     }
+    // Mesh members' own addresses (from the roster); a node outside a mesh has none.
+    let members = request(addr, "GET", "/api/v1/members")
+        .await
+        .ok()
+        .and_then(|m| m["members"].as_array().cloned())
+        .unwrap_or_default();
     for p in peers {
         println!(
             "peer: {}  ({})",
@@ -416,6 +422,15 @@ pub async fn peers(args: &PeersArgs) -> anyhow::Result<()> {
             p["endpoint"].as_str().unwrap_or("(none)")
         );
         println!("  path:             {}", path_text(&p));
+        let candidates: Vec<&str> = members
+            .iter()
+            .find(|m| m["name"] == p["name"])
+            .and_then(|m| m["candidates"].as_array())
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if !candidates.is_empty() {
+            println!("  candidates:       {}", candidates.join(", "));
+        }
         let ips: Vec<&str> = p["overlay_ips"]
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_str).collect())

@@ -116,6 +116,9 @@ pub struct MemberView {
     /// The multicast groups it takes part in, as it registered them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub multicast: Vec<std::net::IpAddr>,
+    /// Its own interface addresses (as it registered them, or as the roster carried them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<SocketAddr>,
 }
 
 struct Known {
@@ -126,6 +129,8 @@ struct Known {
     endpoint: Option<SocketAddr>,
     /// Its multicast groups: from its registration (lighthouses) or the roster (members).
     multicast: Vec<std::net::IpAddr>,
+    /// Its own interface addresses, as the roster (or a lookup) carried them.
+    candidates: Vec<SocketAddr>,
     source: &'static str,
 }
 
@@ -404,7 +409,11 @@ impl Mesh {
         &mut self,
         (node, not_before): (VerifiedNode, u64),
         chain: Vec<Vec<u8>>,
-        (endpoint, multicast): (Option<SocketAddr>, Vec<std::net::IpAddr>),
+        (endpoint, multicast, candidates): (
+            Option<SocketAddr>,
+            Vec<std::net::IpAddr>,
+            Option<Vec<SocketAddr>>,
+        ),
         source: &'static str,
     ) {
         if node.public_key == self.own_key || self.is_lighthouse_key(&node.public_key) {
@@ -412,6 +421,13 @@ impl Mesh {
         }
         let spec = self.member_spec(&node, endpoint, multicast.clone());
         self.version += 1;
+        // A Hello carries none: what the roster said stays.
+        let candidates = candidates.unwrap_or_else(|| {
+            self.known
+                .get(&node.public_key)
+                .map(|k| k.candidates.clone())
+                .unwrap_or_default()
+        });
         let previous = self.known.insert(
             node.public_key,
             Known {
@@ -420,6 +436,7 @@ impl Mesh {
                 chain,
                 endpoint,
                 multicast,
+                candidates,
                 source,
             },
         );
@@ -481,7 +498,7 @@ impl Mesh {
                     .get(&from)
                     .map(|k| k.multicast.clone())
                     .unwrap_or_default();
-                self.admit(node, chain, (known_endpoint, multicast), source);
+                self.admit(node, chain, (known_endpoint, multicast, None), source);
                 self.send(from, Message::Welcome);
             }
             Message::Welcome => {
@@ -859,7 +876,12 @@ impl Mesh {
             self.try_lan(key, entry.endpoint, now);
         }
         let endpoint = lan.or(entry.endpoint);
-        self.admit(node, entry.chain, (endpoint, entry.multicast), "lookup");
+        self.admit(
+            node,
+            entry.chain,
+            (endpoint, entry.multicast, Some(entry.candidates)),
+            "lookup",
+        );
         if self.known.contains_key(&key) {
             self.send(key, self.hello());
         }
@@ -965,7 +987,12 @@ impl Mesh {
                 None => self.known.get(&key).and_then(|k| k.endpoint).or(e.endpoint),
             };
             let new = !self.known.contains_key(&key);
-            self.admit(node, e.chain, (endpoint, e.multicast), "roster");
+            self.admit(
+                node,
+                e.chain,
+                (endpoint, e.multicast, Some(e.candidates)),
+                "roster",
+            );
             // Introduce ourselves: the member may not have us in its roster.
             if new && self.known.contains_key(&key) {
                 self.send(key, self.hello());
@@ -1505,6 +1532,10 @@ impl Mesh {
                     .map(|r| r.talk_to.clone())
                     .unwrap_or_default(),
                 multicast: k.multicast.clone(),
+                candidates: match self.registrations.get(&k.node.public_key) {
+                    Some(r) => r.candidates.clone(),
+                    None => k.candidates.clone(),
+                },
             })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));

@@ -603,6 +603,42 @@ mod tests {
     }
 
     #[test]
+    fn relay_frames_carry_a_datagram_and_nothing_else_passes_for_one() {
+        let key = [9u8; 32];
+        let datagram = vec![4u8; 1452];
+        let frame = relay_frame(&key, &datagram);
+        assert_eq!(parse_relay(&frame), Some((&key, datagram.as_slice())));
+        // Not a mesh message, and a mesh message is not a frame.
+        assert!(Message::decode(&frame).is_err());
+        assert_eq!(parse_relay(&Message::Welcome.encode()), None);
+        // Empty, truncated or oversized: no frame.
+        assert_eq!(parse_relay(&relay_frame(&key, &[])), None);
+        assert_eq!(parse_relay(&frame[..4 + 1 + 20]), None);
+        assert_eq!(parse_relay(&relay_frame(&key, &vec![0; MAX_RELAYED + 1])), None);
+    }
+
+    #[test]
+    fn an_observed_answer_without_the_relay_flag_means_no_relay() {
+        // What a lighthouse from before relays sends.
+        let mut old = Message::Observed {
+            endpoint: "198.51.100.9:61000".parse().unwrap(),
+            relay: true,
+        }
+        .encode();
+        old.pop();
+        assert_eq!(
+            Message::decode(&old),
+            Ok(Message::Observed {
+                endpoint: "198.51.100.9:61000".parse().unwrap(),
+                relay: false,
+            })
+        );
+        let mut odd = old.clone();
+        odd.push(7);
+        assert!(Message::decode(&odd).is_err());
+    }
+
+    #[test]
     fn a_group_that_is_not_multicast_is_refused() {
         let mut bytes = Message::Register {
             talk_to: vec![],
