@@ -84,7 +84,7 @@ pub fn describe() {
     );
     describe_counter!(
         "myelin_relay_refused_total",
-        "Datagrams this relay did not forward, by reason: not_member, unknown_target, over_rate, loop."
+        "Datagrams this relay did not forward, by reason: not_member, unknown_target (not a member with a session here), over_rate, loop, not_wireguard."
     );
     describe_counter!(
         "myelin_roams_total",

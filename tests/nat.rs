@@ -606,38 +606,43 @@ fn a_stream_moves_to_the_relay_when_the_direct_path_dies_and_back_when_it_return
         .spawn()
         .expect("iperf3");
     common::wait_for(Duration::from_secs(10), "iperf3 to listen on robot1", || {
-        std::net::TcpStream::connect_timeout(
-            &"10.78.0.2:5201".parse().unwrap(),
-            Duration::from_millis(200),
-        )
-        .err()
-        .map_or(Some(()), |_| None)
-        .or_else(|| {
-            robot_ns
-                .command("ss")
-                .args(["-ltn", "sport = :5201"])
-                .output()
-                .ok()
-                .filter(|o| String::from_utf8_lossy(&o.stdout).contains("5201"))
-                .map(|_| ())
-        })
+        robot_ns
+            .command("ss")
+            .args(["-ltn", "sport = :5201"])
+            .output()
+            .ok()
+            .filter(|o| String::from_utf8_lossy(&o.stdout).contains("5201"))
+            .map(|_| ())
     });
-    let client = op_ns
+    let mut client = op_ns
         .command("iperf3")
         .args([
             "-c", "10.78.0.2", "-R", "-b", "10M", "-t", "24", "-i", "0.1", "-J",
         ])
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("iperf3 client");
-    let flowing = |what: &str| {
+    let mut flowing = |what: &str| {
         let from = operator.peer("robot1")["rx_bytes"].as_u64().unwrap_or(0);
-        operator.poll(
-            what,
-            Duration::from_secs(10),
-            || operator.peer("robot1")["rx_bytes"].clone(),
-            |b| b.as_u64().is_some_and(|b| b > from + 1_000_000),
-        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = operator.peer("robot1");
+            if now["rx_bytes"].as_u64().is_some_and(|b| b > from + 1_000_000) {
+                return;
+            }
+            if let Ok(Some(status)) = client.try_wait() {
+                panic!("iperf3 ended ({status}) before {what}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after 10 s waiting for {what}: robot1 as the operator sees it: {now:#}\nrobot1's view of the operator: {:#}\noperator log:\n{}\nrobot1 log:\n{}",
+                robot1.peer("operator"),
+                operator.log(),
+                robot1.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     };
     flowing("the stream to flow directly");
     let cut = Instant::now();
@@ -660,6 +665,7 @@ fn a_stream_moves_to_the_relay_when_the_direct_path_dies_and_back_when_it_return
         p["relay"].is_null()
     });
     flowing("the stream to flow directly again");
+    drop(flowing);
     let out = client.wait_with_output().unwrap();
     let _ = server.wait();
     let report: serde_json::Value =

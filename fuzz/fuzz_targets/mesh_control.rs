@@ -7,8 +7,8 @@ use myelin::mesh::wire::{parse_relay, relay_frame, Message};
 
 fuzz_target!(|data: &[u8]| {
     // A relay frame (a member's WireGuard datagram through a relay) frames again the same.
-    if let Some((peer, datagram)) = parse_relay(data) {
-        assert_eq!(relay_frame(peer, datagram), data);
+    if let Some((leg, peer, datagram)) = parse_relay(data) {
+        assert_eq!(relay_frame(leg, peer, datagram), data);
     }
     if let Ok(m) = Message::decode(data) {
         // What decodes re-encodes to something that decodes to the same message.

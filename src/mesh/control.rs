@@ -307,7 +307,8 @@ impl Mesh {
                 probe_interval: Some(SLOW_PROBE_INTERVAL),
                 groups: Vec::new(),
                 multicast: Vec::new(),
-                certified: true,
+                // Reached directly, never relayed to or through another relay.
+                certified: false,
             }));
         }
         mesh

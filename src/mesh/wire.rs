@@ -14,8 +14,19 @@ const MAX_CANDIDATES: usize = 8;
 const MAX_TALK_TO: usize = 32;
 const MAX_GROUPS: usize = crate::tunnel::multicast::MAX_GROUPS;
 
-/// The type byte of a relayed datagram (`relay_frame`), after `MAGIC`.
-const RELAY: u8 = 13;
+/// The type byte of a relayed datagram (`relay_frame`), after `MAGIC`: on its way to the
+/// relay, and from it. A relay forwards only the first; a member unpacks only the second.
+const TO_RELAY: u8 = 13;
+const FROM_RELAY: u8 = 14;
+
+/// Which way a relay frame travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leg {
+    /// From a member to the relay: the key is where it goes.
+    ToRelay,
+    /// From the relay to a member: the key is who sent it.
+    FromRelay,
+}
 /// The largest WireGuard datagram a relay carries: a full-size packet of the largest TUN MTU
 /// the node allows (9000), plus WireGuard's 32 bytes.
 pub const MAX_RELAYED: usize = 9032;
@@ -23,21 +34,30 @@ pub const MAX_RELAYED: usize = 9032;
 /// A WireGuard datagram carried by a relay, inside the member-to-relay tunnel: to the relay,
 /// `peer` is where it goes; from the relay, who sent it. The relay never holds a key for the
 /// datagram itself, so it sees only ciphertext.
-pub fn relay_frame(peer: &[u8; 32], datagram: &[u8]) -> Vec<u8> {
+pub fn relay_frame(leg: Leg, peer: &[u8; 32], datagram: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(MAGIC.len() + 1 + 32 + datagram.len());
     out.extend_from_slice(MAGIC);
-    out.push(RELAY);
+    out.push(match leg {
+        Leg::ToRelay => TO_RELAY,
+        Leg::FromRelay => FROM_RELAY,
+    });
     out.extend_from_slice(peer);
     out.extend_from_slice(datagram);
     out
 }
 
-/// The peer and datagram of a relay frame; `None` for anything else (other mesh messages
-/// included), and for an empty or oversized datagram.
-pub fn parse_relay(bytes: &[u8]) -> Option<(&[u8; 32], &[u8])> {
-    let rest = bytes.strip_prefix(MAGIC.as_slice())?.strip_prefix(&[RELAY])?;
+/// The leg, peer and datagram of a relay frame; `None` for anything else (other mesh
+/// messages included), and for an empty or oversized datagram.
+pub fn parse_relay(bytes: &[u8]) -> Option<(Leg, &[u8; 32], &[u8])> {
+    let rest = bytes.strip_prefix(MAGIC.as_slice())?;
+    let (kind, rest) = rest.split_first()?;
+    let leg = match *kind {
+        TO_RELAY => Leg::ToRelay,
+        FROM_RELAY => Leg::FromRelay,
+        _ => return None,
+    };
     let (peer, datagram) = rest.split_first_chunk::<32>()?;
-    (!datagram.is_empty() && datagram.len() <= MAX_RELAYED).then_some((peer, datagram))
+    (!datagram.is_empty() && datagram.len() <= MAX_RELAYED).then_some((leg, peer, datagram))
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -606,15 +626,26 @@ mod tests {
     fn relay_frames_carry_a_datagram_and_nothing_else_passes_for_one() {
         let key = [9u8; 32];
         let datagram = vec![4u8; 1452];
-        let frame = relay_frame(&key, &datagram);
-        assert_eq!(parse_relay(&frame), Some((&key, datagram.as_slice())));
+        let frame = relay_frame(Leg::ToRelay, &key, &datagram);
+        assert_eq!(
+            parse_relay(&frame),
+            Some((Leg::ToRelay, &key, datagram.as_slice()))
+        );
+        let back = relay_frame(Leg::FromRelay, &key, &datagram);
+        assert_eq!(
+            parse_relay(&back),
+            Some((Leg::FromRelay, &key, datagram.as_slice()))
+        );
         // Not a mesh message, and a mesh message is not a frame.
         assert!(Message::decode(&frame).is_err());
         assert_eq!(parse_relay(&Message::Welcome.encode()), None);
         // Empty, truncated or oversized: no frame.
-        assert_eq!(parse_relay(&relay_frame(&key, &[])), None);
+        assert_eq!(parse_relay(&relay_frame(Leg::ToRelay, &key, &[])), None);
         assert_eq!(parse_relay(&frame[..4 + 1 + 20]), None);
-        assert_eq!(parse_relay(&relay_frame(&key, &vec![0; MAX_RELAYED + 1])), None);
+        assert_eq!(
+            parse_relay(&relay_frame(Leg::FromRelay, &key, &vec![0; MAX_RELAYED + 1])),
+            None
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 use super::batch::{Batcher, HANDSHAKE_INIT_LEN, OVERHEAD};
 use super::lanes::{self, BulkQueue};
 use super::path::{Direct, Seen, Tick};
+use crate::mesh::wire::Leg;
 use super::{DataPlaneShared, Peer, PeerTable};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
@@ -369,23 +370,17 @@ fn reply(shared: &DataPlaneShared, peer: &Peer, source: Source, datagram: &[u8])
     }
 }
 
-/// Frames `datagram` for `target` and sends it to relay `via` inside the tunnel with it.
+/// Frames `datagram` for `target` and sends it to relay `via` inside the tunnel with it,
+/// straight to the relay's endpoint (a relay is never reached through another).
 fn relay_out(shared: &DataPlaneShared, via: &[u8; 32], target: &[u8; 32], datagram: &[u8]) -> bool {
     let table = shared.table.load();
     let Some((_, relay)) = table.by_key(via) else {
         return false;
     };
-    // A relay is reached directly: never a frame inside a frame.
-    if relay.path.relayed.load(Ordering::Relaxed) {
-        return false;
-    }
     metrics::counter!("myelin_relayed_bytes_total", "direction" => "out")
         .increment(datagram.len() as u64);
-    send_control(
-        shared,
-        relay,
-        &crate::mesh::wire::relay_frame(target, datagram),
-    )
+    let frame = crate::mesh::wire::relay_frame(Leg::ToRelay, target, datagram);
+    control_packet(shared, relay, &frame, Route::Direct)
 }
 
 /// A relay frame from member `sender` for `target`: forwarded inside the target's tunnel,
@@ -409,8 +404,21 @@ fn forward(
         if *target == sender.public_key_bytes || *target == shared.static_public.to_bytes() {
             return Err(Refused::Loop);
         }
+        // Only WireGuard messages (types 1-4) travel: anything else is nobody's datagram.
+        if !matches!(datagram.first(), Some(1..=4)) {
+            return Err(Refused::NotWireGuard);
+        }
         let (_, to) = table.by_key(target).ok_or(Refused::UnknownTarget)?;
         if !to.spec.certified || to.path.relayed.load(Ordering::Relaxed) {
+            return Err(Refused::UnknownTarget);
+        }
+        // Never queued for a member without a session (offline, or its session expired):
+        // boringtun would hold up to 256 frames per target until it came back.
+        let session = to
+            .tunn
+            .lock()
+            .is_ok_and(|t| t.time_since_last_handshake().is_some());
+        if !session {
             return Err(Refused::UnknownTarget);
         }
         let mut relay = relay.lock().map_err(|_| Refused::UnknownTarget)?;
@@ -421,8 +429,9 @@ fn forward(
     })();
     match verdict {
         Ok(to) => {
-            let frame = crate::mesh::wire::relay_frame(&sender.public_key_bytes, datagram);
-            if send_control(shared, to, &frame) {
+            let frame =
+                crate::mesh::wire::relay_frame(Leg::FromRelay, &sender.public_key_bytes, datagram);
+            if control_packet(shared, to, &frame, Route::Direct) {
                 metrics::counter!("myelin_relay_bytes_total").increment(datagram.len() as u64);
             }
         }
@@ -467,7 +476,9 @@ fn heard(shared: &DataPlaneShared, peer: &Peer, source: Source) {
             let direct_rx = link.direct_rx.load(Ordering::Relaxed);
             let moved = match link.state.lock() {
                 Ok(mut s) => {
-                    let moved = s.heard_relayed(via, direct_rx, now);
+                    // Of two sides on different relays, the one with the larger key follows.
+                    let yields = shared.static_public.to_bytes() > peer.public_key_bytes;
+                    let moved = s.heard_relayed(via, direct_rx, now, yields);
                     link.relayed.store(s.relay().is_some(), Ordering::Relaxed);
                     moved
                 }
@@ -725,6 +736,18 @@ pub(super) fn announce(shared: &DataPlaneShared, peer: &Peer) -> bool {
 /// Wraps `payload` in IPv4/UDP from this node's overlay address to the peer's, and sends it
 /// through the peer's tunnel.
 pub(super) fn send_control(shared: &DataPlaneShared, peer: &Peer, payload: &[u8]) -> bool {
+    control_packet(shared, peer, payload, Route::Path)
+}
+
+/// How a control packet leaves: on the peer's path (perhaps a relay), or straight to its
+/// endpoint (relay frames: a relay is never reached through another).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Path,
+    Direct,
+}
+
+fn control_packet(shared: &DataPlaneShared, peer: &Peer, payload: &[u8], route: Route) -> bool {
     let (Some(src), Some(IpAddr::V4(dst))) = (
         shared.overlay_v4,
         peer.probe_addr
@@ -733,7 +756,8 @@ pub(super) fn send_control(shared: &DataPlaneShared, peer: &Peer, payload: &[u8]
         tracing::debug!(peer = %peer.name, "no IPv4 overlay path for a mesh message");
         return false;
     };
-    if peer.endpoint().is_none() && !peer.path.relayed.load(Ordering::Relaxed) {
+    let relayed = route == Route::Path && peer.path.relayed.load(Ordering::Relaxed);
+    if peer.endpoint().is_none() && !relayed {
         return false;
     }
     let port = crate::mesh::wire::MESH_PORT.to_be_bytes();
@@ -764,7 +788,17 @@ pub(super) fn send_control(shared: &DataPlaneShared, peer: &Peer, payload: &[u8]
         },
         Err(_) => return false,
     };
-    out.get(..len).is_some_and(|p| transmit(shared, peer, p))
+    let Some(p) = out.get(..len) else {
+        return false;
+    };
+    match (route, peer.endpoint()) {
+        (Route::Path, _) => transmit(shared, peer, p),
+        (Route::Direct, Some(to)) => {
+            send(shared, to, p, None);
+            true
+        }
+        (Route::Direct, None) => false,
+    }
 }
 
 fn ipv4_checksum(header: &[u8]) -> u16 {
@@ -1064,18 +1098,34 @@ fn receive_relayed(
 ) {
     metrics::counter!("myelin_relayed_bytes_total", "direction" => "in")
         .increment(datagram.len() as u64);
-    // Under load a handshake through a relay is refused rather than answered with a cookie
-    // (verify's cookie would go to the relay's address, which cannot use it).
-    let packet = match shared.handshakes.verify_packet(None, datagram, &mut out.reply) {
+    // Relays are reached directly: a relay naming itself or another relay is refused.
+    if from == via || shared.relays.load().contains(&from) {
+        return;
+    }
+    let packet = match shared
+        .handshakes
+        .verify_packet(Some(at.ip()), datagram, &mut out.reply)
+    {
         Ok(packet) => packet,
+        // Under load: the cookie goes back the way the handshake came.
+        Err(TunnResult::WriteToNetwork(cookie)) => {
+            metrics::counter!("myelin_tunnel_handshake_refused_total", "reason" => "under_load")
+                .increment(1);
+            relay_out(shared, &via, &from, cookie);
+            return;
+        }
         Err(_) => return,
     };
     let table = shared.table.load();
     let Some(idx) = find_peer(shared, &table, &packet, None) else {
         return;
     };
-    // The relay said who sent it; a datagram of another member's session is dropped.
-    if table.get(idx).is_none_or(|p| p.public_key_bytes != from) {
+    // The relay said who sent it; a datagram of another member's session, or of a peer
+    // that is not a certified member, is dropped.
+    if table
+        .get(idx)
+        .is_none_or(|p| p.public_key_bytes != from || !p.spec.certified)
+    {
         return;
     }
     // A frame inside a frame is never unpacked again.
@@ -1220,18 +1270,24 @@ fn decapsulate(
             heard(shared, peer, source);
             if let Some(hook) = shared.mesh.get() {
                 if let Some(payload) = buf.get(off..off + len).and_then(mesh_payload) {
-                    if let Some((member, inner)) = crate::mesh::wire::parse_relay(payload) {
-                        if let Source::Relayed { .. } = source {
-                            return Decapsulated::Nothing;
+                    if let Some((leg, member, inner)) = crate::mesh::wire::parse_relay(payload) {
+                        // A frame inside a frame is never unpacked; a relay forwards only what
+                        // is on its way to it; a member unpacks only what its relays send.
+                        match (source, leg) {
+                            (Source::Relayed { .. }, _) => {}
+                            (Source::Direct(_), Leg::ToRelay) => {
+                                forward(shared, table, peer, member, inner);
+                            }
+                            (Source::Direct(at), Leg::FromRelay) => {
+                                if shared.relays.load().contains(&peer.public_key_bytes) {
+                                    return Decapsulated::Relayed {
+                                        via: (peer.public_key_bytes, at),
+                                        from: *member,
+                                        datagram: inner.to_vec(),
+                                    };
+                                }
+                            }
                         }
-                        if shared.relays.load().contains(&peer.public_key_bytes) {
-                            return Decapsulated::Relayed {
-                                via: (peer.public_key_bytes, from),
-                                from: *member,
-                                datagram: inner.to_vec(),
-                            };
-                        }
-                        forward(shared, table, peer, member, inner);
                         return Decapsulated::Nothing;
                     }
                     let datagram = super::ControlDatagram {
@@ -1409,6 +1465,17 @@ fn paths(shared: &DataPlaneShared, table: &PeerTable, since: u64) {
                     .unwrap_or(shared.probe_interval)
                     .as_millis() as u64,
             ),
+            relay_alive: link.relay().is_some_and(|via| {
+                table.by_key(&via).is_some_and(|(_, r)| {
+                    let limit = super::path::dead_after(
+                        r.spec
+                            .probe_interval
+                            .unwrap_or(shared.probe_interval)
+                            .as_millis() as u64,
+                    );
+                    now.saturating_sub(r.path.direct_rx.load(Ordering::Relaxed)) < limit
+                })
+            }),
         };
         let (tick, relayed) = match link.state.lock() {
             Ok(mut s) => {

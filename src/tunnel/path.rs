@@ -18,7 +18,7 @@ pub const DEAD_AFTER_MS: u64 = 300;
 /// How long a path may stay unanswered for a peer probed every `probe_interval_ms`: two probes
 /// and an answer must fit, or a one-way stream between two probes would look like a dead path.
 pub fn dead_after(probe_interval_ms: u64) -> u64 {
-    DEAD_AFTER_MS.max(probe_interval_ms.saturating_mul(2) + 100)
+    DEAD_AFTER_MS.max(probe_interval_ms.saturating_mul(2).saturating_add(100))
 }
 /// A peer with no session yet goes to a relay after this long without an answer, however
 /// slowly it is probed: a handshake takes one round trip, and crossing handshakes through two
@@ -27,8 +27,13 @@ pub const FIRST_CONTACT_MS: u64 = 1_000;
 /// A datagram through a relay moves a peer reached directly onto that relay once nothing came
 /// directly for this long (the other side found the direct path dead first).
 pub const FOLLOW_AFTER_MS: u64 = 500;
-/// While relayed, the direct path is tried again this often.
+/// While relayed, the direct path is tried again this often...
 pub const RETRY_DIRECT_MS: u64 = 5_000;
+/// ...doubling up to this when a direct path fails again soon after an upgrade (a path that
+/// works one way only would otherwise cost a short outage at every try).
+pub const MAX_RETRY_DIRECT_MS: u64 = 300_000;
+/// An upgrade that falls back sooner than this counts as failed.
+const UPGRADE_HELD_MS: u64 = 10_000;
 /// A direct datagram answers a direct probe sent this recently.
 pub const PROBE_VALID_MS: u64 = 2_000;
 /// While relayed, direct datagrams from one address are answered with a probe at most this
@@ -73,6 +78,11 @@ pub struct PathState {
     /// A direct keepalive sent while relayed: where, and when.
     probe: Option<(SocketAddr, u64)>,
     next_direct_try: u64,
+    /// The current wait between direct tries (0: `RETRY_DIRECT_MS`).
+    retry: u64,
+    /// When the peer last moved (any way), and last moved back to direct.
+    switched_at: u64,
+    upgraded_at: u64,
     changes: u64,
 }
 
@@ -117,6 +127,8 @@ pub struct Seen {
     pub session: bool,
     /// How long the path may stay unanswered (`dead_after`).
     pub dead_after: u64,
+    /// The relay in use answers its own probes (it is up; the peer behind it may not be).
+    pub relay_alive: bool,
 }
 
 impl PathState {
@@ -125,13 +137,28 @@ impl PathState {
     }
 
     fn switch(&mut self, to: Option<[u8; 32]>, now: u64) {
-        if self.relay != to {
-            self.relay = to;
-            self.changes += 1;
-            self.unanswered_since = 0;
-            self.probe = None;
-            self.next_direct_try = now + RETRY_DIRECT_MS;
+        if self.relay == to {
+            return;
         }
+        match (self.relay, to) {
+            (Some(_), None) => self.upgraded_at = now,
+            (None, Some(_)) => {
+                self.retry = if self.upgraded_at != 0
+                    && now.saturating_sub(self.upgraded_at) < UPGRADE_HELD_MS
+                {
+                    (self.retry.max(RETRY_DIRECT_MS) * 2).min(MAX_RETRY_DIRECT_MS)
+                } else {
+                    RETRY_DIRECT_MS
+                };
+            }
+            _ => {}
+        }
+        self.relay = to;
+        self.changes += 1;
+        self.switched_at = now;
+        self.unanswered_since = 0;
+        self.probe = None;
+        self.next_direct_try = now + self.retry.max(RETRY_DIRECT_MS);
     }
 
     /// An authenticated datagram came directly from `from`.
@@ -158,13 +185,17 @@ impl PathState {
     /// An authenticated datagram came through relay `via`; true when this moved the peer
     /// onto it. A peer reached directly stays direct while it was heard directly within
     /// `FOLLOW_AFTER_MS`: datagrams still in flight through the relay must not undo an upgrade.
-    pub fn heard_relayed(&mut self, via: [u8; 32], direct_rx: u64, now: u64) -> bool {
+    /// Between two relays only the side that `yields` (one side of each pair, by key) follows
+    /// the other's choice, and not within `FOLLOW_AFTER_MS` of its last move: two sides that
+    /// chose different relays settle on one instead of trading places.
+    pub fn heard_relayed(&mut self, via: [u8; 32], direct_rx: u64, now: u64, yields: bool) -> bool {
         match self.relay {
             Some(r) if r == via => false,
-            Some(_) => {
+            Some(_) if yields && now.saturating_sub(self.switched_at) > FOLLOW_AFTER_MS => {
                 self.switch(Some(via), now);
                 true
             }
+            Some(_) => false,
             None if direct_rx == 0 || now.saturating_sub(direct_rx) > FOLLOW_AFTER_MS => {
                 self.switch(Some(via), now);
                 true
@@ -206,11 +237,12 @@ impl PathState {
             },
             Some(via) => {
                 let at = relays.iter().position(|r| *r == via);
-                // The relay went away (or stopped relaying), or is dead while another exists:
-                // the next one; with none left, the direct path is all there is.
+                // The relay went away (or stopped relaying), or is itself silent while another
+                // exists: the next one; with none left, the direct path is all there is. A
+                // peer that is simply offline behind a live relay stays where it is.
                 let next = match at {
                     None => Some(relays.first().copied()),
-                    Some(i) if dead && relays.len() > 1 => {
+                    Some(i) if dead && !seen.relay_alive && relays.len() > 1 => {
                         relays.get((i + 1) % relays.len()).copied().map(Some)
                     }
                     _ => None,
@@ -224,7 +256,7 @@ impl PathState {
                 }
                 match seen.endpoint {
                     Some(to) if seen.session && seen.now >= self.next_direct_try => {
-                        self.next_direct_try = seen.now + RETRY_DIRECT_MS;
+                        self.next_direct_try = seen.now + self.retry.max(RETRY_DIRECT_MS);
                         self.probe = Some((to, seen.now));
                         Tick::TryDirect(to)
                     }
@@ -256,6 +288,7 @@ mod tests {
             endpoint: Some(addr("198.51.100.7:51820")),
             session: true,
             dead_after: dead_after(100),
+            relay_alive: true,
         }
     }
 
@@ -323,7 +356,10 @@ mod tests {
         let a_at = addr("203.0.113.1:40000");
         let b_at = addr("198.51.100.7:51820");
         a.switch(Some(L1), 1_000);
-        assert!(b.heard_relayed(L1, 0, 1_010), "a peer never reached directly follows at once");
+        assert!(
+            b.heard_relayed(L1, 0, 1_010, false),
+            "a peer never reached directly follows at once"
+        );
         // A tries directly after RETRY_DIRECT_MS.
         let mut tried = None;
         for t in (1_250..8_000).step_by(250) {
@@ -347,7 +383,7 @@ mod tests {
         assert_eq!(b.heard_direct(a_at, t + 15), Direct::Upgrade);
         assert_eq!(b.relay(), None);
         // Relayed datagrams still in flight do not undo it.
-        assert!(!b.heard_relayed(L1, t + 15, t + 20));
+        assert!(!b.heard_relayed(L1, t + 15, t + 20, true));
         assert_eq!(b.relay(), None);
         assert_eq!(a.heard_direct(b_at, t + 30), Direct::Follow);
     }
@@ -368,11 +404,19 @@ mod tests {
 
     #[test]
     fn a_dead_relay_gives_way_to_the_next_and_a_vanished_one_to_the_first() {
+        // A peer offline behind a live relay: no rotation.
+        let mut offline = PathState::default();
+        offline.switch(Some(L1), 0);
+        for t in (250..5_000).step_by(250) {
+            assert_eq!(offline.tick(&seen(t, true, 0, 0), &[L1, L2]), Tick::Stay, "at {t}");
+        }
         let mut p = PathState::default();
         p.switch(Some(L1), 0);
         let mut moved = None;
         for t in (250..5_000).step_by(250) {
-            if let Tick::Relay(r) = p.tick(&seen(t, true, 0, 0), &[L1, L2]) {
+            let mut s = seen(t, true, 0, 0);
+            s.relay_alive = false;
+            if let Tick::Relay(r) = p.tick(&s, &[L1, L2]) {
                 moved = Some(r);
                 break;
             }
@@ -389,12 +433,52 @@ mod tests {
     #[test]
     fn a_relayed_datagram_moves_a_direct_peer_only_once_direct_went_quiet() {
         let mut p = PathState::default();
-        assert!(!p.heard_relayed(L1, 1_000, 1_000 + FOLLOW_AFTER_MS));
+        assert!(!p.heard_relayed(L1, 1_000, 1_000 + FOLLOW_AFTER_MS, true));
         assert_eq!(p.relay(), None);
-        assert!(p.heard_relayed(L1, 1_000, 1_001 + FOLLOW_AFTER_MS));
+        assert!(p.heard_relayed(L1, 1_000, 1_001 + FOLLOW_AFTER_MS, true));
         assert_eq!(p.relay(), Some(L1));
-        // Through another relay: follow it.
-        assert!(p.heard_relayed(L2, 0, 2_000));
+        // Through another relay: the side that yields follows it, not at once after a move.
+        assert!(!p.heard_relayed(L2, 0, 1_600, true));
+        assert!(!p.heard_relayed(L2, 0, 2_600, false));
+        assert_eq!(p.relay(), Some(L1));
+        assert!(p.heard_relayed(L2, 0, 2_600, true));
         assert_eq!(p.relay(), Some(L2));
+    }
+
+    #[test]
+    fn two_sides_on_different_relays_settle_on_one() {
+        let (mut a, mut b) = (PathState::default(), PathState::default());
+        a.switch(Some(L1), 0);
+        b.switch(Some(L2), 0);
+        // Each hears the other through the other's relay, over and over; A yields.
+        for t in (600..5_000).step_by(50) {
+            a.heard_relayed(b.relay().unwrap(), 0, t, true);
+            b.heard_relayed(a.relay().unwrap(), 0, t, false);
+        }
+        assert_eq!(a.relay(), Some(L2));
+        assert_eq!(b.relay(), Some(L2));
+        assert_eq!(a.changes, 2);
+        assert_eq!(b.changes, 1);
+    }
+
+    #[test]
+    fn a_direct_path_that_fails_right_after_an_upgrade_is_tried_less_often() {
+        let mut p = PathState::default();
+        let mut now = 0;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            p.switch(Some(L1), now);
+            waits.push(p.next_direct_try - now);
+            // Upgraded at the try, and dead again 2 s later.
+            now = p.next_direct_try;
+            p.switch(None, now);
+            now += 2_000;
+        }
+        assert_eq!(waits[0], RETRY_DIRECT_MS);
+        assert_eq!(waits[1], 2 * RETRY_DIRECT_MS);
+        assert_eq!(*waits.last().unwrap(), MAX_RETRY_DIRECT_MS);
+        // A direct path that held for a while starts again from 5 s.
+        p.switch(Some(L1), now + UPGRADE_HELD_MS + 1);
+        assert_eq!(p.next_direct_try - (now + UPGRADE_HELD_MS + 1), RETRY_DIRECT_MS);
     }
 }

@@ -45,8 +45,9 @@ pub struct PeerSpec {
     pub groups: Vec<String>,
     /// Multicast groups it takes part in: from the roster (mesh members) or `[[peers]]`.
     pub multicast: Vec<std::net::IpAddr>,
-    /// A mesh member or lighthouse whose certificate was verified: only these may send
-    /// through this node's relay, and only these are relayed to.
+    /// A mesh member whose certificate was verified: only these may send through this node's
+    /// relay, only these are relayed to, and only these are ever reached through a relay
+    /// (a lighthouse is always reached directly).
     pub certified: bool,
 }
 
@@ -145,6 +146,8 @@ pub struct PeerTable {
     /// the old peer then fails authentication with the new one.
     slots: Vec<Option<Arc<Peer>>>,
     routes: RouteTable,
+    /// Slot by public key: relayed datagrams are looked up by key, per datagram.
+    keys: std::collections::HashMap<[u8; 32], usize>,
 }
 
 impl PeerTable {
@@ -179,7 +182,8 @@ impl PeerTable {
     }
 
     pub fn by_key(&self, key: &[u8; 32]) -> Option<(usize, &Arc<Peer>)> {
-        self.iter().find(|(_, p)| &p.public_key_bytes == key)
+        let slot = *self.keys.get(key)?;
+        self.get(slot).map(|p| (slot, p))
     }
 
     fn with_slots(slots: Vec<Option<Arc<Peer>>>) -> Self {
@@ -187,7 +191,16 @@ impl PeerTable {
             p.iter()
                 .flat_map(move |p| p.allowed_ips.iter().map(move |n| (n, i)))
         }));
-        Self { slots, routes }
+        let keys = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|p| (p.public_key_bytes, i)))
+            .collect();
+        Self {
+            slots,
+            routes,
+            keys,
+        }
     }
 
     /// The table with `spec` added, or updated in place when its key is already a peer. An

@@ -19,6 +19,8 @@ pub enum Refused {
     OverRate,
     /// To itself, or a frame inside a frame.
     Loop,
+    /// Not a WireGuard message.
+    NotWireGuard,
 }
 
 impl Refused {
@@ -28,6 +30,7 @@ impl Refused {
             Refused::UnknownTarget => "unknown_target",
             Refused::OverRate => "over_rate",
             Refused::Loop => "loop",
+            Refused::NotWireGuard => "not_wireguard",
         }
     }
 }
