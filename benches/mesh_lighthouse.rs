@@ -160,6 +160,7 @@ fn lighthouse(ca_key: &SigningKey, now: Instant) -> Mesh {
             candidates: vec![],
             listen_port: 51820,
             lighthouse: true,
+            relay: true,
             refresh: Duration::from_secs(30),
             revocations: None,
             issuer: None,

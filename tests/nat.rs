@@ -453,7 +453,9 @@ fn members_that_cannot_meet_directly_are_relayed_and_survive_a_lighthouse_restar
     let easy_hard = ping_until(&easy_ns, "10.78.0.3", Duration::from_secs(30));
     let relayed = |node: &Node, peer: &str| {
         node.wait_peer(peer, Duration::from_secs(5), "relayed", |p| {
-            p["relay"].as_str().is_some_and(|r| r.starts_with("lighthouse"))
+            p["relay"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("lighthouse"))
         })
     };
     let view = relayed(&robot1, "robot2");
@@ -481,7 +483,12 @@ fn members_that_cannot_meet_directly_are_relayed_and_survive_a_lighthouse_restar
     robot1.poll(
         "robot1 to try robot2 directly again",
         Duration::from_secs(12),
-        || serde_json::json!(metric_sum(&robot1.metrics(), "myelin_path_direct_tries_total")),
+        || {
+            serde_json::json!(metric_sum(
+                &robot1.metrics(),
+                "myelin_path_direct_tries_total"
+            ))
+        },
         |n| n.as_f64().is_some_and(|n| n > tries),
     );
     relayed(&robot1, "robot2");
@@ -509,7 +516,10 @@ fn members_that_cannot_meet_directly_are_relayed_and_survive_a_lighthouse_restar
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("path:             relayed via lighthouse"), "{text}");
+    assert!(
+        text.contains("path:             relayed via lighthouse"),
+        "{text}"
+    );
     // And the addresses each member offered (its own, behind its NAT).
     assert!(text.contains("candidates:       10.2.0.2:51820"), "{text}");
 }
@@ -543,7 +553,11 @@ fn cut_direct(ns: &Netns, peer: &str) {
 fn longest_stall(report: &serde_json::Value) -> u64 {
     let bytes: Vec<f64> = report["intervals"]
         .as_array()
-        .map(|a| a.iter().filter_map(|i| i["sum"]["bytes"].as_f64()).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i["sum"]["bytes"].as_f64())
+                .collect()
+        })
         .unwrap_or_default();
     let mut sorted = bytes.clone();
     sorted.sort_by(f64::total_cmp);
@@ -605,19 +619,32 @@ fn a_stream_moves_to_the_relay_when_the_direct_path_dies_and_back_when_it_return
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("iperf3");
-    common::wait_for(Duration::from_secs(10), "iperf3 to listen on robot1", || {
-        robot_ns
-            .command("ss")
-            .args(["-ltn", "sport = :5201"])
-            .output()
-            .ok()
-            .filter(|o| String::from_utf8_lossy(&o.stdout).contains("5201"))
-            .map(|_| ())
-    });
+    common::wait_for(
+        Duration::from_secs(10),
+        "iperf3 to listen on robot1",
+        || {
+            robot_ns
+                .command("ss")
+                .args(["-ltn", "sport = :5201"])
+                .output()
+                .ok()
+                .filter(|o| String::from_utf8_lossy(&o.stdout).contains("5201"))
+                .map(|_| ())
+        },
+    );
     let mut client = op_ns
         .command("iperf3")
         .args([
-            "-c", "10.78.0.2", "-R", "-b", "10M", "-t", "24", "-i", "0.1", "-J",
+            "-c",
+            "10.78.0.2",
+            "-R",
+            "-b",
+            "10M",
+            "-t",
+            "24",
+            "-i",
+            "0.1",
+            "-J",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -628,7 +655,10 @@ fn a_stream_moves_to_the_relay_when_the_direct_path_dies_and_back_when_it_return
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let now = operator.peer("robot1");
-            if now["rx_bytes"].as_u64().is_some_and(|b| b > from + 1_000_000) {
+            if now["rx_bytes"]
+                .as_u64()
+                .is_some_and(|b| b > from + 1_000_000)
+            {
                 return;
             }
             if let Ok(Some(status)) = client.try_wait() {
@@ -665,7 +695,6 @@ fn a_stream_moves_to_the_relay_when_the_direct_path_dies_and_back_when_it_return
         p["relay"].is_null()
     });
     flowing("the stream to flow directly again");
-    drop(flowing);
     let out = client.wait_with_output().unwrap();
     let _ = server.wait();
     let report: serde_json::Value =

@@ -383,7 +383,9 @@ fn fleet_row(m: &Value) -> String {
 /// "direct IPv4", "direct IPv6" or "relayed via <relay>", with the number of changes.
 fn path_text(p: &Value) -> String {
     let path = match (p["relay"].as_str(), p["endpoint"].as_str()) {
-        (Some(relay), Some(direct)) => format!("relayed via {relay} (direct {direct} tried every 5 s)"),
+        (Some(relay), Some(direct)) => {
+            format!("relayed via {relay} (direct {direct} tried every 5 s)")
+        }
         (Some(relay), None) => format!("relayed via {relay}"),
         (None, Some(e)) if e.starts_with('[') => "direct IPv6".to_string(),
         (None, Some(_)) => "direct IPv4".to_string(),

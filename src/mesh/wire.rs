@@ -643,7 +643,11 @@ mod tests {
         assert_eq!(parse_relay(&relay_frame(Leg::ToRelay, &key, &[])), None);
         assert_eq!(parse_relay(&frame[..4 + 1 + 20]), None);
         assert_eq!(
-            parse_relay(&relay_frame(Leg::FromRelay, &key, &vec![0; MAX_RELAYED + 1])),
+            parse_relay(&relay_frame(
+                Leg::FromRelay,
+                &key,
+                &vec![0; MAX_RELAYED + 1]
+            )),
             None
         );
     }

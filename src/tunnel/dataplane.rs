@@ -16,8 +16,8 @@
 use super::batch::{Batcher, HANDSHAKE_INIT_LEN, OVERHEAD};
 use super::lanes::{self, BulkQueue};
 use super::path::{Direct, Seen, Tick};
-use crate::mesh::wire::Leg;
 use super::{DataPlaneShared, Peer, PeerTable};
+use crate::mesh::wire::Leg;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
 use rustix::buffer::spare_capacity;
@@ -1080,8 +1080,11 @@ fn receive_datagram(
     let Some(packet) = verify(shared, from, datagram, &mut out.reply) else {
         return;
     };
-    if let Some(Decapsulated::Relayed { via, from, datagram }) =
-        receive_packet(shared, out, packet, Source::Direct(from), datagram)
+    if let Some(Decapsulated::Relayed {
+        via,
+        from,
+        datagram,
+    }) = receive_packet(shared, out, packet, Source::Direct(from), datagram)
     {
         receive_relayed(shared, out, via, from, &datagram);
     }

@@ -322,7 +322,11 @@ mod tests {
         }
         let (at, via) = moved.expect("moved to the relay");
         assert_eq!(via, L1);
-        assert!(at - 4_980 <= DEAD_AFTER_MS + 250, "relayed after {} ms", at - 4_980);
+        assert!(
+            at - 4_980 <= DEAD_AFTER_MS + 250,
+            "relayed after {} ms",
+            at - 4_980
+        );
         assert_eq!(p.relay(), Some(L1));
         // Nothing sent, nothing heard: an idle peer is never judged.
         let mut idle = PathState::default();
@@ -341,7 +345,10 @@ mod tests {
                 break;
             }
         }
-        assert!(relayed_at.is_some_and(|t| t <= 250 + FIRST_CONTACT_MS), "{relayed_at:?}");
+        assert!(
+            relayed_at.is_some_and(|t| t <= 250 + FIRST_CONTACT_MS),
+            "{relayed_at:?}"
+        );
         // Without a relay a dead path has nowhere to go.
         let mut alone = PathState::default();
         for t in (250..5_000).step_by(250) {
@@ -375,7 +382,10 @@ mod tests {
         assert_eq!(b.heard_direct(a_at, t + 5), Direct::Probe(a_at));
         assert_eq!(b.relay(), Some(L1));
         // Another address a moment later (a NAT that maps anew) waits its turn.
-        assert_eq!(b.heard_direct(addr("203.0.113.1:40001"), t + 6), Direct::Ignore);
+        assert_eq!(
+            b.heard_direct(addr("203.0.113.1:40001"), t + 6),
+            Direct::Ignore
+        );
         // A hears B's probe: proven both ways.
         assert_eq!(a.heard_direct(b_at, t + 10), Direct::Upgrade);
         assert_eq!(a.relay(), None);
@@ -398,7 +408,10 @@ mod tests {
         assert_eq!(a.heard_direct(other, 400), Direct::Probe(other));
         assert_eq!(a.relay(), Some(L1));
         // An answer long after the probe proves nothing either.
-        assert_eq!(a.heard_direct(other, 400 + PROBE_VALID_MS + 1), Direct::Probe(other));
+        assert_eq!(
+            a.heard_direct(other, 400 + PROBE_VALID_MS + 1),
+            Direct::Probe(other)
+        );
         assert_eq!(a.relay(), Some(L1));
     }
 
@@ -408,7 +421,11 @@ mod tests {
         let mut offline = PathState::default();
         offline.switch(Some(L1), 0);
         for t in (250..5_000).step_by(250) {
-            assert_eq!(offline.tick(&seen(t, true, 0, 0), &[L1, L2]), Tick::Stay, "at {t}");
+            assert_eq!(
+                offline.tick(&seen(t, true, 0, 0), &[L1, L2]),
+                Tick::Stay,
+                "at {t}"
+            );
         }
         let mut p = PathState::default();
         p.switch(Some(L1), 0);
@@ -479,6 +496,9 @@ mod tests {
         assert_eq!(*waits.last().unwrap(), MAX_RETRY_DIRECT_MS);
         // A direct path that held for a while starts again from 5 s.
         p.switch(Some(L1), now + UPGRADE_HELD_MS + 1);
-        assert_eq!(p.next_direct_try - (now + UPGRADE_HELD_MS + 1), RETRY_DIRECT_MS);
+        assert_eq!(
+            p.next_direct_try - (now + UPGRADE_HELD_MS + 1),
+            RETRY_DIRECT_MS
+        );
     }
 }
