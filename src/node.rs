@@ -149,6 +149,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
                     .map(|m| m.cert.clone())
                     .unwrap_or_default(),
                 revocations: config.mesh.as_ref().and_then(|m| m.revocations.clone()),
+                overlay: config.node.address.iter().map(|a| a.addr()).collect(),
             };
             Some(tokio::spawn(crate::mesh::shell::run(
                 files,

@@ -207,6 +207,19 @@ fn members_learn_their_nat_from_two_lighthouses_and_robots_behind_nat_reach_a_pu
     let lh1_ns = internet.host("lh1", "203.0.113.10");
     let lh2_ns = internet.host("lh2", "203.0.113.11");
     let op_ns = internet.host("op", "203.0.113.20");
+    // The operator also has a global IPv6 address (no lighthouse speaks IPv6 here).
+    op_ns.run(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:113::20/64",
+            "dev",
+            "wan",
+            "nodad",
+        ],
+    );
     let mut easy_site = internet.behind_nat("easy", "203.0.113.21", 1, NatKind::Easy);
     let easy_ns = easy_site.host("easy");
     let neighbour_ns = easy_site.host("near");
@@ -260,6 +273,12 @@ fn members_learn_their_nat_from_two_lighthouses_and_robots_behind_nat_reach_a_pu
     let _robot4 = Node::start_spec(neighbour_ns.clone(), &members[4], "");
 
     let op = connectivity(&operator, "none (public address)");
+    // Its candidates: its address toward the lighthouses, then its global IPv6 address.
+    assert_eq!(
+        op["candidates"],
+        serde_json::json!(["203.0.113.20:51820", "[2001:db8:113::20]:51820"]),
+        "{op}"
+    );
     let easy = connectivity(&robot1, "endpoint-independent (easy)");
     let hard = connectivity(&robot2, "endpoint-dependent (hard)");
     eprintln!("operator {op}\nrobot1 {easy}\nrobot2 {hard}");
@@ -359,6 +378,19 @@ fn members_learn_their_nat_from_two_lighthouses_and_robots_behind_nat_reach_a_pu
         },
     );
     assert_eq!(view["up"], true);
+    // Members learn each other's candidates from the roster, IPv6 included.
+    let members = robot1.get("/api/v1/members");
+    let op_member = members["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "operator"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        op_member["candidates"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c == "[2001:db8:113::20]:51820")),
+        "{members}"
+    );
 }
 
 /// The summed value of every series of metric `name` in a Prometheus exposition.

@@ -120,7 +120,8 @@ pub fn mesh_config(
             endpoint: l.endpoint,
         })
         .collect();
-    let candidates = local_candidates(&lighthouses, config.node.listen_port);
+    let overlay: Vec<std::net::IpAddr> = config.node.address.iter().map(|a| a.addr()).collect();
+    let candidates = local_candidates(&lighthouses, config.node.listen_port, &overlay);
     Ok(Some(MeshConfig {
         ca,
         chain,
@@ -144,10 +145,15 @@ pub fn mesh_config(
     }))
 }
 
-/// This node's own addresses toward its lighthouses: the source address the kernel picks for
-/// each (a connected UDP socket sends nothing), with the WireGuard port. A lighthouse that sees
-/// one of them sees this node without a NAT in between.
-pub fn local_candidates(lighthouses: &[LighthouseConfig], port: u16) -> Vec<std::net::SocketAddr> {
+/// This node's own addresses: its source address toward each lighthouse (the kernel's choice;
+/// a connected UDP socket sends nothing), then its global IPv6 addresses (a peer with IPv6
+/// reaches them without a NAT), each with the WireGuard port; `overlay` addresses never. A
+/// lighthouse that sees one of them sees this node without a NAT in between.
+pub fn local_candidates(
+    lighthouses: &[LighthouseConfig],
+    port: u16,
+    overlay: &[std::net::IpAddr],
+) -> Vec<std::net::SocketAddr> {
     let mut out = Vec::new();
     for l in lighthouses {
         let any: std::net::SocketAddr = if l.endpoint.is_ipv4() {
@@ -160,12 +166,30 @@ pub fn local_candidates(lighthouses: &[LighthouseConfig], port: u16) -> Vec<std:
             .and_then(|s| s.local_addr());
         if let Ok(a) = local {
             let c = std::net::SocketAddr::new(a.ip(), port);
-            if !out.contains(&c) {
+            if !out.contains(&c) && !overlay.contains(&c.ip()) {
+                out.push(c);
+            }
+        }
+    }
+    if let Ok(interfaces) = getifaddrs::getifaddrs() {
+        for interface in interfaces {
+            let getifaddrs::Address::V6(a) = interface.address else {
+                continue;
+            };
+            let ip = std::net::IpAddr::V6(a.address);
+            let c = std::net::SocketAddr::new(ip, port);
+            if global_ipv6(&a.address) && !overlay.contains(&ip) && !out.contains(&c) {
                 out.push(c);
             }
         }
     }
     out
+}
+
+/// A global unicast IPv6 address (2000::/3): not loopback, link-local, unique-local or
+/// multicast, which no peer elsewhere could reach.
+pub fn global_ipv6(a: &std::net::Ipv6Addr) -> bool {
+    a.segments()[0] & 0xe000 == 0x2000
 }
 
 /// The lighthouse's certificate issuer, when `[lighthouse]` has a signer: it renews members'
@@ -248,6 +272,8 @@ pub struct MeshFiles {
     pub cert: std::path::PathBuf,
     /// `[mesh].revocations`: re-read when it changes.
     pub revocations: Option<std::path::PathBuf>,
+    /// This node's overlay addresses (never offered as candidates).
+    pub overlay: Vec<std::net::IpAddr>,
 }
 
 /// Replaces the certificate file in one step, keeping its permissions.
@@ -273,6 +299,7 @@ pub async fn run(
     let revocations_file = files.revocations;
     let lighthouse_list = config.lighthouses.clone();
     let listen_port = config.listen_port;
+    let overlay = files.overlay.clone();
     let mut mesh = Mesh::new(config, Instant::now());
     let mut next_sweep = Instant::now() + RESTRICTED_FOR;
     let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
@@ -319,7 +346,7 @@ pub async fn run(
             }
             Some(address) = misses.recv() => mesh.lookup(address, Instant::now()),
             Ok(()) = roams.changed() => {
-                mesh.set_candidates(local_candidates(&lighthouse_list, listen_port));
+                mesh.set_candidates(local_candidates(&lighthouse_list, listen_port, &overlay));
                 mesh.roamed(Instant::now());
             }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
@@ -395,6 +422,24 @@ fn sweep_restricted(peers: &PeerControl, mesh: &Mesh) {
             && !mesh.admitted(&p.public_key_bytes)
         {
             let _ = peers.remove(&p.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_global_ipv6_addresses_are_candidates() {
+        for (a, global) in [
+            ("2001:db8::7", true),
+            ("2a01:4f8::1", true),
+            ("fe80::1", false),
+            ("fd00::1", false),
+            ("::1", false),
+            ("ff05::1", false),
+            ("64:ff9b::1", false),
+        ] {
+            assert_eq!(super::global_ipv6(&a.parse().unwrap()), global, "{a}");
         }
     }
 }
