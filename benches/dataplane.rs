@@ -141,6 +141,7 @@ fn connected_table(n: u32) -> PeerTable {
             groups: vec![],
             multicast: vec![],
             certified: false,
+            candidates: Vec::new(),
         };
         match table.upsert(&ours, spec) {
             Ok(Some(next)) => table = next,

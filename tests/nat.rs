@@ -828,3 +828,75 @@ fn a_robot_roams_from_one_nat_to_another_and_its_peers_follow_at_once() {
         "a roam took {worst:?} (all: {times:?})"
     );
 }
+
+#[test]
+fn a_relayed_pair_moves_to_a_direct_ipv6_path_when_one_exists() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut internet = Internet::new();
+    let lh_ns = internet.host("vl1", "203.0.113.10");
+    let mut site_a = internet.behind_nat("vha", "203.0.113.22", 2, NatKind::Hard);
+    let a_ns = site_a.host("vhah");
+    let mut site_b = internet.behind_nat("vhb", "203.0.113.24", 4, NatKind::Hard);
+    let b_ns = site_b.host("vhbh");
+    // Behind their IPv4 NATs the two robots also share IPv6 without a NAT (one link here,
+    // global addresses), which only their candidates tell of.
+    a_ns.run(
+        "ip",
+        &[
+            "link", "add", "v6", "type", "veth", "peer", "name", "v6", "netns", &b_ns.name,
+        ],
+    );
+    for (ns, addr) in [(&a_ns, "2001:db8:99::2/64"), (&b_ns, "2001:db8:99::3/64")] {
+        ns.run("ip", &["-6", "addr", "add", addr, "dev", "v6", "nodad"]);
+        ns.run("ip", &["link", "set", "v6", "up"]);
+    }
+    let ca = Fleetca::new("natlab-v6");
+    let mut lh = Spec::new("lighthouse1", &["10.78.0.250/16"]);
+    let lighthouses = format!(
+        "lighthouses = [{}]\n",
+        lighthouse_entry(&lh, "203.0.113.10", "lighthouse1")
+    );
+    let section = |spec: &Spec, group: &str, talk_to: &str| {
+        format!(
+            "[mesh]\nca = \"{}\"\ncert = \"{}\"\ntalk_to = [{talk_to}]\nrefresh_s = 2\n{lighthouses}",
+            ca.ca(),
+            ca.sign(spec, group)
+        )
+    };
+    lh.rest = format!(
+        "{}[lighthouse]\nenabled = true\n",
+        section(&lh, "lighthouses", "")
+    );
+    let mut a = Spec::new("robot1", &["10.78.0.2/16"]);
+    a.rest = section(&a, "robots", "\"robots\"");
+    let mut b = Spec::new("robot2", &["10.78.0.3/16"]);
+    b.rest = section(&b, "robots", "\"robots\"");
+    let _lighthouse = Node::start_spec(lh_ns, &lh, "");
+    let robot1 = Node::start_spec(a_ns.clone(), &a, "");
+    let _robot2 = Node::start_spec(b_ns.clone(), &b, "");
+    // Two hard NATs: the pair meets through the relay first.
+    let first = ping_until(&a_ns, "10.78.0.3", Duration::from_secs(30));
+    let relayed_at = Instant::now();
+    robot1.wait_peer("robot2", Duration::from_secs(5), "relayed", |p| {
+        p["relay"] == "lighthouse1"
+    });
+    // The next direct try goes to every candidate; the IPv6 one answers both ways.
+    let direct = robot1.wait_peer("robot2", Duration::from_secs(15), "direct over IPv6", |p| {
+        p["relay"].is_null()
+            && p["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("[2001:db8:99::3]"))
+    });
+    let upgraded = relayed_at.elapsed();
+    let (answered, rtt) = ping_rtt(&a_ns, "10.78.0.3", 20);
+    assert!(answered >= 18, "{answered}/20 pings over IPv6");
+    robot1.wait_peer("robot2", Duration::from_secs(1), "still direct", |p| {
+        p["relay"].is_null()
+    });
+    eprintln!(
+        "NAT lab IPv6: hard-hard first ping (relayed) after {} ms; direct over IPv6 at {} {} ms later; RTT median {rtt:.2} ms",
+        first.as_millis(),
+        direct["endpoint"],
+        upgraded.as_millis()
+    );
+}

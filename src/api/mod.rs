@@ -502,6 +502,7 @@ fn peer_spec(body: &[u8]) -> Result<crate::tunnel::PeerSpec, ApiError> {
         groups: Vec::new(),
         multicast: Vec::new(),
         certified: false,
+        candidates: Vec::new(),
     })
 }
 

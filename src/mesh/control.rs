@@ -309,6 +309,7 @@ impl Mesh {
                 multicast: Vec::new(),
                 // Reached directly, never relayed to or through another relay.
                 certified: false,
+                candidates: Vec::new(),
             }));
         }
         mesh
@@ -382,7 +383,7 @@ impl Mesh {
     /// The peer a known member is, as the data plane holds it.
     fn spec_of(&self, key: &[u8; 32]) -> Option<crate::tunnel::PeerSpec> {
         let k = self.known.get(key)?;
-        Some(self.member_spec(&k.node, k.endpoint, k.multicast.clone()))
+        Some(self.member_spec(&k.node, k.endpoint, k.multicast.clone(), &k.candidates))
     }
 
     fn member_spec(
@@ -390,7 +391,19 @@ impl Mesh {
         node: &VerifiedNode,
         endpoint: Option<SocketAddr>,
         multicast: Vec<std::net::IpAddr>,
+        candidates: &[SocketAddr],
     ) -> crate::tunnel::PeerSpec {
+        // What its direct tries may go to besides the endpoint: addresses a probe may reach
+        // (never this node's own).
+        let candidates = candidates
+            .iter()
+            .filter(|c| {
+                super::paths::routable(c)
+                    && Some(**c) != endpoint
+                    && !self.config.candidates.contains(c)
+            })
+            .copied()
+            .collect();
         crate::tunnel::PeerSpec {
             name: node.name.clone(),
             public_key: node.public_key,
@@ -402,6 +415,7 @@ impl Mesh {
             groups: node.groups.clone(),
             multicast,
             certified: true,
+            candidates,
         }
     }
 
@@ -420,7 +434,6 @@ impl Mesh {
         if node.public_key == self.own_key || self.is_lighthouse_key(&node.public_key) {
             return;
         }
-        let spec = self.member_spec(&node, endpoint, multicast.clone());
         self.version += 1;
         // A Hello carries none: what the roster said stays.
         let candidates = candidates.unwrap_or_else(|| {
@@ -429,6 +442,8 @@ impl Mesh {
                 .map(|k| k.candidates.clone())
                 .unwrap_or_default()
         });
+        let spec = self.member_spec(&node, endpoint, multicast.clone(), &candidates);
+        let offered = candidates.clone();
         let previous = self.known.insert(
             node.public_key,
             Known {
@@ -445,6 +460,7 @@ impl Mesh {
             p.endpoint != endpoint
                 || host_routes(&p.node.addresses) != spec.allowed_ips
                 || p.multicast != spec.multicast
+                || p.candidates != offered
         }) {
             self.out.push_back(Output::Upsert(spec));
         }

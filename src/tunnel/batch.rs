@@ -131,6 +131,7 @@ mod tests {
             groups: vec![],
             multicast: Vec::new(),
             certified: false,
+            candidates: Vec::new(),
         };
         let peer = Peer::new(&ours, spec, seed as usize);
         let mut remote = Tunn::new(theirs, PublicKey::from(&ours), None, None, 99, None);

@@ -656,6 +656,7 @@ fn restricted_peer(
         groups: Vec::new(),
         multicast: Vec::new(),
         certified: false,
+        candidates: Vec::new(),
     };
     let key_of = spec.public_key;
     // The mesh may have admitted this key since `table` was loaded: never overwrite a peer.
@@ -1461,6 +1462,14 @@ fn paths(shared: &DataPlaneShared, table: &PeerTable, since: u64) {
             direct_rx: link.direct_rx.load(Ordering::Relaxed),
             relayed_rx: link.relayed_rx.load(Ordering::Relaxed),
             endpoint: peer.endpoint(),
+            // An IPv4-only socket cannot send to IPv6 candidates.
+            candidates: peer
+                .spec
+                .candidates
+                .iter()
+                .filter(|c| shared.udp_is_v6 || c.is_ipv4())
+                .copied()
+                .collect(),
             session,
             dead_after: super::path::dead_after(
                 peer.spec
@@ -1512,9 +1521,11 @@ fn paths(shared: &DataPlaneShared, table: &PeerTable, since: u64) {
                     transmit(shared, peer, p);
                 }
             }
-            Tick::TryDirect(to) => {
+            Tick::TryDirect(targets) => {
                 metrics::counter!("myelin_path_direct_tries_total").increment(1);
-                probe_direct(shared, peer, to);
+                for to in targets {
+                    probe_direct(shared, peer, to);
+                }
             }
             Tick::Stay => {
                 if was && !relayed {

@@ -486,6 +486,7 @@ impl Tunnel {
                 groups: Vec::new(),
                 multicast: p.multicast.clone(),
                 certified: false,
+                candidates: Vec::new(),
             };
             if let Some(next) = table.upsert(&static_private, spec)? {
                 table = next;

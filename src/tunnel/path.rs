@@ -36,6 +36,8 @@ pub const MAX_RETRY_DIRECT_MS: u64 = 300_000;
 const UPGRADE_HELD_MS: u64 = 10_000;
 /// A direct datagram answers a direct probe sent this recently.
 pub const PROBE_VALID_MS: u64 = 2_000;
+/// Addresses one direct try goes to (the endpoint and the peer's candidates).
+const MAX_TRIED: usize = 9;
 /// While relayed, direct datagrams from one address are answered with a probe at most this
 /// often (each of them would otherwise cost a keepalive).
 const PROBE_GAP_MS: u64 = 250;
@@ -77,6 +79,8 @@ pub struct PathState {
     unanswered_since: u64,
     /// A direct keepalive sent while relayed: where, and when.
     probe: Option<(SocketAddr, u64)>,
+    /// The direct try's other addresses (the peer's candidates), sent with `probe`'s time.
+    tried: Vec<SocketAddr>,
     next_direct_try: u64,
     /// The current wait between direct tries (0: `RETRY_DIRECT_MS`).
     retry: u64,
@@ -108,8 +112,9 @@ pub enum Tick {
     /// Send through this relay from now on (and tell the peer at once: a keepalive, or a
     /// handshake where there is no session).
     Relay([u8; 32]),
-    /// Send a keepalive directly to this address; an answer from it ends the relaying.
-    TryDirect(SocketAddr),
+    /// Send a keepalive directly to each of these addresses (the endpoint first, then the
+    /// peer's candidates); an answer from any of them ends the relaying, there.
+    TryDirect(Vec<SocketAddr>),
 }
 
 /// What the data plane saw of one peer between two timer ticks.
@@ -123,6 +128,8 @@ pub struct Seen {
     pub relayed_rx: u64,
     /// The address to try directly (its last known endpoint).
     pub endpoint: Option<SocketAddr>,
+    /// Its other addresses (its candidates: LAN, global IPv6), tried with the endpoint.
+    pub candidates: Vec<SocketAddr>,
     /// A session exists (a keepalive can be sent without a handshake).
     pub session: bool,
     /// How long the path may stay unanswered (`dead_after`).
@@ -158,6 +165,7 @@ impl PathState {
         self.switched_at = now;
         self.unanswered_since = 0;
         self.probe = None;
+        self.tried.clear();
         self.next_direct_try = now + self.retry.max(RETRY_DIRECT_MS);
     }
 
@@ -170,13 +178,17 @@ impl PathState {
         // through the relay until a side upgrades), so one from the address just probed
         // answers the probe.
         match self.probe {
-            Some((to, at)) if to == from && now.saturating_sub(at) <= PROBE_VALID_MS => {
+            Some((to, at))
+                if (to == from || self.tried.contains(&from))
+                    && now.saturating_sub(at) <= PROBE_VALID_MS =>
+            {
                 self.switch(None, now);
                 Direct::Upgrade
             }
             Some((_, at)) if now.saturating_sub(at) < PROBE_GAP_MS => Direct::Ignore,
             _ => {
                 self.probe = Some((from, now));
+                self.tried.clear();
                 Direct::Probe(from)
             }
         }
@@ -254,11 +266,18 @@ impl PathState {
                         None => Tick::Stay,
                     };
                 }
-                match seen.endpoint {
-                    Some(to) if seen.session && seen.now >= self.next_direct_try => {
+                let mut targets: Vec<SocketAddr> = seen.endpoint.into_iter().collect();
+                for c in &seen.candidates {
+                    if !targets.contains(c) && targets.len() < MAX_TRIED {
+                        targets.push(*c);
+                    }
+                }
+                match targets.split_first() {
+                    Some((first, rest)) if seen.session && seen.now >= self.next_direct_try => {
                         self.next_direct_try = seen.now + self.retry.max(RETRY_DIRECT_MS);
-                        self.probe = Some((to, seen.now));
-                        Tick::TryDirect(to)
+                        self.probe = Some((*first, seen.now));
+                        self.tried = rest.to_vec();
+                        Tick::TryDirect(targets)
                     }
                     _ => Tick::Stay,
                 }
@@ -286,6 +305,7 @@ mod tests {
             direct_rx,
             relayed_rx,
             endpoint: Some(addr("198.51.100.7:51820")),
+            candidates: Vec::new(),
             session: true,
             dead_after: dead_after(100),
             relay_alive: true,
@@ -376,7 +396,7 @@ mod tests {
             }
         }
         let (t, to) = tried.expect("a direct try");
-        assert_eq!(to, b_at);
+        assert_eq!(to, vec![b_at]);
         assert!(t >= 1_000 + RETRY_DIRECT_MS);
         // B hears it directly: it answers with its own probe and stays relayed.
         assert_eq!(b.heard_direct(a_at, t + 5), Direct::Probe(a_at));
@@ -396,6 +416,23 @@ mod tests {
         assert!(!b.heard_relayed(L1, t + 15, t + 20, true));
         assert_eq!(b.relay(), None);
         assert_eq!(a.heard_direct(b_at, t + 30), Direct::Follow);
+    }
+
+    #[test]
+    fn a_direct_try_goes_to_every_candidate_and_any_answer_proves_its_own_address() {
+        let mut a = PathState::default();
+        a.switch(Some(L1), 0);
+        let v6 = addr("[2001:db8:99::6]:51820");
+        let lan = addr("10.4.0.2:51820");
+        let mut s = seen(RETRY_DIRECT_MS, true, 0, RETRY_DIRECT_MS - 10);
+        s.candidates = vec![lan, v6, addr("198.51.100.7:51820")];
+        assert_eq!(
+            a.tick(&s, &[L1]),
+            Tick::TryDirect(vec![addr("198.51.100.7:51820"), lan, v6])
+        );
+        // The IPv6 candidate answers: the upgrade goes there.
+        assert_eq!(a.heard_direct(v6, RETRY_DIRECT_MS + 3), Direct::Upgrade);
+        assert_eq!(a.relay(), None);
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct PeerSpec {
     pub groups: Vec<String>,
     /// Multicast groups it takes part in: from the roster (mesh members) or `[[peers]]`.
     pub multicast: Vec<std::net::IpAddr>,
+    /// Its own addresses besides `endpoint` (a member's candidates from the roster: LAN,
+    /// global IPv6), tried directly while it is relayed.
+    pub candidates: Vec<SocketAddr>,
     /// A mesh member whose certificate was verified: only these may send through this node's
     /// relay, only these are relayed to, and only these are ever reached through a relay
     /// (a lighthouse is always reached directly).
@@ -321,6 +324,7 @@ mod tests {
             groups: Vec::new(),
             multicast: Vec::new(),
             certified: false,
+            candidates: Vec::new(),
         }
     }
 
