@@ -60,8 +60,27 @@ impl Drop for Lab {
     }
 }
 
+/// The last lines of every node log in the lab's directory (for a failure's message).
+fn lab_logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out += &format!("--- {} (last 30 lines)\n", path.display());
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                out += l;
+                out += "\n";
+            }
+        }
+    }
+    out
+}
+
 /// Runs browser script `script` (in tests/browser) with `args`; its output, once it succeeded.
-fn browser(script: &str, args: &[&str]) -> String {
+/// A failure shows the lab's logs from `logs`.
+fn browser(script: &str, args: &[&str], logs: &Path) -> String {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     assert!(
         dir.join("node_modules/playwright-core").exists(),
@@ -75,8 +94,9 @@ fn browser(script: &str, args: &[&str]) -> String {
     let stdout = String::from_utf8_lossy(&run.stdout).to_string();
     assert!(
         run.status.success(),
-        "browser run failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
+        "browser run failed:\n{stdout}\n{}\nthe lab's logs:\n{}",
+        String::from_utf8_lossy(&run.stderr),
+        lab_logs(logs)
     );
     eprintln!("{stdout}");
     stdout
@@ -199,6 +219,7 @@ fn the_fleet_page_shows_every_robot_plays_video_and_re_arms() {
             "robot1",
             "robot2",
         ],
+        lab.dir.path(),
     );
     for want in [
         "with their interlock",
@@ -270,7 +291,11 @@ fn a_fifty_node_fleet_is_listed_in_time() {
     eprintln!("one myelin fleet --json of 51 members: {once:?}");
     assert!(once < std::time::Duration::from_secs(3), "{once:?}");
     let shot = artifacts().join("fleet50.png");
-    let stdout = browser("fleet50.mjs", &[url.as_str(), "51", shot.to_str().unwrap()]);
+    let stdout = browser(
+        "fleet50.mjs",
+        &[url.as_str(), "51", shot.to_str().unwrap()],
+        lab.dir.path(),
+    );
     assert!(stdout.contains("51 cards ready"), "{stdout}");
     assert!(stdout.contains("keeps updating"), "{stdout}");
 }
