@@ -411,13 +411,13 @@ fn bind_udp(port: u16) -> Result<(std::net::UdpSocket, bool), TunnelError> {
     Ok((socket.into(), is_v6))
 }
 
-/// Lets the kernel fragment datagrams larger than the path MTU (as kernel WireGuard does)
-/// instead of refusing them: a relayed datagram is a full-size WireGuard datagram inside a
-/// second tunnel, 80 bytes over a 1 500-byte underlay. quinn-udp sets "don't fragment";
-/// this undoes it after. Anything that fits the MTU goes out as before.
+/// Lets the kernel fragment datagrams larger than the path MTU instead of refusing them: a
+/// relayed datagram is a full-size WireGuard datagram inside a second tunnel, 80 bytes over a
+/// 1 500-byte underlay. quinn-udp sets "don't fragment, ever"; "want" keeps the flag on
+/// everything that fits (which goes out exactly as before) and fragments the rest.
 fn may_fragment(udp: &std::net::UdpSocket, is_v6: bool) {
     use std::os::fd::AsRawFd;
-    let off = libc::IP_PMTUDISC_DONT;
+    let mode = libc::IP_PMTUDISC_WANT;
     let set = |level, name| {
         // SAFETY: setsockopt on a socket this function borrows, with a c_int that lives
         // across the call and its exact size.
@@ -426,7 +426,7 @@ fn may_fragment(udp: &std::net::UdpSocket, is_v6: bool) {
                 udp.as_raw_fd(),
                 level,
                 name,
-                (&off as *const libc::c_int).cast(),
+                (&mode as *const libc::c_int).cast(),
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         }
