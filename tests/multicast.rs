@@ -114,15 +114,7 @@ fn wait_mesh(nodes: &[(&str, &Node)], group: &str) {
 }
 
 fn metric(node: &Node, name: &str, labels: &[&str]) -> f64 {
-    node.metrics()
-        .lines()
-        .filter(|l| {
-            l.starts_with(name)
-                && l[name.len()..].starts_with(['{', ' '])
-                && labels.iter().all(|want| l.contains(want))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    common::metric_sum(&node.metrics(), name, labels)
 }
 
 #[test]

@@ -183,6 +183,66 @@ fn roam(host: &Netns, to: &str, addr: &str, site: u8, from: &str) {
     host.run("ip", &["addr", "flush", "dev", from]);
 }
 
+/// A NAT lab fleet's certificates and configs: lighthouse `n` at overlay 10.78.0.(249 + n) and
+/// the `n`th public address (port 51820), serving (and so relaying); members that find them.
+struct LabFleet {
+    ca: Fleetca,
+    lighthouses: Vec<Spec>,
+    entries: String,
+}
+
+impl LabFleet {
+    fn new(name: &str, publics: &[&str]) -> LabFleet {
+        let ca = Fleetca::new(name);
+        let mut lighthouses: Vec<Spec> = (1..=publics.len())
+            .map(|n| {
+                Spec::new(
+                    &format!("lighthouse{n}"),
+                    &[&format!("10.78.0.{}/16", 249 + n)],
+                )
+            })
+            .collect();
+        let entries = lighthouses
+            .iter()
+            .zip(publics)
+            .map(|(l, public)| lighthouse_entry(l, public, &l.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut fleet = LabFleet {
+            ca,
+            lighthouses: Vec::new(),
+            entries,
+        };
+        for l in &mut lighthouses {
+            l.rest = format!(
+                "{}[lighthouse]\nenabled = true\n",
+                fleet.section(l, "lighthouses", &[])
+            );
+        }
+        fleet.lighthouses = lighthouses;
+        fleet
+    }
+
+    /// `spec`'s `[mesh]` section: a certificate for `group`, talking to `talk_to`.
+    fn section(&self, spec: &Spec, group: &str, talk_to: &[&str]) -> String {
+        let talk_to: Vec<String> = talk_to.iter().map(|g| format!("\"{g}\"")).collect();
+        format!(
+            "[mesh]\nca = \"{}\"\ncert = \"{}\"\ntalk_to = [{}]\nrefresh_s = 2\nlighthouses = [{}]\n",
+            self.ca.ca(),
+            self.ca.sign(spec, group),
+            talk_to.join(", "),
+            self.entries
+        )
+    }
+
+    /// Member `name` at overlay 10.78.0.`host`.
+    fn member(&self, name: &str, host: u8, group: &str, talk_to: &[&str]) -> Spec {
+        let mut s = Spec::new(name, &[&format!("10.78.0.{host}/16")]);
+        s.rest = self.section(&s, group, talk_to);
+        s
+    }
+}
+
 fn lighthouse_entry(l: &Spec, endpoint: &str, name: &str) -> String {
     format!(
         "{{ name = \"{name}\", endpoint = \"{endpoint}:51820\", public_key = \"{}\", overlay = \"{}\" }}",
@@ -228,27 +288,8 @@ fn members_learn_their_nat_from_two_lighthouses_and_robots_behind_nat_reach_a_pu
     let mut home_site = internet.behind_nat("home", "203.0.113.23", 3, NatKind::Easy);
     let home_ns = home_site.host("home");
 
-    let ca = Fleetca::new("natlab-fleet");
-    let mut lh1 = Spec::new("lighthouse1", &["10.78.0.250/16"]);
-    let mut lh2 = Spec::new("lighthouse2", &["10.78.0.251/16"]);
-    let lighthouses = format!(
-        "lighthouses = [{}, {}]\n",
-        lighthouse_entry(&lh1, "203.0.113.10", "lighthouse1"),
-        lighthouse_entry(&lh2, "203.0.113.11", "lighthouse2")
-    );
-    let section = |spec: &Spec, group: &str, talk_to: &str| {
-        format!(
-            "[mesh]\nca = \"{}\"\ncert = \"{}\"\ntalk_to = [{talk_to}]\nrefresh_s = 2\n{lighthouses}",
-            ca.ca(),
-            ca.sign(spec, group)
-        )
-    };
-    for l in [&mut lh1, &mut lh2] {
-        l.rest = format!(
-            "{}[lighthouse]\nenabled = true\n",
-            section(l, "lighthouses", "")
-        );
-    }
+    let fleet = LabFleet::new("natlab-fleet", &["203.0.113.10", "203.0.113.11"]);
+    let (lh1, lh2) = (&fleet.lighthouses[0], &fleet.lighthouses[1]);
     let members: Vec<Spec> = [
         ("operator", "operators", 1),
         ("robot1", "robots", 2),
@@ -257,14 +298,10 @@ fn members_learn_their_nat_from_two_lighthouses_and_robots_behind_nat_reach_a_pu
         ("robot4", "robots", 5),
     ]
     .iter()
-    .map(|(name, group, host)| {
-        let mut s = Spec::new(name, &[&format!("10.78.0.{host}/16")]);
-        s.rest = section(&s, group, "\"robots\", \"operators\"");
-        s
-    })
+    .map(|(name, group, host)| fleet.member(name, *host, group, &["robots", "operators"]))
     .collect();
-    let _lh1 = Node::start_spec(lh1_ns, &lh1, "");
-    let _lh2 = Node::start_spec(lh2_ns, &lh2, "");
+    let _lh1 = Node::start_spec(lh1_ns, lh1, "");
+    let _lh2 = Node::start_spec(lh2_ns, lh2, "");
     let started = Instant::now();
     let operator = Node::start_spec(op_ns.clone(), &members[0], "");
     let robot1 = Node::start_spec(easy_ns.clone(), &members[1], "");
@@ -393,17 +430,6 @@ fn members_learn_their_nat_from_two_lighthouses_and_robots_behind_nat_reach_a_pu
     );
 }
 
-/// The summed value of every series of metric `name` in a Prometheus exposition.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Round trips of `count` pings from `ns` to `addr`, 100 ms apart: (answered, median ms).
 fn ping_rtt(ns: &Netns, addr: &str, count: u32) -> (usize, f64) {
     let out = ns
@@ -433,38 +459,14 @@ fn members_that_cannot_meet_directly_are_relayed_and_survive_a_lighthouse_restar
     let mut hard2_site = internet.behind_nat("rhard2", "203.0.113.24", 4, NatKind::Hard);
     let hard2_ns = hard2_site.host("rhard2h");
 
-    let ca = Fleetca::new("natlab-relay");
-    let mut lh1 = Spec::new("lighthouse1", &["10.78.0.250/16"]);
-    let mut lh2 = Spec::new("lighthouse2", &["10.78.0.251/16"]);
-    let lighthouses = format!(
-        "lighthouses = [{}, {}]\n",
-        lighthouse_entry(&lh1, "203.0.113.10", "lighthouse1"),
-        lighthouse_entry(&lh2, "203.0.113.11", "lighthouse2")
-    );
-    let section = |spec: &Spec, group: &str, talk_to: &str| {
-        format!(
-            "[mesh]\nca = \"{}\"\ncert = \"{}\"\ntalk_to = [{talk_to}]\nrefresh_s = 2\n{lighthouses}",
-            ca.ca(),
-            ca.sign(spec, group)
-        )
-    };
-    for l in [&mut lh1, &mut lh2] {
-        // Lighthouses relay unless told not to.
-        l.rest = format!(
-            "{}[lighthouse]\nenabled = true\n",
-            section(l, "lighthouses", "")
-        );
-    }
+    // Lighthouses relay unless told not to.
+    let fleet = LabFleet::new("natlab-relay", &["203.0.113.10", "203.0.113.11"]);
     let members: Vec<Spec> = [("robot1", 2), ("robot2", 3), ("robot5", 6)]
         .iter()
-        .map(|(name, host)| {
-            let mut s = Spec::new(name, &[&format!("10.78.0.{host}/16")]);
-            s.rest = section(&s, "robots", "\"robots\"");
-            s
-        })
+        .map(|(name, host)| fleet.member(name, *host, "robots", &["robots"]))
         .collect();
-    let mut lighthouse1 = Node::start_spec(lh1_ns, &lh1, "");
-    let _lighthouse2 = Node::start_spec(lh2_ns, &lh2, "");
+    let mut lighthouse1 = Node::start_spec(lh1_ns, &fleet.lighthouses[0], "");
+    let _lighthouse2 = Node::start_spec(lh2_ns, &fleet.lighthouses[1], "");
     let started = Instant::now();
     let robot1 = Node::start_spec(easy_ns.clone(), &members[0], "");
     let robot2 = Node::start_spec(hard_ns.clone(), &members[1], "");
@@ -508,17 +510,18 @@ fn members_that_cannot_meet_directly_are_relayed_and_survive_a_lighthouse_restar
         hard_hard.as_millis()
     );
     // The relay sees every datagram (only ciphertext) and counts it.
-    let forwarded = metric_sum(&lighthouse1.metrics(), "myelin_relay_bytes_total");
+    let forwarded = common::metric_sum(&lighthouse1.metrics(), "myelin_relay_bytes_total", &[]);
     assert!(forwarded > 0.0, "lighthouse1 forwarded {forwarded} bytes");
     // While relayed, the direct path is tried again every 5 s.
-    let tries = metric_sum(&robot1.metrics(), "myelin_path_direct_tries_total");
+    let tries = common::metric_sum(&robot1.metrics(), "myelin_path_direct_tries_total", &[]);
     robot1.poll(
         "robot1 to try robot2 directly again",
         Duration::from_secs(12),
         || {
-            serde_json::json!(metric_sum(
+            serde_json::json!(common::metric_sum(
                 &robot1.metrics(),
-                "myelin_path_direct_tries_total"
+                "myelin_path_direct_tries_total",
+                &[]
             ))
         },
         |n| n.as_f64().is_some_and(|n| n > tries),
@@ -609,28 +612,10 @@ fn a_stream_moves_to_the_relay_when_the_direct_path_dies_and_back_when_it_return
     let lh_ns = internet.host("sl1", "203.0.113.10");
     let op_ns = internet.host("sop", "203.0.113.20");
     let robot_ns = internet.host("srob", "203.0.113.30");
-    let ca = Fleetca::new("natlab-switch");
-    let mut lh = Spec::new("lighthouse1", &["10.78.0.250/16"]);
-    let lighthouses = format!(
-        "lighthouses = [{}]\n",
-        lighthouse_entry(&lh, "203.0.113.10", "lighthouse1")
-    );
-    let section = |spec: &Spec, group: &str, talk_to: &str| {
-        format!(
-            "[mesh]\nca = \"{}\"\ncert = \"{}\"\ntalk_to = [{talk_to}]\nrefresh_s = 2\n{lighthouses}",
-            ca.ca(),
-            ca.sign(spec, group)
-        )
-    };
-    lh.rest = format!(
-        "{}[lighthouse]\nenabled = true\n",
-        section(&lh, "lighthouses", "")
-    );
-    let mut op = Spec::new("operator", &["10.78.0.1/16"]);
-    op.rest = section(&op, "operators", "\"robots\"");
-    let mut robot = Spec::new("robot1", &["10.78.0.2/16"]);
-    robot.rest = section(&robot, "robots", "\"operators\"");
-    let _lighthouse = Node::start_spec(lh_ns, &lh, "");
+    let fleet = LabFleet::new("natlab-switch", &["203.0.113.10"]);
+    let op = fleet.member("operator", 1, "operators", &["robots"]);
+    let robot = fleet.member("robot1", 2, "robots", &["operators"]);
+    let _lighthouse = Node::start_spec(lh_ns, &fleet.lighthouses[0], "");
     let operator = Node::start_spec(op_ns.clone(), &op, "");
     let robot1 = Node::start_spec(robot_ns.clone(), &robot, "");
     ping_until(&op_ns, "10.78.0.2", Duration::from_secs(20));
@@ -754,30 +739,11 @@ fn a_robot_roams_from_one_nat_to_another_and_its_peers_follow_at_once() {
     let mut site_b = internet.behind_nat("msb", "203.0.113.25", 5, NatKind::Easy);
     let mut hard_site = internet.behind_nat("mhd", "203.0.113.22", 2, NatKind::Hard);
     let hard_ns = hard_site.host("mhdh");
-    let ca = Fleetca::new("natlab-roam");
-    let mut lh = Spec::new("lighthouse1", &["10.78.0.250/16"]);
-    let lighthouses = format!(
-        "lighthouses = [{}]\n",
-        lighthouse_entry(&lh, "203.0.113.10", "lighthouse1")
-    );
-    let section = |spec: &Spec, group: &str, talk_to: &str| {
-        format!(
-            "[mesh]\nca = \"{}\"\ncert = \"{}\"\ntalk_to = [{talk_to}]\nrefresh_s = 2\n{lighthouses}",
-            ca.ca(),
-            ca.sign(spec, group)
-        )
-    };
-    lh.rest = format!(
-        "{}[lighthouse]\nenabled = true\n",
-        section(&lh, "lighthouses", "")
-    );
-    let mut op = Spec::new("operator", &["10.78.0.1/16"]);
-    op.rest = section(&op, "operators", "\"robots\"");
-    let mut robot = Spec::new("robot1", &["10.78.0.2/16"]);
-    robot.rest = section(&robot, "robots", "\"operators\", \"robots\"");
-    let mut robot2 = Spec::new("robot2", &["10.78.0.3/16"]);
-    robot2.rest = section(&robot2, "robots", "\"operators\", \"robots\"");
-    let _lighthouse = Node::start_spec(lh_ns, &lh, "");
+    let fleet = LabFleet::new("natlab-roam", &["203.0.113.10"]);
+    let op = fleet.member("operator", 1, "operators", &["robots"]);
+    let robot = fleet.member("robot1", 2, "robots", &["operators", "robots"]);
+    let robot2 = fleet.member("robot2", 3, "robots", &["operators", "robots"]);
+    let _lighthouse = Node::start_spec(lh_ns, &fleet.lighthouses[0], "");
     let operator = Node::start_spec(op_ns.clone(), &op, "");
     let robot1 = Node::start_spec(robot_ns.clone(), &robot, "");
     let _robot2 = Node::start_spec(hard_ns.clone(), &robot2, "");
@@ -850,28 +816,10 @@ fn a_relayed_pair_moves_to_a_direct_ipv6_path_when_one_exists() {
         ns.run("ip", &["-6", "addr", "add", addr, "dev", "v6", "nodad"]);
         ns.run("ip", &["link", "set", "v6", "up"]);
     }
-    let ca = Fleetca::new("natlab-v6");
-    let mut lh = Spec::new("lighthouse1", &["10.78.0.250/16"]);
-    let lighthouses = format!(
-        "lighthouses = [{}]\n",
-        lighthouse_entry(&lh, "203.0.113.10", "lighthouse1")
-    );
-    let section = |spec: &Spec, group: &str, talk_to: &str| {
-        format!(
-            "[mesh]\nca = \"{}\"\ncert = \"{}\"\ntalk_to = [{talk_to}]\nrefresh_s = 2\n{lighthouses}",
-            ca.ca(),
-            ca.sign(spec, group)
-        )
-    };
-    lh.rest = format!(
-        "{}[lighthouse]\nenabled = true\n",
-        section(&lh, "lighthouses", "")
-    );
-    let mut a = Spec::new("robot1", &["10.78.0.2/16"]);
-    a.rest = section(&a, "robots", "\"robots\"");
-    let mut b = Spec::new("robot2", &["10.78.0.3/16"]);
-    b.rest = section(&b, "robots", "\"robots\"");
-    let _lighthouse = Node::start_spec(lh_ns, &lh, "");
+    let fleet = LabFleet::new("natlab-v6", &["203.0.113.10"]);
+    let a = fleet.member("robot1", 2, "robots", &["robots"]);
+    let b = fleet.member("robot2", 3, "robots", &["robots"]);
+    let _lighthouse = Node::start_spec(lh_ns, &fleet.lighthouses[0], "");
     let robot1 = Node::start_spec(a_ns.clone(), &a, "");
     let _robot2 = Node::start_spec(b_ns.clone(), &b, "");
     // Two hard NATs: the pair meets through the relay first.

@@ -1437,6 +1437,12 @@ fn timers(shared: &DataPlaneShared, buf: &mut [u8], since: u64) {
     paths(shared, &table, since);
 }
 
+/// How long `peer`'s path may stay silent while something is sent (its probe cadence).
+fn dead_after(shared: &DataPlaneShared, peer: &Peer) -> u64 {
+    let interval = peer.spec.probe_interval.unwrap_or(shared.probe_interval);
+    super::path::dead_after(interval.as_millis() as u64)
+}
+
 /// Each certified peer's path, once a tick: to a relay when the direct path went silent
 /// (or never answered), and back when a direct try is answered. Without relays nothing is
 /// judged; a peer that is itself a relay is always reached directly.
@@ -1455,6 +1461,7 @@ fn paths(shared: &DataPlaneShared, table: &PeerTable, since: u64) {
             .tunn
             .lock()
             .is_ok_and(|t| t.time_since_last_handshake().is_some());
+        let relay = link.relay();
         let seen = Seen {
             now,
             since,
@@ -1462,30 +1469,24 @@ fn paths(shared: &DataPlaneShared, table: &PeerTable, since: u64) {
             direct_rx: link.direct_rx.load(Ordering::Relaxed),
             relayed_rx: link.relayed_rx.load(Ordering::Relaxed),
             endpoint: peer.endpoint(),
-            // An IPv4-only socket cannot send to IPv6 candidates.
-            candidates: peer
-                .spec
-                .candidates
-                .iter()
-                .filter(|c| shared.udp_is_v6 || c.is_ipv4())
-                .copied()
-                .collect(),
+            // Only a relayed peer's direct tries read them. An IPv4-only socket cannot send
+            // to IPv6 candidates.
+            candidates: match relay {
+                Some(_) => peer
+                    .spec
+                    .candidates
+                    .iter()
+                    .filter(|c| shared.udp_is_v6 || c.is_ipv4())
+                    .copied()
+                    .collect(),
+                None => Vec::new(),
+            },
             session,
-            dead_after: super::path::dead_after(
-                peer.spec
-                    .probe_interval
-                    .unwrap_or(shared.probe_interval)
-                    .as_millis() as u64,
-            ),
-            relay_alive: link.relay().is_some_and(|via| {
+            dead_after: dead_after(shared, peer),
+            relay_alive: relay.is_some_and(|via| {
                 table.by_key(&via).is_some_and(|(_, r)| {
-                    let limit = super::path::dead_after(
-                        r.spec
-                            .probe_interval
-                            .unwrap_or(shared.probe_interval)
-                            .as_millis() as u64,
-                    );
-                    now.saturating_sub(r.path.direct_rx.load(Ordering::Relaxed)) < limit
+                    now.saturating_sub(r.path.direct_rx.load(Ordering::Relaxed))
+                        < dead_after(shared, r)
                 })
             }),
         };

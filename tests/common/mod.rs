@@ -411,6 +411,19 @@ impl Node {
     }
 }
 
+/// The summed value of every series of metric `name` in a Prometheus exposition whose
+/// labels hold each of `labels` (e.g. `direction="in"`).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+                && labels.iter().all(|want| l.contains(want))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Sends single pings from `ns` to `addr` until one is answered; fails after `timeout`.
 pub fn ping_until(ns: &Netns, addr: &str, timeout: Duration) -> Duration {
     let start = Instant::now();
