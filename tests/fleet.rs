@@ -60,19 +60,31 @@ impl Drop for Lab {
     }
 }
 
-/// The last lines of every node log in the lab's directory (for a failure's message).
+/// The last lines of every node log in the lab's directory (for a failure's message): 30 of
+/// the operator's and the lighthouse's, and of each robot's in a small lab; 4 of each robot's
+/// in a large one, so the message stays readable.
 fn lab_logs(dir: &Path) -> String {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    let large = logs.len() > 8;
     let mut out = String::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "log") {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            out += &format!("--- {} (last 30 lines)\n", path.display());
-            for l in &lines[lines.len().saturating_sub(30)..] {
-                out += l;
-                out += "\n";
-            }
+    for path in logs {
+        let robot = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("robot"));
+        let keep = if large && robot { 4 } else { 30 };
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        out += &format!("--- {} (last {keep} lines)\n", path.display());
+        for l in &lines[lines.len().saturating_sub(keep)..] {
+            out += l;
+            out += "\n";
         }
     }
     out

@@ -236,14 +236,17 @@ impl Prober {
         let Some(p) = self.peers.get(peer) else {
             return ProbeStats::default();
         };
-        let decided: Vec<&Sent> = p
-            .window
-            .iter()
-            .filter(|s| s.rtt.is_some() || now.saturating_duration_since(s.at) >= self.lost_after)
-            .collect();
-        let loss = (p.answered > 0 && !decided.is_empty()).then(|| {
-            decided.iter().filter(|s| s.rtt.is_none()).count() as f64 / decided.len() as f64
+        // Counted in one pass, without a list: this runs for every peer in every view.
+        let (decided, lost) = p.window.iter().fold((0usize, 0usize), |(d, l), s| {
+            if s.rtt.is_some() {
+                (d + 1, l)
+            } else if now.saturating_duration_since(s.at) >= self.lost_after {
+                (d + 1, l + 1)
+            } else {
+                (d, l)
+            }
         });
+        let loss = (p.answered > 0 && decided > 0).then(|| lost as f64 / decided as f64);
         ProbeStats {
             rtt: p.last_rtt,
             jitter: p.jitter.map(Duration::from_secs_f64),

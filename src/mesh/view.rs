@@ -69,8 +69,12 @@ fn record_metrics(view: &PeerView, endpoint_changes: u64) {
 
 /// Probes per peer listed in the `MeshView` (a second's worth at the default interval).
 const RECENT_PROBES: usize = 10;
-/// The shortest time between two `MeshView`s published because probe answers arrived.
-const ANSWER_PUBLISH_GAP: Duration = Duration::from_millis(5);
+/// The shortest time between two `MeshView`s published because probe answers arrived. Every
+/// view is copied to each plugin and, for plugin processes, encoded and parsed whole: an
+/// operator probing fifty robots ten times a second would otherwise publish two hundred views
+/// a second. A view carries a second of probes per peer, so a later view still holds every
+/// answer; 20 ms is a tenth of the interlock's tightest limit.
+const ANSWER_PUBLISH_GAP: Duration = Duration::from_millis(20);
 /// How long a probe answer waits for the answers of the other peers probed at the same moment,
 /// so one view carries them all (far below any latency limit a plugin judges).
 const ANSWER_BATCH: Duration = Duration::from_millis(2);
@@ -206,7 +210,11 @@ pub async fn run(
                     if let (Some(rtt), Some(histogram)) = (rtt, slots.rtt_histogram(idx)) {
                         histogram.record(rtt.as_secs_f64());
                     }
-                    if publish_soon.is_none() {
+                    // Only peers probed at this node's own cadence are judged probe by probe;
+                    // a slower-probed peer's answer (a robot of the same group, probed once a
+                    // second) waits for the next refresh, at most one interval away.
+                    let judged = table.get(idx).is_some_and(|p| p.spec.probe_interval.is_none());
+                    if judged && publish_soon.is_none() {
                         publish_soon = Some((last_publish + ANSWER_PUBLISH_GAP).max(tokio::time::Instant::now() + ANSWER_BATCH));
                     }
                 }

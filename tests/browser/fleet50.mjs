@@ -18,21 +18,36 @@ try {
   await page.goto(url);
   page.on("crash", () => problems.push("the page crashed"));
   const listed = (timeout) => page.waitForFunction((n) => document.querySelectorAll("#fleet .card").length >= n, Number(want), { timeout });
-  try {
-    await listed(30000);
-  } catch (err) {
-    // Say what the page showed instead, so a failure on a slow machine can be read; then
-    // reload once, as a user would, and judge the reloaded page by the same budget.
-    const seen = await page.evaluate(() => ({
+  // What the page shows, and what the node's API answers the page's own origin right now:
+  // printed when the page does not list the fleet, so a failure elsewhere can be read.
+  const describe = () => page.evaluate(async () => {
+    const token = new URLSearchParams(location.hash.slice(1)).get("token");
+    const started = performance.now();
+    const api = await fetch("/api/v1/fleet", { headers: { Authorization: `Bearer ${token}` } })
+      .then(async (r) => `HTTP ${r.status}, ${(await r.json()).members?.length} members`)
+      .catch((e) => `failed: ${e.message}`);
+    return {
       cards: document.querySelectorAll("#fleet .card").length,
       counts: document.getElementById("fleet-counts")?.textContent,
       error: document.getElementById("error")?.textContent,
       updates: document.body.dataset.fleetUpdates,
-    })).catch((e) => ({ unreadable: e.message }));
-    console.log(`fleet50: not listed after 30 s (${err.message}); the page showed ${JSON.stringify(seen)}; ${problems.join("; ")}; reloading`);
+      api: `${api} in ${(performance.now() - started).toFixed(0)} ms`,
+    };
+  }).catch((e) => ({ unreadable: e.message }));
+  try {
+    await listed(30000);
+  } catch (err) {
+    // Reload once, as a user would, and judge the reloaded page by the same budget.
+    const seen = JSON.stringify(await describe());
+    console.log(`fleet50: not listed after 30 s (${err.message}); the page showed ${seen}; ${problems.join("; ")}; reloading`);
+    console.error(`fleet50: not listed after 30 s; the page showed ${seen}`);
     problems.length = 0;
     await page.reload();
-    await listed(30000);
+    try {
+      await listed(30000);
+    } catch (again) {
+      throw new Error(`not listed 30 s after a reload either (${again.message}); the page showed ${JSON.stringify(await describe())}; ${problems.join("; ")}`);
+    }
   }
   // Measured by the page itself from the start of its navigation (a busy machine's browser
   // start is not the page's time); the outer figure is printed too.
