@@ -138,6 +138,7 @@ fn connected_table(n: u32) -> PeerTable {
             ))),
             persistent_keepalive: None,
             probe_interval: None,
+            idles: false,
             groups: vec![],
             multicast: vec![],
             certified: false,

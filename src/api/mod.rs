@@ -499,6 +499,7 @@ fn peer_spec(body: &[u8]) -> Result<crate::tunnel::PeerSpec, ApiError> {
         endpoint,
         persistent_keepalive: p.persistent_keepalive,
         probe_interval: None,
+        idles: false,
         groups: Vec::new(),
         multicast: Vec::new(),
         certified: false,

@@ -305,6 +305,7 @@ impl Mesh {
                 endpoint: Some(l.endpoint),
                 persistent_keepalive: Some(MESH_KEEPALIVE),
                 probe_interval: Some(SLOW_PROBE_INTERVAL),
+                idles: false,
                 groups: Vec::new(),
                 multicast: Vec::new(),
                 // Reached directly, never relayed to or through another relay.
@@ -412,6 +413,9 @@ impl Mesh {
             persistent_keepalive: Some(MESH_KEEPALIVE),
             probe_interval: (self.config.lighthouse || self.shares_a_group(&node.groups))
                 .then_some(SLOW_PROBE_INTERVAL),
+            // Robots of one group probe each other only while they talk; a lighthouse keeps
+            // probing every member (its probes are how a member's relay is judged alive).
+            idles: !self.config.lighthouse && self.shares_a_group(&node.groups),
             groups: node.groups.clone(),
             multicast,
             certified: true,

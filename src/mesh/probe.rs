@@ -17,6 +17,11 @@ const PING: u8 = 1;
 const PONG: u8 = 2;
 /// Probes remembered per peer for loss.
 const WINDOW: usize = 100;
+/// A peer that may idle and carried nothing but probes for this long is probed only every
+/// `IDLE_PROBE_INTERVAL`: in a fleet of fifty, each robot probing every other robot once a
+/// second cost it more than everything else it did while idle.
+pub const IDLE_AFTER: Duration = Duration::from_secs(10);
+pub const IDLE_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the probes say about one peer.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -53,6 +58,15 @@ struct PeerProbe {
     active: bool,
     /// This peer's own cadence, when slower than the prober's.
     interval: Option<Duration>,
+    /// Whether it is probed only while it carries traffic (else every `IDLE_PROBE_INTERVAL`).
+    idles: bool,
+    /// Probe datagrams exchanged with it (pings and pongs, both ways): what its packet
+    /// counters hold besides its traffic.
+    exchanged: u64,
+    /// The most its packets less `exchanged` have been; `None` until first told.
+    traffic: Option<u64>,
+    /// When it last carried traffic (or began to be probed).
+    active_at: Instant,
 }
 
 impl PeerProbe {
@@ -67,7 +81,16 @@ impl PeerProbe {
             answered: 0,
             active: true,
             interval: None,
+            idles: false,
+            exchanged: 0,
+            traffic: None,
+            active_at: now,
         }
+    }
+
+    /// Whether it idles now: it may, and carried nothing but probes for `IDLE_AFTER`.
+    fn quiet(&self, now: Instant) -> bool {
+        self.idles && now.saturating_duration_since(self.active_at) >= IDLE_AFTER
     }
 }
 
@@ -115,8 +138,9 @@ impl Prober {
     }
 
     /// Starts probing `peer` afresh (a peer was added to, or replaced in, that slot), every
-    /// `interval` if given, else at the prober's cadence.
-    pub fn track(&mut self, peer: usize, now: Instant, interval: Option<Duration>) {
+    /// `interval` if given, else at the prober's cadence; a peer that `idles` is probed so only
+    /// while it carries traffic (see `traffic`).
+    pub fn track(&mut self, peer: usize, now: Instant, interval: Option<Duration>, idles: bool) {
         if self.peers.len() <= peer {
             self.peers.resize_with(peer + 1, || PeerProbe {
                 active: false,
@@ -126,6 +150,7 @@ impl Prober {
         if let Some(p) = self.peers.get_mut(peer) {
             *p = PeerProbe {
                 interval: interval.map(|i| i.max(self.interval)),
+                idles,
                 ..PeerProbe::fresh(now)
             };
         }
@@ -141,6 +166,35 @@ impl Prober {
         }
     }
 
+    /// `packets`: all packets to and from `peer` so far (its tunnel's counters, probes
+    /// included). Traffic besides probes keeps an idling peer probed at its cadence; a peer
+    /// that wakes from idling is probed at once, so a path judged by its probes is measured
+    /// from the first packet on.
+    pub fn traffic(&mut self, peer: usize, packets: u64, now: Instant) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if !p.active || !p.idles {
+            return;
+        }
+        // Against the most ever seen: the counters and `exchanged` move at slightly different
+        // moments (a ping is counted here before the data plane reads it from the TUN), and a
+        // dip that recovers is no traffic.
+        let traffic = packets.wrapping_sub(p.exchanged);
+        let grew = p
+            .traffic
+            .is_some_and(|most| (traffic.wrapping_sub(most) as i64) > 0);
+        if grew || p.traffic.is_none() {
+            p.traffic = Some(traffic);
+        }
+        if grew {
+            if p.quiet(now) {
+                p.due = now;
+            }
+            p.active_at = now;
+        }
+    }
+
     /// The next ping that is due at `now`, with the peer it goes to.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<(usize, [u8; PROBE_LEN])> {
         let default = self.interval;
@@ -149,9 +203,14 @@ impl Prober {
             .iter_mut()
             .enumerate()
             .find(|(_, p)| p.active && p.due <= now)?;
-        let interval = p.interval.unwrap_or(default);
+        let interval = if p.quiet(now) {
+            IDLE_PROBE_INTERVAL
+        } else {
+            p.interval.unwrap_or(default)
+        };
         let seq = p.next_seq;
         p.next_seq += 1;
+        p.exchanged += 1;
         // Keep a steady cadence, but never try to catch up on missed intervals.
         p.due = if p.due + interval > now {
             p.due + interval
@@ -183,6 +242,10 @@ impl Prober {
         now: Instant,
     ) -> Option<[u8; PROBE_LEN]> {
         let (kind, seq, nonce) = decode(bytes)?;
+        if let Some(p) = self.peers.get_mut(peer) {
+            // A ping in and its pong out, or a pong in.
+            p.exchanged += if kind == PING { 2 } else { 1 };
+        }
         if kind == PING {
             return Some(encode(PONG, seq, nonce));
         }
@@ -268,7 +331,7 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Prober::new(0, 100 * MS, t0, 7);
         assert_eq!(a.poll_timeout(), None, "nobody to probe: no wake-up");
-        a.track(2, t0, None);
+        a.track(2, t0, None, false);
         assert_eq!(a.poll_timeout(), Some(t0));
         let (idx, _) = a.poll_transmit(t0).unwrap();
         assert_eq!(idx, 2, "empty slots 0 and 1 are never probed");
@@ -276,12 +339,76 @@ mod tests {
         a.untrack(2);
         assert_eq!(a.poll_timeout(), None);
         assert!(a.poll_transmit(t0 + 1000 * MS).is_none());
-        a.track(2, t0 + 1000 * MS, None);
+        a.track(2, t0 + 1000 * MS, None, false);
         assert_eq!(
             a.answered(2),
             (0, None),
             "a new peer in the slot starts afresh"
         );
+    }
+
+    /// Pings from `a` to its peer 0 over `secs` seconds, each answered by `b` and counted in
+    /// the tunnel's packets as the data plane would (ping out, pong in), plus `extra` packets
+    /// of traffic a second; the times of the pings.
+    fn run_pings(
+        a: &mut Prober,
+        b: &mut Prober,
+        packets: &mut u64,
+        from: Instant,
+        secs: u32,
+        extra: u64,
+    ) -> Vec<Duration> {
+        let mut sent = Vec::new();
+        for ms in (0..secs * 1000).step_by(100) {
+            let now = from + MS * ms;
+            if ms % 1000 == 0 {
+                *packets += extra;
+            }
+            a.traffic(0, *packets, now);
+            while let Some((_, ping)) = a.poll_transmit(now) {
+                sent.push(now - from);
+                *packets += 1;
+                let pong = b.handle_input(0, &ping, now).unwrap();
+                *packets += 1;
+                a.handle_input(0, &pong, now);
+            }
+        }
+        sent
+    }
+
+    #[test]
+    fn a_peer_that_idles_is_probed_rarely_until_it_carries_traffic() {
+        let t0 = Instant::now();
+        let mut a = Prober::new(0, 100 * MS, t0, 7);
+        let mut b = Prober::new(1, 100 * MS, t0, 7);
+        a.track(0, t0, Some(1000 * MS), true);
+        let mut packets = 1_000;
+        // Probes alone are no traffic: once a second for IDLE_AFTER, then every 10 s.
+        let sent = run_pings(&mut a, &mut b, &mut packets, t0, 40, 0);
+        let secs: Vec<u64> = sent.iter().map(|d| d.as_secs()).collect();
+        assert_eq!(secs, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 30], "{sent:?}");
+        // A ping counted before the data plane read it (a dip that recovers) is no traffic.
+        let t = t0 + 39_950 * MS;
+        a.traffic(0, packets - 1, t);
+        a.traffic(0, packets, t);
+        assert_eq!(a.poll_timeout(), Some(t0 + 40_000 * MS), "still idling");
+        // Traffic wakes it: a probe at once, then its own cadence while traffic goes on.
+        let t1 = t0 + 40_000 * MS;
+        let sent = run_pings(&mut a, &mut b, &mut packets, t1, 5, 3);
+        let secs: Vec<u64> = sent.iter().map(|d| d.as_millis() as u64).collect();
+        assert_eq!(secs, [0, 1000, 2000, 3000, 4000], "{sent:?}");
+        assert_eq!(a.stats(0, t1 + 5000 * MS).loss, Some(0.0));
+    }
+
+    #[test]
+    fn a_peer_that_may_not_idle_keeps_its_cadence() {
+        let t0 = Instant::now();
+        let mut a = Prober::new(0, 100 * MS, t0, 7);
+        let mut b = Prober::new(1, 100 * MS, t0, 7);
+        a.track(0, t0, Some(1000 * MS), false);
+        let mut packets = 0;
+        let sent = run_pings(&mut a, &mut b, &mut packets, t0, 30, 0);
+        assert_eq!(sent.len(), 30, "{sent:?}");
     }
 
     #[test]

@@ -113,7 +113,7 @@ impl ControlSlots {
             self.answered[slot] = 0;
             match current {
                 Some(p) => {
-                    prober.track(slot, now, p.spec.probe_interval);
+                    prober.track(slot, now, p.spec.probe_interval, p.spec.idles);
                     self.rtt_histograms[slot] = Some(
                         metrics::histogram!("myelin_peer_rtt_seconds", "peer" => p.name.clone()),
                     );
@@ -224,6 +224,14 @@ pub async fn run(
             _ = tokio::time::sleep_until(last_publish + refresh), if publish_soon.is_none() => true,
         };
         if publish_now {
+            let now = Instant::now();
+            for (i, p) in table.iter().filter(|(_, p)| p.spec.idles) {
+                let packets = p
+                    .rx_packets
+                    .load(Ordering::Relaxed)
+                    .wrapping_add(p.tx_packets.load(Ordering::Relaxed));
+                prober.traffic(i, packets, now);
+            }
             publish_soon = None;
             last_publish = tokio::time::Instant::now();
             // The gauges follow at most four times a second; scrapes are seconds apart.

@@ -128,6 +128,7 @@ mod tests {
             endpoint: None,
             persistent_keepalive: None,
             probe_interval: None,
+            idles: false,
             groups: vec![],
             multicast: Vec::new(),
             certified: false,

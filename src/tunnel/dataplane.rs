@@ -653,6 +653,7 @@ fn restricted_peer(
         // update with another keepalive would start a fresh `Tunn`).
         persistent_keepalive: Some(crate::mesh::control::MESH_KEEPALIVE),
         probe_interval: None,
+        idles: false,
         groups: Vec::new(),
         multicast: Vec::new(),
         certified: false,

@@ -483,6 +483,7 @@ impl Tunnel {
                 endpoint: p.endpoint,
                 persistent_keepalive: p.persistent_keepalive,
                 probe_interval: None,
+                idles: false,
                 groups: Vec::new(),
                 multicast: p.multicast.clone(),
                 certified: false,

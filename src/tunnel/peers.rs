@@ -40,6 +40,9 @@ pub struct PeerSpec {
     /// Probe this peer less often than `[probe].interval_ms` (a lighthouse: its RTT guards
     /// nothing, and every probe costs both ends a wake-up).
     pub probe_interval: Option<std::time::Duration>,
+    /// Probed at that cadence only while it carries traffic, and rarely otherwise (a member
+    /// of this node's own group: their RTT guards nothing until they talk).
+    pub idles: bool,
     /// The groups its certificate grants (mesh members); the firewall matches them. Static
     /// peers have none.
     pub groups: Vec<String>,
@@ -321,6 +324,7 @@ mod tests {
             endpoint: None,
             persistent_keepalive: None,
             probe_interval: None,
+            idles: false,
             groups: Vec::new(),
             multicast: Vec::new(),
             certified: false,
