@@ -848,3 +848,56 @@ fn a_relayed_pair_moves_to_a_direct_ipv6_path_when_one_exists() {
         upgraded.as_millis()
     );
 }
+
+/// Two robots behind easy NATs meet directly over IPv4; they also share IPv6, which their
+/// candidates tell of, and move to it without a relay in between.
+#[test]
+fn a_direct_pair_moves_to_ipv6_when_it_works_both_ways() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut internet = Internet::new();
+    let lh_ns = internet.host("vp1", "203.0.113.10");
+    let mut site_a = internet.behind_nat("vpa", "203.0.113.26", 6, NatKind::Easy);
+    let a_ns = site_a.host("vpah");
+    let mut site_b = internet.behind_nat("vpb", "203.0.113.27", 7, NatKind::Easy);
+    let b_ns = site_b.host("vpbh");
+    a_ns.run(
+        "ip",
+        &[
+            "link", "add", "v6", "type", "veth", "peer", "name", "v6", "netns", &b_ns.name,
+        ],
+    );
+    for (ns, addr) in [(&a_ns, "2001:db8:98::2/64"), (&b_ns, "2001:db8:98::3/64")] {
+        ns.run("ip", &["-6", "addr", "add", addr, "dev", "v6", "nodad"]);
+        ns.run("ip", &["link", "set", "v6", "up"]);
+    }
+    let fleet = LabFleet::new("natlab-v6-direct", &["203.0.113.10"]);
+    let a = fleet.member("robot1", 2, "robots", &["robots"]);
+    let b = fleet.member("robot2", 3, "robots", &["robots"]);
+    let _lighthouse = Node::start_spec(lh_ns, &fleet.lighthouses[0], "");
+    let robot1 = Node::start_spec(a_ns.clone(), &a, "");
+    let robot2 = Node::start_spec(b_ns.clone(), &b, "");
+    let first = ping_until(&a_ns, "10.78.0.3", Duration::from_secs(30));
+    let met = Instant::now();
+    for (node, other, addr) in [
+        (&robot1, "robot2", "[2001:db8:98::3]"),
+        (&robot2, "robot1", "[2001:db8:98::2]"),
+    ] {
+        node.wait_peer(other, Duration::from_secs(10), "direct over IPv6", |p| {
+            p["relay"].is_null() && p["endpoint"].as_str().is_some_and(|e| e.starts_with(addr))
+        });
+    }
+    let moved = met.elapsed();
+    let (answered, rtt) = ping_rtt(&a_ns, "10.78.0.3", 20);
+    assert!(answered >= 19, "{answered}/20 pings over IPv6");
+    let p = robot1.wait_peer("robot2", Duration::from_secs(1), "still on IPv6", |p| {
+        p["endpoint"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("[2001:db8:98::3]"))
+    });
+    assert_eq!(p["path_changes"], 0, "never relayed: {p}");
+    eprintln!(
+        "NAT lab IPv6 preference: easy-easy first ping after {} ms; both sides direct over IPv6 {} ms later; RTT median {rtt:.2} ms",
+        first.as_millis(),
+        moved.as_millis()
+    );
+}

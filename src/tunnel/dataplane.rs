@@ -1438,6 +1438,26 @@ fn timers(shared: &DataPlaneShared, buf: &mut [u8], since: u64) {
     paths(shared, &table, since);
 }
 
+/// A member reached directly over IPv4 is offered IPv6 now and then (`path::ipv6_offer`): a
+/// keepalive to its IPv6 candidates, which it follows if IPv6 carries it.
+fn offer_ipv6(shared: &DataPlaneShared, peer: &Peer, now: u64) {
+    let next = peer.path.next_ipv6_offer.load(Ordering::Relaxed);
+    let Some((offers, then)) = super::path::ipv6_offer(
+        peer.endpoint(),
+        &peer.spec.candidates,
+        shared.udp_is_v6,
+        now,
+        next,
+    ) else {
+        return;
+    };
+    peer.path.next_ipv6_offer.store(then, Ordering::Relaxed);
+    metrics::counter!("myelin_path_ipv6_offers_total").increment(1);
+    for to in offers {
+        probe_direct(shared, peer, to);
+    }
+}
+
 /// How long `peer`'s path may stay silent while something is sent (its probe cadence).
 fn dead_after(shared: &DataPlaneShared, peer: &Peer) -> u64 {
     let interval = peer.spec.probe_interval.unwrap_or(shared.probe_interval);
@@ -1452,16 +1472,19 @@ fn paths(shared: &DataPlaneShared, table: &PeerTable, since: u64) {
     let now = shared.now_ms();
     for (_, peer) in table.iter() {
         let link = &peer.path;
-        if !peer.spec.certified
-            || relays.contains(&peer.public_key_bytes)
-            || (relays.is_empty() && !link.relayed.load(Ordering::Relaxed))
-        {
+        if !peer.spec.certified || relays.contains(&peer.public_key_bytes) {
             continue;
         }
         let session = peer
             .tunn
             .lock()
             .is_ok_and(|t| t.time_since_last_handshake().is_some());
+        if session && !link.relayed.load(Ordering::Relaxed) {
+            offer_ipv6(shared, peer, now);
+        }
+        if relays.is_empty() && !link.relayed.load(Ordering::Relaxed) {
+            continue;
+        }
         let relay = link.relay();
         let seen = Seen {
             now,

@@ -42,6 +42,36 @@ const MAX_TRIED: usize = 9;
 /// often (each of them would otherwise cost a keepalive).
 const PROBE_GAP_MS: u64 = 250;
 
+/// A peer reached directly over IPv4 is offered this node's IPv6 this often: a keepalive to
+/// each of its global IPv6 candidates. Where IPv6 works both ways the peer follows the first
+/// one that arrives (roaming on an authenticated datagram) and its answers move this side
+/// too: IPv6 needs no NAT mapping to keep alive, so it is the better direct path.
+pub const IPV6_OFFER_EVERY_MS: u64 = 30_000;
+/// IPv6 candidates one offer goes to.
+const MAX_IPV6_OFFERED: usize = 2;
+
+/// The IPv6 candidates to offer a peer reached directly at `endpoint` (nothing when it is
+/// reached over IPv6 already, or this node's socket has no IPv6), and when the next offer is
+/// due, if one is due at `now` (`next`: when it was due; 0: at once).
+pub fn ipv6_offer(
+    endpoint: Option<SocketAddr>,
+    candidates: &[SocketAddr],
+    socket_has_v6: bool,
+    now: u64,
+    next: u64,
+) -> Option<(Vec<SocketAddr>, u64)> {
+    if !socket_has_v6 || !endpoint.is_some_and(|e| e.is_ipv4()) || now < next {
+        return None;
+    }
+    let offers: Vec<SocketAddr> = candidates
+        .iter()
+        .filter(|c| c.is_ipv6())
+        .take(MAX_IPV6_OFFERED)
+        .copied()
+        .collect();
+    (!offers.is_empty()).then(|| (offers, now + IPV6_OFFER_EVERY_MS))
+}
+
 /// What the packet path reads and writes per datagram, without a lock; shared by every
 /// version of a peer with the same key, like its session.
 #[derive(Debug, Default)]
@@ -54,6 +84,8 @@ pub struct PathLink {
     pub relayed_rx: AtomicU64,
     /// Something went to this peer since the last timer tick.
     pub sending: AtomicBool,
+    /// When the next IPv6 offer is due (`ipv6_offer`); 0: with the first session.
+    pub next_ipv6_offer: AtomicU64,
     pub state: Mutex<PathState>,
 }
 
@@ -291,6 +323,24 @@ mod tests {
     use super::*;
 
     const L1: [u8; 32] = [1; 32];
+
+    #[test]
+    fn a_peer_direct_over_ipv4_is_offered_ipv6_now_and_then() {
+        let v4: SocketAddr = "203.0.113.21:51820".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8:99::3]:51820".parse().unwrap();
+        let lan: SocketAddr = "192.168.1.3:51820".parse().unwrap();
+        let candidates = [lan, v6];
+        // At once, to the IPv6 candidates only; then not before the interval.
+        let (to, next) = ipv6_offer(Some(v4), &candidates, true, 1_000, 0).unwrap();
+        assert_eq!((to, next), (vec![v6], 1_000 + IPV6_OFFER_EVERY_MS));
+        assert!(ipv6_offer(Some(v4), &candidates, true, next - 1, next).is_none());
+        assert!(ipv6_offer(Some(v4), &candidates, true, next, next).is_some());
+        // Reached over IPv6 already, an IPv4-only socket, no IPv6 candidate, no endpoint.
+        assert!(ipv6_offer(Some(v6), &candidates, true, 1_000, 0).is_none());
+        assert!(ipv6_offer(Some(v4), &candidates, false, 1_000, 0).is_none());
+        assert!(ipv6_offer(Some(v4), &[lan], true, 1_000, 0).is_none());
+        assert!(ipv6_offer(None, &candidates, true, 1_000, 0).is_none());
+    }
     const L2: [u8; 32] = [2; 32];
 
     fn addr(s: &str) -> SocketAddr {
