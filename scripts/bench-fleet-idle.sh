@@ -21,14 +21,21 @@ ticks() { # pids...: their utime+stime summed
   echo "$sum"
 }
 
+LAB_DIR=""
+trap '[ -n "$LAB_DIR" ] && { "$LAB_BIN" lab down --dir "$LAB_DIR" >/dev/null 2>&1 || true; rm -rf "$LAB_DIR"; }' EXIT
+
 measure() { # binary label: prints "label nodes% plugins%"
   local bin=$1 label=$2 dir
   dir=$(mktemp -d /tmp/myelin-fleet-idle.XXXXXX)
+  LAB_DIR=$dir LAB_BIN=$bin
   chmod 755 "$dir"
-  "$bin" lab up --nodes "$NODES" --dir "$dir" --plugins safety --cameras 0 --detach >/dev/null
+  "$bin" lab up --nodes "$NODES" --dir "$dir" --plugins safety --cameras 0 --detach >/dev/null ||
+    { echo "bench-fleet-idle: $label: lab up failed" >&2; return 1; }
   local nodes plugins
-  nodes=$(pgrep -f "^$bin up --config $dir/" | tr '\n' ' ')
+  nodes=$("$bin" lab status --dir "$dir" --json |
+    python3 -c 'import json,sys; print(" ".join(str(n["pid"]) for n in json.load(sys.stdin)["nodes"]))')
   plugins=$(for p in $nodes; do pgrep -P "$p"; done | tr '\n' ' ')
+  [ -n "$nodes" ] || { echo "bench-fleet-idle: $label: no node processes" >&2; return 1; }
   # The mesh is formed when `lab up --detach` returns; the first seconds after are the nodes'
   # start-up (plugins starting, the interlocks clearing), which is not idle.
   sleep 10 # settling before the window, not synchronisation
@@ -40,15 +47,21 @@ measure() { # binary label: prints "label nodes% plugins%"
   n1=$(ticks $nodes); p1=$(ticks $plugins)
   "$bin" lab down --dir "$dir" >/dev/null 2>&1 || true
   rm -rf "$dir"
+  LAB_DIR=""
   awk -v l="$label" -v n=$((n1 - n0)) -v p=$((p1 - p0)) -v hz="$hz" -v w="$WINDOW" \
     'BEGIN { printf "%s %.1f %.1f\n", l, n / hz / w * 100, p / hz / w * 100 }'
 }
 
 rows=()
+# Not in $(…), so a failed measurement stops the script (set -e) instead of reading as zero.
+tmp=$(mktemp)
 if [ -n "${MYELIN_BASELINE:-}" ]; then
-  rows+=("$(measure "$MYELIN_BASELINE" baseline)")
+  measure "$MYELIN_BASELINE" baseline >"$tmp"
+  rows+=("$(cat "$tmp")")
 fi
-rows+=("$(measure "$MYELIN" this)")
+measure "$MYELIN" this >"$tmp"
+rows+=("$(cat "$tmp")")
+rm -f "$tmp"
 echo "| build | $NODES nodes' processes, % of one core | their plugin processes | all |"
 echo "|---|---|---|---|"
 for r in "${rows[@]}"; do

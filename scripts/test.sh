@@ -23,6 +23,6 @@ if [ "$status" != 0 ]; then
   awk '/^---- .* stdout ----$/ {on = 1; n = 0}
        on && /^failures:$/ {on = 0}
        on && n < 150 {print; n++}' "$log"
-  grep -E "^test .* \.\.\. FAILED$|^error: .*target.* failed|^    \`" "$log" || true
+  grep -E "^test .* \.\.\. FAILED$|^error: .*target.* failed|^error: test failed|^    \`" "$log" || true
 fi
 exit "$status"

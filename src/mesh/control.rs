@@ -394,12 +394,15 @@ impl Mesh {
         multicast: Vec<std::net::IpAddr>,
         candidates: &[SocketAddr],
     ) -> crate::tunnel::PeerSpec {
-        // What its direct tries may go to besides the endpoint: addresses a probe may reach
-        // (never this node's own).
+        // What its direct tries and IPv6 offers may go to besides the endpoint: addresses a
+        // probe may reach (never this node's own). None for a lighthouse: it must keep seeing
+        // each member at the address its registrations come from, which is what it reports
+        // back (an offer followed would turn a member's reflexive IPv4 address into IPv6).
         let candidates = candidates
             .iter()
             .filter(|c| {
-                super::paths::routable(c)
+                !self.config.lighthouse
+                    && super::paths::routable(c)
                     && Some(**c) != endpoint
                     && !self.config.candidates.contains(c)
             })

@@ -65,6 +65,8 @@ struct PeerProbe {
     exchanged: u64,
     /// The most its packets less `exchanged` have been; `None` until first told.
     traffic: Option<u64>,
+    /// Whether they were below that when last told.
+    dipped: bool,
     /// When it last carried traffic (or began to be probed).
     active_at: Instant,
 }
@@ -84,6 +86,7 @@ impl PeerProbe {
             idles: false,
             exchanged: 0,
             traffic: None,
+            dipped: false,
             active_at: now,
         }
     }
@@ -177,16 +180,23 @@ impl Prober {
         if !p.active || !p.idles {
             return;
         }
-        // Against the most ever seen: the counters and `exchanged` move at slightly different
+        // Against the most seen: the counters and `exchanged` move at slightly different
         // moments (a ping is counted here before the data plane reads it from the TUN), and a
-        // dip that recovers is no traffic.
+        // dip that recovers is no traffic. A dip seen twice in a row is no such moment but
+        // probes that never reached the tunnel (no session yet, a failed send): the mark
+        // follows it, or they would hide as much traffic later.
         let traffic = packets.wrapping_sub(p.exchanged);
-        let grew = p
-            .traffic
-            .is_some_and(|most| (traffic.wrapping_sub(most) as i64) > 0);
-        if grew || p.traffic.is_none() {
+        let (grew, dipped) = match p.traffic {
+            Some(most) => {
+                let d = traffic.wrapping_sub(most) as i64;
+                (d > 0, d < 0)
+            }
+            None => (false, false),
+        };
+        if grew || p.traffic.is_none() || (dipped && p.dipped) {
             p.traffic = Some(traffic);
         }
+        p.dipped = dipped;
         if grew {
             if p.quiet(now) {
                 p.due = now;
@@ -392,6 +402,17 @@ mod tests {
         a.traffic(0, packets - 1, t);
         a.traffic(0, packets, t);
         assert_eq!(a.poll_timeout(), Some(t0 + 40_000 * MS), "still idling");
+        // Probes that never reached the tunnel (no session) leave a lasting dip; the mark
+        // follows it, so the next packet of traffic still counts.
+        a.traffic(0, packets - 5, t);
+        a.traffic(0, packets - 5, t);
+        a.traffic(0, packets - 4, t);
+        assert_eq!(
+            a.poll_timeout(),
+            Some(t),
+            "woken by one packet after the dip"
+        );
+        a.traffic(0, packets - 4, t);
         // Traffic wakes it: a probe at once, then its own cadence while traffic goes on.
         let t1 = t0 + 40_000 * MS;
         let sent = run_pings(&mut a, &mut b, &mut packets, t1, 5, 3);

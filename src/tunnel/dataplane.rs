@@ -1441,19 +1441,26 @@ fn timers(shared: &DataPlaneShared, buf: &mut [u8], since: u64) {
 /// A member reached directly over IPv4 is offered IPv6 now and then (`path::ipv6_offer`): a
 /// keepalive to its IPv6 candidates, which it follows if IPv6 carries it.
 fn offer_ipv6(shared: &DataPlaneShared, peer: &Peer, now: u64) {
-    let next = peer.path.next_ipv6_offer.load(Ordering::Relaxed);
-    let Some((offers, then)) = super::path::ipv6_offer(
-        peer.endpoint(),
-        &peer.spec.candidates,
-        shared.udp_is_v6,
-        now,
-        next,
-    ) else {
+    let link = &peer.path;
+    let endpoint = peer.endpoint();
+    if endpoint.is_some_and(|e| e.is_ipv6()) {
+        // Taken: should IPv6 fail later, the next offer waits the shortest time again.
+        link.ipv6_offer_gap.store(0, Ordering::Relaxed);
+        return;
+    }
+    let due = (
+        link.next_ipv6_offer.load(Ordering::Relaxed),
+        link.ipv6_offer_gap.load(Ordering::Relaxed),
+    );
+    let Some(offer) =
+        super::path::ipv6_offer(endpoint, &peer.spec.candidates, shared.udp_is_v6, now, due)
+    else {
         return;
     };
-    peer.path.next_ipv6_offer.store(then, Ordering::Relaxed);
+    link.next_ipv6_offer.store(offer.next, Ordering::Relaxed);
+    link.ipv6_offer_gap.store(offer.gap, Ordering::Relaxed);
     metrics::counter!("myelin_path_ipv6_offers_total").increment(1);
-    for to in offers {
+    for to in offer.to {
         probe_direct(shared, peer, to);
     }
 }

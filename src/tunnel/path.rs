@@ -47,29 +47,46 @@ const PROBE_GAP_MS: u64 = 250;
 /// one that arrives (roaming on an authenticated datagram) and its answers move this side
 /// too: IPv6 needs no NAT mapping to keep alive, so it is the better direct path.
 pub const IPV6_OFFER_EVERY_MS: u64 = 30_000;
+/// Each offer after which the peer is still reached over IPv4 doubles the wait, up to this:
+/// IPv6 that does not work (or works one way only, where each offer costs the other side a
+/// moment on a path that does not answer) is offered rarely.
+pub const MAX_IPV6_OFFER_EVERY_MS: u64 = 960_000;
 /// IPv6 candidates one offer goes to.
 const MAX_IPV6_OFFERED: usize = 2;
 
+/// An IPv6 offer that is due: where it goes, when the next is due and the wait after that.
+#[derive(Debug, PartialEq)]
+pub struct Ipv6Offer {
+    pub to: Vec<SocketAddr>,
+    pub next: u64,
+    pub gap: u64,
+}
+
 /// The IPv6 candidates to offer a peer reached directly at `endpoint` (nothing when it is
-/// reached over IPv6 already, or this node's socket has no IPv6), and when the next offer is
-/// due, if one is due at `now` (`next`: when it was due; 0: at once).
+/// reached over IPv6 already, or this node's socket has no IPv6), if an offer is due at `now`
+/// (`next`: when it was due, 0: at once; `gap`: the wait after it, 0: the first).
 pub fn ipv6_offer(
     endpoint: Option<SocketAddr>,
     candidates: &[SocketAddr],
     socket_has_v6: bool,
     now: u64,
-    next: u64,
-) -> Option<(Vec<SocketAddr>, u64)> {
+    (next, gap): (u64, u64),
+) -> Option<Ipv6Offer> {
     if !socket_has_v6 || !endpoint.is_some_and(|e| e.is_ipv4()) || now < next {
         return None;
     }
-    let offers: Vec<SocketAddr> = candidates
+    let to: Vec<SocketAddr> = candidates
         .iter()
         .filter(|c| c.is_ipv6())
         .take(MAX_IPV6_OFFERED)
         .copied()
         .collect();
-    (!offers.is_empty()).then(|| (offers, now + IPV6_OFFER_EVERY_MS))
+    let gap = if gap == 0 { IPV6_OFFER_EVERY_MS } else { gap };
+    (!to.is_empty()).then(|| Ipv6Offer {
+        to,
+        next: now + gap,
+        gap: gap.saturating_mul(2).min(MAX_IPV6_OFFER_EVERY_MS),
+    })
 }
 
 /// What the packet path reads and writes per datagram, without a lock; shared by every
@@ -84,8 +101,10 @@ pub struct PathLink {
     pub relayed_rx: AtomicU64,
     /// Something went to this peer since the last timer tick.
     pub sending: AtomicBool,
-    /// When the next IPv6 offer is due (`ipv6_offer`); 0: with the first session.
+    /// When the next IPv6 offer is due (`ipv6_offer`; 0: with the first session), and the
+    /// wait after it (0: the first; back to 0 once the peer is reached over IPv6).
     pub next_ipv6_offer: AtomicU64,
+    pub ipv6_offer_gap: AtomicU64,
     pub state: Mutex<PathState>,
 }
 
@@ -257,7 +276,12 @@ impl PathState {
         };
         // Silence counts from the last datagram heard on the path (or from the first sending
         // after a quiet spell), and only while something is being sent.
-        if self.unanswered_since != 0 && heard > self.unanswered_since {
+        // A tick that sent nothing, with the last send answered (heard at or after it), ends
+        // the count: a quiet spell must not count as silence when sending starts again, 10 s
+        // later (members of one group are probed that rarely while idle).
+        if self.unanswered_since != 0
+            && (heard > self.unanswered_since || (!seen.sent && heard >= self.unanswered_since))
+        {
             self.unanswered_since = 0;
         }
         if seen.sent && self.unanswered_since == 0 {
@@ -331,15 +355,34 @@ mod tests {
         let lan: SocketAddr = "192.168.1.3:51820".parse().unwrap();
         let candidates = [lan, v6];
         // At once, to the IPv6 candidates only; then not before the interval.
-        let (to, next) = ipv6_offer(Some(v4), &candidates, true, 1_000, 0).unwrap();
-        assert_eq!((to, next), (vec![v6], 1_000 + IPV6_OFFER_EVERY_MS));
-        assert!(ipv6_offer(Some(v4), &candidates, true, next - 1, next).is_none());
-        assert!(ipv6_offer(Some(v4), &candidates, true, next, next).is_some());
+        let first = ipv6_offer(Some(v4), &candidates, true, 1_000, (0, 0)).unwrap();
+        let next = 1_000 + IPV6_OFFER_EVERY_MS;
+        assert_eq!(
+            first,
+            Ipv6Offer {
+                to: vec![v6],
+                next,
+                gap: 2 * IPV6_OFFER_EVERY_MS
+            }
+        );
+        let due = (first.next, first.gap);
+        assert!(ipv6_offer(Some(v4), &candidates, true, next - 1, due).is_none());
+        // Still on IPv4 at each offer: the waits double, up to the most.
+        let mut due = due;
+        let mut waits = Vec::new();
+        let mut now = next;
+        for _ in 0..8 {
+            let o = ipv6_offer(Some(v4), &candidates, true, now, due).unwrap();
+            waits.push((o.next - now) / 1_000);
+            now = o.next;
+            due = (o.next, o.gap);
+        }
+        assert_eq!(waits, [60, 120, 240, 480, 960, 960, 960, 960]);
         // Reached over IPv6 already, an IPv4-only socket, no IPv6 candidate, no endpoint.
-        assert!(ipv6_offer(Some(v6), &candidates, true, 1_000, 0).is_none());
-        assert!(ipv6_offer(Some(v4), &candidates, false, 1_000, 0).is_none());
-        assert!(ipv6_offer(Some(v4), &[lan], true, 1_000, 0).is_none());
-        assert!(ipv6_offer(None, &candidates, true, 1_000, 0).is_none());
+        assert!(ipv6_offer(Some(v6), &candidates, true, 1_000, (0, 0)).is_none());
+        assert!(ipv6_offer(Some(v4), &candidates, false, 1_000, (0, 0)).is_none());
+        assert!(ipv6_offer(Some(v4), &[lan], true, 1_000, (0, 0)).is_none());
+        assert!(ipv6_offer(None, &candidates, true, 1_000, (0, 0)).is_none());
     }
     const L2: [u8; 32] = [2; 32];
 
@@ -360,6 +403,43 @@ mod tests {
             dead_after: dead_after(100),
             relay_alive: true,
         }
+    }
+
+    #[test]
+    fn a_quiet_spell_is_not_silence_when_sending_starts_again() {
+        // A probe at 10 ms answered at 10.3 ms, the tick at 250 ms; then nothing for 10 s (an
+        // idle member of one's own group); then a send whose answer comes after the next tick.
+        let mut p = PathState::default();
+        let mut s = seen(250, true, 10, 0);
+        s.dead_after = dead_after(1_000);
+        assert_eq!(p.tick(&s, &[L1]), Tick::Stay);
+        for t in (500..10_250).step_by(250) {
+            let mut s = seen(t, false, 10, 0);
+            s.dead_after = dead_after(1_000);
+            assert_eq!(p.tick(&s, &[L1]), Tick::Stay, "at {t} ms");
+        }
+        let mut s = seen(10_250, true, 10, 0);
+        s.dead_after = dead_after(1_000);
+        assert_eq!(
+            p.tick(&s, &[L1]),
+            Tick::Stay,
+            "the first send after the spell"
+        );
+        let mut s = seen(10_500, false, 10_260, 0);
+        s.dead_after = dead_after(1_000);
+        assert_eq!(p.tick(&s, &[L1]), Tick::Stay);
+        // A path that then really dies is still judged within its limit.
+        let mut moved = None;
+        for t in (10_750..14_000).step_by(250) {
+            let mut s = seen(t, true, 10_260, 0);
+            s.dead_after = dead_after(1_000);
+            if p.tick(&s, &[L1]) == Tick::Relay(L1) {
+                moved = Some(t);
+                break;
+            }
+        }
+        let moved = moved.expect("relayed");
+        assert!(moved - 10_750 <= dead_after(1_000) + 250, "at {moved} ms");
     }
 
     #[test]
