@@ -2362,6 +2362,49 @@ mod tests {
         assert_eq!(robot.connectivity().nat, "none (public address)");
     }
 
+    #[test]
+    fn members_get_each_others_candidates_and_a_lighthouse_keeps_none() {
+        let t0 = Instant::now();
+        let k = ca_key();
+        let mut lh = lighthouse(&k, UNIX + 1000, t0);
+        let mut robot = mesh(
+            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
+            &["operators"],
+            false,
+            t0,
+        );
+        let v6: SocketAddr = "[2001:db8:5::11]:51820".parse().unwrap();
+        robot.set_candidates(vec![v6]);
+        let mut op = mesh(
+            node_cert(
+                &k,
+                "operator",
+                12,
+                "10.77.0.12/16",
+                &["operators"],
+                UNIX + 1000,
+            ),
+            &["robots"],
+            false,
+            t0,
+        );
+        robot.handle_timeout(t0, UNIX);
+        op.handle_timeout(t0, UNIX);
+        let changes = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], t0);
+        let spec = |at: u8| {
+            changes.iter().rev().find_map(|(n, o)| match o {
+                Output::Upsert(s) if *n == at && s.name == "robot1" => Some(s.candidates.clone()),
+                _ => None,
+            })
+        };
+        // The operator may try (and offer IPv6 to) the robot's own addresses; the lighthouse
+        // keeps seeing it where its registrations come from. (A lighthouse admits members
+        // from their registrations, whose candidates go only into the roster; `member_spec`
+        // also drops them on a lighthouse, for any other way a member may come to it.)
+        assert_eq!(spec(12), Some(vec![v6]), "{changes:?}");
+        assert_eq!(spec(10), Some(vec![]), "{changes:?}");
+    }
+
     /// Delivers every message until none is left: node `k` is seen at `seen(k)`, and a message
     /// from `a` to `b` arrives only if `passes(a, b)`. Returns the other outputs.
     fn settle_via(
