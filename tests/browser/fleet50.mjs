@@ -17,7 +17,9 @@ try {
   const opened = Date.now();
   await page.goto(url);
   page.on("crash", () => problems.push("the page crashed"));
-  const listed = (timeout) => page.waitForFunction((n) => document.querySelectorAll("#fleet .card").length >= n, Number(want), { timeout });
+  // Polled on a timer rather than on animation frames, which a starved headless renderer
+  // may produce rarely.
+  const listed = (timeout) => page.waitForFunction((n) => document.querySelectorAll("#fleet .card").length >= n, Number(want), { timeout, polling: 100 });
   // What the page shows, and what the node's API answers the page's own origin right now:
   // printed when the page does not list the fleet, so a failure elsewhere can be read.
   const describe = () => page.evaluate(async () => {
@@ -55,10 +57,10 @@ try {
   const cards = await page.locator("#fleet .card").count();
   console.log(`fleet50: ${cards} cards ready ${ready.toFixed(2)} s after the page's navigation began (${((Date.now() - opened) / 1000).toFixed(2)} s after asking the browser to open it)`);
   // Then each card fills in with what its member said (interlock, plugins).
-  await page.waitForFunction((n) => document.querySelectorAll("#fleet .card .badge").length >= n, Number(want), { timeout: 60000 });
+  await page.waitForFunction((n) => document.querySelectorAll("#fleet .card .badge").length >= n, Number(want), { timeout: 60000, polling: 100 });
   console.log(`fleet50: every card filled in ${((Date.now() - opened) / 1000).toFixed(2)} s after opening`);
   const updates = Number(await page.evaluate(() => document.body.dataset.fleetUpdates));
-  await page.waitForFunction((n) => Number(document.body.dataset.fleetUpdates) > n + 1, updates, { timeout: 15000 });
+  await page.waitForFunction((n) => Number(document.body.dataset.fleetUpdates) > n + 1, updates, { timeout: 15000, polling: 100 });
   console.log("fleet50: the page keeps updating");
   await page.fill("#filter", "robot4");
   const shown = await page.locator("#fleet .card:not([hidden])").count();
