@@ -43,8 +43,17 @@ try {
     await page.locator(`.card[data-member="${r}"] .interlock .badge[data-state]`).first().waitFor({ timeout: 20000 });
   }
   step(`fleet page lists ${robots.length} robots with their interlock in ${((Date.now() - opened) / 1000).toFixed(1)} s`);
-  await page.waitForFunction((names) => names.every((n) =>
-    document.querySelector(`.card[data-member="${n}"] .badge[data-state="armed"]`)), robots, { timeout: 60000 });
+  try {
+    await page.waitForFunction((names) => names.every((n) =>
+      document.querySelector(`.card[data-member="${n}"] .badge[data-state="armed"]`)), robots, { timeout: 60000, polling: 100 });
+  } catch (err) {
+    // What each robot's card says instead (its interlock state and reason), so a failure on
+    // a busy machine can be read.
+    const cards = await page.evaluate((names) => names.map((n) =>
+      `${n}: ${document.querySelector(`.card[data-member="${n}"] .interlock`)?.textContent?.replace(/\s+/g, " ").trim()}`), robots)
+      .catch((e) => [`unreadable: ${e.message}`]);
+    throw new Error(`not every robot armed in 60 s (${err.message}): ${cards.join("; ")}`);
+  }
   step("every robot armed");
 
   // Video: one tile per camera, and its frames advance.
