@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   build-essential pkg-config git curl ca-certificates
   cmake libclang-dev
-  iproute2 nftables iputils-ping tcpdump dnsutils
+  iproute2 nftables conntrack iputils-ping tcpdump dnsutils
   wireguard-tools wireguard-go iperf3 ffmpeg fonts-dejavu-core
   python3 python3-venv
   chromium

@@ -901,3 +901,75 @@ fn a_direct_pair_moves_to_ipv6_when_it_works_both_ways() {
         moved.as_millis()
     );
 }
+
+/// A hard NAT forgets the robot's mapping (its connection table flushed, as a router reboot or
+/// a mapping timeout would) and maps it to a new port: the public operator follows the first
+/// authenticated datagram from the new port, without a relay and without a new handshake.
+#[test]
+fn a_nat_that_rebinds_the_robots_port_is_followed_at_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut internet = Internet::new();
+    let lh_ns = internet.host("vr1", "203.0.113.10");
+    let op_ns = internet.host("vro", "203.0.113.20");
+    let mut site = internet.behind_nat("vrh", "203.0.113.28", 8, NatKind::Hard);
+    let robot_ns = site.host("vrhh");
+    let router = site.router.clone();
+    let fleet = LabFleet::new("natlab-rebind", &["203.0.113.10"]);
+    let op = fleet.member("operator", 1, "operators", &["robots"]);
+    let rb = fleet.member("robot1", 2, "robots", &["operators"]);
+    let _lighthouse = Node::start_spec(lh_ns, &fleet.lighthouses[0], "");
+    let operator = Node::start_spec(op_ns.clone(), &op, "");
+    let _robot = Node::start_spec(robot_ns, &rb, "");
+    ping_until(&op_ns, "10.78.0.2", Duration::from_secs(30));
+    let mut outages = Vec::new();
+    for round in 0..6 {
+        let before = operator.wait_peer(
+            "robot1",
+            Duration::from_secs(5),
+            "direct, behind its NAT",
+            |p| {
+                p["relay"].is_null()
+                    && p["endpoint"]
+                        .as_str()
+                        .is_some_and(|e| e.starts_with("203.0.113.28:"))
+            },
+        );
+        router.run("conntrack", &["-F"]);
+        let flushed = Instant::now();
+        // The operator pings every 20 ms (each waiting at most 50 ms) until one is answered.
+        loop {
+            let ok = op_ns
+                .command("ping")
+                .args(["-c", "1", "-W", "0.05", "10.78.0.2"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            assert!(
+                flushed.elapsed() < Duration::from_secs(5),
+                "round {round}: the operator cannot reach robot1 5 s after its NAT rebound"
+            );
+        }
+        let outage = flushed.elapsed();
+        let after = operator.wait_peer("robot1", Duration::from_secs(1), "at its new port", |p| {
+            p["relay"].is_null() && p["endpoint"] != before["endpoint"]
+        });
+        assert_eq!(after["path_changes"], 0, "never relayed: {after}");
+        eprintln!(
+            "NAT lab rebinding {round}: robot1 {} -> {}, the operator reaches it again {} ms after the flush",
+            before["endpoint"],
+            after["endpoint"],
+            outage.as_millis()
+        );
+        outages.push(outage);
+    }
+    outages.sort();
+    eprintln!(
+        "NAT lab rebinding: outage median {} ms, worst {} ms over {} rebinds",
+        outages[outages.len() / 2].as_millis(),
+        outages[outages.len() - 1].as_millis(),
+        outages.len()
+    );
+}
