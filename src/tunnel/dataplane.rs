@@ -450,7 +450,9 @@ fn heard(shared: &DataPlaneShared, peer: &Peer, source: Source) {
         Source::Direct(from) => {
             link.direct_rx.store(now, Ordering::Relaxed);
             if !link.relayed.load(Ordering::Relaxed) {
-                peer.saw(from);
+                if peer.saw(from, now) {
+                    probe_direct(shared, peer, from);
+                }
                 return;
             }
             let verdict = match link.state.lock() {
@@ -462,9 +464,11 @@ fn heard(shared: &DataPlaneShared, peer: &Peer, source: Source) {
                 Err(_) => return,
             };
             match verdict {
-                Direct::Follow => peer.saw(from),
+                Direct::Follow => {
+                    peer.saw(from, now);
+                }
                 Direct::Upgrade => {
-                    peer.saw(from);
+                    peer.saw(from, now);
                     path_changed(peer, "direct", &from.to_string());
                 }
                 Direct::Probe(to) => probe_direct(shared, peer, to),

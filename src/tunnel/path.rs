@@ -51,6 +51,10 @@ pub const IPV6_OFFER_EVERY_MS: u64 = 30_000;
 /// IPv6 that does not work (or works one way only, where each offer costs the other side a
 /// moment on a path that does not answer) is offered rarely.
 pub const MAX_IPV6_OFFER_EVERY_MS: u64 = 960_000;
+/// A peer moved from IPv4 to IPv6 does not follow IPv4 datagrams for this long: those the
+/// other side sent before it moved too are still arriving (a roam away from IPv6 after this
+/// is followed at once).
+pub const IPV6_HOLD_MS: u64 = 500;
 /// IPv6 candidates one offer goes to.
 const MAX_IPV6_OFFERED: usize = 2;
 
@@ -105,6 +109,8 @@ pub struct PathLink {
     /// wait after it (0: the first; back to 0 once the peer is reached over IPv6).
     pub next_ipv6_offer: AtomicU64,
     pub ipv6_offer_gap: AtomicU64,
+    /// When the peer last moved from IPv4 to IPv6 (`Peer::saw`); 0: never.
+    pub ipv6_since: AtomicU64,
     pub state: Mutex<PathState>,
 }
 

@@ -128,20 +128,40 @@ impl Peer {
         self.endpoint.lock().ok().and_then(|e| *e)
     }
 
-    /// Roaming: an authenticated packet came from `from`.
-    pub(super) fn saw(&self, from: SocketAddr) {
+    /// Roaming: an authenticated packet came from `from` at `now_ms` (the data plane's
+    /// clock). Returns whether the peer moved from IPv4 to IPv6: the caller answers over IPv6
+    /// at once, so the other side moves too.
+    pub(super) fn saw(&self, from: SocketAddr, now_ms: u64) -> bool {
         if !self.endpoint_proven.load(Ordering::Relaxed) {
             self.endpoint_proven.store(true, Ordering::Relaxed);
         }
-        if let Ok(mut e) = self.endpoint.lock() {
-            if *e != Some(from) {
-                if e.is_some() {
-                    tracing::info!(peer = %self.name, "endpoint moved to {from}");
-                }
-                *e = Some(from);
-                self.endpoint_changes.fetch_add(1, Ordering::Relaxed);
-            }
+        let Ok(mut e) = self.endpoint.lock() else {
+            return false;
+        };
+        let current = *e;
+        if current == Some(from) {
+            return false;
         }
+        // Just after a move to IPv6, datagrams the other side sent over IPv4 before it moved
+        // too are still arriving; following them would undo the move on both sides.
+        let since = self.path.ipv6_since.load(Ordering::Relaxed);
+        if current.is_some_and(|c| c.is_ipv6())
+            && from.is_ipv4()
+            && since != 0
+            && now_ms.saturating_sub(since) < super::path::IPV6_HOLD_MS
+        {
+            return false;
+        }
+        let upgrade = current.is_some_and(|c| c.is_ipv4()) && from.is_ipv6();
+        if upgrade {
+            self.path.ipv6_since.store(now_ms.max(1), Ordering::Relaxed);
+        }
+        if current.is_some() {
+            tracing::info!(peer = %self.name, "endpoint moved to {from}");
+        }
+        *e = Some(from);
+        self.endpoint_changes.fetch_add(1, Ordering::Relaxed);
+        upgrade
     }
 }
 
@@ -388,6 +408,26 @@ mod tests {
     }
 
     #[test]
+    fn a_move_to_ipv6_is_not_undone_by_ipv4_datagrams_still_in_flight() {
+        let k = secret();
+        let t = PeerTable::default()
+            .upsert(&k, spec("a", 1, "10.0.0.1/32"))
+            .unwrap()
+            .unwrap();
+        let p = t.get(0).unwrap();
+        let v4: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::7]:4000".parse().unwrap();
+        assert!(!p.saw(v4, 1_000), "a first endpoint is no move to IPv6");
+        assert!(p.saw(v6, 2_000), "IPv4 to IPv6: answered over IPv6 at once");
+        assert!(!p.saw(v4, 2_100));
+        assert_eq!(p.endpoint(), Some(v6), "held within IPV6_HOLD_MS");
+        assert!(!p.saw(v4, 2_000 + super::super::path::IPV6_HOLD_MS));
+        assert_eq!(p.endpoint(), Some(v4), "followed after it (IPv6 went away)");
+        assert!(p.saw(v6, 9_000));
+        assert_eq!(p.endpoint(), Some(v6));
+    }
+
+    #[test]
     fn an_update_keeps_the_learned_endpoint() {
         let k = secret();
         let t = PeerTable::default()
@@ -395,7 +435,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let learned: SocketAddr = "192.0.2.7:4000".parse().unwrap();
-        t.get(0).unwrap().saw(learned);
+        t.get(0).unwrap().saw(learned, 1);
         let mut s = spec("a", 1, "10.0.0.1/32");
         s.endpoint = Some("198.51.100.1:51820".parse().unwrap());
         let t2 = t.upsert(&k, s).unwrap().unwrap();
