@@ -795,6 +795,22 @@ fn a_robot_roams_from_one_nat_to_another_and_its_peers_follow_at_once() {
     );
 }
 
+/// Hosts `a` and `b` (each behind its own IPv4 NAT) also share an IPv6 link without a NAT:
+/// `<prefix>::2` and `<prefix>::3`, global addresses that only their candidates tell of.
+fn share_ipv6(a: &Netns, b: &Netns, prefix: &str) {
+    a.run(
+        "ip",
+        &[
+            "link", "add", "v6", "type", "veth", "peer", "name", "v6", "netns", &b.name,
+        ],
+    );
+    for (ns, host) in [(a, 2), (b, 3)] {
+        let addr = format!("{prefix}::{host}/64");
+        ns.run("ip", &["-6", "addr", "add", &addr, "dev", "v6", "nodad"]);
+        ns.run("ip", &["link", "set", "v6", "up"]);
+    }
+}
+
 #[test]
 fn a_relayed_pair_moves_to_a_direct_ipv6_path_when_one_exists() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -806,16 +822,7 @@ fn a_relayed_pair_moves_to_a_direct_ipv6_path_when_one_exists() {
     let b_ns = site_b.host("vhbh");
     // Behind their IPv4 NATs the two robots also share IPv6 without a NAT (one link here,
     // global addresses), which only their candidates tell of.
-    a_ns.run(
-        "ip",
-        &[
-            "link", "add", "v6", "type", "veth", "peer", "name", "v6", "netns", &b_ns.name,
-        ],
-    );
-    for (ns, addr) in [(&a_ns, "2001:db8:99::2/64"), (&b_ns, "2001:db8:99::3/64")] {
-        ns.run("ip", &["-6", "addr", "add", addr, "dev", "v6", "nodad"]);
-        ns.run("ip", &["link", "set", "v6", "up"]);
-    }
+    share_ipv6(&a_ns, &b_ns, "2001:db8:99");
     let fleet = LabFleet::new("natlab-v6", &["203.0.113.10"]);
     let a = fleet.member("robot1", 2, "robots", &["robots"]);
     let b = fleet.member("robot2", 3, "robots", &["robots"]);
@@ -860,16 +867,7 @@ fn a_direct_pair_moves_to_ipv6_when_it_works_both_ways() {
     let a_ns = site_a.host("vpah");
     let mut site_b = internet.behind_nat("vpb", "203.0.113.27", 7, NatKind::Easy);
     let b_ns = site_b.host("vpbh");
-    a_ns.run(
-        "ip",
-        &[
-            "link", "add", "v6", "type", "veth", "peer", "name", "v6", "netns", &b_ns.name,
-        ],
-    );
-    for (ns, addr) in [(&a_ns, "2001:db8:98::2/64"), (&b_ns, "2001:db8:98::3/64")] {
-        ns.run("ip", &["-6", "addr", "add", addr, "dev", "v6", "nodad"]);
-        ns.run("ip", &["link", "set", "v6", "up"]);
-    }
+    share_ipv6(&a_ns, &b_ns, "2001:db8:98");
     let fleet = LabFleet::new("natlab-v6-direct", &["203.0.113.10"]);
     let a = fleet.member("robot1", 2, "robots", &["robots"]);
     let b = fleet.member("robot2", 3, "robots", &["robots"]);

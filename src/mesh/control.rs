@@ -1645,6 +1645,37 @@ mod tests {
         mesh(cert, &[], true, now)
     }
 
+    /// robot1 (group robots, talking to operators), signed by `k`.
+    fn robot1(k: &SigningKey, now: Instant) -> Mesh {
+        let cert = node_cert(k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000);
+        mesh(cert, &["operators"], false, now)
+    }
+
+    /// The operator (group operators, talking to robots), signed by `k`.
+    fn operator(k: &SigningKey, now: Instant) -> Mesh {
+        let cert = node_cert(
+            k,
+            "operator",
+            12,
+            "10.77.0.12/16",
+            &["operators"],
+            UNIX + 1000,
+        );
+        mesh(cert, &["robots"], false, now)
+    }
+
+    /// The newest spec node `at` gave its data plane for peer `name`.
+    fn last_upsert<'a>(
+        changes: &'a [(u8, Output)],
+        at: u8,
+        name: &str,
+    ) -> Option<&'a crate::tunnel::PeerSpec> {
+        changes.iter().rev().find_map(|(n, o)| match o {
+            Output::Upsert(s) if *n == at && s.name == name => Some(s),
+            _ => None,
+        })
+    }
+
     fn mesh(cert: Certificate, talk_to: &[&str], lighthouse: bool, now: Instant) -> Mesh {
         let k = ca_key();
         Mesh::new(
@@ -1692,34 +1723,14 @@ mod tests {
         let k = ca_key();
         let group: std::net::IpAddr = "239.255.0.1".parse().unwrap();
         let mut lh = lighthouse(&k, UNIX + 1000, t0);
-        let mut robot = mesh(
-            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
-            &["operators"],
-            false,
-            t0,
-        );
+        let mut robot = robot1(&k, t0);
         robot.config.multicast = vec![group];
-        let mut op = mesh(
-            node_cert(
-                &k,
-                "operator",
-                12,
-                "10.77.0.12/16",
-                &["operators"],
-                UNIX + 1000,
-            ),
-            &["robots"],
-            false,
-            t0,
-        );
+        let mut op = operator(&k, t0);
         robot.handle_timeout(t0, UNIX);
         op.handle_timeout(t0, UNIX);
         let changes = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], t0);
         let last_spec = |changes: &[(u8, Output)], at: u8, name: &str| {
-            changes.iter().rev().find_map(|(n, o)| match o {
-                Output::Upsert(s) if *n == at && s.name == name => Some(s.multicast.clone()),
-                _ => None,
-            })
+            last_upsert(changes, at, name).map(|s| s.multicast.clone())
         };
         assert_eq!(last_spec(&changes, 12, "robot1"), Some(vec![group]));
         assert_eq!(last_spec(&changes, 11, "operator"), Some(vec![]));
@@ -1740,12 +1751,7 @@ mod tests {
         let t0 = Instant::now();
         let k = ca_key();
         let mut lh = lighthouse(&k, UNIX + 1000, t0);
-        let mut robot = mesh(
-            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
-            &["operators"],
-            false,
-            t0,
-        );
+        let mut robot = robot1(&k, t0);
         let mut op = mesh(
             node_cert(
                 &k,
@@ -1907,25 +1913,8 @@ mod tests {
         let t0 = Instant::now();
         let k = ca_key();
         let mut lh = lighthouse(&k, UNIX + 1000, t0);
-        let mut a = mesh(
-            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
-            &["operators"],
-            false,
-            t0,
-        );
-        let mut b = mesh(
-            node_cert(
-                &k,
-                "operator",
-                12,
-                "10.77.0.12/16",
-                &["operators"],
-                UNIX + 1000,
-            ),
-            &["robots"],
-            false,
-            t0,
-        );
+        let mut a = robot1(&k, t0);
+        let mut b = operator(&k, t0);
         a.handle_timeout(t0, UNIX);
         b.handle_timeout(t0, UNIX);
         settle(&mut [(10, &mut lh), (11, &mut a), (12, &mut b)], t0);
@@ -2030,12 +2019,7 @@ mod tests {
         let t0 = Instant::now();
         let k = ca_key();
         let mut lh = lighthouse(&k, UNIX + 1000, t0);
-        let mut robot1 = mesh(
-            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
-            &["operators"],
-            false,
-            t0,
-        );
+        let mut robot1 = robot1(&k, t0);
         let mut robot2 = mesh(
             node_cert(&k, "robot2", 13, "10.77.0.13/16", &["robots"], UNIX + 1000),
             &["operators"],
@@ -2200,19 +2184,7 @@ mod tests {
             false,
             t0,
         );
-        let mut op = mesh(
-            node_cert(
-                &k,
-                "operator",
-                12,
-                "10.77.0.12/16",
-                &["operators"],
-                UNIX + 1000,
-            ),
-            &["robots"],
-            false,
-            t0,
-        );
+        let mut op = operator(&k, t0);
         robot.handle_timeout(t0, UNIX);
         op.handle_timeout(t0, UNIX);
         settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], t0);
@@ -2286,12 +2258,7 @@ mod tests {
     fn a_lighthouse_that_stops_answering_gets_a_fresh_handshake() {
         let t0 = Instant::now();
         let k = ca_key();
-        let mut robot = mesh(
-            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
-            &["operators"],
-            false,
-            t0,
-        );
+        let mut robot = robot1(&k, t0);
         robot.handle_timeout(t0, UNIX);
         std::iter::from_fn(|| robot.poll_output()).for_each(drop);
         assert!(robot.poll_timeout() <= t0 + ANSWER_TIMEOUT);
@@ -2326,12 +2293,7 @@ mod tests {
         let t0 = Instant::now();
         let k = ca_key();
         let mut lh = lighthouse(&k, UNIX + 1000, t0);
-        let mut robot = mesh(
-            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
-            &["operators"],
-            false,
-            t0,
-        );
+        let mut robot = robot1(&k, t0);
         robot.set_candidates(vec!["10.1.0.2:51820".parse().unwrap()]);
         robot.handle_timeout(t0, UNIX);
         settle(&mut [(10, &mut lh), (11, &mut robot)], t0);
@@ -2367,36 +2329,14 @@ mod tests {
         let t0 = Instant::now();
         let k = ca_key();
         let mut lh = lighthouse(&k, UNIX + 1000, t0);
-        let mut robot = mesh(
-            node_cert(&k, "robot1", 11, "10.77.0.11/16", &["robots"], UNIX + 1000),
-            &["operators"],
-            false,
-            t0,
-        );
+        let mut robot = robot1(&k, t0);
         let v6: SocketAddr = "[2001:db8:5::11]:51820".parse().unwrap();
         robot.set_candidates(vec![v6]);
-        let mut op = mesh(
-            node_cert(
-                &k,
-                "operator",
-                12,
-                "10.77.0.12/16",
-                &["operators"],
-                UNIX + 1000,
-            ),
-            &["robots"],
-            false,
-            t0,
-        );
+        let mut op = operator(&k, t0);
         robot.handle_timeout(t0, UNIX);
         op.handle_timeout(t0, UNIX);
         let changes = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], t0);
-        let spec = |at: u8| {
-            changes.iter().rev().find_map(|(n, o)| match o {
-                Output::Upsert(s) if *n == at && s.name == "robot1" => Some(s.candidates.clone()),
-                _ => None,
-            })
-        };
+        let spec = |at: u8| last_upsert(&changes, at, "robot1").map(|s| s.candidates.clone());
         // The operator may try (and offer IPv6 to) the robot's own addresses; the lighthouse
         // keeps seeing it where its registrations come from. (A lighthouse admits members
         // from their registrations, whose candidates go only into the roster; `member_spec`
