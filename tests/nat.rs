@@ -8,7 +8,7 @@ mod common;
 
 use common::mesh::Fleetca;
 use common::netns::Netns;
-use common::{ping_until, Node, Spec};
+use common::{ping_every_until, ping_until, Node, Spec};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -934,23 +934,8 @@ fn a_nat_that_rebinds_the_robots_port_is_followed_at_once() {
         );
         router.run("conntrack", &["-F"]);
         let flushed = Instant::now();
-        // The operator pings every 20 ms (each waiting at most 50 ms) until one is answered.
-        loop {
-            let ok = op_ns
-                .command("ping")
-                .args(["-c", "1", "-W", "0.05", "10.78.0.2"])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-            if ok {
-                break;
-            }
-            assert!(
-                flushed.elapsed() < Duration::from_secs(5),
-                "round {round}: the operator cannot reach robot1 5 s after its NAT rebound"
-            );
-        }
-        let outage = flushed.elapsed();
+        // The operator pings (each waiting at most 50 ms) until one is answered.
+        let outage = ping_every_until(&op_ns, "10.78.0.2", "0.05", Duration::from_secs(5));
         let after = operator.wait_peer("robot1", Duration::from_secs(1), "at its new port", |p| {
             p["relay"].is_null() && p["endpoint"] != before["endpoint"]
         });
@@ -969,5 +954,95 @@ fn a_nat_that_rebinds_the_robots_port_is_followed_at_once() {
         outages[outages.len() / 2].as_millis(),
         outages[outages.len() - 1].as_millis(),
         outages.len()
+    );
+}
+
+/// Robots that are not in each other's roster (they talk to operators only) meet on demand:
+/// robot1's first packet for another robot makes it ask a lighthouse, and the lighthouse
+/// introduces robot1 to that robot as it answers. Behind two home NATs both send their first
+/// handshakes at the same moment and each opens its own NAT for the other's: the pair is direct
+/// from the start, never relayed. Behind a home NAT and a carrier-grade one no direct path
+/// exists, and the pair is relayed (before introductions it never met at all: the robot
+/// behind NAT dropped robot1's handshake, and refused a stranger's through the relay).
+#[test]
+fn members_found_on_demand_are_introduced_and_punch_through_two_nats() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut internet = Internet::new();
+    let lh1_ns = internet.host("ip1", "203.0.113.10");
+    let lh2_ns = internet.host("ip2", "203.0.113.11");
+    let mut site_a = internet.behind_nat("ipa", "203.0.113.29", 9, NatKind::Easy);
+    let a_ns = site_a.host("ipah");
+    let mut site_b = internet.behind_nat("ipb", "203.0.113.30", 10, NatKind::Easy);
+    let b_ns = site_b.host("ipbh");
+    let mut site_c = internet.behind_nat("ipc", "203.0.113.31", 11, NatKind::Hard);
+    let c_ns = site_c.host("ipch");
+    let fleet = LabFleet::new("natlab-punch", &["203.0.113.10", "203.0.113.11"]);
+    let specs: Vec<Spec> = [("robot1", 2), ("robot2", 3), ("robot3", 4)]
+        .iter()
+        .map(|(name, host)| fleet.member(name, *host, "robots", &["operators"]))
+        .collect();
+    let _lighthouse1 = Node::start_spec(lh1_ns, &fleet.lighthouses[0], "");
+    let _lighthouse2 = Node::start_spec(lh2_ns, &fleet.lighthouses[1], "");
+    let robot1 = Node::start_spec(a_ns.clone(), &specs[0], "");
+    let robot2 = Node::start_spec(b_ns.clone(), &specs[1], "");
+    let robot3 = Node::start_spec(c_ns.clone(), &specs[2], "");
+    // All registered, and all know their lighthouses relay.
+    for node in [&robot1, &robot2, &robot3] {
+        node.poll(
+            &format!("{} to learn that both lighthouses relay", node.ns.name),
+            Duration::from_secs(20),
+            || node.get("/api/v1/status")["connectivity"].clone(),
+            |c| c["relays"].as_array().is_some_and(|r| r.len() == 2),
+        );
+    }
+    for (node, other) in [
+        (&robot1, "robot2"),
+        (&robot2, "robot1"),
+        (&robot1, "robot3"),
+    ] {
+        assert!(
+            node.peer(other).is_null(),
+            "robots talk to operators only: {other} is not in {}'s roster",
+            node.ns.name
+        );
+    }
+    // easy-easy, found on demand: direct from the first answer.
+    let first = ping_every_until(&a_ns, "10.78.0.3", "0.05", Duration::from_secs(20));
+    for (node, other, behind) in [
+        (&robot1, "robot2", "203.0.113.30:"),
+        (&robot2, "robot1", "203.0.113.29:"),
+    ] {
+        let p = node.wait_peer(
+            other,
+            Duration::from_secs(5),
+            "direct, behind its NAT",
+            |p| {
+                p["relay"].is_null()
+                    && p["endpoint"]
+                        .as_str()
+                        .is_some_and(|e| e.starts_with(behind))
+            },
+        );
+        assert_eq!(p["path_changes"], 0, "never relayed: {p}");
+    }
+    let (answered, rtt) = ping_rtt(&a_ns, "10.78.0.3", 20);
+    assert!(answered >= 19, "{answered}/20 pings on the punched path");
+    let p = robot1.peer("robot2");
+    assert_eq!(p["path_changes"], 0, "still never relayed: {p}");
+    // easy-hard, found on demand: relayed.
+    let relayed_first = ping_every_until(&a_ns, "10.78.0.4", "0.05", Duration::from_secs(20));
+    for (node, other) in [(&robot1, "robot3"), (&robot3, "robot1")] {
+        node.wait_peer(other, Duration::from_secs(5), "relayed", |p| {
+            p["relay"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("lighthouse"))
+        });
+    }
+    let (answered, relayed_rtt) = ping_rtt(&a_ns, "10.78.0.4", 20);
+    assert!(answered >= 19, "{answered}/20 pings through the relay");
+    eprintln!(
+        "NAT lab introduction (found on demand): easy-easy first ping answered {} ms after the first packet, direct, RTT median {rtt:.2} ms; easy-hard {} ms, relayed, RTT median {relayed_rtt:.2} ms",
+        first.as_millis(),
+        relayed_first.as_millis()
     );
 }

@@ -671,23 +671,34 @@ impl Mesh {
                 if budget.1 > LOOKUPS_PER_SECOND {
                     return;
                 }
-                let member = self
+                let holder = self
                     .registrations
-                    .iter()
-                    .filter(|(k, _)| **k != from)
-                    .filter_map(|(k, reg)| Some((self.known.get(k)?, reg)))
-                    .find(|(k, _)| k.node.addresses.iter().any(|a| a.addr() == address))
-                    .map(|(k, reg)| RosterEntry {
-                        chain: k.chain.clone(),
-                        endpoint: k.endpoint,
-                        multicast: k.multicast.clone(),
-                        candidates: reg.candidates.clone(),
-                    });
+                    .keys()
+                    .filter(|k| **k != from)
+                    .find(|k| {
+                        self.known
+                            .get(*k)
+                            .is_some_and(|k| k.node.addresses.iter().any(|a| a.addr() == address))
+                    })
+                    .copied();
+                let member = holder.and_then(|k| self.entry_of(&k));
+                // The holder hears of the asker at the same moment the asker hears of it, so
+                // their first handshakes cross and each opens its own NAT for the other's
+                // (without it a holder behind NAT drops the asker's handshake, and refuses a
+                // stranger's through a relay too).
+                if let (Some(holder), Some(asker)) = (holder, self.entry_of(&from)) {
+                    self.send(holder, Message::Introduce { member: asker });
+                }
                 self.send(from, Message::Found { address, member });
             }
             Message::Found { address, member } => {
                 if self.is_lighthouse_key(&from) {
                     self.take_found(address, member, now, unix);
+                }
+            }
+            Message::Introduce { member } => {
+                if self.is_lighthouse_key(&from) && !self.config.lighthouse {
+                    self.take_introduced(member, now, unix);
                 }
             }
             Message::Renew => {
@@ -887,6 +898,42 @@ impl Mesh {
         if !node.0.addresses.iter().any(|a| a.addr() == address) {
             return;
         }
+        self.meet(key, node, entry, now, "found on demand");
+    }
+
+    /// A lighthouse introduced a member that looked this node up: it is sending its first
+    /// handshake now, so this node sends its own at once (each opens its NAT for the other's).
+    fn take_introduced(&mut self, entry: RosterEntry, now: Instant, unix: u64) {
+        let Some(leaf) = entry
+            .chain
+            .first()
+            .and_then(|c| Certificate::decode(c).ok())
+        else {
+            return;
+        };
+        let key = leaf.body().public_key;
+        let Some(node) = self.verify(&key, &entry.chain, unix) else {
+            return;
+        };
+        self.meet(
+            key,
+            node,
+            entry,
+            now,
+            "introduced by a lighthouse: it looked this node up",
+        );
+    }
+
+    /// Admits a verified member learnt outside the roster (kept while a lighthouse still
+    /// finds it) and introduces this node to it, which starts the handshake.
+    fn meet(
+        &mut self,
+        key: [u8; 32],
+        node: (VerifiedNode, u64),
+        entry: RosterEntry,
+        now: Instant,
+        how: &'static str,
+    ) {
         if self.known.contains_key(&key) {
             if self.known.get(&key).is_some_and(|k| k.source == "lookup") {
                 self.found.insert(key, now);
@@ -894,7 +941,7 @@ impl Mesh {
             return;
         }
         self.found.insert(key, now);
-        tracing::info!(member = %node.0.name, %address, "found on demand");
+        tracing::info!(member = %node.0.name, "{how}");
         let lan = self.on_our_site(&key, entry.endpoint, &entry.candidates);
         if lan.is_some() {
             self.try_lan(key, entry.endpoint, now);
@@ -1075,24 +1122,26 @@ impl Mesh {
         };
         let mut entries: Vec<(&String, RosterEntry)> = self
             .registrations
-            .iter()
-            .filter(|(k, _)| *k != to)
-            .filter_map(|(k, r)| Some((self.known.get(k)?, r)))
+            .keys()
+            .filter(|k| *k != to)
+            .filter_map(|k| Some((self.known.get(k)?, self.entry_of(k)?)))
             .filter(|(k, _)| k.node.groups.iter().any(|g| reg.talk_to.contains(g)))
-            .map(|(k, r)| {
-                (
-                    &k.node.name,
-                    RosterEntry {
-                        chain: k.chain.clone(),
-                        endpoint: k.endpoint,
-                        multicast: k.multicast.clone(),
-                        candidates: r.candidates.clone(),
-                    },
-                )
-            })
+            .map(|(k, e)| (&k.node.name, e))
             .collect();
         entries.sort_by(|a, b| a.0.cmp(b.0));
         entries.into_iter().map(|(_, e)| e).collect()
+    }
+
+    /// A registered member as a lighthouse lists it: its chain, where its datagrams come
+    /// from, and what it registered.
+    fn entry_of(&self, key: &[u8; 32]) -> Option<RosterEntry> {
+        let (k, reg) = (self.known.get(key)?, self.registrations.get(key)?);
+        Some(RosterEntry {
+            chain: k.chain.clone(),
+            endpoint: k.endpoint,
+            multicast: k.multicast.clone(),
+            candidates: reg.candidates.clone(),
+        })
     }
 
     fn push_roster(&mut self, to: [u8; 32], now: Instant) {
@@ -2012,6 +2061,82 @@ mod tests {
             "forty robots take several pages"
         );
         assert_eq!(lh.members().len(), 41);
+    }
+
+    #[test]
+    fn a_lighthouse_introduces_the_asker_to_the_member_it_finds_so_both_handshake_at_once() {
+        let t0 = Instant::now();
+        let k = ca_key();
+        let mut lh = lighthouse(&k, UNIX + 1000, t0);
+        let mut robot1 = robot1(&k, t0);
+        let robot = |name: &str, host: u8| {
+            mesh(
+                node_cert(
+                    &k,
+                    name,
+                    host,
+                    &format!("10.77.0.{host}/16"),
+                    &["robots"],
+                    UNIX + 1000,
+                ),
+                &["operators"],
+                false,
+                t0,
+            )
+        };
+        let mut robot2 = robot("robot2", 13);
+        robot1.handle_timeout(t0, UNIX);
+        robot2.handle_timeout(t0, UNIX);
+        settle(
+            &mut [(10, &mut lh), (11, &mut robot1), (13, &mut robot2)],
+            t0,
+        );
+        let seen: SocketAddr = "192.0.2.11:51820".parse().unwrap();
+        robot1.lookup("10.77.0.13".parse().unwrap(), t0);
+        while let Some(o) = robot1.poll_output() {
+            if let Output::Send { to, message } = o {
+                assert_eq!(to, [10; 32], "{message:?}");
+                lh.handle([11; 32], Some(seen), &message.encode(), t0, UNIX);
+            }
+        }
+        let sends: Vec<([u8; 32], Message)> = std::iter::from_fn(|| lh.poll_output())
+            .filter_map(|o| match o {
+                Output::Send { to, message } => Some((to, message)),
+                _ => None,
+            })
+            .collect();
+        // robot2 hears of robot1 as robot1 hears of robot2, not after robot1's Hello.
+        let introduce = match &sends[..] {
+            [(a, i @ Message::Introduce { member }), (
+                b,
+                Message::Found {
+                    member: Some(_), ..
+                },
+            )] if *a == [13; 32] && *b == [11; 32] && member.endpoint == Some(seen) => i.clone(),
+            _ => panic!("an introduction to robot2, then the answer to robot1: {sends:?}"),
+        };
+        robot2.handle([10; 32], None, &introduce.encode(), t0, UNIX);
+        let out: Vec<Output> = std::iter::from_fn(|| robot2.poll_output()).collect();
+        assert!(
+            out.iter().any(
+                |o| matches!(o, Output::Upsert(s) if s.name == "robot1" && s.endpoint == Some(seen))
+            ),
+            "robot2 adds robot1 where the lighthouse sees it: {out:?}"
+        );
+        assert!(
+            out.iter().any(
+                |o| matches!(o, Output::Send { to, message: Message::Hello { .. } } if *to == [11; 32])
+            ),
+            "robot2 greets robot1 at once, which starts its handshake: {out:?}"
+        );
+        // Only a lighthouse introduces: the same message from a member changes nothing.
+        let mut robot3 = robot("robot3", 14);
+        while robot3.poll_output().is_some() {}
+        robot3.handle([11; 32], None, &introduce.encode(), t0, UNIX);
+        assert!(
+            std::iter::from_fn(|| robot3.poll_output()).all(|o| !matches!(o, Output::Upsert(_))),
+            "a member's introduction is ignored"
+        );
     }
 
     #[test]

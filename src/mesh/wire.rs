@@ -127,6 +127,10 @@ pub enum Message {
     /// datagrams come from as the lighthouse sees them (its reflexive address), and whether
     /// the lighthouse relays between members (`[relay]`).
     Observed { endpoint: SocketAddr, relay: bool },
+    /// A lighthouse to a member, as it answers another member's `Lookup` for it: that member,
+    /// which is about to send its first handshake here. The member introduced sends its own at
+    /// the same moment, so each opens its NAT for the other's (hole punching).
+    Introduce { member: RosterEntry },
 }
 
 fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
@@ -363,6 +367,10 @@ impl Message {
                 put_sock(&mut out, Some(*endpoint));
                 out.push(u8::from(*relay));
             }
+            Message::Introduce { member } => {
+                out.push(15);
+                put_entry(&mut out, member);
+            }
             Message::Renewed { chain } => {
                 out.push(9);
                 put_chain(&mut out, chain);
@@ -468,6 +476,7 @@ impl Message {
                 },
             },
             9 => Message::Renewed { chain: r.chain()? },
+            15 => Message::Introduce { member: r.entry()? },
             10 => {
                 let opens_at = r.u64()?;
                 let n = r.u8()? as usize;
@@ -593,6 +602,9 @@ mod tests {
             Message::Found {
                 address: "10.77.0.9".parse().unwrap(),
                 member: None,
+            },
+            Message::Introduce {
+                member: entry.clone(),
             },
             Message::Renew,
             Message::Leave,

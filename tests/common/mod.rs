@@ -426,11 +426,17 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
 
 /// Sends single pings from `ns` to `addr` until one is answered; fails after `timeout`.
 pub fn ping_until(ns: &Netns, addr: &str, timeout: Duration) -> Duration {
+    ping_every_until(ns, addr, "0.3", timeout)
+}
+
+/// `ping_until`, each ping waiting `wait` seconds for its answer (the resolution of the time
+/// returned).
+pub fn ping_every_until(ns: &Netns, addr: &str, wait: &str, timeout: Duration) -> Duration {
     let start = Instant::now();
     loop {
         let ok = ns
             .command("ping")
-            .args(["-c", "1", "-W", "0.3", addr])
+            .args(["-c", "1", "-W", wait, addr])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false);
