@@ -811,6 +811,37 @@ fn share_ipv6(a: &Netns, b: &Netns, prefix: &str) {
     }
 }
 
+/// Blocks (or, with `false`, unblocks) every datagram on `ns`'s interface `ifname`, as a
+/// firewall would; the interface and its addresses stay.
+fn block(ns: &Netns, ifname: &str, blocked: bool) {
+    let script = if blocked {
+        format!(
+            "table inet natlab_block {{\n\
+               chain i {{ type filter hook input priority 0; iifname \"{ifname}\" drop; }}\n\
+               chain o {{ type filter hook output priority 0; oifname \"{ifname}\" drop; }}\n\
+             }}\n"
+        )
+    } else {
+        "delete table inet natlab_block\n".to_string()
+    };
+    let mut nft = ns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft (install nftables)");
+    use std::io::Write;
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft block in {}", ns.name);
+}
+
+/// Two robots behind hard IPv4 NATs that also share IPv6 meet over IPv6 from their first
+/// handshake (it goes to every candidate at once); when IPv6 stops working they are relayed,
+/// and when it works again they move back to it from the relay.
 #[test]
 fn a_relayed_pair_moves_to_a_direct_ipv6_path_when_one_exists() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -828,29 +859,47 @@ fn a_relayed_pair_moves_to_a_direct_ipv6_path_when_one_exists() {
     let b = fleet.member("robot2", 3, "robots", &["robots"]);
     let _lighthouse = Node::start_spec(lh_ns, &fleet.lighthouses[0], "");
     let robot1 = Node::start_spec(a_ns.clone(), &a, "");
-    let _robot2 = Node::start_spec(b_ns.clone(), &b, "");
-    // Two hard NATs: the pair meets through the relay first.
+    let robot2 = Node::start_spec(b_ns.clone(), &b, "");
+    let on_ipv6 = |node: &Node, other: &str, addr: &str, timeout: u64| {
+        node.wait_peer(
+            other,
+            Duration::from_secs(timeout),
+            "direct over IPv6",
+            |p| p["relay"].is_null() && p["endpoint"].as_str().is_some_and(|e| e.starts_with(addr)),
+        )
+    };
+    // The first handshake went to every candidate: the IPv6 copy completed it.
     let first = ping_until(&a_ns, "10.78.0.3", Duration::from_secs(30));
-    let relayed_at = Instant::now();
+    for (node, other, addr) in [
+        (&robot1, "robot2", "[2001:db8:99::3]"),
+        (&robot2, "robot1", "[2001:db8:99::2]"),
+    ] {
+        let p = on_ipv6(node, other, addr, 5);
+        assert_eq!(p["path_changes"], 0, "never relayed: {p}");
+    }
+    // IPv6 stops working (a firewall drops it): traffic moves to the relay.
+    block(&a_ns, "v6", true);
+    let cut = Instant::now();
+    ping_until(&a_ns, "10.78.0.3", Duration::from_secs(10));
     robot1.wait_peer("robot2", Duration::from_secs(5), "relayed", |p| {
         p["relay"] == "lighthouse1"
     });
-    // The next direct try goes to every candidate; the IPv6 one answers both ways.
-    let direct = robot1.wait_peer("robot2", Duration::from_secs(15), "direct over IPv6", |p| {
-        p["relay"].is_null()
-            && p["endpoint"]
-                .as_str()
-                .is_some_and(|e| e.starts_with("[2001:db8:99::3]"))
-    });
-    let upgraded = relayed_at.elapsed();
+    let relayed = cut.elapsed();
+    // It works again: the next direct try goes to every candidate; the IPv6 one answers both
+    // ways.
+    block(&a_ns, "v6", false);
+    let healed = Instant::now();
+    let direct = on_ipv6(&robot1, "robot2", "[2001:db8:99::3]", 15);
+    let upgraded = healed.elapsed();
     let (answered, rtt) = ping_rtt(&a_ns, "10.78.0.3", 20);
     assert!(answered >= 18, "{answered}/20 pings over IPv6");
     robot1.wait_peer("robot2", Duration::from_secs(1), "still direct", |p| {
         p["relay"].is_null()
     });
     eprintln!(
-        "NAT lab IPv6: hard-hard first ping (relayed) after {} ms; direct over IPv6 at {} {} ms later; RTT median {rtt:.2} ms",
+        "NAT lab IPv6: hard-hard first ping after {} ms, direct over IPv6; IPv6 blocked -> relayed after {} ms; unblocked -> direct over IPv6 at {} {} ms later; RTT median {rtt:.2} ms",
         first.as_millis(),
+        relayed.as_millis(),
         direct["endpoint"],
         upgraded.as_millis()
     );
@@ -933,7 +982,6 @@ fn a_nat_that_rebinds_the_robots_port_is_followed_at_once() {
             },
         );
         router.run("conntrack", &["-F"]);
-        let flushed = Instant::now();
         // The operator pings (each waiting at most 50 ms) until one is answered.
         let outage = ping_every_until(&op_ns, "10.78.0.2", "0.05", Duration::from_secs(5));
         let after = operator.wait_peer("robot1", Duration::from_secs(1), "at its new port", |p| {

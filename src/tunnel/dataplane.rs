@@ -30,7 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-/// The first byte of a WireGuard cookie reply (message type 3, little-endian).
+/// The first byte of a WireGuard handshake initiation (message type 1, little-endian).
+const HANDSHAKE_INIT: u8 = 1;
+/// The first byte of a WireGuard cookie reply (message type 3).
 const COOKIE_REPLY: u8 = 3;
 /// The first byte of a WireGuard data message (type 4).
 const DATA: u8 = 4;
@@ -353,6 +355,17 @@ fn transmit(shared: &DataPlaneShared, peer: &Peer, datagram: &[u8]) -> bool {
         None => match peer.endpoint() {
             Some(to) => {
                 send(shared, to, datagram, None);
+                if datagram.first() == Some(&HANDSHAKE_INIT)
+                    && peer.spec.certified
+                    && !peer.endpoint_proven()
+                {
+                    for also in
+                        super::path::first_contact(to, &peer.spec.candidates, shared.udp_is_v6)
+                    {
+                        metrics::counter!("myelin_path_first_contact_copies_total").increment(1);
+                        send(shared, also, datagram, None);
+                    }
+                }
                 true
             }
             None => false,

@@ -93,6 +93,26 @@ pub fn ipv6_offer(
     })
 }
 
+/// Candidates a first handshake initiation also goes to, besides the endpoint.
+const MAX_FIRST_CONTACT: usize = 4;
+
+/// Where a handshake initiation to a member never heard from yet goes besides `endpoint`:
+/// each of its other candidates (its LAN and global IPv6 addresses) that this node's socket
+/// can reach. The same initiation travels every path at once; the peer answers the copy that
+/// arrives first (a later copy is a replay it rejects), and this node follows the answer's
+/// source, so the first path to complete a handshake wins.
+pub fn first_contact(
+    endpoint: SocketAddr,
+    candidates: &[SocketAddr],
+    socket_has_v6: bool,
+) -> impl Iterator<Item = SocketAddr> + '_ {
+    candidates
+        .iter()
+        .filter(move |c| **c != endpoint && (socket_has_v6 || c.is_ipv4()))
+        .take(MAX_FIRST_CONTACT)
+        .copied()
+}
+
 /// What the packet path reads and writes per datagram, without a lock; shared by every
 /// version of a peer with the same key, like its session.
 #[derive(Debug, Default)]
@@ -353,6 +373,25 @@ mod tests {
     use super::*;
 
     const L1: [u8; 32] = [1; 32];
+
+    #[test]
+    fn a_first_handshake_goes_to_every_candidate_the_socket_can_reach() {
+        let endpoint = addr("198.51.100.7:51820");
+        let lan = addr("10.1.0.2:51820");
+        let v6 = addr("[2001:db8::2]:51820");
+        let candidates = [endpoint, lan, v6];
+        let both: Vec<SocketAddr> = first_contact(endpoint, &candidates, true).collect();
+        assert_eq!(both, vec![lan, v6], "never the endpoint twice");
+        let v4: Vec<SocketAddr> = first_contact(endpoint, &candidates, false).collect();
+        assert_eq!(v4, vec![lan], "an IPv4-only socket cannot reach IPv6");
+        let many: Vec<SocketAddr> = (1..=9)
+            .map(|n| addr(&format!("10.1.0.{n}:51820")))
+            .collect();
+        assert_eq!(
+            first_contact(endpoint, &many, true).count(),
+            MAX_FIRST_CONTACT
+        );
+    }
 
     #[test]
     fn a_peer_direct_over_ipv4_is_offered_ipv6_now_and_then() {

@@ -128,6 +128,11 @@ impl Peer {
         self.endpoint.lock().ok().and_then(|e| *e)
     }
 
+    /// Whether an authenticated datagram from the peer has set its endpoint yet.
+    pub(super) fn endpoint_proven(&self) -> bool {
+        self.endpoint_proven.load(Ordering::Relaxed)
+    }
+
     /// Roaming: an authenticated packet came from `from` at `now_ms` (the data plane's
     /// clock). Returns whether the peer moved from IPv4 to IPv6: the caller answers over IPv6
     /// at once, so the other side moves too.
