@@ -1094,3 +1094,89 @@ fn members_found_on_demand_are_introduced_and_punch_through_two_nats() {
         relayed_first.as_millis()
     );
 }
+
+/// Many-port ("birthday") probing between an easy NAT (endpoint-independent mapping, filtered
+/// by address and port) and a hard one (a random port per destination), plain UDP in the NAT
+/// lab: the hard side opens `ports` mappings toward the easy side's, the easy side sprays
+/// distinct random ports of the hard NAT's address until one answers. A measurement for
+/// docs/benchmarks.md (`cargo test --all-features --test nat -- --ignored --nocapture
+/// many_port`; `MYELIN_BIRTHDAY_TRIALS`, default 20), not a test of the node.
+#[test]
+#[ignore = "a measurement: run it by name with --ignored"]
+fn many_port_probing_between_an_easy_and_a_hard_nat() {
+    use common::python::Py;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let trials: usize = std::env::var("MYELIN_BIRTHDAY_TRIALS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(20);
+    let mut internet = Internet::new();
+    let mut easy_site = internet.behind_nat("bpe", "203.0.113.32", 12, NatKind::Easy);
+    let easy_ns = easy_site.host("bpeh");
+    let mut hard_site = internet.behind_nat("bph", "203.0.113.33", 13, NatKind::Hard);
+    let hard_ns = hard_site.host("bphh");
+    let mut found_any = false;
+    for (ports, rate) in [(256, 1000), (256, 100), (64, 1000)] {
+        let mut times = Vec::new();
+        let mut probes = Vec::new();
+        for trial in 0..trials {
+            for router in [&easy_site.router, &hard_site.router] {
+                router.run("conntrack", &["-F"]);
+            }
+            let port = (40_000 + trial).to_string();
+            let mut hard = Py::spawn(
+                &hard_ns,
+                "birthday.py",
+                &[
+                    "hard",
+                    "203.0.113.32",
+                    &port,
+                    "--ports",
+                    &ports.to_string(),
+                    "--seconds",
+                    "12",
+                ],
+            );
+            hard.ready();
+            let mut easy = Py::spawn(
+                &easy_ns,
+                "birthday.py",
+                &[
+                    "easy",
+                    &port,
+                    "203.0.113.33",
+                    "--rate",
+                    &rate.to_string(),
+                    "--seconds",
+                    "10",
+                ],
+            );
+            let got = easy.result(Duration::from_secs(20));
+            if got["ok"] == true {
+                times.push(got["ms"].as_f64().unwrap_or(f64::NAN));
+                probes.push(got["probes"].as_u64().unwrap_or(0));
+                // The hard side saw the path from its end too.
+                let h = hard.result(Duration::from_secs(15));
+                assert_eq!(h["ok"], true, "the hard side heard nothing: {h}");
+            }
+        }
+        found_any |= !times.is_empty();
+        times.sort_by(f64::total_cmp);
+        probes.sort();
+        let at = |q: f64| {
+            times
+                .get(((times.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        eprintln!(
+            "NAT lab many-port probing, {ports} hard-side ports, {rate} probes/s: {}/{trials} found a path within 10 s; time p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms; probes p50 {}",
+            times.len(),
+            at(0.5),
+            at(0.9),
+            at(1.0),
+            probes.get(probes.len() / 2).copied().unwrap_or(0)
+        );
+    }
+    assert!(found_any, "many-port probing never found a path");
+}
