@@ -217,6 +217,10 @@ pub struct MeshSection {
     /// The CA's revocation list (`myelin ca revoke`), re-read when it changes.
     #[serde(default)]
     pub revocations: Option<PathBuf>,
+    /// While relayed to a member because one NAT maps every destination anew, look for a
+    /// direct path by probing many ports (docs/mesh.md); false: stay on the relay.
+    #[serde(default = "default_true")]
+    pub many_ports: bool,
 }
 
 fn default_refresh_s() -> u64 {

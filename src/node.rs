@@ -150,6 +150,7 @@ pub async fn up(config_path: &Path) -> anyhow::Result<()> {
                     .unwrap_or_default(),
                 revocations: config.mesh.as_ref().and_then(|m| m.revocations.clone()),
                 overlay: config.node.address.iter().map(|a| a.addr()).collect(),
+                many_ports: config.mesh.as_ref().is_none_or(|m| m.many_ports),
             };
             Some(tokio::spawn(crate::mesh::shell::run(
                 files,

@@ -243,6 +243,12 @@ impl LabFleet {
     }
 }
 
+/// `spec` with many-port probing switched off (`[mesh]` is the last section of its `rest`).
+fn without_many_ports(mut spec: Spec) -> Spec {
+    spec.rest.push_str("many_ports = false\n");
+    spec
+}
+
 fn lighthouse_entry(l: &Spec, endpoint: &str, name: &str) -> String {
     format!(
         "{{ name = \"{name}\", endpoint = \"{endpoint}:51820\", public_key = \"{}\", overlay = \"{}\" }}",
@@ -461,9 +467,11 @@ fn members_that_cannot_meet_directly_are_relayed_and_survive_a_lighthouse_restar
 
     // Lighthouses relay unless told not to.
     let fleet = LabFleet::new("natlab-relay", &["203.0.113.10", "203.0.113.11"]);
+    // Many-port probing would find a direct path between the easy and the hard NAT
+    // (`an_easy_and_a_hard_nat_leave_the_relay_for_a_path_many_ports_found`): off here.
     let members: Vec<Spec> = [("robot1", 2), ("robot2", 3), ("robot5", 6)]
         .iter()
-        .map(|(name, host)| fleet.member(name, *host, "robots", &["robots"]))
+        .map(|(name, host)| without_many_ports(fleet.member(name, *host, "robots", &["robots"])))
         .collect();
     let mut lighthouse1 = Node::start_spec(lh1_ns, &fleet.lighthouses[0], "");
     let _lighthouse2 = Node::start_spec(lh2_ns, &fleet.lighthouses[1], "");
@@ -1010,8 +1018,9 @@ fn a_nat_that_rebinds_the_robots_port_is_followed_at_once() {
 /// introduces robot1 to that robot as it answers. Behind two home NATs both send their first
 /// handshakes at the same moment and each opens its own NAT for the other's: the pair is direct
 /// from the start, never relayed. Behind a home NAT and a carrier-grade one no direct path
-/// exists, and the pair is relayed (before introductions it never met at all: the robot
-/// behind NAT dropped robot1's handshake, and refused a stranger's through the relay).
+/// exists (many-port probing is off here), and the pair is relayed (before introductions it
+/// never met at all: the robot behind NAT dropped robot1's handshake, and refused a
+/// stranger's through the relay).
 #[test]
 fn members_found_on_demand_are_introduced_and_punch_through_two_nats() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -1027,7 +1036,7 @@ fn members_found_on_demand_are_introduced_and_punch_through_two_nats() {
     let fleet = LabFleet::new("natlab-punch", &["203.0.113.10", "203.0.113.11"]);
     let specs: Vec<Spec> = [("robot1", 2), ("robot2", 3), ("robot3", 4)]
         .iter()
-        .map(|(name, host)| fleet.member(name, *host, "robots", &["operators"]))
+        .map(|(name, host)| without_many_ports(fleet.member(name, *host, "robots", &["operators"])))
         .collect();
     let _lighthouse1 = Node::start_spec(lh1_ns, &fleet.lighthouses[0], "");
     let _lighthouse2 = Node::start_spec(lh2_ns, &fleet.lighthouses[1], "");
@@ -1179,4 +1188,68 @@ fn many_port_probing_between_an_easy_and_a_hard_nat() {
         );
     }
     assert!(found_any, "many-port probing never found a path");
+}
+
+/// An easy NAT (robot1) and a hard one (robot2): crossing handshakes cannot meet, so the pair
+/// is relayed; then many-port probing finds a direct path (robot2 opens 256 ports toward
+/// robot1, robot1 sprays 2 048 ports of robot2's NAT) and the pair leaves the relay for it.
+#[test]
+fn an_easy_and_a_hard_nat_leave_the_relay_for_a_path_many_ports_found() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut internet = Internet::new();
+    let lh1_ns = internet.host("mp1", "203.0.113.10");
+    let lh2_ns = internet.host("mp2", "203.0.113.11");
+    let mut easy_site = internet.behind_nat("mpe", "203.0.113.34", 14, NatKind::Easy);
+    let easy_ns = easy_site.host("mpeh");
+    let mut hard_site = internet.behind_nat("mph", "203.0.113.35", 15, NatKind::Hard);
+    let hard_ns = hard_site.host("mphh");
+    let fleet = LabFleet::new("natlab-many-ports", &["203.0.113.10", "203.0.113.11"]);
+    let a = fleet.member("robot1", 2, "robots", &["robots"]);
+    let b = fleet.member("robot2", 3, "robots", &["robots"]);
+    let _lighthouse1 = Node::start_spec(lh1_ns, &fleet.lighthouses[0], "");
+    let _lighthouse2 = Node::start_spec(lh2_ns, &fleet.lighthouses[1], "");
+    let robot1 = Node::start_spec(easy_ns.clone(), &a, "");
+    let robot2 = Node::start_spec(hard_ns.clone(), &b, "");
+    connectivity(&robot1, "endpoint-independent (easy)");
+    connectivity(&robot2, "endpoint-dependent (hard)");
+    let first = ping_until(&easy_ns, "10.78.0.3", Duration::from_secs(30));
+    let met = Instant::now();
+    let direct = robot1.wait_peer(
+        "robot2",
+        Duration::from_secs(20),
+        "direct through robot2's NAT",
+        |p| {
+            p["relay"].is_null()
+                && p["endpoint"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("203.0.113.35:"))
+                && p["path_changes"].as_u64().is_some_and(|n| n >= 2)
+        },
+    );
+    let found = met.elapsed();
+    robot2.wait_peer(
+        "robot1",
+        Duration::from_secs(5),
+        "direct at robot1's NAT",
+        |p| p["relay"].is_null() && p["endpoint"] == "203.0.113.34:51820",
+    );
+    let opened = common::metric_sum(&robot2.metrics(), "myelin_path_many_port_found_total", &[]);
+    assert!(opened >= 1.0, "robot2 kept a port many-port probing found");
+    let sprayed = common::metric_sum(&robot1.metrics(), "myelin_path_many_port_probes_total", &[]);
+    let (answered, rtt) = ping_rtt(&easy_ns, "10.78.0.3", 20);
+    assert!(
+        answered >= 19,
+        "{answered}/20 pings on the path many ports found"
+    );
+    let (answered, _) = ping_rtt(&hard_ns, "10.78.0.2", 20);
+    assert!(answered >= 19, "{answered}/20 pings back on it");
+    let p = robot1.peer("robot2");
+    assert!(p["relay"].is_null(), "still direct: {p}");
+    assert_eq!(p["path_changes"], direct["path_changes"], "{p}");
+    eprintln!(
+        "NAT lab many ports: easy-hard first ping (relayed) after {} ms; direct at {} {} ms later ({sprayed} ports sprayed); RTT median {rtt:.2} ms",
+        first.as_millis(),
+        direct["endpoint"],
+        found.as_millis()
+    );
 }

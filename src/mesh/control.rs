@@ -1371,10 +1371,8 @@ impl Mesh {
             })
             .collect();
         observed.sort_by(|a, b| a.lighthouse.cmp(&b.lighthouse));
-        let local: Vec<std::net::IpAddr> = self.config.candidates.iter().map(|c| c.ip()).collect();
-        let seen: Vec<SocketAddr> = observed.iter().map(|o| o.endpoint).collect();
         Connectivity {
-            nat: super::paths::classify(&local, &seen).as_str(),
+            nat: self.nat_mapping().as_str(),
             candidates: self.config.candidates.clone(),
             observed,
             relays: self
@@ -1385,6 +1383,18 @@ impl Mesh {
                 .map(|l| l.name.clone())
                 .collect(),
         }
+    }
+
+    /// How this node's NAT maps it, from what its lighthouses observe.
+    pub fn nat_mapping(&self) -> super::paths::NatMapping {
+        let local: Vec<std::net::IpAddr> = self.config.candidates.iter().map(|c| c.ip()).collect();
+        let seen: Vec<SocketAddr> = self
+            .config
+            .lighthouses
+            .iter()
+            .filter_map(|l| self.observed.get(&l.public_key).copied())
+            .collect();
+        super::paths::classify(&local, &seen)
     }
 
     /// The keys of the lighthouses that relay for this node, in configuration order.

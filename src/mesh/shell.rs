@@ -4,6 +4,7 @@
 
 use super::cert::{self, Certificate};
 use super::control::{LighthouseConfig, MemberView, Mesh, MeshConfig, Output};
+use super::paths::NatMapping;
 use super::revoke::RevocationList;
 use crate::config::Config;
 use crate::tunnel::{MeshReceivers, PeerControl};
@@ -274,6 +275,8 @@ pub struct MeshFiles {
     pub revocations: Option<std::path::PathBuf>,
     /// This node's overlay addresses (never offered as candidates).
     pub overlay: Vec<std::net::IpAddr>,
+    /// `[mesh].many_ports`: many-port tries while relayed.
+    pub many_ports: bool,
 }
 
 /// Replaces the certificate file in one step, keeping its permissions.
@@ -328,6 +331,14 @@ pub async fn run(
             reach_published = mesh.reach_version();
             connectivity.send_replace(Some(mesh.connectivity()));
             peers.set_relays(mesh.relay_keys());
+            // The hard side of a pair opens many ports, the easy side sprays them.
+            use crate::tunnel::manyports::Role;
+            peers.set_many_ports(match mesh.nat_mapping() {
+                _ if !files.many_ports => Role::Off,
+                NatMapping::EndpointDependent => Role::Open,
+                NatMapping::EndpointIndependent | NatMapping::None => Role::Spray,
+                NatMapping::Unknown => Role::Off,
+            });
         }
         let wake = mesh.poll_timeout().min(next_sweep);
         tokio::select! {

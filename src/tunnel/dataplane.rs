@@ -15,6 +15,7 @@
 
 use super::batch::{Batcher, HANDSHAKE_INIT_LEN, OVERHEAD};
 use super::lanes::{self, BulkQueue};
+use super::manyports::{self, Ports, Step};
 use super::path::{Direct, Seen, Tick};
 use super::{DataPlaneShared, Peer, PeerTable};
 use crate::mesh::wire::Leg;
@@ -23,7 +24,7 @@ use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult
 use rustix::buffer::spare_capacity;
 use rustix::event::{epoll, PollFd, PollFlags, Timespec};
 use std::io::{ErrorKind, IoSliceMut};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,6 +51,8 @@ const READS_PER_WAKE: usize = 16;
 pub(super) const TUN: u64 = 0;
 pub(super) const UDP: u64 = 1;
 pub(super) const STOP: u64 = 2;
+/// From here up: many-port sockets (`AUX_BASE` + their slot in `Aux`).
+const AUX_BASE: u64 = 1 << 32;
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
@@ -58,6 +61,13 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 /// Sends `contents` (one datagram, or equal segments of `segment` bytes) to `to`, waiting
 /// for room in the socket's send buffer when it is full.
 fn send(shared: &DataPlaneShared, to: SocketAddr, contents: &[u8], segment: Option<usize>) {
+    if shared.aux_any.load(Ordering::Relaxed) {
+        let routes = shared.aux_routes.load();
+        if let Some((_, sock)) = routes.iter().find(|(a, _)| *a == to) {
+            send_aux(shared, sock, to, contents, segment);
+            return;
+        }
+    }
     let destination = match (to, shared.udp_is_v6) {
         (SocketAddr::V4(v4), true) => {
             SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
@@ -90,6 +100,38 @@ fn send(shared: &DataPlaneShared, to: SocketAddr, contents: &[u8], segment: Opti
             Err(e) => {
                 tracing::debug!("send to {to} failed: {e}");
                 return;
+            }
+        }
+    }
+}
+
+/// `send` from a socket a many-port try found: one datagram per segment (no GSO there).
+fn send_aux(
+    shared: &DataPlaneShared,
+    sock: &std::net::UdpSocket,
+    to: SocketAddr,
+    contents: &[u8],
+    segment: Option<usize>,
+) {
+    let size = segment.unwrap_or(contents.len()).max(1);
+    for datagram in contents.chunks(size) {
+        loop {
+            match sock.send_to(datagram, to) {
+                Ok(_) => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && !shared.stopping() => {
+                    let mut fds = [PollFd::new(sock, PollFlags::OUT)];
+                    let timeout = Timespec::try_from(SEND_WAIT).ok();
+                    if let Err(e) = rustix::event::poll(&mut fds, timeout.as_ref()) {
+                        if e != rustix::io::Errno::INTR {
+                            return;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!("send to {to} from a many-port socket failed: {e}");
+                    break;
+                }
             }
         }
     }
@@ -142,6 +184,7 @@ pub(super) fn wake(stop: &OwnedFd) -> std::io::Result<()> {
 struct Ready {
     tun: bool,
     udp: bool,
+    aux: bool,
 }
 
 /// Waits until a source is readable or `timeout` passes; `None` when the loop should end
@@ -167,6 +210,7 @@ fn wait(
         match event.data.u64() {
             TUN => ready.tun = true,
             UDP => ready.udp = true,
+            d if d >= AUX_BASE => ready.aux = true,
             _ => {}
         }
     }
@@ -524,20 +568,237 @@ fn path_changed(peer: &Peer, to: &'static str, detail: &str) {
 /// replace the one in flight through the relay).
 fn probe_direct(shared: &DataPlaneShared, peer: &Peer, to: SocketAddr) {
     let mut out = [0u8; HANDSHAKE_INIT_LEN + 64];
-    let len = match peer.tunn.lock() {
-        Ok(mut t) => {
-            if t.time_since_last_handshake().is_none() {
-                return;
+    if let Some(p) = keepalive(peer, &mut out) {
+        send(shared, to, p, None);
+    }
+}
+
+/// A keepalive under `peer`'s current session; none without one.
+fn keepalive<'a>(peer: &Peer, out: &'a mut [u8]) -> Option<&'a [u8]> {
+    let mut t = peer.tunn.lock().ok()?;
+    t.time_since_last_handshake()?;
+    match t.encapsulate(&[], out) {
+        TunnResult::WriteToNetwork(p) if p.first() == Some(&DATA) => Some(p),
+        _ => None,
+    }
+}
+
+/// The easy side's share of a many-port try this tick: one keepalive (the same datagram;
+/// the peer accepts the first copy that reaches it) to each port of `ip`.
+fn spray(shared: &DataPlaneShared, peer: &Peer, ip: Ipv4Addr, ports: Ports) {
+    let mut out = [0u8; HANDSHAKE_INIT_LEN + 64];
+    let Some(p) = keepalive(peer, &mut out) else {
+        return;
+    };
+    let mut sent = 0;
+    for port in ports {
+        send(shared, SocketAddr::new(IpAddr::V4(ip), port), p, None);
+        sent += 1;
+    }
+    metrics::counter!("myelin_path_many_port_probes_total").increment(sent);
+}
+
+/// A many-port try a peer's path asked for on the hard side (`manyports::Step::Open`).
+struct OpenPorts {
+    peer: [u8; 32],
+    to: SocketAddr,
+    until: u64,
+}
+
+/// One many-port socket: one of a try's, or the one it found (`kept`), which carries the
+/// peer's datagrams from then on.
+struct AuxSocket {
+    sock: Arc<std::net::UdpSocket>,
+    peer: [u8; 32],
+    to: SocketAddr,
+    kept: bool,
+}
+
+/// The many-port sockets, owned by the data-plane thread: at most one try at a time.
+#[derive(Default)]
+struct Aux {
+    slots: Vec<Option<AuxSocket>>,
+    /// The try in progress: its peer, and until when its sockets listen.
+    trying: Option<([u8; 32], u64)>,
+    buf: Vec<u8>,
+}
+
+/// Sends datagrams to `to` from `sock` from now on (none: from the WireGuard socket again).
+fn set_aux_route(shared: &DataPlaneShared, to: SocketAddr, sock: Option<Arc<std::net::UdpSocket>>) {
+    let mut routes: Vec<(SocketAddr, Arc<std::net::UdpSocket>)> = shared
+        .aux_routes
+        .load()
+        .iter()
+        .filter(|(a, _)| *a != to)
+        .cloned()
+        .collect();
+    if let Some(sock) = sock {
+        routes.push((to, sock));
+    }
+    let any = !routes.is_empty();
+    shared.aux_routes.store(Arc::new(routes));
+    shared.aux_any.store(any, Ordering::Relaxed);
+}
+
+impl Aux {
+    /// Opens the try's sockets; each sends a keepalive to the peer's public address, which
+    /// the peer's NAT drops, but which opens a mapping in this node's NAT.
+    fn open(&mut self, shared: &DataPlaneShared, poller: &Poller, open: OpenPorts) {
+        if self.trying.is_some() {
+            return;
+        }
+        let table = shared.table.load();
+        let Some((_, peer)) = table.by_key(&open.peer) else {
+            return;
+        };
+        let mut out = [0u8; HANDSHAKE_INIT_LEN + 64];
+        let Some(datagram) = keepalive(peer, &mut out) else {
+            return;
+        };
+        let mut opened = 0;
+        for _ in 0..manyports::OPEN_SOCKETS {
+            let sock = match std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!("many-port try: cannot open another socket: {e}");
+                    break;
+                }
+            };
+            if sock.set_nonblocking(true).is_err() {
+                continue;
             }
-            match t.encapsulate(&[], &mut out) {
-                TunnResult::WriteToNetwork(p) if p.first() == Some(&DATA) => p.len(),
-                _ => return,
+            let slot = match self.slots.iter().position(Option::is_none) {
+                Some(free) => free,
+                None => {
+                    self.slots.push(None);
+                    self.slots.len() - 1
+                }
+            };
+            let data = epoll::EventData::new_u64(AUX_BASE + slot as u64);
+            if epoll::add(&poller.epoll, &sock, data, epoll::EventFlags::IN).is_err() {
+                continue;
+            }
+            let _ = sock.send_to(datagram, open.to);
+            if let Some(s) = self.slots.get_mut(slot) {
+                *s = Some(AuxSocket {
+                    sock: Arc::new(sock),
+                    peer: open.peer,
+                    to: open.to,
+                    kept: false,
+                });
+                opened += 1;
             }
         }
-        Err(_) => return,
-    };
-    if let Some(p) = out.get(..len) {
-        send(shared, to, p, None);
+        metrics::counter!("myelin_path_many_port_tries_total").increment(1);
+        tracing::info!(
+            peer = %peer.name,
+            "many-port try: {opened} ports opened toward {}",
+            open.to
+        );
+        self.trying = Some((open.peer, open.until));
+    }
+
+    /// Reads the readable many-port sockets: datagrams from the peer's address only. The
+    /// first authenticated one on a try's socket that moves the peer off its relay keeps that
+    /// socket for it and closes the others.
+    fn receive(&mut self, shared: &DataPlaneShared, writer: &mut TunWriter) {
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; RX_SLOT];
+        }
+        let mut found = None;
+        'slots: for i in 0..self.slots.len() {
+            for _ in 0..READS_PER_WAKE {
+                let Some(s) = self.slots.get(i).and_then(Option::as_ref) else {
+                    break;
+                };
+                let Ok((n, from)) = s.sock.recv_from(&mut self.buf) else {
+                    break;
+                };
+                let from = canonical(from);
+                let Some(datagram) = self.buf.get(..n).filter(|_| from == s.to) else {
+                    continue;
+                };
+                if s.kept {
+                    receive_datagram(shared, writer, from, datagram);
+                    continue;
+                }
+                // Anything answered while this datagram is judged leaves by its socket.
+                let (peer, sock) = (s.peer, s.sock.clone());
+                set_aux_route(shared, from, Some(sock));
+                receive_datagram(shared, writer, from, datagram);
+                let direct = shared
+                    .table
+                    .load()
+                    .by_key(&peer)
+                    .is_some_and(|(_, p)| !p.path.relayed.load(Ordering::Relaxed));
+                if direct {
+                    found = Some(i);
+                    break 'slots;
+                }
+                set_aux_route(shared, from, None);
+            }
+        }
+        write_tun(shared, writer);
+        if let Some(i) = found {
+            self.keep(shared, i);
+        }
+    }
+
+    fn keep(&mut self, shared: &DataPlaneShared, i: usize) {
+        let Some(Some(winner)) = self.slots.get_mut(i) else {
+            return;
+        };
+        winner.kept = true;
+        let (key, to) = (winner.peer, winner.to);
+        let port = winner.sock.local_addr().map(|a| a.port()).unwrap_or(0);
+        for (j, slot) in self.slots.iter_mut().enumerate() {
+            if j != i && slot.as_ref().is_some_and(|s| !s.kept && s.peer == key) {
+                *slot = None;
+            }
+        }
+        self.trying = None;
+        metrics::counter!("myelin_path_many_port_found_total").increment(1);
+        if let Some((_, peer)) = shared.table.load().by_key(&key) {
+            tracing::info!(peer = %peer.name, "many-port try: direct to {to} from local port {port}");
+            // The other side takes it as the answer to its spray.
+            probe_direct(shared, peer, to);
+        }
+    }
+
+    /// Once a tick: a try whose time is up closes its sockets; a kept socket whose peer left,
+    /// went back to a relay or moved is closed.
+    fn tick(&mut self, shared: &DataPlaneShared, now: u64) {
+        if self.slots.is_empty() {
+            return;
+        }
+        if let Some((key, until)) = self.trying {
+            if now > until {
+                for slot in &mut self.slots {
+                    if slot.as_ref().is_some_and(|s| !s.kept && s.peer == key) {
+                        *slot = None;
+                    }
+                }
+                self.trying = None;
+                tracing::debug!("many-port try: no port answered");
+            }
+        }
+        let table = shared.table.load();
+        for slot in &mut self.slots {
+            let obsolete = slot.as_ref().is_some_and(|s| {
+                s.kept
+                    && table.by_key(&s.peer).is_none_or(|(_, p)| {
+                        p.path.relayed.load(Ordering::Relaxed) || p.endpoint() != Some(s.to)
+                    })
+            });
+            if obsolete {
+                if let Some(s) = slot.take() {
+                    set_aux_route(shared, s.to, None);
+                }
+            }
+        }
+        while self.slots.last().is_some_and(Option::is_none) {
+            self.slots.pop();
+        }
     }
 }
 
@@ -941,6 +1202,7 @@ pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
     };
     let mut reader = TunReader::new(&shared);
     let mut timer_buf = vec![0u8; 2048];
+    let mut aux = Aux::default();
     let mut next_tick = Instant::now() + TIMER_TICK;
     let mut last_tick = shared.tick_clock();
     loop {
@@ -956,6 +1218,9 @@ pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
         shared.tick_clock();
         if ready.udp {
             receive(&shared, &mut inbound);
+        }
+        if ready.aux {
+            aux.receive(&shared, &mut inbound.writer);
         }
         if ready.tun {
             if let Err(e) = reader.read(&shared) {
@@ -977,8 +1242,11 @@ pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
         let now = Instant::now();
         if now >= next_tick {
             reader.bulk.shrink_when_empty();
-            timers(&shared, &mut timer_buf, last_tick);
+            for open in timers(&shared, &mut timer_buf, last_tick) {
+                aux.open(&shared, &poller, open);
+            }
             last_tick = shared.now_ms();
+            aux.tick(&shared, last_tick);
             next_tick = now + TIMER_TICK;
         }
     }
@@ -1432,8 +1700,9 @@ fn firewall_allows(shared: &DataPlaneShared, packet: &[u8], peer: &Peer, inbound
     }
 }
 
-/// Drives boringtun's timers: handshakes, retries, keepalives, session expiry.
-fn timers(shared: &DataPlaneShared, buf: &mut [u8], since: u64) {
+/// Drives boringtun's timers: handshakes, retries, keepalives, session expiry; returns the
+/// many-port tries the peers' paths ask this thread to open.
+fn timers(shared: &DataPlaneShared, buf: &mut [u8], since: u64) -> Vec<OpenPorts> {
     if let Some(Ok(mut state)) = shared.firewall.as_ref().map(|f| f.lock()) {
         state.firewall.handle_timeout(Instant::now());
     }
@@ -1452,7 +1721,7 @@ fn timers(shared: &DataPlaneShared, buf: &mut [u8], since: u64) {
             transmit(shared, peer, p);
         }
     }
-    paths(shared, &table, since);
+    paths(shared, &table, since)
 }
 
 /// A member reached directly over IPv4 is offered IPv6 now and then (`path::ipv6_offer`): a
@@ -1491,9 +1760,11 @@ fn dead_after(shared: &DataPlaneShared, peer: &Peer) -> u64 {
 /// Each certified peer's path, once a tick: to a relay when the direct path went silent
 /// (or never answered), and back when a direct try is answered. Without relays nothing is
 /// judged; a peer that is itself a relay is always reached directly.
-fn paths(shared: &DataPlaneShared, table: &PeerTable, since: u64) {
+fn paths(shared: &DataPlaneShared, table: &PeerTable, since: u64) -> Vec<OpenPorts> {
     let relays = shared.relays.load();
     let now = shared.now_ms();
+    let role = manyports::Role::from_u8(shared.many_ports.load(Ordering::Relaxed));
+    let mut opens = Vec::new();
     for (_, peer) in table.iter() {
         let link = &peer.path;
         if !peer.spec.certified || relays.contains(&peer.public_key_bytes) {
@@ -1582,5 +1853,34 @@ fn paths(shared: &DataPlaneShared, table: &PeerTable, since: u64) {
                 }
             }
         }
+        if relayed {
+            // Both the clock and the key vary the ports each try sprays.
+            let seed = now
+                ^ u64::from_le_bytes(
+                    peer.public_key_bytes
+                        .first_chunk::<8>()
+                        .copied()
+                        .unwrap_or_default(),
+                );
+            // Only a peer behind a NAT (its public address is none of its own) has ports to
+            // find; a public one is reached at its endpoint if at all.
+            let endpoint = peer
+                .endpoint()
+                .filter(|e| !peer.spec.candidates.iter().any(|c| c.ip() == e.ip()));
+            let step = match link.state.lock() {
+                Ok(mut s) => s.many_ports(role, (endpoint, session), now, seed),
+                Err(_) => Step::Nothing,
+            };
+            match step {
+                Step::Nothing => {}
+                Step::Open { to, until } => opens.push(OpenPorts {
+                    peer: peer.public_key_bytes,
+                    to,
+                    until,
+                }),
+                Step::Spray { ip, ports } => spray(shared, peer, ip, ports),
+            }
+        }
     }
+    opens
 }

@@ -6,6 +6,7 @@ pub mod batch;
 mod dataplane;
 pub mod guard;
 pub mod lanes;
+pub mod manyports;
 pub mod mroute;
 pub mod multicast;
 pub mod netwatch;
@@ -122,6 +123,12 @@ pub(crate) struct DataPlaneShared {
     pub relays: ArcSwap<Vec<[u8; 32]>>,
     /// `[relay]`: this node forwards members' datagrams; only the data-plane thread locks it.
     pub relay: Option<Mutex<relay::Relay>>,
+    /// What this node does in a many-port try (`manyports::Role`, from its own NAT).
+    pub many_ports: std::sync::atomic::AtomicU8,
+    /// Destinations reached from a socket a many-port try found, not the WireGuard socket
+    /// (`aux_any`: the list is not empty; read per datagram sent).
+    pub aux_routes: ArcSwap<Vec<(SocketAddr, Arc<std::net::UdpSocket>)>>,
+    pub aux_any: AtomicBool,
     /// `[probe].interval_ms`: how often a peer without its own cadence is probed.
     pub probe_interval: std::time::Duration,
 }
@@ -277,6 +284,13 @@ impl PeerControl {
     /// A receiver that changes whenever this node roamed (its addresses or routes changed).
     pub fn roams(&self) -> tokio::sync::watch::Receiver<u64> {
         self.0.roams.subscribe()
+    }
+
+    /// What this node does in many-port tries from now on (it follows its NAT's kind).
+    pub fn set_many_ports(&self, role: manyports::Role) {
+        self.0
+            .many_ports
+            .store(role.as_u8(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The relays this node may use from now on, in order of preference.
@@ -569,6 +583,9 @@ impl Tunnel {
             epoch: std::time::Instant::now(),
             clock_ms: std::sync::atomic::AtomicU64::new(1),
             relays: ArcSwap::from_pointee(Vec::new()),
+            many_ports: std::sync::atomic::AtomicU8::new(0),
+            aux_routes: ArcSwap::from_pointee(Vec::new()),
+            aux_any: AtomicBool::new(false),
             relay: config
                 .relay
                 .enabled(config)

@@ -165,6 +165,8 @@ pub struct PathState {
     switched_at: u64,
     upgraded_at: u64,
     changes: u64,
+    /// Many-port tries while relayed (`manyports`).
+    many: super::manyports::ManyPorts,
 }
 
 /// What a directly received, authenticated datagram means for a relayed peer.
@@ -225,8 +227,12 @@ impl PathState {
             return;
         }
         match (self.relay, to) {
-            (Some(_), None) => self.upgraded_at = now,
+            (Some(_), None) => {
+                self.upgraded_at = now;
+                self.many.direct();
+            }
             (None, Some(_)) => {
+                self.many.relayed(now);
                 self.retry = if self.upgraded_at != 0
                     && now.saturating_sub(self.upgraded_at) < UPGRADE_HELD_MS
                 {
@@ -246,10 +252,35 @@ impl PathState {
         self.next_direct_try = now + self.retry.max(RETRY_DIRECT_MS);
     }
 
+    /// The next step of a many-port try for a relayed peer with a session (`endpoint`: its
+    /// public address); nothing for a direct one.
+    pub fn many_ports(
+        &mut self,
+        role: super::manyports::Role,
+        (endpoint, session): (Option<SocketAddr>, bool),
+        now: u64,
+        seed: u64,
+    ) -> super::manyports::Step {
+        if self.relay.is_none() || !session {
+            return super::manyports::Step::Nothing;
+        }
+        self.many.tick(role, endpoint, now, seed)
+    }
+
+    /// Many-port tries made for this peer.
+    pub fn many_port_tries(&self) -> u64 {
+        self.many.tries()
+    }
+
     /// An authenticated datagram came directly from `from`.
     pub fn heard_direct(&mut self, from: SocketAddr, now: u64) -> Direct {
         if self.relay.is_none() {
             return Direct::Follow;
+        }
+        // The answer to a many-port try comes from a port nobody probed on purpose.
+        if self.many.answers(from, now) {
+            self.switch(None, now);
+            return Direct::Upgrade;
         }
         // While relayed, direct datagrams are only probes and their answers (data goes
         // through the relay until a side upgrades), so one from the address just probed
@@ -373,6 +404,42 @@ mod tests {
     use super::*;
 
     const L1: [u8; 32] = [1; 32];
+
+    #[test]
+    fn a_many_port_answer_ends_the_relaying_on_either_side() {
+        use super::super::manyports::{Role, Step};
+        let easy = addr("203.0.113.21:51820");
+        let hard = addr("203.0.113.22:40000");
+        for (role, peer, answer) in [
+            (Role::Open, easy, easy),
+            (Role::Spray, hard, addr("203.0.113.22:51234")),
+        ] {
+            let mut s = PathState::default();
+            assert_eq!(
+                s.many_ports(role, (Some(peer), true), 1_000, 9),
+                Step::Nothing,
+                "nothing while direct"
+            );
+            assert!(s.heard_relayed(L1, 0, 1_000, false));
+            let mut now = 1_000;
+            while s.many_ports(role, (Some(peer), true), now, 9) == Step::Nothing {
+                now += 250;
+                assert!(now < 5_000, "{role:?}: no try");
+            }
+            assert_eq!(s.many_port_tries(), 1);
+            assert_eq!(
+                s.heard_direct(answer, now + 100),
+                Direct::Upgrade,
+                "{role:?}"
+            );
+            assert_eq!(s.relay(), None);
+            assert_eq!(
+                s.many_ports(role, (Some(peer), true), now + 200, 9),
+                Step::Nothing,
+                "{role:?}: no tries once direct"
+            );
+        }
+    }
 
     #[test]
     fn a_first_handshake_goes_to_every_candidate_the_socket_can_reach() {
