@@ -142,6 +142,7 @@ fn connected_table(n: u32) -> PeerTable {
             groups: vec![],
             multicast: vec![],
             certified: false,
+            behind_nat: false,
             candidates: Vec::new(),
         };
         match table.upsert(&ours, spec) {

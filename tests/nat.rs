@@ -1212,6 +1212,12 @@ fn an_easy_and_a_hard_nat_leave_the_relay_for_a_path_many_ports_found() {
     let robot2 = Node::start_spec(hard_ns.clone(), &b, "");
     connectivity(&robot1, "endpoint-independent (easy)");
     connectivity(&robot2, "endpoint-dependent (hard)");
+    let fds = |node: &Node| {
+        std::fs::read_dir(format!("/proc/{}/fd", node.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let fds_before = fds(&robot2);
     let first = ping_until(&easy_ns, "10.78.0.3", Duration::from_secs(30));
     let met = Instant::now();
     let direct = robot1.wait_peer(
@@ -1246,6 +1252,12 @@ fn an_easy_and_a_hard_nat_leave_the_relay_for_a_path_many_ports_found() {
     let p = robot1.peer("robot2");
     assert!(p["relay"].is_null(), "still direct: {p}");
     assert_eq!(p["path_changes"], direct["path_changes"], "{p}");
+    // The try's other 255 sockets are closed; the one that found the path stays.
+    let fds_after = fds(&robot2);
+    assert!(
+        fds_after <= fds_before + 2,
+        "robot2 holds {fds_after} descriptors, {fds_before} before the try"
+    );
     eprintln!(
         "NAT lab many ports: easy-hard first ping (relayed) after {} ms; direct at {} {} ms later ({sprayed} ports sprayed); RTT median {rtt:.2} ms",
         first.as_millis(),

@@ -503,6 +503,7 @@ fn peer_spec(body: &[u8]) -> Result<crate::tunnel::PeerSpec, ApiError> {
         groups: Vec::new(),
         multicast: Vec::new(),
         certified: false,
+        behind_nat: false,
         candidates: Vec::new(),
     })
 }

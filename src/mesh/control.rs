@@ -310,6 +310,7 @@ impl Mesh {
                 multicast: Vec::new(),
                 // Reached directly, never relayed to or through another relay.
                 certified: false,
+                behind_nat: false,
                 candidates: Vec::new(),
             }));
         }
@@ -398,6 +399,7 @@ impl Mesh {
         // probe may reach (never this node's own). None for a lighthouse: it must keep seeing
         // each member at the address its registrations come from, which is what it reports
         // back (an offer followed would turn a member's reflexive IPv4 address into IPv6).
+        let behind_nat = endpoint.is_some_and(|e| !candidates.iter().any(|c| c.ip() == e.ip()));
         let candidates = candidates
             .iter()
             .filter(|c| {
@@ -422,6 +424,7 @@ impl Mesh {
             groups: node.groups.clone(),
             multicast,
             certified: true,
+            behind_nat,
             candidates,
         }
     }
@@ -1372,7 +1375,7 @@ impl Mesh {
             .collect();
         observed.sort_by(|a, b| a.lighthouse.cmp(&b.lighthouse));
         Connectivity {
-            nat: self.nat_mapping().as_str(),
+            nat: self.nat_mapping(false).as_str(),
             candidates: self.config.candidates.clone(),
             observed,
             relays: self
@@ -1385,14 +1388,22 @@ impl Mesh {
         }
     }
 
-    /// How this node's NAT maps it, from what its lighthouses observe.
-    pub fn nat_mapping(&self) -> super::paths::NatMapping {
-        let local: Vec<std::net::IpAddr> = self.config.candidates.iter().map(|c| c.ip()).collect();
+    /// How this node's NAT maps it, from what its lighthouses observe (`ipv4_only`: from
+    /// what lighthouses reached over IPv4 observe, the family NATs map).
+    pub fn nat_mapping(&self, ipv4_only: bool) -> super::paths::NatMapping {
+        let local: Vec<std::net::IpAddr> = self
+            .config
+            .candidates
+            .iter()
+            .map(|c| c.ip())
+            .filter(|ip| !ipv4_only || ip.is_ipv4())
+            .collect();
         let seen: Vec<SocketAddr> = self
             .config
             .lighthouses
             .iter()
             .filter_map(|l| self.observed.get(&l.public_key).copied())
+            .filter(|o| !ipv4_only || o.is_ipv4())
             .collect();
         super::paths::classify(&local, &seen)
     }
@@ -2071,6 +2082,45 @@ mod tests {
             "forty robots take several pages"
         );
         assert_eq!(lh.members().len(), 41);
+    }
+
+    #[test]
+    fn a_member_the_lighthouse_sees_at_none_of_its_own_addresses_is_behind_a_nat() {
+        let t0 = Instant::now();
+        let k = ca_key();
+        let mut lh = lighthouse(&k, UNIX + 1000, t0);
+        let mut robot = robot1(&k, t0);
+        let mut op = operator(&k, t0);
+        // settle's lighthouse sees node n at 192.0.2.n:51820: the operator's own address, a
+        // LAN address of the robot's behind its NAT.
+        op.config.candidates = vec!["192.0.2.12:51820".parse().unwrap()];
+        robot.config.candidates = vec!["10.1.0.2:51820".parse().unwrap()];
+        robot.handle_timeout(t0, UNIX);
+        op.handle_timeout(t0, UNIX);
+        let mut changes = settle(&mut [(10, &mut lh), (11, &mut robot), (12, &mut op)], t0);
+        // The candidates travel with the next registrations and rosters.
+        let later = t0 + REFRESH;
+        robot.handle_timeout(later, UNIX);
+        op.handle_timeout(later, UNIX);
+        changes.extend(settle(
+            &mut [(10, &mut lh), (11, &mut robot), (12, &mut op)],
+            later,
+        ));
+        let later = later + ROSTER_MIN_GAP;
+        lh.handle_timeout(later, UNIX);
+        changes.extend(settle(
+            &mut [(10, &mut lh), (11, &mut robot), (12, &mut op)],
+            later,
+        ));
+        let robot_seen = last_upsert(&changes, 12, "robot1").map(|s| s.behind_nat);
+        let op_seen = last_upsert(&changes, 11, "operator").map(|s| s.behind_nat);
+        assert_eq!(robot_seen, Some(true), "the robot is behind a NAT");
+        assert_eq!(
+            op_seen,
+            Some(false),
+            "the operator is public: {:?}",
+            last_upsert(&changes, 11, "operator")
+        );
     }
 
     #[test]

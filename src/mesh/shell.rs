@@ -333,7 +333,7 @@ pub async fn run(
             peers.set_relays(mesh.relay_keys());
             // The hard side of a pair opens many ports, the easy side sprays them.
             use crate::tunnel::manyports::Role;
-            peers.set_many_ports(match mesh.nat_mapping() {
+            peers.set_many_ports(match mesh.nat_mapping(true) {
                 _ if !files.many_ports => Role::Off,
                 NatMapping::EndpointDependent => Role::Open,
                 NatMapping::EndpointIndependent | NatMapping::None => Role::Spray,

@@ -132,6 +132,7 @@ mod tests {
             groups: vec![],
             multicast: Vec::new(),
             certified: false,
+            behind_nat: false,
             candidates: Vec::new(),
         };
         let peer = Peer::new(&ours, spec, seed as usize);

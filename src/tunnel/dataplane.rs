@@ -184,7 +184,9 @@ pub(super) fn wake(stop: &OwnedFd) -> std::io::Result<()> {
 struct Ready {
     tun: bool,
     udp: bool,
-    aux: bool,
+    /// Many-port sockets that are readable (their slots); `aux_n` of them.
+    aux: [usize; 4],
+    aux_n: usize,
 }
 
 /// Waits until a source is readable or `timeout` passes; `None` when the loop should end
@@ -210,7 +212,12 @@ fn wait(
         match event.data.u64() {
             TUN => ready.tun = true,
             UDP => ready.udp = true,
-            d if d >= AUX_BASE => ready.aux = true,
+            d if d >= AUX_BASE => {
+                if let Some(slot) = ready.aux.get_mut(ready.aux_n) {
+                    *slot = usize::try_from(d - AUX_BASE).unwrap_or(usize::MAX);
+                    ready.aux_n += 1;
+                }
+            }
             _ => {}
         }
     }
@@ -354,7 +361,10 @@ fn encapsulate(shared: &DataPlaneShared, packet: &[u8], batcher: &mut Batcher) {
 /// on its own and framed for its relay.
 fn push(shared: &DataPlaneShared, peer: &Peer, packet: &[u8], batcher: &mut Batcher) {
     peer.path.sending.store(true, Ordering::Relaxed);
-    if peer.path.relayed.load(Ordering::Relaxed) {
+    // A member never heard from goes on its own too: what comes out may be the handshake
+    // initiation that `transmit` sends to every candidate.
+    if peer.path.relayed.load(Ordering::Relaxed) || (peer.spec.certified && !peer.endpoint_proven())
+    {
         let mut out = vec![0u8; (packet.len() + OVERHEAD).max(HANDSHAKE_INIT_LEN)];
         let len = match peer.tunn.lock() {
             Ok(mut t) => match t.encapsulate(packet, &mut out) {
@@ -399,10 +409,19 @@ fn transmit(shared: &DataPlaneShared, peer: &Peer, datagram: &[u8]) -> bool {
         None => match peer.endpoint() {
             Some(to) => {
                 send(shared, to, datagram, None);
+                let now = shared.now_ms();
+                let last = peer.path.first_contact_at.load(Ordering::Relaxed);
+                // Once per attempt (boringtun repeats an unanswered initiation every 5 s),
+                // and again only minutes later: the candidates are the member's own word.
                 if datagram.first() == Some(&HANDSHAKE_INIT)
                     && peer.spec.certified
                     && !peer.endpoint_proven()
+                    && (last == 0
+                        || now.saturating_sub(last) >= super::path::FIRST_CONTACT_AGAIN_MS)
                 {
+                    peer.path
+                        .first_contact_at
+                        .store(now.max(1), Ordering::Relaxed);
                     for also in
                         super::path::first_contact(to, &peer.spec.candidates, shared.udp_is_v6)
                     {
@@ -614,6 +633,10 @@ struct AuxSocket {
     kept: bool,
 }
 
+/// Sockets a many-port try found, kept at most (each carries one peer, and holds a
+/// descriptor and a NAT mapping for as long).
+const MAX_KEPT: usize = 32;
+
 /// The many-port sockets, owned by the data-plane thread: at most one try at a time.
 #[derive(Default)]
 struct Aux {
@@ -641,6 +664,33 @@ fn set_aux_route(shared: &DataPlaneShared, to: SocketAddr, sock: Option<Arc<std:
 }
 
 impl Aux {
+    /// Whether a try may open its sockets now: none is open, and fewer than `MAX_KEPT`
+    /// sockets carry peers.
+    fn may_open(&self) -> bool {
+        self.trying.is_none()
+            && self
+                .slots
+                .iter()
+                .filter(|s| s.as_ref().is_some_and(|s| s.kept))
+                .count()
+                < MAX_KEPT
+    }
+
+    /// Closes `slot`'s socket: out of the epoll first (a send on another thread may still
+    /// hold the socket a moment, and its readiness must not wake the thread meanwhile), and
+    /// its route with it when it carried the peer.
+    fn close(&mut self, shared: &DataPlaneShared, poller: &Poller, slot: usize) {
+        let Some(s) = self.slots.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        if let Err(e) = epoll::delete(&poller.epoll, &*s.sock) {
+            tracing::debug!("many-port socket out of the epoll: {e}");
+        }
+        if s.kept {
+            set_aux_route(shared, s.to, None);
+        }
+    }
+
     /// Opens the try's sockets; each sends a keepalive to the peer's public address, which
     /// the peer's NAT drops, but which opens a mapping in this node's NAT.
     fn open(&mut self, shared: &DataPlaneShared, poller: &Poller, open: OpenPorts) {
@@ -695,18 +745,26 @@ impl Aux {
             "many-port try: {opened} ports opened toward {}",
             open.to
         );
-        self.trying = Some((open.peer, open.until));
+        if opened > 0 {
+            self.trying = Some((open.peer, open.until));
+        }
     }
 
-    /// Reads the readable many-port sockets: datagrams from the peer's address only. The
-    /// first authenticated one on a try's socket that moves the peer off its relay keeps that
-    /// socket for it and closes the others.
-    fn receive(&mut self, shared: &DataPlaneShared, writer: &mut TunWriter) {
+    /// Reads the readable many-port sockets (`ready`: their slots): datagrams from the peer's
+    /// address only. The first on a try's socket that moves the peer off its relay (only an
+    /// authenticated datagram does) keeps that socket for the peer and closes the others.
+    fn receive(
+        &mut self,
+        shared: &DataPlaneShared,
+        poller: &Poller,
+        writer: &mut TunWriter,
+        ready: &[usize],
+    ) {
         if self.buf.is_empty() {
             self.buf = vec![0u8; RX_SLOT];
         }
         let mut found = None;
-        'slots: for i in 0..self.slots.len() {
+        'slots: for &i in ready {
             for _ in 0..READS_PER_WAKE {
                 let Some(s) = self.slots.get(i).and_then(Option::as_ref) else {
                     break;
@@ -722,16 +780,19 @@ impl Aux {
                     receive_datagram(shared, writer, from, datagram);
                     continue;
                 }
+                let table = shared.table.load();
+                let Some((_, peer)) = table.by_key(&s.peer) else {
+                    continue;
+                };
+                // A try answers only for a relayed peer: for one already direct, nothing
+                // here would prove the datagram authentic.
+                if !peer.path.relayed.load(Ordering::Relaxed) {
+                    continue;
+                }
                 // Anything answered while this datagram is judged leaves by its socket.
-                let (peer, sock) = (s.peer, s.sock.clone());
-                set_aux_route(shared, from, Some(sock));
+                set_aux_route(shared, from, Some(s.sock.clone()));
                 receive_datagram(shared, writer, from, datagram);
-                let direct = shared
-                    .table
-                    .load()
-                    .by_key(&peer)
-                    .is_some_and(|(_, p)| !p.path.relayed.load(Ordering::Relaxed));
-                if direct {
+                if !peer.path.relayed.load(Ordering::Relaxed) {
                     found = Some(i);
                     break 'slots;
                 }
@@ -740,21 +801,29 @@ impl Aux {
         }
         write_tun(shared, writer);
         if let Some(i) = found {
-            self.keep(shared, i);
+            self.keep(shared, poller, i);
         }
     }
 
-    fn keep(&mut self, shared: &DataPlaneShared, i: usize) {
+    fn keep(&mut self, shared: &DataPlaneShared, poller: &Poller, i: usize) {
         let Some(Some(winner)) = self.slots.get_mut(i) else {
             return;
         };
         winner.kept = true;
         let (key, to) = (winner.peer, winner.to);
         let port = winner.sock.local_addr().map(|a| a.port()).unwrap_or(0);
-        for (j, slot) in self.slots.iter_mut().enumerate() {
-            if j != i && slot.as_ref().is_some_and(|s| !s.kept && s.peer == key) {
-                *slot = None;
-            }
+        let others: Vec<usize> = (0..self.slots.len())
+            .filter(|j| {
+                *j != i
+                    && self
+                        .slots
+                        .get(*j)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|s| !s.kept && s.peer == key)
+            })
+            .collect();
+        for j in others {
+            self.close(shared, poller, j);
         }
         self.trying = None;
         metrics::counter!("myelin_path_many_port_found_total").increment(1);
@@ -767,34 +836,43 @@ impl Aux {
 
     /// Once a tick: a try whose time is up closes its sockets; a kept socket whose peer left,
     /// went back to a relay or moved is closed.
-    fn tick(&mut self, shared: &DataPlaneShared, now: u64) {
-        if self.slots.is_empty() {
-            return;
-        }
+    fn tick(&mut self, shared: &DataPlaneShared, poller: &Poller, now: u64) {
         if let Some((key, until)) = self.trying {
             if now > until {
-                for slot in &mut self.slots {
-                    if slot.as_ref().is_some_and(|s| !s.kept && s.peer == key) {
-                        *slot = None;
-                    }
+                let unanswered: Vec<usize> = (0..self.slots.len())
+                    .filter(|j| {
+                        self.slots
+                            .get(*j)
+                            .and_then(Option::as_ref)
+                            .is_some_and(|s| !s.kept && s.peer == key)
+                    })
+                    .collect();
+                for j in unanswered {
+                    self.close(shared, poller, j);
                 }
                 self.trying = None;
                 tracing::debug!("many-port try: no port answered");
             }
         }
+        if self.slots.is_empty() {
+            return;
+        }
         let table = shared.table.load();
-        for slot in &mut self.slots {
-            let obsolete = slot.as_ref().is_some_and(|s| {
-                s.kept
-                    && table.by_key(&s.peer).is_none_or(|(_, p)| {
-                        p.path.relayed.load(Ordering::Relaxed) || p.endpoint() != Some(s.to)
+        let obsolete: Vec<usize> = (0..self.slots.len())
+            .filter(|j| {
+                self.slots
+                    .get(*j)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|s| {
+                        s.kept
+                            && table.by_key(&s.peer).is_none_or(|(_, p)| {
+                                p.path.relayed.load(Ordering::Relaxed) || p.endpoint() != Some(s.to)
+                            })
                     })
-            });
-            if obsolete {
-                if let Some(s) = slot.take() {
-                    set_aux_route(shared, s.to, None);
-                }
-            }
+            })
+            .collect();
+        for j in obsolete {
+            self.close(shared, poller, j);
         }
         while self.slots.last().is_some_and(Option::is_none) {
             self.slots.pop();
@@ -935,6 +1013,7 @@ fn restricted_peer(
         groups: Vec::new(),
         multicast: Vec::new(),
         certified: false,
+        behind_nat: false,
         candidates: Vec::new(),
     };
     let key_of = spec.public_key;
@@ -1163,7 +1242,7 @@ impl Inbound {
 /// The data-plane thread: waits for the TUN, the UDP socket, the next timer tick or the stop
 /// signal, and serves whatever is ready.
 pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
-    let mut events = Vec::with_capacity(4);
+    let mut events = Vec::with_capacity(8);
     let mut batches = Vec::with_capacity(RX_BATCHES);
     for _ in 0..RX_BATCHES {
         // Zeroed memory comes untouched from the kernel: an idle node pays for none of it.
@@ -1219,8 +1298,9 @@ pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
         if ready.udp {
             receive(&shared, &mut inbound);
         }
-        if ready.aux {
-            aux.receive(&shared, &mut inbound.writer);
+        if ready.aux_n > 0 {
+            let slots = ready.aux.get(..ready.aux_n).unwrap_or_default();
+            aux.receive(&shared, &poller, &mut inbound.writer, slots);
         }
         if ready.tun {
             if let Err(e) = reader.read(&shared) {
@@ -1242,11 +1322,11 @@ pub(super) fn run(shared: Arc<DataPlaneShared>, poller: Poller) {
         let now = Instant::now();
         if now >= next_tick {
             reader.bulk.shrink_when_empty();
-            for open in timers(&shared, &mut timer_buf, last_tick) {
+            for open in timers(&shared, &mut timer_buf, last_tick, aux.may_open()) {
                 aux.open(&shared, &poller, open);
             }
             last_tick = shared.now_ms();
-            aux.tick(&shared, last_tick);
+            aux.tick(&shared, &poller, last_tick);
             next_tick = now + TIMER_TICK;
         }
     }
@@ -1702,7 +1782,7 @@ fn firewall_allows(shared: &DataPlaneShared, packet: &[u8], peer: &Peer, inbound
 
 /// Drives boringtun's timers: handshakes, retries, keepalives, session expiry; returns the
 /// many-port tries the peers' paths ask this thread to open.
-fn timers(shared: &DataPlaneShared, buf: &mut [u8], since: u64) -> Vec<OpenPorts> {
+fn timers(shared: &DataPlaneShared, buf: &mut [u8], since: u64, may_open: bool) -> Vec<OpenPorts> {
     if let Some(Ok(mut state)) = shared.firewall.as_ref().map(|f| f.lock()) {
         state.firewall.handle_timeout(Instant::now());
     }
@@ -1721,7 +1801,7 @@ fn timers(shared: &DataPlaneShared, buf: &mut [u8], since: u64) -> Vec<OpenPorts
             transmit(shared, peer, p);
         }
     }
-    paths(shared, &table, since)
+    paths(shared, &table, since, may_open)
 }
 
 /// A member reached directly over IPv4 is offered IPv6 now and then (`path::ipv6_offer`): a
@@ -1760,11 +1840,19 @@ fn dead_after(shared: &DataPlaneShared, peer: &Peer) -> u64 {
 /// Each certified peer's path, once a tick: to a relay when the direct path went silent
 /// (or never answered), and back when a direct try is answered. Without relays nothing is
 /// judged; a peer that is itself a relay is always reached directly.
-fn paths(shared: &DataPlaneShared, table: &PeerTable, since: u64) -> Vec<OpenPorts> {
+fn paths(
+    shared: &DataPlaneShared,
+    table: &PeerTable,
+    since: u64,
+    mut may_open: bool,
+) -> Vec<OpenPorts> {
     let relays = shared.relays.load();
     let now = shared.now_ms();
     let role = manyports::Role::from_u8(shared.many_ports.load(Ordering::Relaxed));
     let mut opens = Vec::new();
+    // One peer's many-port step per tick at most: a spray is 256 datagrams a tick, and one
+    // set of ports is open at a time.
+    let mut may_spray = true;
     for (_, peer) in table.iter() {
         let link = &peer.path;
         if !peer.spec.certified || relays.contains(&peer.public_key_bytes) {
@@ -1862,23 +1950,33 @@ fn paths(shared: &DataPlaneShared, table: &PeerTable, since: u64) -> Vec<OpenPor
                         .copied()
                         .unwrap_or_default(),
                 );
-            // Only a peer behind a NAT (its public address is none of its own) has ports to
-            // find; a public one is reached at its endpoint if at all.
-            let endpoint = peer
-                .endpoint()
-                .filter(|e| !peer.spec.candidates.iter().any(|c| c.ip() == e.ip()));
+            // Where the lighthouses see it now (not the last address a datagram came from, which
+            // goes stale when the peer moves), and only behind a NAT: a public peer is reached
+            // at its endpoint if at all.
+            let endpoint = peer.spec.endpoint.filter(|_| peer.spec.behind_nat);
+            let may = match role {
+                manyports::Role::Open => may_open,
+                manyports::Role::Spray => may_spray,
+                manyports::Role::Off => false,
+            };
             let step = match link.state.lock() {
-                Ok(mut s) => s.many_ports(role, (endpoint, session), now, seed),
+                Ok(mut s) => s.many_ports(role, (endpoint, session), (now, seed), may),
                 Err(_) => Step::Nothing,
             };
             match step {
                 Step::Nothing => {}
-                Step::Open { to, until } => opens.push(OpenPorts {
-                    peer: peer.public_key_bytes,
-                    to,
-                    until,
-                }),
-                Step::Spray { ip, ports } => spray(shared, peer, ip, ports),
+                Step::Open { to, until } => {
+                    may_open = false;
+                    opens.push(OpenPorts {
+                        peer: peer.public_key_bytes,
+                        to,
+                        until,
+                    });
+                }
+                Step::Spray { ip, ports } => {
+                    may_spray = false;
+                    spray(shared, peer, ip, ports);
+                }
             }
         }
     }

@@ -28,6 +28,9 @@ pub const SPRAY_AFTER_MS: u64 = 1_000;
 pub const TRY_EVERY_MS: u64 = 60_000;
 /// ...doubling up to this (a pair whose NATs defeat the technique costs little).
 pub const MAX_TRY_EVERY_MS: u64 = 960_000;
+/// Tries toward one address of the peer; after these fail, none until the lighthouses see
+/// the peer somewhere else (its NAT defeats the technique, and a spray is 2 048 datagrams).
+pub const MAX_TRIES_PER_ADDRESS: u32 = 5;
 /// The easy side takes a datagram from the sprayed address as an answer this long after its
 /// last spray went out.
 pub const ANSWER_WITHIN_MS: u64 = 2_000;
@@ -126,6 +129,9 @@ pub struct ManyPorts {
     open: Option<(SocketAddr, u64)>,
     spray: Option<Spray>,
     tries: u64,
+    /// The address the last try went to, and how many tries went to it.
+    target: Option<SocketAddr>,
+    tries_to_target: u32,
 }
 
 impl ManyPorts {
@@ -150,9 +156,18 @@ impl ManyPorts {
     }
 
     /// One timer tick of a relayed peer with a session, at `now`. `endpoint` is the peer's
-    /// public address (as the lighthouse saw it); `seed` varies per call (it picks the ports).
-    pub fn tick(&mut self, role: Role, endpoint: Option<SocketAddr>, now: u64, seed: u64) -> Step {
-        if role == Role::Off || self.relayed_at == 0 {
+    /// public address (as the lighthouses see it; none when it is not behind a NAT); `seed`
+    /// varies per call (it picks the ports). `may` is false when the node's budget for this
+    /// tick is spent (one spray, one set of open ports at a time): nothing happens, and
+    /// nothing is counted, until a tick where it may.
+    pub fn tick(
+        &mut self,
+        role: Role,
+        endpoint: Option<SocketAddr>,
+        (now, seed): (u64, u64),
+        may: bool,
+    ) -> Step {
+        if role == Role::Off || self.relayed_at == 0 || !may {
             return Step::Nothing;
         }
         if let Some(s) = &mut self.spray {
@@ -182,9 +197,16 @@ impl ManyPorts {
         let Some(SocketAddr::V4(to)) = endpoint else {
             return Step::Nothing;
         };
-        if now < due + delay {
+        if self.target != endpoint {
+            // Somewhere new: the tries start over.
+            self.target = endpoint;
+            self.tries_to_target = 0;
+            self.gap = 0;
+        }
+        if now < due + delay || self.tries_to_target >= MAX_TRIES_PER_ADDRESS {
             return Step::Nothing;
         }
+        self.tries_to_target += 1;
         self.gap = match self.gap {
             0 => TRY_EVERY_MS,
             g => g.saturating_mul(2).min(MAX_TRY_EVERY_MS),
@@ -261,12 +283,15 @@ mod tests {
         let mut m = ManyPorts::default();
         m.relayed(1_000);
         // Not before the hard side has had a second to open its ports.
-        assert_eq!(m.tick(Role::Spray, Some(hard), 1_500, 7), Step::Nothing);
+        assert_eq!(
+            m.tick(Role::Spray, Some(hard), (1_500, 7), true),
+            Step::Nothing
+        );
         let mut ports = HashSet::new();
         let mut ticks = 0;
         let mut now = 2_000;
         loop {
-            match m.tick(Role::Spray, Some(hard), now, 7) {
+            match m.tick(Role::Spray, Some(hard), (now, 7), true) {
                 Step::Spray { ip, ports: p } => {
                     assert_eq!(IpAddr::V4(ip), hard.ip());
                     ports.extend(p);
@@ -306,13 +331,13 @@ mod tests {
         let easy = addr("203.0.113.21:51820");
         let mut m = ManyPorts::default();
         assert_eq!(
-            m.tick(Role::Open, Some(easy), 5, 1),
+            m.tick(Role::Open, Some(easy), (5, 1), true),
             Step::Nothing,
             "not relayed"
         );
         m.relayed(1_000);
         assert_eq!(
-            m.tick(Role::Open, Some(easy), 1_000, 1),
+            m.tick(Role::Open, Some(easy), (1_000, 1), true),
             Step::Open {
                 to: easy,
                 until: 1_000 + OPEN_FOR_MS
@@ -321,32 +346,64 @@ mod tests {
         assert!(m.answers(easy, 2_000));
         assert!(!m.answers(addr("203.0.113.21:51821"), 2_000));
         assert!(!m.answers(easy, 1_000 + OPEN_FOR_MS + 1));
-        // The next try after the gap, then the gap doubles up to the most.
-        assert_eq!(m.tick(Role::Open, Some(easy), 2_000, 1), Step::Nothing);
+        // The next try after the gap, then the gap doubles.
+        assert_eq!(
+            m.tick(Role::Open, Some(easy), (2_000, 1), true),
+            Step::Nothing
+        );
         let mut now = 1_000;
         let mut gaps = Vec::new();
-        for _ in 0..6 {
+        for _ in 1..MAX_TRIES_PER_ADDRESS {
             let mut t = now + 1_000;
-            while !matches!(m.tick(Role::Open, Some(easy), t, 1), Step::Open { .. }) {
+            while !matches!(
+                m.tick(Role::Open, Some(easy), (t, 1), true),
+                Step::Open { .. }
+            ) {
                 t += 1_000;
             }
             gaps.push(t - now);
             now = t;
         }
+        assert_eq!(gaps, vec![60_000, 120_000, 240_000, 480_000]);
+        assert_eq!(m.tries(), u64::from(MAX_TRIES_PER_ADDRESS));
+        // That address defeats the technique: no more tries toward it, however long...
+        let much_later = now + 10 * MAX_TRY_EVERY_MS;
         assert_eq!(
-            gaps,
-            vec![60_000, 120_000, 240_000, 480_000, 960_000, 960_000]
+            m.tick(Role::Open, Some(easy), (much_later, 1), true),
+            Step::Nothing
         );
-        assert_eq!(m.tries(), 7);
+        // ...until the lighthouses see the peer somewhere else: at once, the gaps afresh.
+        let moved = addr("198.51.100.4:51820");
+        assert!(matches!(
+            m.tick(Role::Open, Some(moved), (much_later + 1, 1), true),
+            Step::Open { to, .. } if to == moved
+        ));
+        // A tick without the node's budget does nothing and counts nothing.
+        let next = much_later + 1 + TRY_EVERY_MS;
+        assert_eq!(
+            m.tick(Role::Open, Some(moved), (next, 1), false),
+            Step::Nothing
+        );
+        assert!(matches!(
+            m.tick(Role::Open, Some(moved), (next, 1), true),
+            Step::Open { .. }
+        ));
         // Direct again: no tries. Relayed again at once: the next try waits out the gap;
         // relayed again long after: at once.
+        let now = next;
         m.direct();
-        assert_eq!(m.tick(Role::Open, Some(easy), now + 10, 1), Step::Nothing);
+        assert_eq!(
+            m.tick(Role::Open, Some(moved), (now + 10, 1), true),
+            Step::Nothing
+        );
         m.relayed(now + 10);
-        assert_eq!(m.tick(Role::Open, Some(easy), now + 20, 1), Step::Nothing);
+        assert_eq!(
+            m.tick(Role::Open, Some(moved), (now + 20, 1), true),
+            Step::Nothing
+        );
         let later = now + MAX_TRY_EVERY_MS;
         assert!(matches!(
-            m.tick(Role::Open, Some(easy), later, 1),
+            m.tick(Role::Open, Some(moved), (later, 1), true),
             Step::Open { .. }
         ));
     }
@@ -356,11 +413,19 @@ mod tests {
         let mut m = ManyPorts::default();
         m.relayed(1);
         let v4 = addr("203.0.113.21:51820");
-        assert_eq!(m.tick(Role::Off, Some(v4), 10_000, 1), Step::Nothing);
         assert_eq!(
-            m.tick(Role::Open, Some(addr("[2001:db8::1]:51820")), 10_000, 1),
+            m.tick(Role::Off, Some(v4), (10_000, 1), true),
             Step::Nothing
         );
-        assert_eq!(m.tick(Role::Spray, None, 10_000, 1), Step::Nothing);
+        assert_eq!(
+            m.tick(
+                Role::Open,
+                Some(addr("[2001:db8::1]:51820")),
+                (10_000, 1),
+                true
+            ),
+            Step::Nothing
+        );
+        assert_eq!(m.tick(Role::Spray, None, (10_000, 1), true), Step::Nothing);
     }
 }

@@ -501,6 +501,7 @@ impl Tunnel {
                 groups: Vec::new(),
                 multicast: p.multicast.clone(),
                 certified: false,
+                behind_nat: false,
                 candidates: Vec::new(),
             };
             if let Some(next) = table.upsert(&static_private, spec)? {

@@ -93,6 +93,8 @@ pub fn ipv6_offer(
     })
 }
 
+/// First-contact copies go out once per this long at most per peer.
+pub const FIRST_CONTACT_AGAIN_MS: u64 = 300_000;
 /// Candidates a first handshake initiation also goes to, besides the endpoint.
 const MAX_FIRST_CONTACT: usize = 4;
 
@@ -131,6 +133,8 @@ pub struct PathLink {
     pub ipv6_offer_gap: AtomicU64,
     /// When the peer last moved from IPv4 to IPv6 (`Peer::saw`); 0: never.
     pub ipv6_since: AtomicU64,
+    /// When a handshake initiation last went to every candidate (`first_contact`); 0: never.
+    pub first_contact_at: AtomicU64,
     pub state: Mutex<PathState>,
 }
 
@@ -258,13 +262,13 @@ impl PathState {
         &mut self,
         role: super::manyports::Role,
         (endpoint, session): (Option<SocketAddr>, bool),
-        now: u64,
-        seed: u64,
+        (now, seed): (u64, u64),
+        may: bool,
     ) -> super::manyports::Step {
         if self.relay.is_none() || !session {
             return super::manyports::Step::Nothing;
         }
-        self.many.tick(role, endpoint, now, seed)
+        self.many.tick(role, endpoint, (now, seed), may)
     }
 
     /// Many-port tries made for this peer.
@@ -416,17 +420,30 @@ mod tests {
         ] {
             let mut s = PathState::default();
             assert_eq!(
-                s.many_ports(role, (Some(peer), true), 1_000, 9),
+                s.many_ports(role, (Some(peer), true), (1_000, 9), true),
                 Step::Nothing,
                 "nothing while direct"
             );
             assert!(s.heard_relayed(L1, 0, 1_000, false));
             let mut now = 1_000;
-            while s.many_ports(role, (Some(peer), true), now, 9) == Step::Nothing {
+            while s.many_ports(role, (Some(peer), true), (now, 9), true) == Step::Nothing {
                 now += 250;
                 assert!(now < 5_000, "{role:?}: no try");
             }
             assert_eq!(s.many_port_tries(), 1);
+            // Too late to be an answer: a datagram from there is probed like any other.
+            let mut late = PathState::default();
+            assert!(late.heard_relayed(L1, 0, 1_000, false));
+            let mut t = 1_000;
+            while late.many_ports(role, (Some(peer), true), (t, 9), true) == Step::Nothing {
+                t += 250;
+            }
+            let after = t + super::super::manyports::OPEN_FOR_MS + 2_500;
+            assert_eq!(
+                late.heard_direct(answer, after),
+                Direct::Probe(answer),
+                "{role:?}"
+            );
             assert_eq!(
                 s.heard_direct(answer, now + 100),
                 Direct::Upgrade,
@@ -434,7 +451,7 @@ mod tests {
             );
             assert_eq!(s.relay(), None);
             assert_eq!(
-                s.many_ports(role, (Some(peer), true), now + 200, 9),
+                s.many_ports(role, (Some(peer), true), (now + 200, 9), true),
                 Step::Nothing,
                 "{role:?}: no tries once direct"
             );

@@ -55,6 +55,9 @@ pub struct PeerSpec {
     /// relay, only these are relayed to, and only these are ever reached through a relay
     /// (a lighthouse is always reached directly).
     pub certified: bool,
+    /// `endpoint` is where the lighthouses see the member and none of its own addresses: it
+    /// sits behind a NAT, whose ports many-port probing may search (`manyports`).
+    pub behind_nat: bool,
 }
 
 /// One peer and its live state.
@@ -353,6 +356,7 @@ mod tests {
             groups: Vec::new(),
             multicast: Vec::new(),
             certified: false,
+            behind_nat: false,
             candidates: Vec::new(),
         }
     }
