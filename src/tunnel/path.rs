@@ -110,7 +110,17 @@ pub fn first_contact(
 ) -> impl Iterator<Item = SocketAddr> + '_ {
     candidates
         .iter()
-        .filter(move |c| **c != endpoint && (socket_has_v6 || c.is_ipv4()))
+        .filter(move |c| {
+            // A member's candidates are its own word: only the kinds a member has besides its
+            // public address (a LAN address, global IPv6), never another public IPv4 host.
+            let own_kind = match c.ip() {
+                std::net::IpAddr::V4(v4) => {
+                    v4.is_private() || (v4.octets()[0] == 100 && v4.octets()[1] & 0xc0 == 64)
+                }
+                std::net::IpAddr::V6(_) => socket_has_v6,
+            };
+            **c != endpoint && own_kind
+        })
         .take(MAX_FIRST_CONTACT)
         .copied()
 }
@@ -468,6 +478,14 @@ mod tests {
         assert_eq!(both, vec![lan, v6], "never the endpoint twice");
         let v4: Vec<SocketAddr> = first_contact(endpoint, &candidates, false).collect();
         assert_eq!(v4, vec![lan], "an IPv4-only socket cannot reach IPv6");
+        let public = addr("192.0.2.80:80");
+        let only_own: Vec<SocketAddr> =
+            first_contact(endpoint, &[public, lan, addr("100.72.0.9:51820")], true).collect();
+        assert_eq!(
+            only_own,
+            vec![lan, addr("100.72.0.9:51820")],
+            "never another public IPv4 host"
+        );
         let many: Vec<SocketAddr> = (1..=9)
             .map(|n| addr(&format!("10.1.0.{n}:51820")))
             .collect();
