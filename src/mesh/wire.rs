@@ -635,6 +635,24 @@ mod tests {
     }
 
     #[test]
+    fn the_fuzzers_introduce_seed_is_an_introduction() {
+        let seed = include_bytes!("../../fuzz/seeds/mesh_control/introduce.bin");
+        match Message::decode(seed) {
+            Ok(Message::Introduce { member }) => {
+                assert_eq!(
+                    member.endpoint,
+                    "203.0.113.21:51820".parse::<SocketAddr>().ok()
+                );
+                assert_eq!(
+                    member.candidates,
+                    vec!["10.1.0.2:51820".parse::<SocketAddr>().unwrap()]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn relay_frames_carry_a_datagram_and_nothing_else_passes_for_one() {
         let key = [9u8; 32];
         let datagram = vec![4u8; 1452];
