@@ -887,15 +887,7 @@ impl Mesh {
             }
             return;
         };
-        let Some(leaf) = entry
-            .chain
-            .first()
-            .and_then(|c| Certificate::decode(c).ok())
-        else {
-            return;
-        };
-        let key = leaf.body().public_key;
-        let Some(node) = self.verify(&key, &entry.chain, unix) else {
+        let Some((key, node)) = self.verified_entry(&entry, unix) else {
             return;
         };
         if !node.0.addresses.iter().any(|a| a.addr() == address) {
@@ -904,18 +896,21 @@ impl Mesh {
         self.meet(key, node, entry, now, "found on demand");
     }
 
+    /// The key and verified certificate of a member a lighthouse sent (`Found`, `Introduce`).
+    fn verified_entry(
+        &self,
+        entry: &RosterEntry,
+        unix: u64,
+    ) -> Option<([u8; 32], (VerifiedNode, u64))> {
+        let leaf = Certificate::decode(entry.chain.first()?).ok()?;
+        let key = leaf.body().public_key;
+        Some((key, self.verify(&key, &entry.chain, unix)?))
+    }
+
     /// A lighthouse introduced a member that looked this node up: it is sending its first
     /// handshake now, so this node sends its own at once (each opens its NAT for the other's).
     fn take_introduced(&mut self, entry: RosterEntry, now: Instant, unix: u64) {
-        let Some(leaf) = entry
-            .chain
-            .first()
-            .and_then(|c| Certificate::decode(c).ok())
-        else {
-            return;
-        };
-        let key = leaf.body().public_key;
-        let Some(node) = self.verify(&key, &entry.chain, unix) else {
+        let Some((key, node)) = self.verified_entry(&entry, unix) else {
             return;
         };
         self.meet(

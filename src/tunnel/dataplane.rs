@@ -805,6 +805,21 @@ impl Aux {
         }
     }
 
+    /// Closes the sockets of `key`'s try that found nothing (a kept one stays).
+    fn end_try(&mut self, shared: &DataPlaneShared, poller: &Poller, key: [u8; 32]) {
+        for j in 0..self.slots.len() {
+            let open = self
+                .slots
+                .get(j)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| !s.kept && s.peer == key);
+            if open {
+                self.close(shared, poller, j);
+            }
+        }
+        self.trying = None;
+    }
+
     fn keep(&mut self, shared: &DataPlaneShared, poller: &Poller, i: usize) {
         let Some(Some(winner)) = self.slots.get_mut(i) else {
             return;
@@ -812,20 +827,7 @@ impl Aux {
         winner.kept = true;
         let (key, to) = (winner.peer, winner.to);
         let port = winner.sock.local_addr().map(|a| a.port()).unwrap_or(0);
-        let others: Vec<usize> = (0..self.slots.len())
-            .filter(|j| {
-                *j != i
-                    && self
-                        .slots
-                        .get(*j)
-                        .and_then(Option::as_ref)
-                        .is_some_and(|s| !s.kept && s.peer == key)
-            })
-            .collect();
-        for j in others {
-            self.close(shared, poller, j);
-        }
-        self.trying = None;
+        self.end_try(shared, poller, key);
         metrics::counter!("myelin_path_many_port_found_total").increment(1);
         if let Some((_, peer)) = shared.table.load().by_key(&key) {
             tracing::info!(peer = %peer.name, "many-port try: direct to {to} from local port {port}");
@@ -839,18 +841,7 @@ impl Aux {
     fn tick(&mut self, shared: &DataPlaneShared, poller: &Poller, now: u64) {
         if let Some((key, until)) = self.trying {
             if now > until {
-                let unanswered: Vec<usize> = (0..self.slots.len())
-                    .filter(|j| {
-                        self.slots
-                            .get(*j)
-                            .and_then(Option::as_ref)
-                            .is_some_and(|s| !s.kept && s.peer == key)
-                    })
-                    .collect();
-                for j in unanswered {
-                    self.close(shared, poller, j);
-                }
-                self.trying = None;
+                self.end_try(shared, poller, key);
                 tracing::debug!("many-port try: no port answered");
             }
         }
