@@ -1206,7 +1206,7 @@ fn an_easy_and_a_hard_nat_leave_the_relay_for_a_path_many_ports_found() {
     let fleet = LabFleet::new("natlab-many-ports", &["203.0.113.10", "203.0.113.11"]);
     let a = fleet.member("robot1", 2, "robots", &["robots"]);
     let b = fleet.member("robot2", 3, "robots", &["robots"]);
-    let _lighthouse1 = Node::start_spec(lh1_ns, &fleet.lighthouses[0], "");
+    let _lighthouse1 = Node::start_spec(lh1_ns.clone(), &fleet.lighthouses[0], "");
     let _lighthouse2 = Node::start_spec(lh2_ns, &fleet.lighthouses[1], "");
     let robot1 = Node::start_spec(easy_ns.clone(), &a, "");
     let robot2 = Node::start_spec(hard_ns.clone(), &b, "");
@@ -1240,7 +1240,10 @@ fn an_easy_and_a_hard_nat_leave_the_relay_for_a_path_many_ports_found() {
         |p| p["relay"].is_null() && p["endpoint"] == "203.0.113.34:51820",
     );
     let opened = common::metric_sum(&robot2.metrics(), "myelin_path_many_port_found_total", &[]);
-    assert!(opened >= 1.0, "robot2 kept a port many-port probing found");
+    assert!(
+        opened >= 1.0,
+        "robot2 counted a path many-port probing found"
+    );
     let sprayed = common::metric_sum(&robot1.metrics(), "myelin_path_many_port_probes_total", &[]);
     let (answered, rtt) = ping_rtt(&easy_ns, "10.78.0.3", 20);
     assert!(
@@ -1258,8 +1261,20 @@ fn an_easy_and_a_hard_nat_leave_the_relay_for_a_path_many_ports_found() {
         fds_after <= fds_before + 2,
         "robot2 holds {fds_after} descriptors, {fds_before} before the try"
     );
+    // Bulk both ways on it (robot2 sends from the socket the try found, one datagram per
+    // system call), and still direct afterwards.
+    let to_hard = common::iperf_tcp(&hard_ns, &easy_ns, "10.78.0.3", 3);
+    let from_hard = common::iperf_tcp(&easy_ns, &hard_ns, "10.78.0.2", 3);
+    // The same from robot2 on its WireGuard socket (to lighthouse1, public), for comparison.
+    let main_socket = common::iperf_tcp(&lh1_ns, &hard_ns, "10.78.0.250", 3);
+    assert!(
+        to_hard > 10.0 && from_hard > 10.0,
+        "TCP on the found path: {to_hard:.0} and {from_hard:.0} Mbit/s"
+    );
+    let p = robot1.peer("robot2");
+    assert!(p["relay"].is_null(), "direct after the streams: {p}");
     eprintln!(
-        "NAT lab many ports: easy-hard first ping (relayed) after {} ms; direct at {} {} ms later ({sprayed} ports sprayed); RTT median {rtt:.2} ms",
+        "NAT lab many ports: easy-hard first ping (relayed) after {} ms; direct at {} {} ms later ({sprayed} ports sprayed); RTT median {rtt:.2} ms; TCP to robot2 {to_hard:.0} Mbit/s, from it {from_hard:.0} Mbit/s (from it to lighthouse1 on its WireGuard socket {main_socket:.0} Mbit/s)",
         first.as_millis(),
         direct["endpoint"],
         found.as_millis()

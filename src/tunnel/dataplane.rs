@@ -59,16 +59,41 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Sends `contents` (one datagram, or equal segments of `segment` bytes) to `to`, waiting
-/// for room in the socket's send buffer when it is full.
+/// for room in the socket's send buffer when it is full: from the WireGuard socket, or from
+/// the socket a many-port try found for that address.
 fn send(shared: &DataPlaneShared, to: SocketAddr, contents: &[u8], segment: Option<usize>) {
     if shared.aux_any.load(Ordering::Relaxed) {
         let routes = shared.aux_routes.load();
-        if let Some((_, sock)) = routes.iter().find(|(a, _)| *a == to) {
-            send_aux(shared, sock, to, contents, segment);
+        if let Some((_, io)) = routes.iter().find(|(a, _)| *a == to) {
+            match io.state.get() {
+                Some(state) => send_on(shared, (&io.sock, state, false), to, contents, segment),
+                // Not carrying the peer yet (a try's answer being judged): no GSO state.
+                None => {
+                    for datagram in contents.chunks(segment.unwrap_or(contents.len()).max(1)) {
+                        let _ = io.sock.send_to(datagram, to);
+                    }
+                }
+            }
             return;
         }
     }
-    let destination = match (to, shared.udp_is_v6) {
+    send_on(
+        shared,
+        (&shared.udp, &shared.udp_state, shared.udp_is_v6),
+        to,
+        contents,
+        segment,
+    );
+}
+
+fn send_on(
+    shared: &DataPlaneShared,
+    (udp, state, is_v6): (&std::net::UdpSocket, &quinn_udp::UdpSocketState, bool),
+    to: SocketAddr,
+    contents: &[u8],
+    segment: Option<usize>,
+) {
+    let destination = match (to, is_v6) {
         (SocketAddr::V4(v4), true) => {
             SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
         }
@@ -82,13 +107,13 @@ fn send(shared: &DataPlaneShared, to: SocketAddr, contents: &[u8], segment: Opti
         src_ip: None,
     };
     loop {
-        match shared.udp_state.try_send((&shared.udp).into(), &transmit) {
+        match state.try_send(udp.into(), &transmit) {
             Ok(()) => return,
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
                 if shared.stopping() {
                     return;
                 }
-                let mut fds = [PollFd::new(&shared.udp, PollFlags::OUT)];
+                let mut fds = [PollFd::new(udp, PollFlags::OUT)];
                 let timeout = Timespec::try_from(SEND_WAIT).ok();
                 if let Err(e) = rustix::event::poll(&mut fds, timeout.as_ref()) {
                     if e != rustix::io::Errno::INTR {
@@ -100,38 +125,6 @@ fn send(shared: &DataPlaneShared, to: SocketAddr, contents: &[u8], segment: Opti
             Err(e) => {
                 tracing::debug!("send to {to} failed: {e}");
                 return;
-            }
-        }
-    }
-}
-
-/// `send` from a socket a many-port try found: one datagram per segment (no GSO there).
-fn send_aux(
-    shared: &DataPlaneShared,
-    sock: &std::net::UdpSocket,
-    to: SocketAddr,
-    contents: &[u8],
-    segment: Option<usize>,
-) {
-    let size = segment.unwrap_or(contents.len()).max(1);
-    for datagram in contents.chunks(size) {
-        loop {
-            match sock.send_to(datagram, to) {
-                Ok(_) => break,
-                Err(e) if e.kind() == ErrorKind::WouldBlock && !shared.stopping() => {
-                    let mut fds = [PollFd::new(sock, PollFlags::OUT)];
-                    let timeout = Timespec::try_from(SEND_WAIT).ok();
-                    if let Err(e) = rustix::event::poll(&mut fds, timeout.as_ref()) {
-                        if e != rustix::io::Errno::INTR {
-                            return;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::debug!("send to {to} from a many-port socket failed: {e}");
-                    break;
-                }
             }
         }
     }
@@ -547,6 +540,15 @@ fn heard(shared: &DataPlaneShared, peer: &Peer, source: Source) {
                     peer.saw(from, now);
                     path_changed(peer, "direct", &from.to_string());
                 }
+                Direct::ManyPorts => {
+                    peer.saw(from, now);
+                    metrics::counter!("myelin_path_many_port_found_total").increment(1);
+                    path_changed(
+                        peer,
+                        "direct",
+                        &format!("{from}, found by many-port probing"),
+                    );
+                }
                 Direct::Probe(to) => probe_direct(shared, peer, to),
                 Direct::Ignore => {}
             }
@@ -624,10 +626,16 @@ struct OpenPorts {
     until: u64,
 }
 
+/// A many-port socket, and quinn-udp's state for it (GSO sends) once it carries a peer.
+pub(crate) struct AuxIo {
+    sock: std::net::UdpSocket,
+    state: std::sync::OnceLock<quinn_udp::UdpSocketState>,
+}
+
 /// One many-port socket: one of a try's, or the one it found (`kept`), which carries the
 /// peer's datagrams from then on.
 struct AuxSocket {
-    sock: Arc<std::net::UdpSocket>,
+    sock: Arc<AuxIo>,
     peer: [u8; 32],
     to: SocketAddr,
     kept: bool,
@@ -647,8 +655,8 @@ struct Aux {
 }
 
 /// Sends datagrams to `to` from `sock` from now on (none: from the WireGuard socket again).
-fn set_aux_route(shared: &DataPlaneShared, to: SocketAddr, sock: Option<Arc<std::net::UdpSocket>>) {
-    let mut routes: Vec<(SocketAddr, Arc<std::net::UdpSocket>)> = shared
+fn set_aux_route(shared: &DataPlaneShared, to: SocketAddr, sock: Option<Arc<AuxIo>>) {
+    let mut routes: Vec<(SocketAddr, Arc<AuxIo>)> = shared
         .aux_routes
         .load()
         .iter()
@@ -683,7 +691,7 @@ impl Aux {
         let Some(s) = self.slots.get_mut(slot).and_then(Option::take) else {
             return;
         };
-        if let Err(e) = epoll::delete(&poller.epoll, &*s.sock) {
+        if let Err(e) = epoll::delete(&poller.epoll, &s.sock.sock) {
             tracing::debug!("many-port socket out of the epoll: {e}");
         }
         if s.kept {
@@ -731,7 +739,10 @@ impl Aux {
             let _ = sock.send_to(datagram, open.to);
             if let Some(s) = self.slots.get_mut(slot) {
                 *s = Some(AuxSocket {
-                    sock: Arc::new(sock),
+                    sock: Arc::new(AuxIo {
+                        sock,
+                        state: std::sync::OnceLock::new(),
+                    }),
                     peer: open.peer,
                     to: open.to,
                     kept: false,
@@ -769,7 +780,7 @@ impl Aux {
                 let Some(s) = self.slots.get(i).and_then(Option::as_ref) else {
                     break;
                 };
-                let Ok((n, from)) = s.sock.recv_from(&mut self.buf) else {
+                let Ok((n, from)) = s.sock.sock.recv_from(&mut self.buf) else {
                     break;
                 };
                 let from = canonical(from);
@@ -825,10 +836,42 @@ impl Aux {
             return;
         };
         winner.kept = true;
+        // It carries the peer's traffic from now on: buffers like the WireGuard socket's, and
+        // GSO sends.
+        let io = &winner.sock;
+        let sock = socket2::SockRef::from(&io.sock);
+        for size in [4 << 20, 1 << 20] {
+            if sock.set_send_buffer_size(size).is_ok() && sock.set_recv_buffer_size(size).is_ok() {
+                break;
+            }
+        }
+        match quinn_udp::UdpSocketState::new((&io.sock).into()) {
+            Ok(state) => {
+                let _ = io.state.set(state);
+                // quinn-udp turns receive offload (GRO) on; this socket is read one datagram
+                // at a time, so a coalesced train must not arrive as one.
+                use std::os::fd::AsRawFd;
+                let off: libc::c_int = 0;
+                // SAFETY: setsockopt on a socket `io` owns, with a c_int that lives across the
+                // call and its exact size.
+                let done = unsafe {
+                    libc::setsockopt(
+                        io.sock.as_raw_fd(),
+                        libc::SOL_UDP,
+                        libc::UDP_GRO,
+                        (&off as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if done != 0 {
+                    tracing::debug!("many-port socket: GRO stays on");
+                }
+            }
+            Err(e) => tracing::debug!("many-port socket without GSO: {e}"),
+        }
         let (key, to) = (winner.peer, winner.to);
-        let port = winner.sock.local_addr().map(|a| a.port()).unwrap_or(0);
+        let port = winner.sock.sock.local_addr().map(|a| a.port()).unwrap_or(0);
         self.end_try(shared, poller, key);
-        metrics::counter!("myelin_path_many_port_found_total").increment(1);
         if let Some((_, peer)) = shared.table.load().by_key(&key) {
             tracing::info!(peer = %peer.name, "many-port try: direct to {to} from local port {port}");
             // The other side takes it as the answer to its spray.

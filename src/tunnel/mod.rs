@@ -127,7 +127,7 @@ pub(crate) struct DataPlaneShared {
     pub many_ports: std::sync::atomic::AtomicU8,
     /// Destinations reached from a socket a many-port try found, not the WireGuard socket
     /// (`aux_any`: the list is not empty; read per datagram sent).
-    pub aux_routes: ArcSwap<Vec<(SocketAddr, Arc<std::net::UdpSocket>)>>,
+    pub aux_routes: ArcSwap<Vec<(SocketAddr, Arc<dataplane::AuxIo>)>>,
     pub aux_any: AtomicBool,
     /// `[probe].interval_ms`: how often a peer without its own cadence is probed.
     pub probe_interval: std::time::Duration,

@@ -191,6 +191,8 @@ pub enum Direct {
     /// It answers this side's probe: the direct path works both ways; leave the relay and
     /// move the endpoint to it.
     Upgrade,
+    /// It answers this side's many-port try: as `Upgrade`, found by probing many ports.
+    ManyPorts,
     /// Answer with a direct probe (a keepalive) to this address: the other side confirms
     /// the path when it arrives.
     Probe(SocketAddr),
@@ -294,7 +296,7 @@ impl PathState {
         // The answer to a many-port try comes from a port nobody probed on purpose.
         if self.many.answers(from, now) {
             self.switch(None, now);
-            return Direct::Upgrade;
+            return Direct::ManyPorts;
         }
         // While relayed, direct datagrams are only probes and their answers (data goes
         // through the relay until a side upgrades), so one from the address just probed
@@ -456,7 +458,7 @@ mod tests {
             );
             assert_eq!(
                 s.heard_direct(answer, now + 100),
-                Direct::Upgrade,
+                Direct::ManyPorts,
                 "{role:?}"
             );
             assert_eq!(s.relay(), None);
