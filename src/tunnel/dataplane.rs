@@ -402,30 +402,35 @@ fn transmit(shared: &DataPlaneShared, peer: &Peer, datagram: &[u8]) -> bool {
         None => match peer.endpoint() {
             Some(to) => {
                 send(shared, to, datagram, None);
-                let now = shared.now_ms();
-                let last = peer.path.first_contact_at.load(Ordering::Relaxed);
-                // Once per attempt (boringtun repeats an unanswered initiation every 5 s),
-                // and again only minutes later: the candidates are the member's own word.
-                if datagram.first() == Some(&HANDSHAKE_INIT)
-                    && peer.spec.certified
-                    && !peer.endpoint_proven()
-                    && (last == 0
-                        || now.saturating_sub(last) >= super::path::FIRST_CONTACT_AGAIN_MS)
-                {
-                    peer.path
-                        .first_contact_at
-                        .store(now.max(1), Ordering::Relaxed);
-                    for also in
-                        super::path::first_contact(to, &peer.spec.candidates, shared.udp_is_v6)
-                    {
-                        metrics::counter!("myelin_path_first_contact_copies_total").increment(1);
-                        send(shared, also, datagram, None);
-                    }
+                if datagram.first() == Some(&HANDSHAKE_INIT) {
+                    first_contact(shared, peer, to, datagram);
                 }
                 true
             }
             None => false,
         },
+    }
+}
+
+/// A handshake initiation just sent to `endpoint` of a member never heard from goes to its
+/// other candidates too (`path::first_contact`): once per attempt (boringtun repeats an
+/// unanswered initiation every 5 s), and again only minutes later, since the candidates are
+/// the member's own word.
+fn first_contact(shared: &DataPlaneShared, peer: &Peer, endpoint: SocketAddr, initiation: &[u8]) {
+    if !peer.spec.certified || peer.endpoint_proven() {
+        return;
+    }
+    let now = shared.now_ms();
+    let last = peer.path.first_contact_at.load(Ordering::Relaxed);
+    if last != 0 && now.saturating_sub(last) < super::path::FIRST_CONTACT_AGAIN_MS {
+        return;
+    }
+    peer.path
+        .first_contact_at
+        .store(now.max(1), Ordering::Relaxed);
+    for also in super::path::first_contact(endpoint, &peer.spec.candidates, shared.udp_is_v6) {
+        metrics::counter!("myelin_path_first_contact_copies_total").increment(1);
+        send(shared, also, initiation, None);
     }
 }
 
@@ -1975,7 +1980,13 @@ fn paths(
                 }
             }
         }
-        if relayed {
+        // One peer's many-port step per tick at most (see `may_spray`), none without a role.
+        let may = match role {
+            manyports::Role::Open => may_open,
+            manyports::Role::Spray => may_spray,
+            manyports::Role::Off => false,
+        };
+        if relayed && may {
             // Both the clock and the key vary the ports each try sprays.
             let seed = now
                 ^ u64::from_le_bytes(
@@ -1988,13 +1999,8 @@ fn paths(
             // goes stale when the peer moves), and only behind a NAT: a public peer is reached
             // at its endpoint if at all.
             let endpoint = peer.spec.endpoint.filter(|_| peer.spec.behind_nat);
-            let may = match role {
-                manyports::Role::Open => may_open,
-                manyports::Role::Spray => may_spray,
-                manyports::Role::Off => false,
-            };
             let step = match link.state.lock() {
-                Ok(mut s) => s.many_ports(role, (endpoint, session), (now, seed), may),
+                Ok(mut s) => s.many_ports(role, (endpoint, session), (now, seed), true),
                 Err(_) => Step::Nothing,
             };
             match step {
