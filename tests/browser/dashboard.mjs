@@ -67,8 +67,19 @@ try {
   await frame.locator("#mode").waitFor({ timeout: 20000 });
   step(`${plugin} panel shown`);
   const before = await (await fetch(`${origin}/api/v1/plugins/${plugin}`, { headers: { Authorization: `Bearer ${token}` } })).json();
-  await frame.locator("#panic").click();
-  await frame.locator("#out").filter({ hasText: "answered 202" }).waitFor({ timeout: 20000 });
+  // The dashboard reloads a panel when its plugin's state or restart count changes; a click
+  // that lands in a panel being reloaded is lost with it, so it is repeated (20 s in all).
+  const answered = frame.locator("#out").filter({ hasText: "answered 202" });
+  const clickDeadline = Date.now() + 20000;
+  for (;;) {
+    await frame.locator("#panic").click();
+    try {
+      await answered.waitFor({ timeout: 3000 });
+      break;
+    } catch (err) {
+      if (Date.now() > clickDeadline) throw err;
+    }
+  }
   const deadline = Date.now() + 20000;
   for (;;) {
     const now = await (await fetch(`${origin}/api/v1/plugins/${plugin}`, { headers: { Authorization: `Bearer ${token}` } })).json();
