@@ -43,7 +43,7 @@ pub const CONE: NatKind = NatKind {
     filtering: Rule::EndpointIndependent,
 };
 
-struct Nat {
+pub(crate) struct Nat {
     public: Ipv4Addr,
     site: u8,
     kind: NatKind,
@@ -55,11 +55,45 @@ struct Nat {
 }
 
 impl Nat {
-    fn inside(&self, ip: IpAddr) -> bool {
+    /// A router with public address `public` for the hosts of site `site` (10.`site`.0.0/16).
+    pub(crate) fn new(public: Ipv4Addr, site: u8, kind: NatKind) -> Nat {
+        Nat {
+            public,
+            site,
+            kind,
+            table: HashMap::new(),
+            preserve: true,
+            back: HashMap::new(),
+        }
+    }
+
+    /// The router forgets every mapping (a reboot, or a carrier's timeout): each flow gets a
+    /// new port.
+    pub(crate) fn rebind(&mut self) {
+        self.table.clear();
+        self.back.clear();
+        self.preserve = false;
+    }
+
+    pub(crate) fn set_kind(&mut self, kind: NatKind) {
+        self.kind = kind;
+        self.rebind();
+    }
+
+    pub(crate) fn public(&self) -> Ipv4Addr {
+        self.public
+    }
+
+    pub(crate) fn inside(&self, ip: IpAddr) -> bool {
         matches!(ip, IpAddr::V4(v4) if v4.octets()[0] == 10 && v4.octets()[1] == self.site)
     }
 
-    fn outbound(&mut self, src: SocketAddr, dst: SocketAddr, rng: &mut Rng) -> SocketAddr {
+    pub(crate) fn outbound(
+        &mut self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        rng: &mut Rng,
+    ) -> SocketAddr {
         let key = match self.kind.mapping {
             Rule::EndpointIndependent => (src, None),
             Rule::AddressDependent => (src, Some(SocketAddr::new(dst.ip(), 0))),
@@ -90,7 +124,7 @@ impl Nat {
         SocketAddr::new(IpAddr::V4(self.public), port)
     }
 
-    fn inbound(&self, port: u16, remote: SocketAddr) -> Option<SocketAddr> {
+    pub(crate) fn inbound(&self, port: u16, remote: SocketAddr) -> Option<SocketAddr> {
         let (inside, sent) = self.back.get(&port)?;
         let allowed = match self.kind.filtering {
             Rule::EndpointIndependent => true,
@@ -101,16 +135,19 @@ impl Nat {
     }
 }
 
-pub struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn chance(&mut self, p: f64) -> bool {
+    pub(crate) fn chance(&mut self, p: f64) -> bool {
         (self.next() % 1_000_000) as f64 / 1_000_000.0 < p
     }
 }
@@ -205,7 +242,7 @@ impl Sim {
         let now = Instant::now();
         Sim {
             now,
-            rng: Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
+            rng: Rng::new(seed),
             nats: Vec::new(),
             hosts: Vec::new(),
             queue: BinaryHeap::new(),
@@ -223,14 +260,11 @@ impl Sim {
 
     pub fn nat(&mut self, kind: NatKind) -> usize {
         let i = self.nats.len();
-        self.nats.push(Nat {
-            public: Ipv4Addr::new(203, 0, 113, 100 + i as u8),
-            site: i as u8 + 1,
+        self.nats.push(Nat::new(
+            Ipv4Addr::new(203, 0, 113, 100 + i as u8),
+            i as u8 + 1,
             kind,
-            table: HashMap::new(),
-            preserve: true,
-            back: HashMap::new(),
-        });
+        ));
         i
     }
 
@@ -363,9 +397,7 @@ impl Sim {
 
     /// `nat` forgets every mapping (a reboot, or mappings timing out): ports change.
     pub fn rebind(&mut self, nat: usize) {
-        self.nats[nat].table.clear();
-        self.nats[nat].back.clear();
-        self.nats[nat].preserve = false;
+        self.nats[nat].rebind();
     }
 
     pub fn set_nat_kind(&mut self, nat: usize, kind: NatKind) {

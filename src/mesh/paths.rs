@@ -1025,4 +1025,4 @@ impl Rendezvous {
 
 #[cfg(test)]
 #[path = "netsim.rs"]
-mod netsim;
+pub(crate) mod netsim;

@@ -1,9 +1,12 @@
-//! The data plane I/O shell: the TUN device, the WireGuard UDP socket, one boringtun `Tunn` per
-//! peer, allowed-IPs routing, timers, and the probe socket. Protocol logic lives in boringtun
-//! and in `crate::mesh`, which also publishes the `MeshView`; this module only moves bytes.
+//! The tunnel: the TUN device, the WireGuard UDP socket, one boringtun `Tunn` per peer, and
+//! the probe socket. The packet path's decisions (which peer, allowed IPs, endpoints, paths,
+//! relays, timers) are the sans-IO packet engine (`engine`), driven by the data-plane
+//! thread (`dataplane`) in a node and by an in-memory network in tests (`sim`). Protocol
+//! logic beyond the packet path lives in boringtun and in `crate::mesh`.
 
 pub mod batch;
 mod dataplane;
+mod engine;
 pub mod guard;
 pub mod lanes;
 pub mod manyports;
@@ -14,12 +17,12 @@ pub mod path;
 pub mod peers;
 pub mod relay;
 pub mod routes;
+#[cfg(test)]
+mod sim;
 
 use crate::config::Config;
 use crate::keys::PrivateKey;
 use arc_swap::ArcSwap;
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::x25519;
 use ipnet::IpNet;
 pub use peers::{Peer, PeerChangeError, PeerSpec, PeerTable};
 use std::net::{Ipv6Addr, SocketAddr};
@@ -31,9 +34,6 @@ use std::time::Duration;
 pub const PROBE_PORT: u16 = 51821;
 /// A session older than this is expired in WireGuard (REJECT_AFTER_TIME).
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
-/// Handshake messages per second the node takes before it asks senders for a cookie (what
-/// boringtun's own device uses).
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -81,56 +81,32 @@ fn tun_hint(e: &std::io::Error, name: &str) -> String {
     }
 }
 
-/// State shared by the data-plane tasks.
+/// State shared by the data-plane tasks: the packet engine, and the I/O it runs on.
 pub(crate) struct DataPlaneShared {
-    /// Loaded per packet batch; replaced whole on every change.
-    pub table: ArcSwap<PeerTable>,
-    /// Serialises changes to `table`, so two changes never race and lose one.
-    table_writer: Mutex<()>,
-    /// Wakes the control task when the peers change.
-    pub table_changed: tokio::sync::Notify,
-    pub static_private: x25519::StaticSecret,
-    pub static_public: x25519::PublicKey,
+    pub engine: engine::Engine,
     /// Non-blocking; the data-plane thread waits for it in epoll.
     pub udp: std::net::UdpSocket,
     pub udp_state: quinn_udp::UdpSocketState,
-    pub udp_is_v6: bool,
     /// Non-blocking, like `udp`.
     pub tun: tun_rs::SyncDevice,
     pub offload: bool,
     pub mtu: usize,
     /// Set by `Tunnel::stop`; the data-plane thread ends at its next wake-up.
     pub stop: AtomicBool,
-    /// Checks mac1 of every handshake message and, past its rate, asks for a cookie (mac2),
-    /// before any Diffie-Hellman work is spent on the datagram.
-    pub handshakes: Arc<RateLimiter>,
-    /// This node's first IPv4 overlay address: the source of its mesh control messages.
-    pub overlay_v4: Option<std::net::Ipv4Addr>,
-    /// Set once a mesh controller runs.
-    pub mesh: std::sync::OnceLock<MeshHook>,
-    /// `[firewall]`: only the data-plane thread takes the lock (the API reads through it).
-    pub firewall: Option<Mutex<dataplane::FirewallState>>,
-    /// `[multicast]`: only the data-plane thread takes the lock.
-    pub multicast: Option<Mutex<multicast::Replicator>>,
     /// Counts changes of this node's own addresses and routes (roams) it told its peers of.
     pub roams: tokio::sync::watch::Sender<u64>,
-    /// The data plane's clock: milliseconds since `epoch`, read once per wake-up (per-packet
-    /// path decisions need no finer time, and no clock read per packet).
-    pub epoch: std::time::Instant,
-    pub clock_ms: std::sync::atomic::AtomicU64,
-    /// The relays this node may send through, in order of preference (its lighthouses that
-    /// said they relay); empty: every peer is reached directly.
-    pub relays: ArcSwap<Vec<[u8; 32]>>,
-    /// `[relay]`: this node forwards members' datagrams; only the data-plane thread locks it.
-    pub relay: Option<Mutex<relay::Relay>>,
-    /// What this node does in a many-port try (`manyports::Role`, from its own NAT).
-    pub many_ports: std::sync::atomic::AtomicU8,
     /// Destinations reached from a socket a many-port try found, not the WireGuard socket
     /// (`aux_any`: the list is not empty; read per datagram sent).
     pub aux_routes: ArcSwap<Vec<(SocketAddr, Arc<dataplane::AuxIo>)>>,
     pub aux_any: AtomicBool,
-    /// `[probe].interval_ms`: how often a peer without its own cadence is probed.
-    pub probe_interval: std::time::Duration,
+}
+
+impl std::ops::Deref for DataPlaneShared {
+    type Target = engine::Engine;
+
+    fn deref(&self) -> &engine::Engine {
+        &self.engine
+    }
 }
 
 /// Where the data plane hands mesh control messages, and whether a handshake from a key it
@@ -163,34 +139,6 @@ pub const MAX_RESTRICTED: usize = 256;
 impl DataPlaneShared {
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
-    }
-
-    /// The data plane's clock (`clock_ms`); never 0, which path state reads as "never".
-    pub fn now_ms(&self) -> u64 {
-        self.clock_ms.load(Ordering::Relaxed).max(1)
-    }
-
-    /// Reads the clock again (the data-plane thread, once per wake-up).
-    fn tick_clock(&self) -> u64 {
-        let now = (self.epoch.elapsed().as_millis() as u64).max(1);
-        self.clock_ms.store(now, Ordering::Relaxed);
-        now
-    }
-
-    fn change(
-        &self,
-        f: impl FnOnce(&PeerTable) -> Result<Option<PeerTable>, PeerChangeError>,
-    ) -> Result<bool, PeerChangeError> {
-        let _writer = self.table_writer.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.table.load_full();
-        match f(&current)? {
-            Some(next) => {
-                self.table.store(Arc::new(next));
-                self.table_changed.notify_one();
-                Ok(true)
-            }
-            None => Ok(false),
-        }
     }
 }
 
@@ -265,7 +213,7 @@ impl PeerControl {
     pub fn rehandshake(&self, to: &[u8; 32]) -> bool {
         let table = self.0.table.load();
         match table.by_key(to) {
-            Some((slot, peer)) => dataplane::rehandshake(&self.0, slot, peer),
+            Some((slot, peer)) => engine::rehandshake(&*self.0, slot, peer),
             None => false,
         }
     }
@@ -277,7 +225,7 @@ impl PeerControl {
         let table = self.0.table.load();
         table
             .iter()
-            .filter(|(_, peer)| dataplane::announce(&self.0, peer))
+            .filter(|(_, peer)| engine::announce(&*self.0, peer))
             .count()
     }
 
@@ -305,7 +253,7 @@ impl PeerControl {
     pub fn send_control(&self, to: &[u8; 32], payload: &[u8]) -> bool {
         let table = self.0.table.load();
         match table.by_key(to) {
-            Some((_, peer)) => dataplane::send_control(&self.0, peer, payload),
+            Some((_, peer)) => engine::send_control(&*self.0, peer, payload),
             None => false,
         }
     }
@@ -486,8 +434,6 @@ impl Tunnel {
             })?;
         may_fragment(&udp, udp_is_v6);
         let static_private = key.secret().clone();
-        let static_public = x25519::PublicKey::from(&static_private);
-        let handshakes = Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT));
         let mut table = PeerTable::default();
         for p in &config.peers {
             let spec = PeerSpec {
@@ -551,47 +497,41 @@ impl Tunnel {
                     },
                     "firewall on"
                 );
-                Some(Mutex::new(dataplane::FirewallState::new(rules)))
+                Some(Mutex::new(engine::FirewallState::new(rules)))
             }
         };
-        let shared = Arc::new(DataPlaneShared {
-            table: ArcSwap::from_pointee(table),
-            table_writer: Mutex::new(()),
-            table_changed: tokio::sync::Notify::new(),
+        let mut engine = engine::Engine::new(
             static_private,
-            static_public,
+            table,
+            udp_is_v6,
+            config.node.address.iter().find_map(|a| match a {
+                IpNet::V4(v) => Some(v.addr()),
+                IpNet::V6(_) => None,
+            }),
+            std::time::Duration::from_millis(config.probe.interval_ms),
+        );
+        engine.firewall = firewall;
+        engine.multicast = config.multicast.as_ref().map(|m| {
+            Mutex::new(multicast::Replicator::new(
+                m.policy(),
+                std::time::Instant::now(),
+            ))
+        });
+        engine.relay = config
+            .relay
+            .enabled(config)
+            .then(|| Mutex::new(relay::Relay::new(config.relay.member_kbit_per_s)));
+        let shared = Arc::new(DataPlaneShared {
+            engine,
             udp,
             udp_state,
-            udp_is_v6,
             tun,
             offload,
             mtu: usize::from(config.node.mtu),
             stop: AtomicBool::new(false),
-            handshakes,
-            overlay_v4: config.node.address.iter().find_map(|a| match a {
-                IpNet::V4(v) => Some(v.addr()),
-                IpNet::V6(_) => None,
-            }),
-            mesh: std::sync::OnceLock::new(),
-            firewall,
-            multicast: config.multicast.as_ref().map(|m| {
-                Mutex::new(multicast::Replicator::new(
-                    m.policy(),
-                    std::time::Instant::now(),
-                ))
-            }),
             roams: tokio::sync::watch::Sender::new(0),
-            epoch: std::time::Instant::now(),
-            clock_ms: std::sync::atomic::AtomicU64::new(1),
-            relays: ArcSwap::from_pointee(Vec::new()),
-            many_ports: std::sync::atomic::AtomicU8::new(0),
             aux_routes: ArcSwap::from_pointee(Vec::new()),
             aux_any: AtomicBool::new(false),
-            relay: config
-                .relay
-                .enabled(config)
-                .then(|| Mutex::new(relay::Relay::new(config.relay.member_kbit_per_s))),
-            probe_interval: std::time::Duration::from_millis(config.probe.interval_ms),
         });
         let dataplane = spawn_dataplane(&shared).map_err(|cause| TunnelError::Thread { cause })?;
         let multicast_routes = match &config.multicast {

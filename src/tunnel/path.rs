@@ -95,6 +95,11 @@ pub fn ipv6_offer(
 
 /// First-contact copies go out once per this long at most per peer.
 pub const FIRST_CONTACT_AGAIN_MS: u64 = 300_000;
+/// A relayed peer without a session gets another handshake initiation through the relay
+/// this long after the last, while something waits to go to it (boringtun waits 5 s; a
+/// handshake lost when both sides moved to the relay, or answered toward a NAT mapping that
+/// was just dropped, would stall the path that long).
+pub const RELAY_HANDSHAKE_AGAIN_MS: u64 = 1_000;
 /// Candidates a first handshake initiation also goes to, besides the endpoint.
 const MAX_FIRST_CONTACT: usize = 4;
 
@@ -145,6 +150,9 @@ pub struct PathLink {
     pub ipv6_since: AtomicU64,
     /// When a handshake initiation last went to every candidate (`first_contact`); 0: never.
     pub first_contact_at: AtomicU64,
+    /// When a handshake initiation last went through the relay (`RELAY_HANDSHAKE_AGAIN_MS`);
+    /// 0: never.
+    pub relay_handshake_at: AtomicU64,
     pub state: Mutex<PathState>,
 }
 
@@ -309,7 +317,18 @@ impl PathState {
                 self.switch(None, now);
                 Direct::Upgrade
             }
-            Some((_, at)) if now.saturating_sub(at) < PROBE_GAP_MS => Direct::Ignore,
+            // A probe of this side's went out a moment ago: the other side may have tried at
+            // the same moment from a port this side has not probed (its NAT maps per
+            // destination). Answer it too, and take an answer from it as proof, without
+            // forgetting this side's own try; bounded, so a burst is answered a few times.
+            Some((_, at)) if now.saturating_sub(at) < PROBE_GAP_MS => {
+                if self.tried.len() < MAX_TRIED {
+                    self.tried.push(from);
+                    Direct::Probe(from)
+                } else {
+                    Direct::Ignore
+                }
+            }
             _ => {
                 self.probe = Some((from, now));
                 self.tried.clear();
@@ -680,9 +699,19 @@ mod tests {
         // B hears it directly: it answers with its own probe and stays relayed.
         assert_eq!(b.heard_direct(a_at, t + 5), Direct::Probe(a_at));
         assert_eq!(b.relay(), Some(L1));
-        // Another address a moment later (a NAT that maps anew) waits its turn.
+        // Another address a moment later (a NAT that maps anew) is probed too, a few at
+        // most, and an answer from any of them would prove the path.
+        let anew = addr("203.0.113.1:40001");
+        assert_eq!(b.heard_direct(anew, t + 6), Direct::Probe(anew));
+        assert_eq!(b.heard_direct(anew, t + 7), Direct::Upgrade);
+        b.switch(Some(L1), t + 7);
+        assert_eq!(b.heard_direct(a_at, t + 8), Direct::Probe(a_at));
+        for port in 0..MAX_TRIED as u16 {
+            let at = SocketAddr::new(a_at.ip(), 50_000 + port);
+            assert_eq!(b.heard_direct(at, t + 9), Direct::Probe(at));
+        }
         assert_eq!(
-            b.heard_direct(addr("203.0.113.1:40001"), t + 6),
+            b.heard_direct(addr("203.0.113.1:40002"), t + 9),
             Direct::Ignore
         );
         // A hears B's probe: proven both ways.
