@@ -113,6 +113,11 @@ impl Engine {
         self.clock_ms.load(Ordering::Relaxed).max(1)
     }
 
+    /// The engine's clock as an `Instant`, for the firewall's and multicast's own timers.
+    pub fn instant(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.now_ms())
+    }
+
     /// Reads the clock again (the data-plane thread, once per wake-up).
     pub(super) fn tick_clock(&self) -> u64 {
         let now = (self.epoch.elapsed().as_millis() as u64).max(1);
@@ -179,10 +184,17 @@ pub(super) fn push(shared: &impl Io, peer: &Peer, packet: &[u8], batcher: &mut B
     {
         let mut out = vec![0u8; (packet.len() + OVERHEAD).max(HANDSHAKE_INIT_LEN)];
         let len = match peer.tunn.lock() {
-            Ok(mut t) => match t.encapsulate(packet, &mut out) {
-                TunnResult::WriteToNetwork(p) => p.len(),
-                _ => return,
-            },
+            Ok(mut t) => {
+                if awaiting_confirmation(shared, peer, &t) {
+                    metrics::counter!("myelin_tunnel_awaiting_handshake_dropped_total")
+                        .increment(1);
+                    return;
+                }
+                match t.encapsulate(packet, &mut out) {
+                    TunnResult::WriteToNetwork(p) => p.len(),
+                    _ => return,
+                }
+            }
             Err(_) => return,
         };
         peer.tx_packets.fetch_add(1, Ordering::Relaxed);
@@ -231,29 +243,42 @@ pub(super) fn transmit(shared: &impl Io, peer: &Peer, datagram: &[u8]) -> bool {
     }
 }
 
-/// A handshake initiation just sent to `endpoint` of a member never heard from goes to its
-/// other candidates too (`path::first_contact`): once per attempt (boringtun repeats an
+/// A handshake initiation just sent to `endpoint` of a member goes to its other candidates
+/// too (`path::first_contact`). Never heard from: once per attempt (boringtun repeats an
 /// unanswered initiation every 5 s), and again only minutes later, since the candidates are
-/// the member's own word.
+/// the member's own word. Already reached: a rekey races its paths of the endpoint's family
+/// (`path::REKEY_RACE_AGAIN_MS`), and the answer's source is the fastest.
 pub(super) fn first_contact(
     shared: &impl Io,
     peer: &Peer,
     endpoint: SocketAddr,
     initiation: &[u8],
 ) {
-    if !peer.spec.certified || peer.endpoint_proven() {
+    if !peer.spec.certified {
         return;
     }
+    let proven = peer.endpoint_proven();
+    let again = if proven {
+        super::path::REKEY_RACE_AGAIN_MS
+    } else {
+        super::path::FIRST_CONTACT_AGAIN_MS
+    };
     let now = shared.now_ms();
     let last = peer.path.first_contact_at.load(Ordering::Relaxed);
-    if last != 0 && now.saturating_sub(last) < super::path::FIRST_CONTACT_AGAIN_MS {
+    if last != 0 && now.saturating_sub(last) < again {
         return;
     }
     peer.path
         .first_contact_at
         .store(now.max(1), Ordering::Relaxed);
-    for also in super::path::first_contact(endpoint, &peer.spec.candidates, shared.udp_is_v6) {
-        metrics::counter!("myelin_path_first_contact_copies_total").increment(1);
+    let copies = super::path::first_contact(endpoint, &peer.spec.candidates, shared.udp_is_v6)
+        .filter(|c| !proven || c.is_ipv4() == endpoint.is_ipv4());
+    for also in copies {
+        if proven {
+            metrics::counter!("myelin_path_rekey_race_copies_total").increment(1);
+        } else {
+            metrics::counter!("myelin_path_first_contact_copies_total").increment(1);
+        }
         shared.send(also, initiation, None);
     }
 }
@@ -471,7 +496,7 @@ pub(super) fn replicate(shared: &impl Io, packet: &[u8], batcher: &mut Batcher) 
         let Ok(mut replicator) = state.lock() else {
             return;
         };
-        let group = match replicator.outbound(packet, Instant::now()) {
+        let group = match replicator.outbound(packet, shared.instant()) {
             Ok(group) => group,
             Err(drop) => {
                 metrics::counter!("myelin_multicast_dropped_total", "direction" => "out", "reason" => drop.label())
@@ -512,7 +537,7 @@ pub(super) fn multicast_accepts(shared: &impl Io, packet: &[u8]) -> bool {
     let verdict = match &shared.multicast {
         None => Err(super::multicast::Drop::NotConfigured),
         Some(state) => match state.lock() {
-            Ok(mut replicator) => replicator.inbound(packet, Instant::now()),
+            Ok(mut replicator) => replicator.inbound(packet, shared.instant()),
             Err(_) => return false,
         },
     };
@@ -720,10 +745,15 @@ pub(super) fn control_packet(shared: &impl Io, peer: &Peer, payload: &[u8], rout
     packet.extend_from_slice(payload);
     let mut out = vec![0u8; (total + OVERHEAD).max(HANDSHAKE_INIT_LEN)];
     let len = match peer.tunn.lock() {
-        Ok(mut t) => match t.encapsulate(&packet, &mut out) {
-            TunnResult::WriteToNetwork(p) => p.len(),
-            _ => return true,
-        },
+        Ok(mut t) => {
+            if awaiting_confirmation(shared, peer, &t) {
+                return false;
+            }
+            match t.encapsulate(&packet, &mut out) {
+                TunnResult::WriteToNetwork(p) => p.len(),
+                _ => return true,
+            }
+        }
         Err(_) => return false,
     };
     let Some(p) = out.get(..len) else {
@@ -1008,6 +1038,11 @@ pub(super) fn decapsulate(
             if let Some(r) = reply.get(..len) {
                 self::reply(shared, peer, source, r);
             }
+            if response {
+                peer.path
+                    .responded_at
+                    .store(shared.now_ms(), Ordering::Relaxed);
+            }
             // Packets queued while the handshake ran go out once this side holds a session:
             // not after a handshake response, whose session waits for the initiator's
             // confirmation. A packet sent meanwhile would start another handshake and drop
@@ -1106,7 +1141,7 @@ pub(super) fn firewall_allows(shared: &impl Io, packet: &[u8], peer: &Peer, inbo
     let Ok(mut state) = state.lock() else {
         return false;
     };
-    let now = Instant::now();
+    let now = shared.instant();
     let identity = crate::policy::firewall::PeerIdentity {
         name: &peer.name,
         groups: &peer.spec.groups,
@@ -1149,7 +1184,7 @@ pub(super) fn timers(
     may_open: bool,
 ) -> Vec<OpenPorts> {
     if let Some(Ok(mut state)) = shared.firewall.as_ref().map(|f| f.lock()) {
-        state.firewall.handle_timeout(Instant::now());
+        state.firewall.handle_timeout(shared.instant());
     }
     // The handshake rate is counted per second (the call is a no-op until a second passed).
     shared.handshakes.reset_count();
@@ -1202,6 +1237,21 @@ pub(super) fn dead_after(shared: &impl Io, peer: &Peer) -> u64 {
     super::path::dead_after(interval.as_millis() as u64)
 }
 
+/// Whether this side answered `peer`'s handshake within `path::CONFIRM_WAIT_MS`.
+fn recently_responded(shared: &impl Io, peer: &Peer) -> bool {
+    let at = peer.path.responded_at.load(Ordering::Relaxed);
+    at != 0 && shared.now_ms().saturating_sub(at) < super::path::CONFIRM_WAIT_MS
+}
+
+/// Whether a packet for `peer` (its session `t`) must wait: this side answered the peer's
+/// handshake a moment ago and the initiator has not confirmed the session yet. Encapsulating
+/// now would make boringtun start a handshake of its own, which replaces the one this side
+/// still has in flight; when both sides do that (both initiated at once and both send),
+/// neither handshake ever completes. Dropped, as a packet without a session is.
+fn awaiting_confirmation(shared: &impl Io, peer: &Peer, t: &Tunn) -> bool {
+    recently_responded(shared, peer) && t.time_since_last_handshake().is_none()
+}
+
 /// A datagram to a peer just moved to a relay, through it: a keepalive under the session,
 /// or a handshake initiation (sent again even while one is in flight) without one.
 fn greet_through_relay(shared: &impl Io, peer: &Peer, session: bool, now: u64) {
@@ -1210,6 +1260,9 @@ fn greet_through_relay(shared: &impl Io, peer: &Peer, session: bool, now: u64) {
         Ok(mut t) => {
             let made = if session {
                 t.encapsulate(&[], &mut out)
+            } else if recently_responded(shared, peer) {
+                // The peer's handshake, answered a moment ago, completes the session.
+                TunnResult::Done
             } else {
                 peer.path
                     .relay_handshake_at
@@ -1325,6 +1378,7 @@ pub(super) fn paths(
                     && !session
                     && sent
                     && now.saturating_sub(last) >= super::path::RELAY_HANDSHAKE_AGAIN_MS
+                    && !recently_responded(shared, peer)
                 {
                     greet_through_relay(shared, peer, false, now);
                 }

@@ -100,6 +100,16 @@ pub const FIRST_CONTACT_AGAIN_MS: u64 = 300_000;
 /// handshake lost when both sides moved to the relay, or answered toward a NAT mapping that
 /// was just dropped, would stall the path that long).
 pub const RELAY_HANDSHAKE_AGAIN_MS: u64 = 1_000;
+/// After answering a peer's handshake, this side starts none of its own (and sends nothing
+/// that would make boringtun start one) for this long, or until the initiator's first
+/// datagram confirms the session: two sides that initiated at once otherwise replace each
+/// other's handshakes for as long as both keep sending.
+pub const CONFIRM_WAIT_MS: u64 = 1_000;
+/// A handshake initiation to a member already reached (a rekey, every 2 min) races the same
+/// way over the candidates of its endpoint's address family, once per this long at most: the
+/// lowest-latency working path wins again, so a faster path that appeared since (a LAN the
+/// robot joined) is taken, and IPv6 reached by an offer is not given up for IPv4.
+pub const REKEY_RACE_AGAIN_MS: u64 = 100_000;
 /// Candidates a first handshake initiation also goes to, besides the endpoint.
 const MAX_FIRST_CONTACT: usize = 4;
 
@@ -153,6 +163,8 @@ pub struct PathLink {
     /// When a handshake initiation last went through the relay (`RELAY_HANDSHAKE_AGAIN_MS`);
     /// 0: never.
     pub relay_handshake_at: AtomicU64,
+    /// When this side last answered the peer's handshake initiation; 0: never.
+    pub responded_at: AtomicU64,
     pub state: Mutex<PathState>,
 }
 

@@ -62,6 +62,8 @@ struct Host {
     /// Its own address: public, or 10.site.0.n behind `nat`.
     addr: SocketAddr,
     nat: Option<usize>,
+    /// A second address on a LAN (10.9.0.0/16) that the host sends LAN destinations from.
+    lan: Option<SocketAddr>,
     overlay: Ipv4Addr,
     key: x25519::StaticSecret,
     last_tick: u64,
@@ -101,6 +103,8 @@ struct Net {
     /// virtual time does not drive.
     loss: f64,
     next_tick: u64,
+    /// One-way delay between two LAN addresses (ms).
+    lan_delay: u64,
     /// Every datagram delivered to a host: (host, source as it saw it, bytes).
     delivered: Vec<(usize, SocketAddr, Vec<u8>)>,
 }
@@ -117,6 +121,7 @@ impl Net {
             delay: (5, 5),
             loss: 0.0,
             next_tick: TICK_MS,
+            lan_delay: 1,
             delivered: Vec::new(),
         }
     }
@@ -163,6 +168,7 @@ impl Net {
             writer: TunWriter::new(8, 0),
             addr: SocketAddr::new(IpAddr::V4(ip), PORT),
             nat,
+            lan: None,
             overlay,
             key,
             last_tick: 1,
@@ -267,8 +273,12 @@ impl Net {
     /// What `a` sent goes on the wire: through its NAT unless it stays inside the site.
     fn pump(&mut self, a: usize) {
         let sent: Vec<_> = self.hosts[a].shell.sent.borrow_mut().drain(..).collect();
-        let (addr, nat) = (self.hosts[a].addr, self.hosts[a].nat);
+        let (addr, nat, lan) = (self.hosts[a].addr, self.hosts[a].nat, self.hosts[a].lan);
         for (dst, bytes) in sent {
+            if let Some(lan) = lan.filter(|_| on_lan(dst)) {
+                self.inject(lan, dst, bytes);
+                continue;
+            }
             let src = match nat {
                 Some(n) if !self.nats[n].inside(dst.ip()) => {
                     self.nats[n].outbound(addr, dst, &mut self.rng)
@@ -286,7 +296,12 @@ impl Net {
             return;
         }
         let (lo, hi) = self.delay;
-        let at = self.now + lo + self.rng.next() % (hi - lo + 1);
+        let delay = if on_lan(src) && on_lan(dst) {
+            self.lan_delay
+        } else {
+            lo + self.rng.next() % (hi - lo + 1)
+        };
+        let at = self.now + delay;
         self.seq += 1;
         self.queue.push(Reverse(Datagram {
             at,
@@ -307,7 +322,9 @@ impl Net {
             Some(nat) => nat.inbound(d.dst.port(), d.src)?,
             None => d.dst,
         };
-        self.hosts.iter().position(|h| h.addr == inside)
+        self.hosts
+            .iter()
+            .position(|h| h.addr == inside || h.lan == Some(inside))
     }
 
     fn deliver(&mut self, d: Datagram) {
@@ -370,6 +387,11 @@ impl Net {
             .collect();
         (numbers, tun.len())
     }
+}
+
+/// An address on the simulated LAN, 10.9.0.0/16.
+fn on_lan(a: SocketAddr) -> bool {
+    matches!(a.ip(), IpAddr::V4(v4) if v4.octets()[..2] == [10, 9])
 }
 
 /// Packets that reached `h`'s TUN addressed to another overlay address (a relay that
@@ -654,6 +676,88 @@ fn two_robots_behind_one_nat_meet_on_the_lan_at_first_contact() {
     assert!(!net.relayed(a, c));
 }
 
+/// Two public hosts that also share a LAN, reached over the internet first; the LAN
+/// candidate comes with a later roster push. `lan_faster`: the LAN's delay is below the
+/// internet's. Returns the network and the hosts after a handshake that races the paths.
+fn rekey_race(lan_faster: bool) -> (Net, usize, usize) {
+    let mut net = Net::new(6);
+    net.delay = (20, 20);
+    net.lan_delay = if lan_faster { 1 } else { 60 };
+    let a = net.host(None);
+    let b = net.host(None);
+    for (h, n) in [(a, 1), (b, 2)] {
+        net.hosts[h].lan = Some(SocketAddr::from(([10, 9, 0, n], PORT)));
+    }
+    let at = Some(net.hosts[b].addr);
+    net.know(a, b, at, true);
+    net.know(b, a, None, true);
+    net.send(a, b, 1, None);
+    net.run_until(200);
+    assert_eq!(net.endpoint(a, b), at, "met over the internet");
+    // The roster now names b's LAN address as a candidate: a handshake before
+    // REKEY_RACE_AGAIN_MS still uses the path it has.
+    let (key, overlay, lan) = (
+        net.hosts[b].public_key(),
+        net.hosts[b].overlay,
+        net.hosts[b].lan,
+    );
+    let spec = PeerSpec {
+        name: format!("h{b}"),
+        public_key: key,
+        allowed_ips: vec![ipnet::IpNet::from(IpAddr::V4(overlay))],
+        endpoint: at,
+        persistent_keepalive: None,
+        probe_interval: None,
+        idles: false,
+        groups: Vec::new(),
+        multicast: Vec::new(),
+        candidates: lan.into_iter().collect(),
+        certified: true,
+        behind_nat: false,
+    };
+    let me = &net.hosts[a];
+    me.shell
+        .change(|t| t.upsert(&me.key, spec))
+        .expect("updated");
+    let rekey = |net: &mut Net| {
+        let table = net.hosts[a].shell.table.load();
+        let (slot, peer) = table.by_key(&key).expect("b");
+        assert!(engine::rehandshake(&net.hosts[a].shell, slot, peer));
+        net.pump(a);
+    };
+    rekey(&mut net);
+    let t = net.now + 500;
+    net.run_until(t);
+    assert_eq!(net.endpoint(a, b), at, "no race within REKEY_RACE_AGAIN_MS");
+    // The next rekey, minutes later, races every path of the endpoint's family.
+    let t = net.now + super::path::REKEY_RACE_AGAIN_MS;
+    net.run_until(t);
+    rekey(&mut net);
+    let t = net.now + 500;
+    net.run_until(t);
+    net.send(a, b, 2, None);
+    net.send(b, a, 3, None);
+    let t = net.now + 500;
+    net.run_until(t);
+    assert_eq!(net.received(b, a).0, vec![1, 2]);
+    assert_eq!(net.received(a, b).0, vec![3]);
+    (net, a, b)
+}
+
+#[test]
+fn a_rekey_races_the_paths_and_a_faster_lan_that_appeared_wins() {
+    let (net, a, b) = rekey_race(true);
+    assert_eq!(net.endpoint(a, b), net.hosts[b].lan, "a sends over the LAN");
+    assert_eq!(net.endpoint(b, a), net.hosts[a].lan, "and b follows");
+}
+
+#[test]
+fn a_rekey_race_keeps_the_faster_internet_path_over_a_slow_lan() {
+    let (net, a, b) = rekey_race(false);
+    assert_eq!(net.endpoint(a, b), Some(net.hosts[b].addr));
+    assert_eq!(net.endpoint(b, a), Some(net.hosts[a].addr));
+}
+
 /// Which pairs can meet directly: a side behind an endpoint-dependent mapping (hard) sends
 /// from a port nobody has seen, so the other side must be public or filter nothing (full
 /// cone); anything else meets once both sides have sent to each other.
@@ -725,5 +829,39 @@ proptest! {
                 || h.nat.is_some_and(|nat| e.ip() == IpAddr::V4(net.nats[nat].public()));
             prop_assert!(theirs, "an endpoint of host {} was {}", whose, e);
         }
+    }
+}
+
+#[test]
+fn two_sides_that_move_to_the_relay_at_once_while_both_send_complete_a_handshake() {
+    // Both initiate through the relay at the same moment, some relayed handshake messages
+    // are lost, and each side sends a packet every 100 ms, faster than the relayed round
+    // trip (about 130 ms): a packet encapsulated between answering the other's handshake
+    // and its confirmation would start another handshake and replace this side's own, on
+    // both sides, for as long as both send (0 of 30 arrived before `CONFIRM_WAIT_MS`).
+    let mut net = Net::new(1866554956208797302);
+    net.delay = (29, 35);
+    let (l, a, b) = fleet(&mut net, Some(HARD), Some(EASY));
+    net.loss = 0.0257;
+    let start = net.now;
+    let mut n = 0;
+    while net.now < start + 6_000 {
+        n += 1;
+        net.send(a, b, n, None);
+        net.send(b, a, n, None);
+        if n % 10 == 0 {
+            net.refresh(l, &[a, b]);
+        }
+        let t = net.now + 100;
+        net.run_until(t);
+    }
+    assert!(net.relayed(a, b) && net.relayed(b, a));
+    for (to, from) in [(b, a), (a, b)] {
+        let got = net.received(to, from).0;
+        let between = got.iter().filter(|x| (20..50).contains(*x)).count();
+        assert!(
+            between >= 28,
+            "{between} of the 30 packets sent 2-5 s in arrived"
+        );
     }
 }
