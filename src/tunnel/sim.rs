@@ -194,6 +194,18 @@ impl Net {
 
     /// Host `a` gets `b` as a peer (or its spec again: a roster push), at `endpoint`.
     fn know(&self, a: usize, b: usize, endpoint: Option<SocketAddr>, certified: bool) {
+        self.know_with(a, b, endpoint, certified, Vec::new());
+    }
+
+    /// As `know`, with `b`'s candidates (its own addresses besides `endpoint`).
+    fn know_with(
+        &self,
+        a: usize,
+        b: usize,
+        endpoint: Option<SocketAddr>,
+        certified: bool,
+        candidates: Vec<SocketAddr>,
+    ) {
         let (key, overlay) = (self.hosts[b].public_key(), self.hosts[b].overlay);
         let spec = PeerSpec {
             name: format!("h{b}"),
@@ -205,7 +217,7 @@ impl Net {
             idles: false,
             groups: Vec::new(),
             multicast: Vec::new(),
-            candidates: Vec::new(),
+            candidates,
             certified,
             behind_nat: self.hosts[b].nat.is_some(),
         };
@@ -634,12 +646,11 @@ fn two_hard_nats_meet_through_the_relay_which_sees_only_ciphertext_then_go_direc
 #[test]
 fn two_robots_behind_one_nat_meet_on_the_lan_at_first_contact() {
     let mut net = Net::new(5);
-    let (_, a, b) = fleet(&mut net, Some(EASY), None);
+    let (l, a, _) = fleet(&mut net, Some(EASY), None);
     // A second robot on the first one's LAN: the router does not hairpin, so the address
     // the relay sees is no use between them, but its LAN candidate is.
     let site = net.hosts[a].nat;
     let c = net.host(site);
-    let l = 0;
     let at = Some(net.hosts[l].addr);
     net.know(c, l, at, true);
     net.know(l, c, None, true);
@@ -648,25 +659,9 @@ fn two_robots_behind_one_nat_meet_on_the_lan_at_first_contact() {
     let t = net.now + 300;
     net.run_until(t);
     for (x, y) in [(a, c), (c, a)] {
-        let (key, overlay) = (net.hosts[y].public_key(), net.hosts[y].overlay);
-        let spec = PeerSpec {
-            name: format!("h{y}"),
-            public_key: key,
-            allowed_ips: vec![ipnet::IpNet::from(IpAddr::V4(overlay))],
-            endpoint: net.endpoint(l, y),
-            persistent_keepalive: None,
-            probe_interval: None,
-            idles: false,
-            groups: Vec::new(),
-            multicast: Vec::new(),
-            candidates: vec![net.hosts[y].addr],
-            certified: true,
-            behind_nat: true,
-        };
-        let me = &net.hosts[x];
-        me.shell.change(|t| t.upsert(&me.key, spec)).expect("added");
+        let (seen, lan) = (net.endpoint(l, y), net.hosts[y].addr);
+        net.know_with(x, y, seen, true, vec![lan]);
     }
-    let _ = b;
     net.send(a, c, 1, None);
     let t = net.now + 100;
     net.run_until(t);
@@ -696,29 +691,8 @@ fn rekey_race(lan_faster: bool) -> (Net, usize, usize) {
     assert_eq!(net.endpoint(a, b), at, "met over the internet");
     // The roster now names b's LAN address as a candidate: a handshake before
     // REKEY_RACE_AGAIN_MS still uses the path it has.
-    let (key, overlay, lan) = (
-        net.hosts[b].public_key(),
-        net.hosts[b].overlay,
-        net.hosts[b].lan,
-    );
-    let spec = PeerSpec {
-        name: format!("h{b}"),
-        public_key: key,
-        allowed_ips: vec![ipnet::IpNet::from(IpAddr::V4(overlay))],
-        endpoint: at,
-        persistent_keepalive: None,
-        probe_interval: None,
-        idles: false,
-        groups: Vec::new(),
-        multicast: Vec::new(),
-        candidates: lan.into_iter().collect(),
-        certified: true,
-        behind_nat: false,
-    };
-    let me = &net.hosts[a];
-    me.shell
-        .change(|t| t.upsert(&me.key, spec))
-        .expect("updated");
+    let (key, lan) = (net.hosts[b].public_key(), net.hosts[b].lan);
+    net.know_with(a, b, at, true, lan.into_iter().collect());
     let rekey = |net: &mut Net| {
         let table = net.hosts[a].shell.table.load();
         let (slot, peer) = table.by_key(&key).expect("b");
