@@ -229,7 +229,14 @@ impl Source {
 /// when it has neither.
 pub(super) fn transmit(shared: &impl Io, peer: &Peer, datagram: &[u8]) -> bool {
     match peer.path.relay() {
-        Some(via) => relay_out(shared, &via, &peer.public_key_bytes, datagram),
+        Some(via) => {
+            if datagram.first() == Some(&HANDSHAKE_INIT) {
+                peer.path
+                    .relay_handshake_at
+                    .store(shared.now_ms(), Ordering::Relaxed);
+            }
+            relay_out(shared, &via, &peer.public_key_bytes, datagram)
+        }
         None => match peer.endpoint() {
             Some(to) => {
                 shared.send(to, datagram, None);
@@ -418,7 +425,7 @@ pub(super) fn heard(shared: &impl Io, peer: &Peer, source: Source) {
             let moved = match link.state.lock() {
                 Ok(mut s) => {
                     // Of two sides on different relays, the one with the larger key follows.
-                    let yields = shared.static_public.to_bytes() > peer.public_key_bytes;
+                    let yields = yields_to(shared, peer);
                     let moved = s.heard_relayed(via, direct_rx, now, yields);
                     link.relayed.store(s.relay().is_some(), Ordering::Relaxed);
                     moved
@@ -828,7 +835,8 @@ impl TunWriter {
                 .collect(),
             ready: 0,
             off,
-            reply: vec![0u8; 2048],
+            // Room for a handshake answer, and for a queued packet of any MTU on its way out.
+            reply: vec![0u8; 65535 + OVERHEAD],
             gro: GROTable::default(),
         }
     }
@@ -956,8 +964,8 @@ pub(super) fn receive_packet(
     Some(outcome)
 }
 
-/// Sends what `peer`'s session queued while it had none (back the way `source` came).
-fn send_queued(shared: &impl Io, peer: &Peer, source: Source, buf: &mut [u8]) {
+/// Sends what `peer`'s session queued while it had none.
+fn send_queued(shared: &impl Io, peer: &Peer, buf: &mut [u8]) {
     loop {
         let queued = match peer.tunn.lock() {
             Ok(mut t) => match t.decapsulate(None, &[], buf) {
@@ -966,9 +974,19 @@ fn send_queued(shared: &impl Io, peer: &Peer, source: Source, buf: &mut [u8]) {
             },
             Err(_) => break,
         };
+        // Along the peer's path (a flush after a direct probe must not bypass its relay).
         if let Some(r) = buf.get(..queued) {
-            reply(shared, peer, source, r);
+            transmit(shared, peer, r);
         }
+    }
+}
+
+/// The session this side answered a handshake for is confirmed (an authenticated datagram
+/// under it came): the wait ends, and what queued meanwhile goes out.
+fn confirmed(shared: &impl Io, peer: &Peer, buf: &mut [u8]) {
+    if peer.path.responded_at.load(Ordering::Relaxed) != 0 {
+        peer.path.responded_at.store(0, Ordering::Relaxed);
+        send_queued(shared, peer, buf);
     }
 }
 
@@ -1023,9 +1041,7 @@ pub(super) fn decapsulate(
         Outcome::Nothing => {
             if authenticates {
                 heard(shared, peer, source);
-                // A keepalive may confirm the session this side answered a handshake for:
-                // what waited for it goes out now.
-                send_queued(shared, peer, source, reply);
+                confirmed(shared, peer, reply);
             }
             Decapsulated::Nothing
         }
@@ -1049,12 +1065,13 @@ pub(super) fn decapsulate(
             // the one this side has in flight, so two sides that initiate at once (both
             // moving to a relay, an introduction) would undo each other's, again and again.
             if !response {
-                send_queued(shared, peer, source, reply);
+                send_queued(shared, peer, reply);
             }
             Decapsulated::Nothing
         }
         Outcome::Packet(len, src) => {
             heard(shared, peer, source);
+            confirmed(shared, peer, reply);
             if let Some(hook) = shared.mesh.get() {
                 if let Some(payload) = buf.get(off..off + len).and_then(mesh_payload) {
                     if let Some((leg, member, inner)) = crate::mesh::wire::parse_relay(payload) {
@@ -1237,6 +1254,12 @@ pub(super) fn dead_after(shared: &impl Io, peer: &Peer) -> u64 {
     super::path::dead_after(interval.as_millis() as u64)
 }
 
+/// Of two sides that would act at once (pick a relay, initiate through one), the one with the
+/// larger key yields to the other.
+fn yields_to(shared: &impl Io, peer: &Peer) -> bool {
+    shared.static_public.to_bytes() > peer.public_key_bytes
+}
+
 /// Whether this side answered `peer`'s handshake within `path::CONFIRM_WAIT_MS`.
 fn recently_responded(shared: &impl Io, peer: &Peer) -> bool {
     let at = peer.path.responded_at.load(Ordering::Relaxed);
@@ -1254,7 +1277,7 @@ fn awaiting_confirmation(shared: &impl Io, peer: &Peer, t: &Tunn) -> bool {
 
 /// A datagram to a peer just moved to a relay, through it: a keepalive under the session,
 /// or a handshake initiation (sent again even while one is in flight) without one.
-fn greet_through_relay(shared: &impl Io, peer: &Peer, session: bool, now: u64) {
+fn greet_through_relay(shared: &impl Io, peer: &Peer, session: bool) {
     let mut out = [0u8; HANDSHAKE_INIT_LEN + 64];
     let len = match peer.tunn.lock() {
         Ok(mut t) => {
@@ -1264,9 +1287,6 @@ fn greet_through_relay(shared: &impl Io, peer: &Peer, session: bool, now: u64) {
                 // The peer's handshake, answered a moment ago, completes the session.
                 TunnResult::Done
             } else {
-                peer.path
-                    .relay_handshake_at
-                    .store(now.max(1), Ordering::Relaxed);
                 t.format_handshake_initiation(&mut out, true)
             };
             match made {
@@ -1357,8 +1377,16 @@ pub(super) fn paths(
             Tick::Relay(via) => {
                 path_changed(peer, "relay", &relay_name(shared, &via));
                 // Tell the peer at once, through the relay: a keepalive under the session,
-                // or a handshake where there is none.
-                greet_through_relay(shared, peer, session, now);
+                // or a handshake where there is none. Both sides usually move at the same
+                // moment, and two initiations that cross undo each other (boringtun keeps
+                // two of its own in flight, and each one it answers displaces one): without
+                // a session only the side with the smaller key initiates at once, and the
+                // other waits a retry's time for the initiation to reach it.
+                if session || !yields_to(shared, peer) {
+                    greet_through_relay(shared, peer, session);
+                } else {
+                    link.relay_handshake_at.store(now, Ordering::Relaxed);
+                }
             }
             Tick::TryDirect(targets) => {
                 metrics::counter!("myelin_path_direct_tries_total").increment(1);
@@ -1373,14 +1401,26 @@ pub(super) fn paths(
                 // A handshake through the relay that went unanswered (lost at the switch, or
                 // answered toward a mapping the peer's NAT just dropped) goes again a second
                 // later while something waits to go, not after boringtun's 5 s.
+                // Each retry waits twice as long as the last (1, 2, 4 s), so an answer that
+                // takes longer than a second still finds its initiation among the two
+                // boringtun remembers; from 8 s on, boringtun's own 5 s retry is sooner. A
+                // side that answered the peer's initiation lately waits for its confirmation.
                 let last = link.relay_handshake_at.load(Ordering::Relaxed);
-                if relayed
-                    && !session
+                let tries = link.relay_handshake_tries.load(Ordering::Relaxed);
+                let wait = super::path::RELAY_HANDSHAKE_AGAIN_MS << tries.min(3);
+                if session {
+                    if tries != 0 {
+                        link.relay_handshake_tries.store(0, Ordering::Relaxed);
+                    }
+                } else if relayed
                     && sent
-                    && now.saturating_sub(last) >= super::path::RELAY_HANDSHAKE_AGAIN_MS
+                    && tries < 3
+                    && now.saturating_sub(last) >= wait
                     && !recently_responded(shared, peer)
                 {
-                    greet_through_relay(shared, peer, false, now);
+                    link.relay_handshake_tries
+                        .store(tries + 1, Ordering::Relaxed);
+                    greet_through_relay(shared, peer, false);
                 }
             }
         }

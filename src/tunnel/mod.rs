@@ -200,9 +200,7 @@ impl PeerControl {
     pub fn set_firewall_rules(&self, rules: crate::policy::firewall::RuleSet) -> bool {
         match self.0.firewall.as_ref().map(|f| f.lock()) {
             Some(Ok(mut state)) => {
-                state
-                    .firewall
-                    .set_rules(Arc::new(rules), std::time::Instant::now());
+                state.firewall.set_rules(Arc::new(rules), self.0.instant());
                 true
             }
             _ => false,

@@ -96,15 +96,17 @@ pub fn ipv6_offer(
 /// First-contact copies go out once per this long at most per peer.
 pub const FIRST_CONTACT_AGAIN_MS: u64 = 300_000;
 /// A relayed peer without a session gets another handshake initiation through the relay
-/// this long after the last, while something waits to go to it (boringtun waits 5 s; a
+/// this long after the last (then 2 and 4 s), while something waits to go to it (boringtun
+/// waits 5 s; a
 /// handshake lost when both sides moved to the relay, or answered toward a NAT mapping that
 /// was just dropped, would stall the path that long).
 pub const RELAY_HANDSHAKE_AGAIN_MS: u64 = 1_000;
 /// After answering a peer's handshake, this side starts none of its own (and sends nothing
 /// that would make boringtun start one) for this long, or until the initiator's first
 /// datagram confirms the session: two sides that initiated at once otherwise replace each
-/// other's handshakes for as long as both keep sending.
-pub const CONFIRM_WAIT_MS: u64 = 1_000;
+/// other's handshakes for as long as both keep sending. WireGuard's REKEY_TIMEOUT, the wait
+/// the kernel's WireGuard keeps between initiations.
+pub const CONFIRM_WAIT_MS: u64 = 5_000;
 /// A handshake initiation to a member already reached (a rekey, every 2 min) races the same
 /// way over the candidates of its endpoint's address family, once per this long at most: the
 /// lowest-latency working path wins again, so a faster path that appeared since (a LAN the
@@ -163,6 +165,8 @@ pub struct PathLink {
     /// When a handshake initiation last went through the relay (`RELAY_HANDSHAKE_AGAIN_MS`);
     /// 0: never.
     pub relay_handshake_at: AtomicU64,
+    /// Initiations sent again through the relay in this attempt (reset once a session exists).
+    pub relay_handshake_tries: std::sync::atomic::AtomicU8,
     /// When this side last answered the peer's handshake initiation; 0: never.
     pub responded_at: AtomicU64,
     pub state: Mutex<PathState>,

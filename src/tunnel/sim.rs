@@ -443,7 +443,7 @@ fn fleet(net: &mut Net, na: Option<NatKind>, nb: Option<NatKind>) -> (usize, usi
         net.uses_relay(m, l);
         net.send(m, l, 0, None);
     }
-    let t = net.now + 500;
+    let t = net.now + 500 + 4 * net.delay.1;
     net.run_until(t);
     for (m, other) in [(a, b), (b, a)] {
         let seen = net.endpoint(l, other);
@@ -730,6 +730,37 @@ fn a_rekey_race_keeps_the_faster_internet_path_over_a_slow_lan() {
     let (net, a, b) = rekey_race(false);
     assert_eq!(net.endpoint(a, b), Some(net.hosts[b].addr));
     assert_eq!(net.endpoint(b, a), Some(net.hosts[a].addr));
+}
+
+#[test]
+fn a_handshake_through_a_slow_relay_completes() {
+    // 600 ms each way, so 2.4 s from an initiation through the relay to its answer: quick
+    // retries must not outrun the answers (boringtun keeps two initiations in flight), and
+    // the answering side must not be kept quiet by them.
+    let mut net = Net::new(7);
+    net.delay = (600, 600);
+    let (l, a, b) = fleet(&mut net, Some(HARD), Some(HARD));
+    let start = net.now;
+    let mut n = 0;
+    while net.now < start + 20_000 {
+        n += 1;
+        net.send(a, b, n, None);
+        net.send(b, a, n, None);
+        if n % 10 == 0 {
+            net.refresh(l, &[a, b]);
+        }
+        let t = net.now + 100;
+        net.run_until(t);
+    }
+    assert!(net.relayed(a, b) && net.relayed(b, a));
+    for (to, from) in [(b, a), (a, b)] {
+        let got = net.received(to, from).0;
+        let late = got.iter().filter(|x| (100..170).contains(*x)).count();
+        assert!(
+            late >= 65,
+            "{late} of the 70 packets sent 10-17 s in arrived"
+        );
+    }
 }
 
 /// Which pairs can meet directly: a side behind an endpoint-dependent mapping (hard) sends
