@@ -241,6 +241,22 @@ impl Net {
         }
     }
 
+    /// Members `a` and `b` send each other packet `n`, `n + 1`, ... every 100 ms until
+    /// `until`, and the lighthouse at `l` refreshes them every second; `n` is left at the
+    /// last packet sent.
+    fn talk(&mut self, (l, a, b): (usize, usize, usize), n: &mut u64, until: u64) {
+        while self.now < until {
+            *n += 1;
+            self.send(a, b, *n, None);
+            self.send(b, a, *n, None);
+            if *n % 10 == 0 {
+                self.refresh(l, &[a, b]);
+            }
+            let t = self.now + 100;
+            self.run_until(t);
+        }
+    }
+
     fn peer(&self, a: usize, b: usize) -> std::sync::Arc<super::Peer> {
         let key = self.hosts[b].public_key();
         let table = self.hosts[a].shell.table.load();
@@ -579,17 +595,8 @@ fn two_hard_nats_meet_through_the_relay_which_sees_only_ciphertext_then_go_direc
     let (l, a, b) = fleet(&mut net, Some(HARD), Some(HARD));
     let start = net.now;
     let mut n = 0;
-    let mut ping = |net: &mut Net, until: u64| {
-        while net.now < until {
-            n += 1;
-            net.send(a, b, n, None);
-            net.send(b, a, n, None);
-            let next = net.now + 100;
-            net.run_until(next);
-        }
-        n
-    };
-    let sent = ping(&mut net, start + 10_000);
+    net.talk((l, a, b), &mut n, start + 10_000);
+    let sent = n;
     assert!(
         net.relayed(a, b) && net.relayed(b, a),
         "two hard NATs: relayed"
@@ -619,10 +626,11 @@ fn two_hard_nats_meet_through_the_relay_which_sees_only_ciphertext_then_go_direc
         nat.set_kind(CONE);
     }
     let t = net.now + 1_000;
-    ping(&mut net, t);
+    net.talk((l, a, b), &mut n, t);
     net.refresh(l, &[a, b]);
     let switch = net.now;
-    let sent = ping(&mut net, switch + 15_000);
+    net.talk((l, a, b), &mut n, switch + 15_000);
+    let sent = n;
     assert!(
         !net.relayed(a, b) && !net.relayed(b, a),
         "direct once the NATs allow it"
@@ -742,16 +750,7 @@ fn a_handshake_through_a_slow_relay_completes() {
     let (l, a, b) = fleet(&mut net, Some(HARD), Some(HARD));
     let start = net.now;
     let mut n = 0;
-    while net.now < start + 20_000 {
-        n += 1;
-        net.send(a, b, n, None);
-        net.send(b, a, n, None);
-        if n % 10 == 0 {
-            net.refresh(l, &[a, b]);
-        }
-        let t = net.now + 100;
-        net.run_until(t);
-    }
+    net.talk((l, a, b), &mut n, start + 20_000);
     assert!(net.relayed(a, b) && net.relayed(b, a));
     for (to, from) in [(b, a), (a, b)] {
         let got = net.received(to, from).0;
@@ -850,16 +849,7 @@ fn two_sides_that_move_to_the_relay_at_once_while_both_send_complete_a_handshake
     net.loss = 0.0257;
     let start = net.now;
     let mut n = 0;
-    while net.now < start + 6_000 {
-        n += 1;
-        net.send(a, b, n, None);
-        net.send(b, a, n, None);
-        if n % 10 == 0 {
-            net.refresh(l, &[a, b]);
-        }
-        let t = net.now + 100;
-        net.run_until(t);
-    }
+    net.talk((l, a, b), &mut n, start + 6_000);
     assert!(net.relayed(a, b) && net.relayed(b, a));
     for (to, from) in [(b, a), (a, b)] {
         let got = net.received(to, from).0;
